@@ -1,0 +1,1 @@
+"""Artifacts: declared Arrow schemas, the run-directory store, prompt sources, built-in data."""

@@ -1,0 +1,172 @@
+"""The Arrow schema of every artifact, declared once, versioned, and checked on read.
+
+A reader names the artifact it expects; `check_schema` compares the file's schema with the
+declared one and fails with the file and the column at fault. Columns the declaration
+marks as a *family* (``reward/<fn>``, ``error/<fn>``) may appear any number of times: the
+rewards table has one column per reward function, whose names only the config knows.
+
+Bump an artifact's ``version`` whenever its columns change meaning or type; the manifest
+records the version each file was written with, so an old run dir is recognised as such.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+
+class SchemaError(ValueError):
+    """An artifact's columns do not match its declared schema."""
+
+
+@dataclass(frozen=True)
+class ArtifactSchema:
+    name: str
+    version: int
+    schema: pa.Schema
+    # Column-name prefix -> Arrow type, for families of columns such as `reward/<fn>`.
+    families: dict[str, pa.DataType] = field(default_factory=dict)
+
+    def metadata(self) -> dict[bytes, bytes]:
+        return {b"grpoflow.artifact": self.name.encode(), b"grpoflow.version": str(self.version).encode()}
+
+    def with_family_columns(self, names: list[str]) -> pa.Schema:
+        """The declared schema plus the given family columns (e.g. ``reward/math``)."""
+        fields = list(self.schema)
+        for name in names:
+            fields.append(pa.field(name, self._family_type(name), nullable=True))
+        return pa.schema(fields, metadata=self.metadata())
+
+    def _family_type(self, column: str) -> pa.DataType:
+        for prefix, dtype in self.families.items():
+            if column.startswith(prefix):
+                return dtype
+        raise KeyError(column)
+
+
+_MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+_IO_CASE = pa.struct([("input", pa.string()), ("output", pa.string())])
+
+PROMPTS = ArtifactSchema(
+    name="prompts",
+    version=1,
+    schema=pa.schema(
+        [
+            # sha256 of the prompt content and its gold fields (first 16 hex digits): the same
+            # problem gets the same id whichever file or run it came from.
+            pa.field("prompt_id", pa.string(), nullable=False),
+            pa.field("prompt", pa.string()),  # plain-text prompt, or null when `messages` is set
+            pa.field("messages", pa.list_(_MESSAGE)),  # chat prompt, or null when `prompt` is set
+            pa.field("task", pa.string(), nullable=False),  # e.g. "arithmetic", "math", "code"
+            pa.field("answer", pa.string()),  # gold answer (math-style rows)
+            pa.field("test", pa.string()),  # HumanEval-style `check(candidate)` code
+            pa.field("entry_point", pa.string()),  # HumanEval-style function name
+            pa.field("tests", pa.list_(pa.string())),  # assert statements
+            pa.field("io", pa.list_(_IO_CASE)),  # stdin/stdout cases
+            pa.field("data_source", pa.string()),  # where the row came from (file or dataset)
+            pa.field("source_row", pa.int64()),  # its row number there (0-based)
+            pa.field("extra_info", pa.string()),  # any other source metadata, as JSON
+        ]
+    ),
+)
+
+GENERATIONS = ArtifactSchema(
+    name="generations",
+    version=1,
+    schema=pa.schema(
+        [
+            pa.field("prompt_id", pa.string(), nullable=False),
+            pa.field("sample_index", pa.int32(), nullable=False),  # 0..G-1 within the group
+            pa.field("prompt_text", pa.string(), nullable=False),  # as fed to the model
+            pa.field("completion", pa.string(), nullable=False),
+            pa.field("prompt_token_ids", pa.list_(pa.int32()), nullable=False),
+            pa.field("completion_token_ids", pa.list_(pa.int32()), nullable=False),
+            # log pi_old(o_t | q, o_<t) per completion token, at the sampling temperature.
+            pa.field("old_logprobs", pa.list_(pa.float32()), nullable=False),
+            # log pi_ref(o_t | q, o_<t); null when beta = 0 (no reference model is loaded).
+            pa.field("ref_logprobs", pa.list_(pa.float32())),
+            pa.field("finish_reason", pa.string(), nullable=False),  # "eos" or "length"
+        ]
+    ),
+)
+
+REWARDS = ArtifactSchema(
+    name="rewards",
+    version=1,
+    schema=pa.schema(
+        [
+            pa.field("prompt_id", pa.string(), nullable=False),
+            pa.field("sample_index", pa.int32(), nullable=False),
+            # Weighted sum over reward functions; NaN when any function failed on the row.
+            pa.field("reward", pa.float64(), nullable=False),
+        ]
+    ),
+    families={"reward/": pa.float64(), "error/": pa.string()},
+)
+
+ADVANTAGES = ArtifactSchema(
+    name="advantages",
+    version=1,
+    schema=pa.schema(
+        [
+            pa.field("prompt_id", pa.string(), nullable=False),
+            pa.field("sample_index", pa.int32(), nullable=False),
+            pa.field("reward", pa.float64(), nullable=False),
+            pa.field("group_mean", pa.float64(), nullable=False),
+            pa.field("group_std", pa.float64(), nullable=False),
+            pa.field("advantage", pa.float32(), nullable=False),
+            pa.field("kept", pa.bool_(), nullable=False),  # used by the update stage
+            pa.field("drop_reason", pa.string()),  # why not kept (e.g. "zero_std"), else null
+        ]
+    ),
+)
+
+REJECTED = ArtifactSchema(
+    name="rejected",
+    version=1,
+    schema=pa.schema(
+        [
+            pa.field("data_source", pa.string(), nullable=False),
+            pa.field("source_row", pa.int64(), nullable=False),
+            pa.field("field", pa.string(), nullable=False),
+            pa.field("reason", pa.string(), nullable=False),
+            pa.field("raw", pa.string(), nullable=False),  # the row as JSON, so nothing is lost
+        ]
+    ),
+)
+
+ARTIFACTS: dict[str, ArtifactSchema] = {s.name: s for s in (PROMPTS, GENERATIONS, REWARDS, ADVANTAGES, REJECTED)}
+
+
+def check_schema(actual: pa.Schema, expected: ArtifactSchema, path: str | Path) -> None:
+    """Fail, naming the file and the column, unless `actual` carries `expected`'s columns.
+
+    Declared columns must be present with the declared type; extra columns are allowed only
+    when they belong to a declared family (``reward/...``) with the family's type.
+    """
+    where = f"{path}: {expected.name} artifact"
+    for want in expected.schema:
+        idx = actual.get_field_index(want.name)
+        if idx < 0:
+            raise SchemaError(f"{where}: missing column '{want.name}' ({want.type})")
+        got = actual.field(idx)
+        if not got.type.equals(want.type):
+            raise SchemaError(f"{where}: column '{want.name}' has type {got.type}, expected {want.type}")
+    declared = set(expected.schema.names)
+    for got in actual:
+        if got.name in declared:
+            continue
+        try:
+            family_type = expected._family_type(got.name)
+        except KeyError:
+            raise SchemaError(f"{where}: unexpected column '{got.name}'") from None
+        if not got.type.equals(family_type):
+            raise SchemaError(f"{where}: column '{got.name}' has type {got.type}, expected {family_type}")
+    meta = actual.metadata or {}
+    version = meta.get(b"grpoflow.version")
+    if version is not None and int(version) > expected.version:
+        raise SchemaError(
+            f"{where}: written with schema version {int(version)}, this grpoflow reads up to {expected.version}"
+        )

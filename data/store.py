@@ -1,0 +1,198 @@
+"""The run directory: atomic artifact writes, a checksummed manifest, schema-checked reads.
+
+Layout (see ``shared/DESIGN.md``)::
+
+    runs/<run_id>/config.json
+    runs/<run_id>/iter-0001/{prompts,generations,rewards,advantages}.parquet
+    runs/<run_id>/iter-0001/_manifest.json   # rows, bytes, sha256, schema version, done time
+
+Every file is written under a temporary name in its final folder, flushed and fsynced, then
+renamed over the final name, and the folder is fsynced: a crash leaves either the old file,
+or the complete new one, or a ``.tmp-*`` file that no reader opens. A stage is *done* when
+its manifest entry exists and the file on disk still has that checksum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data.schemas import ArtifactSchema, SchemaError, check_schema
+
+MANIFEST = "_manifest.json"
+TMP_PREFIX = ".tmp-"
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `final`; on success fsync it and rename it onto `final`.
+
+    On any exception the temp file is removed and `final` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(final: str | Path, payload: bytes) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(payload)
+
+
+def atomic_write_json(final: str | Path, obj: Any) -> None:
+    atomic_write_bytes(final, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def write_table(table: pa.Table, final: str | Path, artifact: ArtifactSchema) -> Path:
+    """Check `table` against `artifact`, then write it atomically as Parquet."""
+    final = Path(final)
+    check_schema(table.schema, artifact, final)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **artifact.metadata()})
+    with atomic_path(final) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return final
+
+
+class ParquetStreamWriter:
+    """Write a Parquet artifact batch by batch, atomically: nothing appears under the final
+    name until `close()` succeeds. Use as a context manager."""
+
+    def __init__(self, final: str | Path, artifact: ArtifactSchema, schema: pa.Schema | None = None):
+        self.final = Path(final)
+        self.artifact = artifact
+        self.schema = (schema or artifact.schema).with_metadata(artifact.metadata())
+        check_schema(self.schema, artifact, self.final)
+        self._ctx = atomic_path(self.final)
+        self._tmp = self._ctx.__enter__()
+        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table.cast(self.schema))
+        self.rows += table.num_rows
+
+    def __enter__(self) -> ParquetStreamWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._writer.close()
+        self._ctx.__exit__(exc_type, exc, tb)
+
+
+def read_table(path: str | Path, artifact: ArtifactSchema, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet artifact, failing with the file and column if its schema is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {artifact.name} artifact not found")
+    check_schema(pq.read_schema(path), artifact, path)
+    return pq.read_table(path, columns=columns)
+
+
+def iter_batches(path: str | Path, artifact: ArtifactSchema, batch_size: int = 4096, columns=None):
+    """Stream a Parquet artifact in record batches (bounded memory for any file size)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {artifact.name} artifact not found")
+    pf = pq.ParquetFile(path)
+    check_schema(pf.schema_arrow, artifact, path)
+    yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Manifest:
+    """``_manifest.json`` of one folder: what was completed there, with checksums."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder / MANIFEST
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        if not self.path.exists():
+            return {}
+        try:
+            return json.loads(self.path.read_text())
+        except json.JSONDecodeError as err:
+            raise SchemaError(f"{self.path}: manifest is not valid JSON ({err})") from None
+
+    def record(self, name: str, schema_version: int | None = None, **extra: Any) -> dict[str, Any]:
+        """Record that `name` (a file or folder in this folder) is complete."""
+        target = self.folder / name
+        entry: dict[str, Any] = {"done_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+        if target.is_file():
+            entry["bytes"] = target.stat().st_size
+            entry["sha256"] = sha256_file(target)
+            if target.suffix == ".parquet":
+                entry["rows"] = pq.read_metadata(target).num_rows
+        if schema_version is not None:
+            entry["schema_version"] = schema_version
+        entries = self.entries()
+        entries[name] = entry
+        atomic_write_json(self.path, entries)
+        return entry
+
+    def is_done(self, name: str) -> bool:
+        """True when `name` is recorded and, for a file, its checksum still matches."""
+        entry = self.entries().get(name)
+        if entry is None:
+            return False
+        target = self.folder / name
+        if not target.exists():
+            return False
+        if "sha256" in entry:
+            return target.is_file() and target.stat().st_size == entry["bytes"] and sha256_file(target) == entry["sha256"]
+        return True
+
+    def forget(self, name: str) -> None:
+        entries = self.entries()
+        if entries.pop(name, None) is not None:
+            atomic_write_json(self.path, entries)
+
+
+def iteration_dir(run_dir: str | Path, iteration: int) -> Path:
+    return Path(run_dir) / f"iter-{iteration:04d}"
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the ``.tmp-*`` leftovers of writers that were killed; return what was removed."""
+    removed = []
+    for tmp in Path(folder).rglob(f"{TMP_PREFIX}*"):
+        if tmp.is_file():
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
