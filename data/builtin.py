@@ -29,6 +29,12 @@ def problem(a: int, b: int) -> dict[str, str]:
     return {"prompt": f"{a}+{b}=", "answer": str(a + b), "task": TASK}
 
 
+def all_train_problems() -> list[dict[str, str]]:
+    """Every training problem once, in a fixed order (the built-in training dataset)."""
+    pool, _ = _split()
+    return [problem(a, b) for a, b in pool]
+
+
 def train_problems(n: int, seed: int) -> list[dict[str, str]]:
     """`n` training problems (with repetition when `n` exceeds the pool), seeded."""
     pool, _ = _split()

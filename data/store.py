@@ -151,9 +151,11 @@ class Manifest:
             raise SchemaError(f"{self.path}: manifest is not valid JSON ({err})") from None
 
     def record(self, name: str, schema_version: int | None = None, **extra: Any) -> dict[str, Any]:
-        """Record that `name` (a file or folder in this folder) is complete."""
+        """Record that `name` is complete: a file (checksummed), a folder, or a result held
+        in the entry itself (e.g. an evaluation's summary)."""
         target = self.folder / name
         entry: dict[str, Any] = {"done_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+        entry["kind"] = "file" if target.is_file() else "folder" if target.is_dir() else "result"
         if target.is_file():
             entry["bytes"] = target.stat().st_size
             entry["sha256"] = sha256_file(target)
@@ -172,11 +174,11 @@ class Manifest:
         if entry is None:
             return False
         target = self.folder / name
-        if not target.exists():
-            return False
-        if "sha256" in entry:
-            return target.is_file() and target.stat().st_size == entry["bytes"] and sha256_file(target) == entry["sha256"]
-        return True
+        if entry.get("kind") == "result":
+            return True
+        if entry.get("kind") == "folder":
+            return target.is_dir()
+        return target.is_file() and target.stat().st_size == entry["bytes"] and sha256_file(target) == entry["sha256"]
 
     def forget(self, name: str) -> None:
         entries = self.entries()

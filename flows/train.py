@@ -1,0 +1,138 @@
+"""The GRPO training flow: the flow body *is* the pipeline.
+
+    ingest -> [select -> generate -> score -> advantages -> update -> evaluate] x iterations
+
+Every stage is a Prefect task that reads and writes files in the run folder. A stage whose
+output is already recorded in its folder's manifest (with a matching checksum) is skipped,
+so re-running a run folder continues it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from data import builtin
+from data.schemas import ADVANTAGES, GENERATIONS, PROMPTS, REWARDS
+from data.sources import prompts_table
+from data.store import Manifest, atomic_write_json, iteration_dir, remove_stale_temp_files, write_table
+from flows.config import GRPOConfig
+from tasks.advantages import advantages_task
+from tasks.evaluate import evaluate_task
+from tasks.generate import generate_task
+from tasks.ingest import ingest_task
+from tasks.objective import LossSettings
+from tasks.score import score_task
+from tasks.select import select_prompts_task
+from tasks.tiny_model import ensure_tiny_model
+from tasks.update import update_task
+
+CHECKPOINT = "checkpoint"
+
+
+def run_stage(manifest: Manifest, output: str, stage: Callable[..., dict], *args: Any, schema_version: int | None = None, **kwargs: Any) -> dict:
+    """Run `stage` unless `output` is already recorded as done in `manifest`; record it after.
+
+    The stage's summary dict is kept in the manifest so a skipped stage still reports it.
+    """
+    if manifest.is_done(output):
+        return manifest.entries()[output].get("summary", {})
+    summary = stage(*args, **kwargs)
+    manifest.record(output, schema_version=schema_version, summary=summary)
+    return summary
+
+
+@task(name="prepare-model", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def prepare_model_task(config: GRPOConfig) -> str:
+    """The policy's starting checkpoint: the given model, or the built-in tiny one."""
+    if config.model is not None:
+        return config.model
+    return str(ensure_tiny_model(steps=config.warmup_steps, seed=config.seed))
+
+
+@task(name="builtin-prompts", cache_policy=NO_CACHE)
+def write_builtin_prompts_task(out_path: str, held_out: bool, size: int) -> dict:
+    rows = builtin.held_out_problems(min(size, builtin.HELD_OUT_SIZE)) if held_out else builtin.all_train_problems()
+    source = f"builtin:{builtin.TASK}:{'held_out' if held_out else 'train'}"
+    table = prompts_table([r | {"data_source": source, "source_row": i} for i, r in enumerate(rows)])
+    write_table(table, out_path, PROMPTS)
+    return {"rows": table.num_rows, "source": source}
+
+
+def write_metrics(run_dir: Path, iteration: int, metrics: dict) -> None:
+    atomic_write_json(iteration_dir(run_dir, iteration) / "metrics.json", metrics)
+
+
+@flow(name="grpo-train")
+def grpo_train(config: GRPOConfig) -> dict:
+    """Run GRPO for `config.iterations` iterations; return the final metrics."""
+    log = get_run_logger()
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(run_dir)  # leftovers of a killed writer are never artifacts
+    atomic_write_json(run_dir / "config.json", {"config": config.model_dump(mode="json"), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    data_dir = run_dir / "dataset"
+    data_manifest = Manifest(data_dir)
+
+    base_model = prepare_model_task(config)
+    train_path, eval_path = str(data_dir / "prompts.parquet"), str(data_dir / "eval.parquet")
+    if config.uses_builtin_data():
+        run_stage(data_manifest, "prompts.parquet", write_builtin_prompts_task, train_path, held_out=False, size=0)
+        run_stage(data_manifest, "eval.parquet", write_builtin_prompts_task, eval_path, held_out=True, size=config.eval_size)
+    else:
+        run_stage(data_manifest, "prompts.parquet", ingest_task, config.dataset, train_path, split=config.dataset_split, task=config.task,
+                  skip_invalid=config.skip_invalid, rejected_path=str(data_dir / "rejected.parquet"))
+        if config.eval_dataset is None:
+            eval_path = None
+        else:
+            run_stage(data_manifest, "eval.parquet", ingest_task, config.eval_dataset, eval_path, split=config.dataset_split,
+                      task=config.task, skip_invalid=config.skip_invalid, limit=config.eval_size)
+
+    machine = {"device": config.device, "dtype": config.dtype}
+    evaluate = dict(rewards=config.rewards, max_new_tokens=config.max_new_tokens, use_chat_template=config.use_chat_template, **machine)
+    loss = LossSettings(epsilon=config.epsilon, beta=config.beta, temperature=config.temperature)
+
+    policy = base_model
+    metrics: dict = {}
+    if eval_path is not None:
+        start = run_stage(Manifest(iteration_dir(run_dir, 0)), "eval", evaluate_task, eval_path, policy, **evaluate)
+        write_metrics(run_dir, 0, {"iteration": 0, "held_out_accuracy": start["accuracy"]})
+        log.info(f"iteration 0: held-out accuracy {start['accuracy']:.1%} (before GRPO, {start['problems']} problems)")
+
+    for it in range(1, config.iterations + 1):
+        started = time.perf_counter()
+        folder = iteration_dir(run_dir, it)
+        manifest = Manifest(folder)
+        prompts, gens, rewards, advs = (str(folder / f) for f in ("prompts.parquet", "generations.parquet", "rewards.parquet", "advantages.parquet"))
+        checkpoint = str(folder / CHECKPOINT)
+        save = it % config.save_every == 0 or it == config.iterations
+
+        run_stage(manifest, "prompts.parquet", select_prompts_task, train_path, prompts, iteration=it,
+                  per_iteration=config.prompts_per_iteration, seed=config.seed, schema_version=PROMPTS.version)
+        gen = run_stage(manifest, "generations.parquet", generate_task, prompts, gens, policy, group_size=config.group_size,
+                        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+                        batch_size=config.generation_batch_size, reference_path=base_model if config.beta > 0 else None,
+                        use_chat_template=config.use_chat_template, seed=config.seed * 100_003 + it, schema_version=GENERATIONS.version, **machine)
+        score = run_stage(manifest, "rewards.parquet", score_task, gens, prompts, rewards, config.rewards,
+                          config.max_reward_error_fraction, schema_version=REWARDS.version)
+        adv = run_stage(manifest, "advantages.parquet", advantages_task, rewards, advs, config.advantage_eps, schema_version=ADVANTAGES.version)
+        upd = run_stage(manifest, CHECKPOINT, update_task, gens, advs, policy, checkpoint, learning_rate=config.learning_rate, loss=loss,
+                        micro_batch_size=config.micro_batch_size, max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay,
+                        save=save, seed=config.seed * 100_003 + it, **machine)
+        policy = checkpoint
+
+        metrics = {"iteration": it, "reward": score["reward_mean"], **gen, **adv, **upd, "step_time": time.perf_counter() - started}
+        if eval_path is not None and (it == config.iterations or (config.eval_every and it % config.eval_every == 0)):
+            result = run_stage(manifest, "eval", evaluate_task, eval_path, policy, **evaluate)
+            metrics["held_out_accuracy"] = result["accuracy"]
+        write_metrics(run_dir, it, metrics)
+        acc = f", held-out accuracy {metrics['held_out_accuracy']:.1%}" if "held_out_accuracy" in metrics else ""
+        log.info(f"iteration {it}/{config.iterations}: reward {metrics['reward']:.3f}, kl {upd['kl']:.4f}, "
+                 f"{gen['completions']} completions, {metrics['step_time']:.1f}s{acc}")
+    return metrics

@@ -1,0 +1,48 @@
+"""Held-out evaluation: greedy completions of problems never trained on, scored by the
+run's rewards. Accuracy is the fraction of problems whose total reward is at least
+`threshold` (1.0 for exact-answer rewards)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from data.schemas import PROMPTS
+from data.store import read_table
+from rewards import get_reward
+from tasks.generate import render_prompt, sample
+from tasks.model import live_policy
+
+
+def evaluate_policy(
+    prompts_path: str | Path,
+    policy_path: str,
+    *,
+    rewards: dict[str, float],
+    max_new_tokens: int,
+    batch_size: int = 256,
+    threshold: float = 1.0,
+    use_chat_template: bool = True,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> dict:
+    policy = live_policy(policy_path, device, dtype)
+    rows = read_table(prompts_path, PROMPTS).to_pylist()
+    texts = [render_prompt(r, policy.tokenizer, use_chat_template) for r in rows]
+    prompt_ids = [policy.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    samples = sample(policy.model, policy.tokenizer, prompt_ids, 1, max_new_tokens, 1.0, 1.0, batch_size, greedy=True, desc="evaluate")
+    completions = policy.tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
+    fns = {name: get_reward(name) for name in rewards}
+    solved = 0
+    for row, completion in zip(rows, completions):
+        total = sum(w * fns[n](completion, row) for n, w in rewards.items())
+        solved += not math.isnan(total) and total >= threshold
+    return {"accuracy": solved / max(len(rows), 1), "problems": len(rows)}
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(prompts_path: str, policy_path: str, **settings) -> dict:
+    return evaluate_policy(prompts_path, policy_path, **settings)

@@ -1,0 +1,181 @@
+"""Generate stage: prompts.parquet -> generations.parquet (G completions per prompt).
+
+Per completion we store what the update needs so that it never has to run the sampler or
+the reference model again: the token ids, the sampling policy's per-token log-probs (read
+from ``generate``'s own logits, so they cost nothing extra), the reference model's per-token
+log-probs when beta > 0, and why the completion ended.
+
+Log-probs are those of the temperature-scaled distribution softmax(logits / T), before
+top-p truncation, as in TRL; the update computes its ratio on the same footing.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from data.schemas import GENERATIONS, PROMPTS
+from data.store import read_table, write_table
+from tasks.logprobs import batched_completion_logprobs, token_logprobs
+from tasks.model import live_policy, load_model, pick_dtype
+from tasks.progress import progress
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    completion_ids: list[int]  # includes the EOS token when the model stopped by itself
+    logprobs: list[float]
+    finish_reason: str  # "eos" | "length"
+
+
+def render_prompt(row: dict, tokenizer, use_chat_template: bool) -> str:
+    """The text fed to the model: chat prompts through the tokenizer's chat template; plain
+    prompts as they are, or as one user turn when the tokenizer has a template."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    messages = row.get("messages")
+    if messages:
+        if not has_template:
+            raise ValueError(f"prompt {row['prompt_id']} is a chat but the tokenizer has no chat template")
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if use_chat_template and has_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True)
+    return row["prompt"]
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    greedy: bool = False,
+    desc: str = "generate",
+) -> list[Sample]:
+    """`num_samples` completions of every prompt, `batch_size` sequences per ``generate``."""
+    device = next(model.parameters()).device
+    eos_ids = _eos_ids(model, tokenizer)
+    jobs = [i for i in range(len(prompt_ids)) for _ in range(num_samples)]  # group members adjacent
+    out: list[Sample] = []
+    model.eval()
+    with progress(desc, total=len(jobs)) as bar:
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
+            width = max(len(prompt_ids[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
+                ids[row, width - len(prompt_ids[i]) :] = torch.as_tensor(prompt_ids[i])
+                mask[row, width - len(prompt_ids[i]) :] = 1
+            result = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=not greedy,
+                temperature=temperature if not greedy else None,
+                top_p=top_p if not greedy else None,
+                top_k=None,  # generation_config defaults (top_k=50) would silently truncate sampling
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_ids,
+                pad_token_id=tokenizer.pad_token_id,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
+            new_tokens = result.sequences[:, width:]  # (b, C)
+            logits = torch.stack(result.logits, dim=1)  # (b, C, V) raw, before temperature/top-p
+            logp = token_logprobs(logits, new_tokens, temperature if not greedy else 1.0).cpu()
+            new_tokens = new_tokens.cpu()
+            for row, i in enumerate(chunk):
+                tokens = new_tokens[row].tolist()
+                stop = next((t for t, tok in enumerate(tokens) if tok in eos_ids), None)
+                length = len(tokens) if stop is None else stop + 1
+                out.append(Sample(i, tokens[:length], logp[row, :length].tolist(), "length" if stop is None else "eos"))
+            bar.advance(len(chunk))
+    return out
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    # Chat models often end turns with a token other than the tokenizer's EOS (e.g.
+    # <|im_end|>); their generation config lists every stop token.
+    configured = model.generation_config.eos_token_id
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in [tokenizer.eos_token_id, *configured] if i is not None})
+
+
+def generate_completions(
+    prompts_path: str | Path,
+    out_path: str | Path,
+    policy_path: str,
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    reference_path: str | None = None,
+    use_chat_template: bool = True,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> dict:
+    """Sample `group_size` completions per prompt and write the generations artifact.
+
+    `reference_path` set (beta > 0) adds the reference model's per-token log-probs; that
+    model is loaded only for this and freed before the stage returns, so the update stage
+    holds the policy alone.
+    """
+    policy = live_policy(policy_path, device, dtype)
+    model, tokenizer = policy.model, policy.tokenizer
+    rows = read_table(prompts_path, PROMPTS).to_pylist()
+    texts = [render_prompt(r, tokenizer, use_chat_template) for r in rows]
+    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    torch.manual_seed(seed)
+    samples = sample(model, tokenizer, prompt_ids, group_size, max_new_tokens, temperature, top_p, batch_size)
+
+    ref_logprobs = None
+    if reference_path is not None:
+        ref = load_model(reference_path, model.device, pick_dtype(dtype, model.device)).eval()
+        ref_logprobs = batched_completion_logprobs(
+            ref, [prompt_ids[s.prompt_index] for s in samples], [s.completion_ids for s in samples], tokenizer.pad_token_id, temperature, batch_size
+        )
+        del ref
+        gc.collect()
+
+    completions = tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
+    table = pa.table(
+        {
+            "prompt_id": [rows[s.prompt_index]["prompt_id"] for s in samples],
+            "sample_index": [k % group_size for k in range(len(samples))],
+            "prompt_text": [texts[s.prompt_index] for s in samples],
+            "completion": completions,
+            "prompt_token_ids": [prompt_ids[s.prompt_index] for s in samples],
+            "completion_token_ids": [s.completion_ids for s in samples],
+            "old_logprobs": [s.logprobs for s in samples],
+            "ref_logprobs": ref_logprobs if ref_logprobs is not None else [None] * len(samples),
+            "finish_reason": [s.finish_reason for s in samples],
+        },
+        schema=GENERATIONS.schema,
+    )
+    write_table(table, out_path, GENERATIONS)
+    lengths = [len(s.completion_ids) for s in samples]
+    return {
+        "completions": len(samples),
+        "tokens": sum(lengths),
+        "mean_length": sum(lengths) / max(len(lengths), 1),
+        "clipped_ratio": sum(s.finish_reason == "length" for s in samples) / max(len(samples), 1),
+    }
+
+
+@task(name="generate", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def generate_task(prompts_path: str, out_path: str, policy_path: str, **settings) -> dict:
+    return generate_completions(prompts_path, out_path, policy_path, **settings)

@@ -1,0 +1,144 @@
+"""Loading, holding and saving the policy.
+
+The policy and its optimiser stay in memory for the whole flow run (DESIGN.md): stages pass
+*checkpoint paths*, and `live_policy(path)` returns the model the update stage left under
+that path instead of re-reading it from disk. Only a path that no stage of this process
+produced is loaded with ``from_pretrained`` (a local folder or a hub name).
+
+Checkpoints are written atomically: ``save_pretrained`` into a temp folder beside the final
+one, every file fsynced, then one rename. A crash mid-write leaves no ``checkpoint/``.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from data.store import TMP_PREFIX
+
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 halves memory and doubles matmul speed on GPUs; CPUs are faster and exact in fp32.
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def _looks_local(name: str) -> bool:
+    # A hub name is "model" or "org/model"; anything else, or anything on disk, is a path.
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    """`from_pretrained` on a local folder or a hub name, with a one-line error on failure."""
+    name = str(path)
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        raise ModelLoadError(f"model folder '{name}' does not exist")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(Path(name).expanduser() if _looks_local(name) else name, dtype=dtype)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"cannot load model '{name}': {first_line}") from None
+    return model.to(device)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    name = str(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(Path(name).expanduser() if _looks_local(name) else name)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load tokenizer of '{name}': {str(err).strip().splitlines()[0]}") from None
+    if tok.pad_token is None:
+        # Causal LMs often ship without a pad token; padding is masked out, so EOS serves.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@dataclass
+class LivePolicy:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    optimizer: torch.optim.Optimizer | None = None
+
+
+_LIVE: dict[str, LivePolicy] = {}
+
+
+def _key(path: str | Path) -> str:
+    return os.path.abspath(os.path.expanduser(str(path))) if _looks_local(str(path)) else str(path)
+
+
+def live_policy(path: str | Path, device: str = "auto", dtype: str = "auto") -> LivePolicy:
+    """The policy checkpointed (or about to be) at `path`: from memory if this process
+    holds it, else loaded from disk together with its optimiser state when saved."""
+    key = _key(path)
+    if key not in _LIVE:
+        dev = pick_device(device)
+        _LIVE.clear()  # one policy per process: a run never needs an older one in memory
+        gc.collect()
+        _LIVE[key] = LivePolicy(load_model(path, dev, pick_dtype(dtype, dev)), load_tokenizer(path))
+    return _LIVE[key]
+
+
+def move_live_policy(old_path: str | Path, new_path: str | Path) -> None:
+    """After an in-place update the weights under `old_path` are those of `new_path`."""
+    _LIVE[_key(new_path)] = _LIVE.pop(_key(old_path))
+
+
+def forget_live_policies() -> None:
+    _LIVE.clear()
+    gc.collect()
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: str | Path) -> bool:
+    state_file = Path(checkpoint) / OPTIMIZER_FILE
+    if not state_file.exists():
+        return False
+    optimizer.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True))
+    return True
+
+
+def save_checkpoint(policy: LivePolicy, final: str | Path) -> Path:
+    """``save_pretrained`` (safetensors + tokenizer) and the optimiser state, atomically."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=final.parent))
+    try:
+        policy.model.save_pretrained(tmp, safe_serialization=True)
+        policy.tokenizer.save_pretrained(tmp)
+        if policy.optimizer is not None:
+            torch.save(policy.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        for file in tmp.iterdir():
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # re-running a stage replaces its own older output
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
