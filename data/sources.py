@@ -161,7 +161,7 @@ def _read_json_lines(fh, label: str) -> Iterator[tuple[int, dict[str, Any]]]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line.rstrip("\r\n"))  # else a column past the end reads as 1
         except json.JSONDecodeError as err:
             raise SourceError(
                 f"{label} line {line_no}: not valid JSON ({err.msg} at column {err.colno}); "
@@ -576,7 +576,7 @@ def _parallel_io(inputs: Any, outputs: Any, prefix: str, bad: _Complaint) -> lis
 
 
 def _required_gold_text(value: Any, field: str, bad: _Complaint) -> str:
-    text = _gold_text(value, field, bad)
+    text = None if value is None else _gold_text(value, field, bad)
     if text is None:
         raise bad(field, "missing")
     return text
