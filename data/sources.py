@@ -236,9 +236,8 @@ def _csv_cell(column: str, cell: str) -> Any:
             decoded = json.loads(cell)
         except json.JSONDecodeError:
             return cell  # text that merely starts with a bracket
-        # A text prompt may itself be a JSON object ("{...} Extract the keys"); only a
-        # list is a chat there.
-        if column == "prompt" and not isinstance(decoded, list):
+        # A text prompt may itself be JSON ("[3, 1, 2]"); only a list of objects is a chat.
+        if column == "prompt" and not (isinstance(decoded, list) and decoded and all(isinstance(m, dict) for m in decoded)):
             return cell
         return decoded
     return cell

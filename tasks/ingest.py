@@ -68,6 +68,8 @@ def ingest_prompts(
     `out_path`), which is then always written, empty when no row was bad. Returns a summary:
     source, rows (written), rejected, duplicates, read, and the paths.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
     out_path = Path(out_path)
     rejected_path = Path(rejected_path) if rejected_path is not None else out_path.parent / "rejected.parquet"
     label = source_label(source, split=split, config=config)
@@ -107,8 +109,6 @@ def _ingest_rows(rows, label: str, task: str | None, limit: int | None, prompts,
     kept: list[dict[str, Any]] = []
     bad: list[dict[str, Any]] = []
     for row_number, raw in rows:
-        if limit is not None and tally.kept >= limit:
-            break
         tally.read += 1
         try:
             row = normalise_row(raw, data_source=label, row=row_number, task=task)
@@ -132,6 +132,8 @@ def _ingest_rows(rows, label: str, task: str | None, limit: int | None, prompts,
         if len(bad) >= BATCH_ROWS:
             rejected.write(pa.Table.from_pylist(bad, schema=REJECTED.schema))
             bad.clear()
+        if tally.kept == limit:
+            break  # before the next row is even parsed
     if kept:
         prompts.write(prompts_table(kept))
     if bad:

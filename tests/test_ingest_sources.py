@@ -116,15 +116,17 @@ def test_csv_cells_stay_text_and_json_columns_are_decoded(tmp_path):
         [
             ["What is 3+4?", "007", "", "x"],
             [chat, "1", "", ""],
-            ['{"a": 1} Which keys?', "a", "", ""],
+            ['{"a": 1}', "a", "", ""],
+            ["[3, 1, 2]", "[1, 2, 3]", "", ""],
             ["Write f.", "", '["assert f() == 1"]', ""],
         ],
     )
     rows = dict(read_source(path))
     assert rows[0] == {"prompt": "What is 3+4?", "answer": "007", "tests": None, "note": "x"}
     assert rows[1]["prompt"] == [{"role": "user", "content": "hi"}]
-    assert rows[2]["prompt"] == '{"a": 1} Which keys?'  # a JSON object is text, not a chat
-    assert rows[3]["tests"] == ["assert f() == 1"] and rows[3]["answer"] is None
+    assert rows[2]["prompt"] == '{"a": 1}'  # JSON, but not a list of messages: text
+    assert rows[3] == {"prompt": "[3, 1, 2]", "answer": "[1, 2, 3]", "tests": None, "note": None}
+    assert rows[4]["tests"] == ["assert f() == 1"] and rows[4]["answer"] is None
 
 
 # --------------------------------------------------------------------------- datasets
