@@ -21,6 +21,10 @@ file and the 1-based line, as editors show it. A row whose content is unusable r
 `InvalidRow` naming the source, the row and the field; the ingest stage either stops on it
 or, when asked to skip invalid rows, records it in ``rejected.parquet``.
 
+A row's ``data_source`` is where grpoflow read it (the file as given, or the dataset and its
+split), so ``data_source`` and ``source_row`` find the row again; a verl row's own
+``data_source`` (and ``ability``) are kept in ``extra_info``.
+
 Nothing in a row is dropped: every column grpoflow does not map lands in ``extra_info``
 (JSON), next to the row's own ``extra_info`` object. When both carry a key with different
 values, the row's ``extra_info`` keeps the key and the column is stored as ``column:<name>``.

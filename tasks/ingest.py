@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,14 @@ def ingest_prompts(
     return summary
 
 
-def _ingest_rows(rows, label: str, task: str | None, limit: int | None, prompts, rejected) -> _Tally:
+def _ingest_rows(
+    rows: Iterator[tuple[int, dict[str, Any]]],
+    label: str,
+    task: str | None,
+    limit: int | None,
+    prompts: ParquetStreamWriter,
+    rejected: ParquetStreamWriter | None,
+) -> _Tally:
     """Normalise and write `rows`; `rejected` is None unless invalid rows are to be kept."""
     tally = _Tally()
     first_row_of: dict[str, int] = {}
