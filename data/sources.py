@@ -399,14 +399,20 @@ def _prompt(value: Any, column: str, bad: _Complaint) -> tuple[str | None, list[
     raise bad(column, f"expected text or a list of chat messages, got {_type_name(value)}")
 
 
-def _message(value: Any, field: str, bad: _Complaint) -> dict[str, str]:
+def _record_with(keys: tuple[str, str], value: Any, what: str, field: str, bad: _Complaint) -> Mapping[str, Any]:
+    """`value` as an object whose only non-null keys are among `keys` (a message, a test case)."""
     if not isinstance(value, Mapping):
-        raise bad(field, f"expected a message {{role, content}}, got {_type_name(value)}")
+        raise bad(field, f"expected a {what} {{{', '.join(keys)}}}, got {_type_name(value)}")
     # Arrow structs carry every key of the column, null where a row has none: only keys
     # with a value count as "extra".
-    unsupported = sorted(k for k, v in value.items() if k not in ("role", "content") and v is not None)
+    unsupported = sorted(k for k, v in value.items() if k not in keys and v is not None)
     if unsupported:
-        raise bad(field, f"unsupported message keys {unsupported} (only role and content)")
+        raise bad(field, f"unsupported {what} keys {unsupported} (only {' and '.join(keys)})")
+    return value
+
+
+def _message(value: Any, field: str, bad: _Complaint) -> dict[str, str]:
+    value = _record_with(("role", "content"), value, "message", field, bad)
     for key in ("role", "content"):
         if not isinstance(value.get(key), str):
             raise bad(f"{field}.{key}", f"expected text, got {_type_name(value.get(key))}")
@@ -553,11 +559,8 @@ def _io_cases(raw: Mapping[str, Any], bad: _Complaint, used: set[str]) -> list[d
 
 
 def _io_case(case: Any, field: str, bad: _Complaint) -> dict[str, str]:
-    if not isinstance(case, Mapping):
-        raise bad(field, f"expected a case {{input, output}}, got {_type_name(case)}")
-    unsupported = sorted(k for k, v in case.items() if k not in ("input", "output") and v is not None)
-    if unsupported:
-        raise bad(field, f"unsupported case keys {unsupported} (only input and output, for stdin/stdout tests)")
+    # Only stdin/stdout cases: a case with e.g. LiveCodeBench's testtype "functional" is not one.
+    case = _record_with(("input", "output"), case, "case", field, bad)
     return {key: _required_gold_text(case.get(key), f"{field}.{key}", bad) for key in ("input", "output")}
 
 
