@@ -75,7 +75,7 @@ class InvalidRow(ValueError):
         self.reason = reason
         super().__init__(f"{data_source} row {row}, field '{field}': {reason}")
 
-    def __reduce__(self):  # keyword-only state: let pickling (Prefect results) rebuild it
+    def __reduce__(self):  # an exception unpickles as cls(*args), and args is the one message
         return (InvalidRow, (self.data_source, self.row, self.field, self.reason))
 
 
