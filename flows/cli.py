@@ -23,7 +23,8 @@ from flows.config import GRPOConfig
 def _quiet_offline_defaults() -> None:
     # No telemetry calls (they error without network) and no Prefect banner noise.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "INFO")
+    # Each stage logs its own one-line summary; the engine's "Finished in state" lines add nothing.
+    os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -97,17 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
 # keeps its traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
     from data.schemas import SchemaError
+    from data.sources import InvalidRow, SourceError
     from rewards.registry import UnknownRewardError
     from tasks.model import ModelLoadError
 
-    errors: list[type[BaseException]] = [SchemaError, UnknownRewardError, ModelLoadError, FileNotFoundError, ValueError]
-    try:
-        from data.sources import InvalidRow
-
-        errors.append(InvalidRow)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (SchemaError, InvalidRow, SourceError, UnknownRewardError, ModelLoadError, FileNotFoundError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from data import builtin
 from data.schemas import ADVANTAGES, GENERATIONS, PROMPTS, REWARDS
-from data.sources import prompts_table
+from data.sources import normalise_row, prompts_table
 from data.store import Manifest, atomic_write_json, iteration_dir, remove_stale_temp_files, write_table
 from flows.config import GRPOConfig
 from tasks.advantages import advantages_task
@@ -41,10 +41,16 @@ def run_stage(manifest: Manifest, output: str, stage: Callable[..., dict], *args
 
     The stage's summary dict is kept in the manifest so a skipped stage still reports it.
     """
+    log = get_run_logger()
+    where = f"{manifest.folder.name}/{output}"
     if manifest.is_done(output):
+        log.info(f"{where}: done already, skipped")
         return manifest.entries()[output].get("summary", {})
+    started = time.perf_counter()
     summary = stage(*args, **kwargs)
     manifest.record(output, schema_version=schema_version, summary=summary)
+    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items() if not isinstance(v, (list, dict)))
+    log.info(f"{where}: {shown} ({time.perf_counter() - started:.1f}s)")
     return summary
 
 
@@ -60,7 +66,7 @@ def prepare_model_task(config: GRPOConfig) -> str:
 def write_builtin_prompts_task(out_path: str, held_out: bool, size: int) -> dict:
     rows = builtin.held_out_problems(min(size, builtin.HELD_OUT_SIZE)) if held_out else builtin.all_train_problems()
     source = f"builtin:{builtin.TASK}:{'held_out' if held_out else 'train'}"
-    table = prompts_table([r | {"data_source": source, "source_row": i} for i, r in enumerate(rows)])
+    table = prompts_table([normalise_row(r, data_source=source, row=i) for i, r in enumerate(rows)])
     write_table(table, out_path, PROMPTS)
     return {"rows": table.num_rows, "source": source}
 

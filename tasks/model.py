@@ -20,10 +20,15 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from data.store import TMP_PREFIX
 
 OPTIMIZER_FILE = "optimizer.pt"
+
+# Our stages draw their own progress bars; transformers' per-load and per-save bars would
+# interleave with them on every iteration.
+hf_logging.disable_progress_bar()
 
 
 class ModelLoadError(RuntimeError):
