@@ -69,8 +69,9 @@ def format_validation_error(err: ValidationError) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    from flows.train import grpo_train  # imported late: Prefect reads its settings at import
+    from flows.train import grpo_train, preflight  # imported late: Prefect reads its settings at import
 
+    preflight(config)
     print(f"grpo: run folder {config.run_dir}", file=sys.stderr)
     metrics = grpo_train(config)
     print(json.dumps(metrics, indent=2, default=str))

@@ -84,7 +84,8 @@ class GRPOConfig(BaseModel):
         try:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
+            detail = " ".join(str(err).split())  # YAML errors span several lines; keep one
+            raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {detail}") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from data import builtin
 from data.schemas import ADVANTAGES, GENERATIONS, PROMPTS, REWARDS
-from data.sources import normalise_row, prompts_table
+from data.sources import normalise_row, prompts_table, read_source
 from data.store import Manifest, atomic_write_json, iteration_dir, remove_stale_temp_files, write_table
 from flows.config import GRPOConfig
 from tasks.advantages import advantages_task
@@ -30,6 +30,7 @@ from tasks.ingest import ingest_task
 from tasks.objective import LossSettings
 from tasks.score import score_task
 from tasks.select import select_prompts_task
+from tasks.model import check_model_source
 from tasks.tiny_model import ensure_tiny_model
 from tasks.update import update_task
 
@@ -69,6 +70,16 @@ def write_builtin_prompts_task(out_path: str, held_out: bool, size: int) -> dict
     table = prompts_table([normalise_row(r, data_source=source, row=i) for i, r in enumerate(rows)])
     write_table(table, out_path, PROMPTS)
     return {"rows": table.num_rows, "source": source}
+
+
+def preflight(config: GRPOConfig) -> None:
+    """The checks that need no Prefect and no model: a missing model folder or dataset file
+    is reported in one line before the flow starts."""
+    if config.model is not None:
+        check_model_source(config.model)
+    for source in (config.dataset, config.eval_dataset):
+        if source is not None and (Path(source).expanduser().exists() or source.startswith(("/", ".", "~"))):
+            next(read_source(source, split=config.dataset_split), None)  # parses the first row
 
 
 def write_metrics(run_dir: Path, iteration: int, metrics: dict) -> None:

@@ -53,11 +53,16 @@ def _looks_local(name: str) -> bool:
     return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
+def check_model_source(name: str) -> None:
+    """Fail at once for a local model folder that is not there (before any stage runs)."""
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        raise ModelLoadError(f"model folder '{name}' does not exist")
+
+
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     """`from_pretrained` on a local folder or a hub name, with a one-line error on failure."""
     name = str(path)
-    if _looks_local(name) and not Path(name).expanduser().is_dir():
-        raise ModelLoadError(f"model folder '{name}' does not exist")
+    check_model_source(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(Path(name).expanduser() if _looks_local(name) else name, dtype=dtype)
     except (OSError, ValueError) as err:

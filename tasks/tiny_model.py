@@ -92,7 +92,7 @@ def warm_up(model, tokenizer, steps: int, batch_size: int, lr: float, seed: int)
     return losses
 
 
-def ensure_tiny_model(steps: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, cache_dir: Path | None = None) -> Path:
+def ensure_tiny_model(steps: int, batch_size: int = 128, lr: float = 1e-3, seed: int = 0, cache_dir: Path | None = None) -> Path:
     """The warmed-up tiny model's folder, building it on the first call for these settings."""
     settings = {"version": VERSION, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "torch": torch.__version__}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]

@@ -1,0 +1,54 @@
+"""Shared test set-up: offline, quiet, and every cache in a temporary folder."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SCRATCH = Path(tempfile.mkdtemp(prefix="grpoflow-tests-"))
+os.environ.update(
+    {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(_SCRATCH / "hf-datasets"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_HOME": str(_SCRATCH / "prefect"),
+        "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "WARNING",
+        "GRPOFLOW_CACHE": str(_SCRATCH / "cache"),
+        "GRPOFLOW_PROGRESS": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised ~1M-parameter model with the char-level tokenizer, on disk."""
+    from tasks.model import LivePolicy, save_checkpoint
+    from tasks.tiny_model import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    folder = tmp_path_factory.mktemp("tiny-model") / "model"
+    save_checkpoint(LivePolicy(build_model(len(tokenizer), seed=0), tokenizer), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole session (starting one costs ~10 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_live_policies():
+    """Tests must not see a policy another test left in memory."""
+    yield
+    from tasks.model import forget_live_policies
+
+    forget_live_policies()

@@ -1,0 +1,80 @@
+"""Generation stage on a tiny random model: what is stored per completion, and that the
+stored log-probs are the ones the update recomputes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from data import builtin
+from data.schemas import GENERATIONS, PROMPTS
+from data.sources import normalise_row, prompts_table
+from data.store import read_table, write_table
+from tasks.generate import generate_completions, render_prompt
+from tasks.logprobs import batched_completion_logprobs
+from tasks.model import live_policy
+
+
+@pytest.fixture()
+def prompts_path(tmp_path):
+    rows = [normalise_row(p, data_source="builtin", row=i) for i, p in enumerate(builtin.held_out_problems(5))]
+    return write_table(prompts_table(rows), tmp_path / "prompts.parquet", PROMPTS)
+
+
+def test_generations_artifact_has_groups_tokens_logprobs_and_finish_reasons(tmp_path, prompts_path, tiny_model_dir):
+    out = tmp_path / "generations.parquet"
+    summary = generate_completions(prompts_path, out, str(tiny_model_dir), group_size=3, max_new_tokens=4, reference_path=str(tiny_model_dir), seed=1)
+    table = read_table(out, GENERATIONS).to_pylist()
+    assert summary["completions"] == len(table) == 15
+    prompt_ids = read_table(prompts_path, PROMPTS)["prompt_id"].to_pylist()
+    assert [r["prompt_id"] for r in table] == [p for p in prompt_ids for _ in range(3)]
+    assert [r["sample_index"] for r in table] == [0, 1, 2] * 5
+    tokenizer = live_policy(str(tiny_model_dir)).tokenizer
+    for row in table:
+        ids = row["completion_token_ids"]
+        assert len(row["old_logprobs"]) == len(ids) == len(row["ref_logprobs"]) <= 4
+        assert all(lp <= 0 and math.isfinite(lp) for lp in row["old_logprobs"])
+        if row["finish_reason"] == "eos":
+            assert ids[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id not in ids[:-1]
+        else:
+            assert row["finish_reason"] == "length" and len(ids) == 4 and tokenizer.eos_token_id not in ids
+        assert row["completion"] == tokenizer.decode(ids, skip_special_tokens=True)
+        # The reference is the same model here, so its log-probs equal the sampler's.
+        assert row["ref_logprobs"] == pytest.approx(row["old_logprobs"], abs=1e-4)
+
+
+def test_sampling_logprobs_match_a_full_forward_pass(tmp_path, prompts_path, tiny_model_dir):
+    """The ratio pi/pi_old must start at 1: log-probs read off generate()'s logits equal
+    those of the update's padded forward pass, at a temperature other than 1."""
+    out = tmp_path / "generations.parquet"
+    generate_completions(prompts_path, out, str(tiny_model_dir), group_size=4, max_new_tokens=6, temperature=0.7, seed=3)
+    rows = read_table(out, GENERATIONS).to_pylist()
+    assert all(r["ref_logprobs"] is None for r in rows)  # beta = 0: no reference model
+    model = live_policy(str(tiny_model_dir)).model
+    recomputed = batched_completion_logprobs(model, [r["prompt_token_ids"] for r in rows], [r["completion_token_ids"] for r in rows], 0, 0.7, batch_size=7)
+    for row, again in zip(rows, recomputed):
+        assert again == pytest.approx(row["old_logprobs"], abs=1e-4)
+
+
+def test_same_seed_same_completions(tmp_path, prompts_path, tiny_model_dir):
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    for out in (a, b):
+        generate_completions(prompts_path, out, str(tiny_model_dir), group_size=2, max_new_tokens=4, seed=7)
+    assert read_table(a, GENERATIONS).equals(read_table(b, GENERATIONS))
+
+
+def test_chat_prompts_need_a_template_and_plain_ones_pass_through(tiny_model_dir):
+    tokenizer = live_policy(str(tiny_model_dir)).tokenizer
+    assert render_prompt({"prompt_id": "x", "prompt": "1+2=", "messages": None}, tokenizer, True) == "1+2="
+    with pytest.raises(ValueError, match="no chat template"):
+        render_prompt({"prompt_id": "x", "prompt": None, "messages": [{"role": "user", "content": "1+2="}]}, tokenizer, True)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    try:
+        chat = {"prompt_id": "x", "prompt": None, "messages": [{"role": "user", "content": "1+2="}]}
+        assert render_prompt(chat, tokenizer, True) == "<user>1+2=>"
+        assert render_prompt({"prompt_id": "x", "prompt": "1+2=", "messages": None}, tokenizer, True) == "<user>1+2=>"
+        assert render_prompt({"prompt_id": "x", "prompt": "1+2=", "messages": None}, tokenizer, False) == "1+2="
+    finally:
+        tokenizer.chat_template = None
