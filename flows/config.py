@@ -30,7 +30,7 @@ class GRPOConfig(BaseModel):
     skip_invalid: bool = Field(False, description="Put invalid dataset rows in rejected.parquet with the reason instead of stopping at the first one.")
 
     # --- how long --------------------------------------------------------------------------
-    iterations: int = Field(40, ge=1, description="GRPO iterations (generate, score, advantages, update) to run in total.")
+    iterations: int = Field(100, ge=1, description="GRPO iterations (generate, score, advantages, update) to run in total.")
     prompts_per_iteration: int = Field(16, ge=1, description="Prompts sampled per iteration; each gets group_size completions.")
     group_size: int = Field(8, ge=2, description="Completions per prompt (G): the group whose mean and std are the baseline.")
 
@@ -46,7 +46,7 @@ class GRPOConfig(BaseModel):
     max_reward_error_fraction: float = Field(0.05, ge=0, le=1, description="Fail the score stage when more than this fraction of rows could not be scored.")
 
     # --- objective --------------------------------------------------------------------------
-    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate. 1e-3 suits the 1M-parameter demo model; real models want ~1e-6.")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate. 1e-4 suits the 1M-parameter demo model (1e-3 collapses it: Adam moves every weight by ~lr per step whatever the signal); real models want ~1e-6.")
     beta: float = Field(0.04, ge=0, description="Weight of the k3 KL penalty to the reference (initial) model; 0 loads no reference model at all.")
     epsilon: float = Field(0.2, gt=0, description="Clip range of the ratio pi/pi_old (PPO and DeepSeekMath use 0.2).")
     advantage_eps: float = Field(1e-4, gt=0, description="Added to the group std before dividing, so near-equal rewards do not explode (TRL's value).")
@@ -61,7 +61,7 @@ class GRPOConfig(BaseModel):
     seed: int = Field(0, description="Seed of prompt sampling, generation and update; a run is reproducible given the same seed and machine.")
     device: str = Field("auto", description="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype: auto = bfloat16 on a GPU that has it, else float32.")
-    warmup_steps: int = Field(150, ge=0, description="Supervised warm-up steps of the built-in tiny model (only when no --model is given).")
+    warmup_steps: int = Field(250, ge=0, description="Supervised warm-up steps of the built-in tiny model (only when no --model is given).")
 
     @field_validator("rewards")
     @classmethod
