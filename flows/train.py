@@ -117,6 +117,7 @@ def grpo_train(config: GRPOConfig) -> dict:
 
     policy = base_model
     metrics: dict = {}
+    start: dict = {}
     if eval_path is not None:
         start = run_stage(Manifest(iteration_dir(run_dir, 0)), "eval", evaluate_task, eval_path, policy, **evaluate)
         write_metrics(run_dir, 0, {"iteration": 0, "held_out_accuracy": start["accuracy"]})
@@ -152,4 +153,8 @@ def grpo_train(config: GRPOConfig) -> dict:
         acc = f", held-out accuracy {metrics['held_out_accuracy']:.1%}" if "held_out_accuracy" in metrics else ""
         log.info(f"iteration {it}/{config.iterations}: reward {metrics['reward']:.3f}, kl {upd['kl']:.4f}, "
                  f"{gen['completions']} completions, {metrics['step_time']:.1f}s{acc}")
+    if start and "held_out_accuracy" in metrics:
+        before, after = start["accuracy"], metrics["held_out_accuracy"]
+        log.info(f"held-out accuracy {before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points) on {start['problems']} problems")
+        metrics["held_out_accuracy_before"] = before
     return metrics
