@@ -82,6 +82,13 @@ def preflight(config: GRPOConfig) -> None:
             next(read_source(source, split=config.dataset_split), None)  # parses the first row
 
 
+def versions() -> dict[str, str]:
+    """What produced a run, for config.json: results are only comparable at equal versions."""
+    import importlib.metadata
+
+    return {pkg: importlib.metadata.version(pkg) for pkg in ("grpoflow", "torch", "transformers", "prefect", "pyarrow")}
+
+
 def write_metrics(run_dir: Path, iteration: int, metrics: dict) -> None:
     atomic_write_json(iteration_dir(run_dir, iteration) / "metrics.json", metrics)
 
@@ -93,7 +100,7 @@ def grpo_train(config: GRPOConfig) -> dict:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(run_dir)  # leftovers of a killed writer are never artifacts
-    atomic_write_json(run_dir / "config.json", {"config": config.model_dump(mode="json"), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    atomic_write_json(run_dir / "config.json", {"config": config.model_dump(mode="json"), "versions": versions(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     data_dir = run_dir / "dataset"
     data_manifest = Manifest(data_dir)
 
@@ -117,6 +124,7 @@ def grpo_train(config: GRPOConfig) -> dict:
 
     policy = base_model
     metrics: dict = {}
+    start: dict = {}
     if eval_path is not None:
         start = run_stage(Manifest(iteration_dir(run_dir, 0)), "eval", evaluate_task, eval_path, policy, **evaluate)
         write_metrics(run_dir, 0, {"iteration": 0, "held_out_accuracy": start["accuracy"]})
@@ -152,4 +160,8 @@ def grpo_train(config: GRPOConfig) -> dict:
         acc = f", held-out accuracy {metrics['held_out_accuracy']:.1%}" if "held_out_accuracy" in metrics else ""
         log.info(f"iteration {it}/{config.iterations}: reward {metrics['reward']:.3f}, kl {upd['kl']:.4f}, "
                  f"{gen['completions']} completions, {metrics['step_time']:.1f}s{acc}")
+    if start and "held_out_accuracy" in metrics:
+        before, after = start["accuracy"], metrics["held_out_accuracy"]
+        log.info(f"held-out accuracy {before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points) on {start['problems']} problems")
+        metrics["held_out_accuracy_before"] = before
     return metrics

@@ -36,11 +36,15 @@ def evaluate_policy(
     samples = sample(policy.model, policy.tokenizer, prompt_ids, 1, max_new_tokens, 1.0, 1.0, batch_size, greedy=True, desc="evaluate")
     completions = policy.tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
     fns = {name: get_reward(name) for name in rewards}
-    solved = 0
+    solved = errored = 0
     for row, completion in zip(rows, completions):
-        total = sum(w * fns[n](completion, row) for n, w in rewards.items())
+        try:
+            total = sum(w * fns[n](completion, row) for n, w in rewards.items())
+        except Exception:  # an unscorable answer is not a solved one; counted, never hidden
+            errored += 1
+            continue
         solved += not math.isnan(total) and total >= threshold
-    return {"accuracy": solved / max(len(rows), 1), "problems": len(rows)}
+    return {"accuracy": solved / max(len(rows), 1), "problems": len(rows), "errored": errored}
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
