@@ -156,7 +156,7 @@ def main() -> None:
         print(f"  {side} seed {seed}: {time.perf_counter() - started:.0f}s", flush=True)
 
     print(f"parity: {len(jobs)} runs of {args.steps} steps, {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
-    with ThreadPoolExecutor(args.jobs) as pool:
+    with common.PrefectServer(args.out / "prefect-home"), ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(launch, jobs))
 
     curves = {side: [json.loads((args.out / f"{side}-{s}.json").read_text())["reward"] for s in args.seeds] for side in ("grpoflow", "trl")}

@@ -4,5 +4,6 @@ from rewards.registry import RewardFn, UnknownRewardError, get_reward, known_rew
 
 # Built-in reward modules: each registers its functions on import.
 from rewards import arithmetic  # noqa: E402,F401  (registers "exact_answer")
+from rewards import countdown  # noqa: E402,F401  (registers "countdown")
 
 __all__ = ["RewardFn", "UnknownRewardError", "get_reward", "known_rewards", "register"]
