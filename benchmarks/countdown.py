@@ -86,7 +86,7 @@ def main() -> None:
 
     train = args.out / "train.jsonl"
     held = args.out / "heldout.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in countdown.problems(20_000, args.seed)))
+    train.write_text("".join(json.dumps(r) + "\n" for r in countdown.problems(5_000, args.seed)))
     held.write_text("".join(json.dumps(r) + "\n" for r in countdown.problems(500, 0, held_out=True)))
     started = time.perf_counter()
     model = format_warmup(args.out / f"model-format-{args.warmup_steps}-{args.seed}", args.warmup_steps, 128, 1e-3, args.seed)

@@ -100,7 +100,7 @@ def problems(n: int, seed: int, held_out: bool = False) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description="Write countdown problems as JSONL (prompt, answer = target, numbers, target).")
     p.add_argument("out", type=Path)
-    p.add_argument("--size", type=int, default=20_000)
+    p.add_argument("--size", type=int, default=5_000, help="at most ~6,500 distinct training problems exist")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--held-out", action="store_true", help="draw from the held-out share instead of the training share")
     args = p.parse_args()

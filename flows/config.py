@@ -30,7 +30,7 @@ class GRPOConfig(BaseModel):
     skip_invalid: bool = Field(False, description="Put invalid dataset rows in rejected.parquet with the reason instead of stopping at the first one.")
 
     # --- how long --------------------------------------------------------------------------
-    iterations: int = Field(100, ge=1, description="GRPO iterations (generate, score, advantages, update) to run in total. 100 takes the demo from ~59% to ~85% held-out accuracy in about 3 minutes (benchmarks/RESULTS.md).")
+    iterations: int = Field(100, ge=1, description="GRPO iterations (generate, score, advantages, update) to run in total. 100 takes the demo from about 60 to about 80-85 percent held-out accuracy in a few minutes (benchmarks/RESULTS.md).")
     prompts_per_iteration: int = Field(16, ge=1, description="Prompts sampled per iteration; each gets group_size completions.")
     group_size: int = Field(8, ge=2, description="Completions per prompt (G): the group whose mean and std are the baseline.")
 
@@ -61,7 +61,7 @@ class GRPOConfig(BaseModel):
     seed: int = Field(0, description="Seed of prompt sampling, generation and update; a run is reproducible given the same seed and machine.")
     device: str = Field("auto", description="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype: auto = bfloat16 on a GPU that has it, else float32.")
-    warmup_steps: int = Field(250, ge=0, description="Supervised warm-up steps of the built-in tiny model (only when no --model is given); 250 leaves it at ~60% held-out accuracy, with headroom for GRPO.")
+    warmup_steps: int = Field(250, ge=0, description="Supervised warm-up steps of the built-in tiny model (only when no --model is given); 250 leaves it at about 60 percent held-out accuracy, with headroom for GRPO.")
 
     @field_validator("rewards")
     @classmethod
