@@ -69,20 +69,32 @@ def run_grpoflow(args: argparse.Namespace, seed: int, out: Path) -> None:
                                "wall_seconds": time.perf_counter() - started}))
 
 
+# Two-sided 95% Student t quantiles by degrees of freedom: with 3 seeds per side the spread
+# itself is uncertain, and 2 standard errors would claim more than the data show.
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 8: 2.31, 10: 2.23, 20: 2.09}
+
+
+def _t95(df: float) -> float:
+    return next((v for k, v in sorted(_T95.items()) if k >= df), 1.96) if df >= 1 else math.inf
+
+
 def agreement(curves: dict[str, list[list[float]]], block: int) -> list[dict]:
-    """Per block of steps: each side's seed-mean reward, their difference, and the standard
-    error of that difference from the between-seed spread."""
+    """Per block of steps: each side's seed-mean reward and their difference, against two
+    yardsticks of the spread between seeds: the 95% interval of the difference (Welch,
+    Student t) and the range of the other side's seeds."""
     rows = []
     steps = min(len(c) for side in curves.values() for c in side)
     for start in range(0, steps - block + 1, block):
-        per_side = {}
-        for side, runs in curves.items():
-            means = [statistics.fmean(c[start : start + block]) for c in runs]  # one number per seed
-            per_side[side] = (statistics.fmean(means), statistics.stdev(means) if len(means) > 1 else math.nan, len(means))
-        (m_a, s_a, n_a), (m_b, s_b, n_b) = per_side["grpoflow"], per_side["trl"]
-        se = math.sqrt(s_a**2 / n_a + s_b**2 / n_b)
-        rows.append({"steps": f"{start + 1}-{start + block}", "grpoflow": m_a, "trl": m_b, "diff": m_a - m_b, "se": se,
-                     "within": abs(m_a - m_b) <= 2 * se})
+        per_seed = {side: [statistics.fmean(c[start : start + block]) for c in runs] for side, runs in curves.items()}
+        a, b = per_seed["grpoflow"], per_seed["trl"]
+        m_a, m_b = statistics.fmean(a), statistics.fmean(b)
+        va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+        se = math.sqrt(va + vb)
+        df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb > 0 else math.inf
+        half = _t95(df) * se
+        rows.append({"steps": f"{start + 1}-{start + block}", "grpoflow": m_a, "trl": m_b, "diff": m_a - m_b, "se": se, "ci95": half,
+                     "within": abs(m_a - m_b) <= half, "in_trl_seed_range": min(b) <= m_a <= max(b),
+                     "grpoflow_seeds": a, "trl_seeds": b})
     return rows
 
 
@@ -126,6 +138,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs at once (each with --threads threads)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "parity")
     p.add_argument("--png", type=Path, default=ROOT / "docs" / "parity_trl.png")
+    p.add_argument("--report-only", action="store_true", help="re-print the comparison and the plot from the runs saved in --out")
     p.add_argument("--worker", choices=["trl", "grpoflow"], help=argparse.SUPPRESS)
     p.add_argument("--worker-seed", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dataset", type=Path, help=argparse.SUPPRESS)
@@ -155,22 +168,25 @@ def main() -> None:
         subprocess.run([PYTHON, __file__, "--worker", side, "--worker-seed", str(seed), *common_flags], check=True, cwd=ROOT)
         print(f"  {side} seed {seed}: {time.perf_counter() - started:.0f}s", flush=True)
 
-    print(f"parity: {len(jobs)} runs of {args.steps} steps, {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
-    with common.PrefectServer(args.out / "prefect-home"), ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(launch, jobs))
+    if not args.report_only:
+        print(f"parity: {len(jobs)} runs of {args.steps} steps, {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
+        with common.PrefectServer(args.out / "prefect-home"), ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(launch, jobs))
 
     curves = {side: [json.loads((args.out / f"{side}-{s}.json").read_text())["reward"] for s in args.seeds] for side in ("grpoflow", "trl")}
     walls = {side: [json.loads((args.out / f"{side}-{s}.json").read_text())["wall_seconds"] for s in args.seeds] for side in ("grpoflow", "trl")}
     rows = agreement(curves, block=10)
-    print(f"\nmean reward per block of 10 steps (seed means; se = standard error of the difference from the between-seed spread)")
-    print(f"{'steps':>8} {'grpoflow':>9} {'trl':>7} {'diff':>7} {'2*se':>6}  within")
+    print("\nmean reward per block of 10 steps (mean of the seeds; 95% interval of the difference from the between-seed spread)")
+    print(f"{'steps':>8} {'grpoflow':>9} {'trl':>7} {'diff':>7} {'+-95%':>7}  within  grpoflow in TRL's seed range")
     for r in rows:
-        print(f"{r['steps']:>8} {r['grpoflow']:9.3f} {r['trl']:7.3f} {r['diff']:+7.3f} {2 * r['se']:6.3f}  {'yes' if r['within'] else 'NO'}")
+        print(f"{r['steps']:>8} {r['grpoflow']:9.3f} {r['trl']:7.3f} {r['diff']:+7.3f} {r['ci95']:7.3f}  {'yes' if r['within'] else 'NO':6s}  "
+              f"{'yes' if r['in_trl_seed_range'] else 'no'}")
     overall = {side: [statistics.fmean(c) for c in runs] for side, runs in curves.items()}
     print("\nmean reward over all steps, per seed:")
     for side, vals in overall.items():
         print(f"  {side:9s} " + "  ".join(f"{v:.3f}" for v in vals) + f"   (mean {statistics.fmean(vals):.3f})")
-    print(f"blocks within 2 standard errors: {sum(r['within'] for r in rows)}/{len(rows)}")
+    print(f"blocks whose difference is within its 95% interval: {sum(r['within'] for r in rows)}/{len(rows)}; "
+          f"blocks where grpoflow's mean lies in TRL's seed range: {sum(r['in_trl_seed_range'] for r in rows)}/{len(rows)}")
     print("wall seconds per run: " + ", ".join(f"{s} {statistics.fmean(v):.0f}" for s, v in walls.items()))
     title = (f"grpoflow vs TRL GRPOTrainer: tiny model, 2-digit addition, {args.prompts}x{args.group_size}, lr {args.lr:g}, "
              f"beta {args.beta:g}, loss grpo, seeds {' '.join(map(str, args.seeds))}")
