@@ -91,8 +91,12 @@ def sample(
                 output_logits=True,
             )
             new_tokens = result.sequences[:, width:]  # (b, C)
-            logits = torch.stack(result.logits, dim=1)  # (b, C, V) raw, before temperature/top-p
-            logp = token_logprobs(logits, new_tokens, temperature if not greedy else 1.0).cpu()
+            # One step at a time from the raw logits (before temperature/top-p): stacking them
+            # into one (b, C, V) tensor and scaling it would add two copies of every step's
+            # logits, ~800 MB at 64 x 32 tokens with a 49k vocabulary.
+            t = temperature if not greedy else 1.0
+            logp = torch.stack([token_logprobs(step.unsqueeze(1), new_tokens[:, k : k + 1], t)[:, 0] for k, step in enumerate(result.logits)], dim=1).cpu()
+            del result
             new_tokens = new_tokens.cpu()
             for row, i in enumerate(chunk):
                 tokens = new_tokens[row].tolist()
