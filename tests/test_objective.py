@@ -406,7 +406,17 @@ def test_gradient_at_ratio_one_is_minus_advantage_times_grad_log_pi(lengths, agg
     assert torch.allclose(grad, -a.unsqueeze(1) * w.unsqueeze(1) * mask, atol=1e-12)
 
 
-def test_gradient_at_ratio_one_through_a_model():
+@pytest.fixture()
+def one_thread():
+    """Tiny matrices gain nothing from a second thread; on a busy 2-core machine its
+    synchronisation makes each step several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_gradient_at_ratio_one_through_a_model(one_thread):
     """dL/dtheta = -sum_i,t w_i,t A_i dlog pi(o_i,t)/dtheta on a real (tiny) network."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
