@@ -74,7 +74,14 @@ def write_builtin_prompts_task(out_path: str, held_out: bool, size: int) -> dict
 
 
 def write_metrics(run_dir: Path, iteration: int, metrics: dict) -> None:
-    atomic_write_json(iteration_dir(run_dir, iteration) / "metrics.json", metrics)
+    """The iteration's metrics.json, and the run's metrics.parquet rebuilt from all of them.
+
+    An iteration that already has one (a resumed run that skipped every stage) keeps it: its
+    numbers, timings included, are those of the run that did the work, and the table stays
+    byte for byte the same."""
+    path = iteration_dir(run_dir, iteration) / "metrics.json"
+    if not path.exists():
+        atomic_write_json(path, metrics)
     write_metrics_table(run_dir)
 
 
