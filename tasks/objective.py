@@ -8,7 +8,7 @@ and the reason for every default.
 
 Advantages (one number per completion, computed once per iteration)::
 
-    grpo     A_i = (r_i - mean_g(r)) / (std_g(r) + eps)      DeepSeekMath eq. 3/4 (outcome supervision)
+    grpo     A_i = (r_i - mean_g(r)) / (std_g(r) + eps)      DeepSeekMath sec. 4.1.2 (outcome supervision)
     dr_grpo  A_i =  r_i - mean_g(r)                          Dr. GRPO, arXiv:2503.20783 sec. 3.2
     rloo     A_i =  r_i - 1/(n_g - 1) sum_{j != i} r_j       RLOO (Kool et al. 2019; Ahmadian et al. 2024)
 
@@ -20,15 +20,15 @@ Advantages (one number per completion, computed once per iteration)::
 Policy loss (per micro-batch, summed over micro-batches into one optimiser step)::
 
     w_i,t  = pi_theta(o_i,t | q, o_i,<t) / pi_old(o_i,t | q, o_i,<t)            token level (DeepSeekMath)
-    s_i    = exp( 1/|o_i| sum_t log w_i,t )                                   sequence level (GSPO, arXiv:2507.18071 eq. 7)
-    l_i,t  = -min( w A_i, clip(w, 1 - eps_low, 1 + eps_high) A_i ) + beta D_i,t   (clip-higher: DAPO, arXiv:2503.14476 eq. 10)
+    s_i    = exp( 1/|o_i| sum_t log w_i,t )                                   sequence level (GSPO, arXiv:2507.18071)
+    l_i,t  = -min( w A_i, clip(w, 1 - eps_low, 1 + eps_high) A_i ) + beta D_i,t   (clip-higher: DAPO, arXiv:2503.14476 sec. 3.1)
     D_i,t  = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1                        k3 estimator of KL(pi_theta || pi_ref), DeepSeekMath eq. 4
 
     aggregation (B completions of one optimisation batch, micro-batches m of it):
     grpo     1/B sum_i 1/|o_i| sum_t l_i,t                   DeepSeekMath eq. 3
     bnpo     1/M sum_m ( sum_{i in m,t} l_i,t / sum_{i in m} |o_i| )   token mean per micro-batch (TRL `bnpo`)
-    dapo     sum_{i,t} l_i,t / sum_i |o_i|                   DAPO eq. 8: token mean over the whole optimisation batch
-    dr_grpo  sum_{i,t} l_i,t / (B * L_max)                   Dr. GRPO eq. 7: a constant normaliser
+    dapo     sum_{i,t} l_i,t / sum_i |o_i|                   DAPO sec. 3.3: token mean over the whole optimisation batch
+    dr_grpo  sum_{i,t} l_i,t / (B * L_max)                   Dr. GRPO sec. 3.2: a constant normaliser
 
 Every variant is a small function in a table (name -> function); `pick` turns an unknown
 name into an error that lists the known ones.
@@ -117,9 +117,10 @@ def scale_group(rewards: torch.Tensor, stats: GroupStats) -> torch.Tensor | None
 
 
 def scale_batch(rewards: torch.Tensor, stats: GroupStats) -> torch.Tensor | None:
-    """One std (Bessel) over every valid reward of the batch, for all rows (TRL
-    scale_rewards="batch"; Dr. GRPO sec. 3.2 notes that batch-level scaling keeps no
-    per-question difficulty bias).  (N,)"""
+    """One std (Bessel) over every valid reward of the batch, for all rows: group mean,
+    batch std (TRL scale_rewards="batch"; "Lite PPO" of arXiv:2508.08221). No group is
+    up-weighted for having a small spread, the question-difficulty bias of Dr. GRPO sec. 3.1.
+    (N,)"""
     r = rewards.double()[stats.valid]
     std = r.std() if r.numel() > 1 else torch.zeros((), dtype=torch.float64)
     return std.expand(rewards.shape[0])
@@ -286,12 +287,12 @@ def aggregate_bnpo(per_token: torch.Tensor, mask: torch.Tensor, totals: BatchTot
 
 def aggregate_dapo(per_token: torch.Tensor, mask: torch.Tensor, totals: BatchTotals, settings: LossSettings) -> torch.Tensor:
     """sum_{i,t} l_i,t / sum_i |o_i| with both sums over the whole optimisation batch, across
-    gradient accumulation (DAPO eq. 8, "token-level policy gradient loss")."""
+    gradient accumulation (DAPO sec. 3.3, "token-level policy gradient loss")."""
     return (per_token * mask).sum() / max(totals.tokens, 1)
 
 
 def aggregate_dr_grpo(per_token: torch.Tensor, mask: torch.Tensor, totals: BatchTotals, settings: LossSettings) -> torch.Tensor:
-    """sum_{i,t} l_i,t / (B * L_max): Dr. GRPO's constant normaliser (eq. 7), B the
+    """sum_{i,t} l_i,t / (B * L_max): Dr. GRPO's constant normaliser (sec. 3.2), B the
     completions of the optimisation batch and L_max the generation length limit."""
     return (per_token * mask).sum() / (totals.sequences * settings.max_completion_length)
 
