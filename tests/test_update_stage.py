@@ -173,7 +173,10 @@ def test_mu_and_mini_batches_follow_a_plain_ppo_loop_on_stored_old_logprobs(arti
                 batch = pack([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk], 0, torch.device("cpu"))
                 logp = completion_logprobs(model, batch, 1.0)
                 width = logp.shape[1]
-                pad = lambda key: torch.tensor([r[key] + [0.0] * (width - len(r[key])) for r in chunk])  # noqa: E731
+
+                def pad(key, chunk=chunk, width=width):
+                    return torch.tensor([r[key] + [0.0] * (width - len(r[key])) for r in chunk])
+
                 old = pad("old_logprobs") if use_stored_old else logp.detach()
                 totals = BatchTotals(len(chunk), int(batch.completion_mask.sum()), 1)
                 value, _ = policy_loss(logp, old, torch.tensor([r["advantage"] for r in chunk]), batch.completion_mask, pad("ref_logprobs"), loss, totals)
