@@ -278,22 +278,22 @@ def _reap_descendants(limit_s: float = 5.0) -> int:
     As a subreaper this process inherits every orphan the candidate leaves, so when
     ``waitpid`` reports no children, nothing the candidate started is alive.
     """
-    killed = 0
+    killed: set[int] = set()
     give_up = time.monotonic() + limit_s
     while time.monotonic() < give_up:
         try:
             while os.waitpid(-1, os.WNOHANG)[0] > 0:
                 pass
         except ChildProcessError:
-            return killed
+            return len(killed)
         for pid in _descendants(os.getpid()):
             try:
                 os.kill(pid, signal.SIGKILL)
-                killed += 1
+                killed.add(pid)
             except ProcessLookupError:
                 pass
         time.sleep(0.002)
-    return killed
+    return len(killed)
 
 
 def _read_all(fd: int) -> bytes:
