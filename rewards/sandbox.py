@@ -54,15 +54,17 @@ from __future__ import annotations
 import ast
 import builtins
 import json
-import math
 import os
 import select
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +143,7 @@ class Isolation:
 
 def run_script(source: str, stdin: bytes = b"", limits: Limits = Limits(), isolation: Isolation = Isolation()) -> RunResult:
     """Run `source` as a program with `stdin`; return its exit status and captured output."""
-    proc, deadline = _launch("script", source, limits, isolation, stdin=stdin)
-    return _collect(proc, deadline)
+    return _collect(_launch("script", source, limits, isolation, stdin=stdin))
 
 
 class Session:
@@ -156,12 +157,15 @@ class Session:
         req_r, self._req_w = os.pipe()
         self._resp_r, resp_w = os.pipe()
         try:
-            self._proc, self.deadline = _launch(
-                "serve", source, limits, isolation, pass_fds=(req_r, resp_w), req_fd=req_r, resp_fd=resp_w
-            )
+            self._run = _launch("serve", source, limits, isolation, call_fds=(req_r, resp_w))
+        except BaseException:
+            os.close(self._req_w)
+            os.close(self._resp_r)
+            raise
         finally:
             os.close(req_r)
             os.close(resp_w)
+        self.deadline = self._run.deadline
         self._buffer = b""
         self.failure: str | None = None
         self.names: list[str] = []
@@ -221,7 +225,7 @@ class Session:
         if self.result is None:
             os.close(self._req_w)
             try:
-                self.result = _collect(self._proc, self.deadline)
+                self.result = _collect(self._run)
             finally:
                 os.close(self._resp_r)
         return self.result
@@ -261,6 +265,16 @@ class Session:
             return None
 
 
+@dataclass
+class _Run:
+    """A supervisor at work: its pid (= its process group) and the pipes it reports on."""
+
+    pid: int
+    result_r: int
+    diag_r: int
+    deadline: float
+
+
 def _launch(
     mode: str,
     source: str,
@@ -268,9 +282,8 @@ def _launch(
     isolation: Isolation,
     *,
     stdin: bytes = b"",
-    pass_fds: tuple[int, ...] = (),
-    **extra: Any,
-) -> tuple[subprocess.Popen, float]:
+    call_fds: tuple[int, int] | None = None,
+) -> _Run:
     config = {
         "mode": mode,
         "source": source,
@@ -286,46 +299,53 @@ def _launch(
         "site_packages": _SITE_PACKAGES if isolation.python in (None, sys.executable) else [],
         "uid": isolation.user,
         "gid": isolation.group,
-        **extra,
     }
-    # Config and stdin travel in memory files: no size limit as with argv, no disk, and
-    # writing them cannot block on a program that never reads its input.
+    # Config and stdin travel in memory files: no size limit as with a message, no disk,
+    # and writing them cannot block on a program that never reads its input.
     config_fd = _memory_file("grpoflow-sandbox-config", json.dumps(config).encode())
     stdin_fd = _memory_file("grpoflow-sandbox-stdin", stdin)
+    result_r, result_w = os.pipe()
+    diag_r, diag_w = os.pipe()
     try:
-        proc = subprocess.Popen(
-            [isolation.python or sys.executable, "-I", "-S", str(SUPERVISOR), str(config_fd)],
-            stdin=stdin_fd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(config_fd, *pass_fds),
-            env=_CLEAN_ENV,
-            cwd="/",
-            start_new_session=True,
-        )
-    except OSError as err:
-        raise SandboxError(f"could not start the sandbox supervisor: {err}") from err
+        fds = [config_fd, stdin_fd, result_w, diag_w, *(call_fds or ())]
+        pid = _spawn_supervisor(isolation.python or sys.executable, fds)
+    except BaseException:
+        os.close(result_r)
+        os.close(diag_r)
+        raise
     finally:
-        os.close(config_fd)
-        os.close(stdin_fd)
-    return proc, time.monotonic() + limits.wall_s
+        for fd in (config_fd, stdin_fd, result_w, diag_w):
+            os.close(fd)
+    return _Run(pid, result_r, diag_r, time.monotonic() + limits.wall_s)
 
 
-def _collect(proc: subprocess.Popen, deadline: float) -> RunResult:
-    timeout = max(0.0, deadline - time.monotonic()) + _SUPERVISOR_GRACE_S
+def _collect(run: _Run) -> RunResult:
+    """Read the supervisor's report (header line, stdout, stderr) and its diagnostics."""
+    deadline = run.deadline + _SUPERVISOR_GRACE_S
+    chunks: dict[int, list[bytes]] = {run.result_r: [], run.diag_r: []}
+    open_fds = [run.result_r, run.diag_r]
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc.pid)
-        proc.communicate()
-        raise SandboxError(f"the sandbox supervisor did not finish within {timeout:.1f}s and was killed") from None
+        while open_fds:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                _kill_group(run.pid)
+                raise SandboxError(f"the sandbox supervisor did not report within {_SUPERVISOR_GRACE_S:g}s of its limit; killed")
+            for fd in select.select(open_fds, [], [], remaining)[0]:
+                chunk = os.read(fd, 1 << 16)
+                if chunk:
+                    chunks[fd].append(chunk)
+                else:
+                    open_fds.remove(fd)
+    finally:
+        os.close(run.result_r)
+        os.close(run.diag_r)
+    out = b"".join(chunks[run.result_r])
     header_line, _, rest = out.partition(b"\n")
     try:
         header = json.loads(header_line)
     except json.JSONDecodeError:
-        raise SandboxError(
-            f"the sandbox supervisor failed (exit status {proc.returncode}): {err.decode(errors='replace')[-2000:]}"
-        ) from None
+        diag = b"".join(chunks[run.diag_r]).decode(errors="replace")[-2000:]
+        raise SandboxError(f"the sandbox supervisor failed without a report: {diag or 'no diagnostics'}") from None
     if header["setup_error"]:
         raise SandboxError(f"sandbox set-up failed: {header['setup_error']}")
     if header["cleanup_error"]:
@@ -343,6 +363,64 @@ def _collect(proc: subprocess.Popen, deadline: float) -> RunResult:
         user=header["user"],
         leftover_processes=header["leftover_processes"],
     )
+
+
+class _Zygote:
+    """The long-lived, clean process that forks one supervisor per program (see sandbox_child).
+
+    One per scoring process and interpreter. It exits when this process closes the socket
+    (or dies); a dead one is replaced on the next request.
+    """
+
+    def __init__(self, python: str):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.proc = subprocess.Popen(
+                [python, "-I", "-S", str(SUPERVISOR), "--zygote", str(theirs.fileno())],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                env=_CLEAN_ENV,
+                cwd="/",
+                start_new_session=True,
+            )
+        except OSError as err:
+            ours.close()
+            raise SandboxError(f"could not start the sandbox zygote with {python}: {err}") from err
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.owner = os.getpid()
+
+    def alive(self) -> bool:
+        return self.owner == os.getpid() and self.proc.poll() is None
+
+    def spawn(self, fds: list[int]) -> int:
+        """Hand `fds` over; return the new supervisor's pid."""
+        socket.send_fds(self.sock, [b"run"], fds)
+        reply = b""
+        while len(reply) < 8:
+            chunk = self.sock.recv(8 - len(reply))
+            if not chunk:
+                raise ConnectionError("the sandbox zygote closed its socket")
+            reply += chunk
+        return struct.unpack("!q", reply)[0]
+
+
+_ZYGOTES: dict[str, _Zygote] = {}
+_ZYGOTE_LOCK = threading.Lock()
+
+
+def _spawn_supervisor(python: str, fds: list[int]) -> int:
+    # Threads share one zygote per interpreter; the lock covers the hand-over, not the runs.
+    with _ZYGOTE_LOCK:
+        zygote = _ZYGOTES.get(python)
+        if zygote is None or not zygote.alive():
+            zygote = _ZYGOTES[python] = _Zygote(python)
+        try:
+            return zygote.spawn(fds)
+        except OSError as err:
+            raise SandboxError(f"the sandbox zygote is gone ({err}); the next run starts a new one") from err
 
 
 def _memory_file(name: str, payload: bytes) -> int:

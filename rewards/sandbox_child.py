@@ -1,24 +1,28 @@
-"""The sandbox supervisor: the only process that stands between the scorer and untrusted code.
+"""The sandbox supervisor: the only code that stands between the scorer and untrusted code.
 
-``rewards/sandbox.py`` starts it as ``python -I sandbox_child.py <config-fd>`` in a new
-session with a scrubbed environment. It is written against the standard library alone, so
-it starts in a few milliseconds and holds nothing but the candidate's source and limits:
-the candidate is forked from this process and inherits its memory, so nothing secret (test
-code, gold answers, other rows) may ever be loaded here.
+``rewards/sandbox.py`` starts this file once per scoring process as a *zygote*
+(``python -I -S sandbox_child.py --zygote <socket-fd>``), in a new session with a scrubbed
+environment. It is written against the standard library alone and never sees test code,
+gold answers or other rows: everything below is forked from it, the candidate included,
+and inherits its memory. For each program the scorer sends it file descriptors (the
+config in a memory file, stdin, the result pipe, the call pipes); it forks a *supervisor*
+for that one program and answers with the supervisor's pid. Forking an interpreter that
+has already started and imported what candidates commonly use costs about a millisecond;
+starting one costs 30.
 
-What it does, in order:
+The supervisor, for its one program:
 
 1. makes itself a *child subreaper*, so any process the candidate detaches is re-parented
-   here and not to init, where it could outlive the verdict;
+   to it and not to init, where it could outlive the verdict;
 2. when it runs as root, moves into new mount, PID, network and IPC namespaces (each one
    separately, keeping those the kernel permits and reporting the rest);
 3. forks the candidate process, which (still trusted code) mounts a private ``/proc``,
-   fresh size-capped tmpfs over the world-writable folders, turns the root filesystem
+   fresh size-capped tmpfs over the world-writable folders, makes the root filesystem
    read-only for itself, enters a fresh working directory, sets its rlimits, drops to the
    unprivileged user, and only then runs the candidate's code;
 4. drains the candidate's stdout/stderr with a size cap and enforces the wall-clock limit,
    then kills whatever is left: PID 1 of the namespace (the kernel then kills every other
-   process in it), and every remaining descendant it can find;
+   process in it), its process group, and every remaining descendant it can find;
 5. writes one JSON line with the outcome, then the captured stdout and stderr bytes.
 
 In ``serve`` mode the candidate, after running the program, answers function calls over
@@ -36,6 +40,8 @@ import os
 import resource
 import select
 import signal
+import socket
+import struct
 import sys
 import time
 
@@ -66,6 +72,14 @@ WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 SANDBOX_WORKDIR = "/tmp/work"  # inside the private /tmp tmpfs when the mount namespace is on
 SETUP_FAILED = 125  # exit status of a candidate process whose set-up (trusted code) failed
 MAX_LINE = 16 << 20  # largest request the candidate side accepts, in bytes
+REQ_FD, RESP_FD = 3, 4  # where the call pipes sit in the supervisor and the candidate
+# Imported once by the zygote, so that candidates (forked from it) find them loaded: the
+# modules HumanEval/MBPP-style programs import, and what the serve loop itself needs.
+PRELOAD = (
+    "ast", "bisect", "builtins", "collections", "copy", "fractions", "functools", "hashlib",
+    "heapq", "itertools", "math", "operator", "random", "re", "statistics", "string",
+    "traceback", "typing",
+)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -131,10 +145,64 @@ def encode_literal(value, _depth: int = 0) -> str:
 # --- supervisor ---------------------------------------------------------------------------
 
 
-def main() -> None:
-    config_fd = int(sys.argv[1])
+def zygote(sock_fd: int) -> None:
+    """Fork one supervisor per request until the scorer closes the socket."""
+    sock = socket.socket(fileno=sock_fd)
+    # Supervisors are reaped by the kernel; each one resets this for its own children.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    for module in PRELOAD:
+        __import__(module)
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(sock, 16, 8)
+        except OSError:
+            return
+        if not message:
+            return  # the scorer is gone
+        pid = os.fork()
+        if pid == 0:
+            try:
+                sock.close()
+                code = _supervise(fds)
+            except BaseException:  # the scorer sees a missing result and reports it
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
+        for fd in fds:
+            os.close(fd)
+        sock.sendall(struct.pack("!q", pid))
+
+
+def _supervise(fds: list[int]) -> int:
+    """One program: place the received descriptors, then supervise the run."""
+    os.setsid()  # its own session and process group, killable as one by the scorer
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    config_fd, stdin_fd, result_fd, diag_fd, *call_fds = fds
     with os.fdopen(config_fd, "rb") as fh:
         config = json.loads(fh.read())
+    # Park everything above the low numbers first, so that no dup2 overwrites a source.
+    parked = [fcntl_dup_high(fd) for fd in (stdin_fd, result_fd, diag_fd, *call_fds)]
+    for fd in (stdin_fd, result_fd, diag_fd, *call_fds):
+        os.close(fd)
+    for target, fd in zip((0, 1, 2, REQ_FD, RESP_FD), parked):
+        os.dup2(fd, target)
+        os.close(fd)
+    if call_fds:
+        config["req_fd"], config["resp_fd"] = REQ_FD, RESP_FD
+    run(config)
+    return 0
+
+
+def fcntl_dup_high(fd: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100)
+
+
+def run(config: dict) -> None:
+    """Supervise one program as `config` describes; write the outcome to stdout."""
     started = time.monotonic()
     deadline = started + config["wall_s"]
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -505,4 +573,6 @@ def _send(fd: int, message) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] != ["--zygote"]:
+        raise SystemExit("usage: python -I -S sandbox_child.py --zygote <socket-fd>")
+    zygote(int(sys.argv[2]))
