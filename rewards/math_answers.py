@@ -51,6 +51,9 @@ _GSM8K = re.compile(r"####\s*([^\n]+)")
 _ANSWER_IS = re.compile(r"\bthe\s+(?:final\s+)?answer\s+is\s*:?\s*([^\n]+)", re.IGNORECASE)
 # A minus sign counts only where it cannot be a hyphen or a subtraction ("pages 10-15").
 _NUMBER = re.compile(r"(?:(?<![\w.)\]])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?%?")
+# Where the sentence (or a clause: ", which ...") that holds the answer ends.
+_SENTENCE_END = re.compile(r"\.(?:\s|$)|\.$")
+_CLAUSE = re.compile(r",\s+(?=[A-Za-z]{2,})")
 # Thousands written with a thin space or "\," (1\,000): LaTeX would read a product 1*000.
 _SPACED_THOUSANDS = re.compile(r"(?<=\d)(?:\\,|\\ |~|[ \u00a0\u2009\u202f])(?=\d{3}(?!\d))")
 
@@ -122,11 +125,15 @@ def answers_match(answer: str, gold: str) -> bool:
 
 
 def _tidy(text: str) -> str:
-    # "The answer is $42$." -> "42": drop sentence punctuation and inline-math dollars.
-    text = text.strip().rstrip(".").strip()
-    if text.startswith("$") and text.endswith("$") and len(text) > 1:
-        text = text.strip("$").strip()
-    return text
+    """The answer part of "the answer is ...": inline math, else up to the sentence's end.
+
+    "$x, y$." -> "x, y"; "7, which is prime." -> "7"; "3.5." -> "3.5".
+    """
+    text = text.strip()
+    if text.startswith("$") and (end := text.find("$", 1)) > 0:
+        return text[1:end].strip()
+    text = _SENTENCE_END.split(text, maxsplit=1)[0]
+    return _CLAUSE.split(text, maxsplit=1)[0].strip()
 
 
 def _squash(text: str) -> str:
