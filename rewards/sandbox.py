@@ -5,8 +5,10 @@ go up, and the usual in-process harnesses (``exec`` the program and the asserts 
 can be beaten from inside: an ``atexit`` hook that calls ``os._exit(0)``, a frame walk that
 rewrites the harness's result, an object whose ``__eq__`` is always True. So here:
 
-* every program runs in its own child process (``rewards/sandbox_child.py``, the
-  *supervisor*, forks it), started in a new session with a scrubbed environment;
+* every program runs in its own child process, forked by a per-program *supervisor*,
+  which is itself forked from a clean *zygote* (``rewards/sandbox_child.py``: standard
+  library only, its own session, an environment of just PATH and LANG) that each scoring
+  process starts once; forking it costs a millisecond where starting Python costs 30;
 * the trusted side (this module, in the scoring worker) runs the *test* code itself and
   calls the candidate's functions over a pipe: arguments go out and results come back as
   plain literals (``repr`` / ``ast.literal_eval``, never pickle), so no object made by the
@@ -196,7 +198,7 @@ class Session:
             raise SessionBroken(self.failure)
         try:
             request = encode_literal((name, tuple(args), dict(kwargs or {})))
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             # The test passes something that is not plain data: a limit of this harness.
             raise ValueError(f"cannot send the arguments of {name}() to the sandbox: {err}") from None
         self.calls += 1
@@ -440,9 +442,3 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def describe_isolation() -> dict[str, Any]:
-    """Run an empty program and report what isolation this machine gives (for docs/CLI)."""
-    result = run_script("pass", limits=Limits(wall_s=5))
-    return {"isolation": list(result.isolation), "user": result.user, "root": os.geteuid() == 0}

@@ -45,9 +45,6 @@ import struct
 import sys
 import time
 
-# Only what the supervisor needs up front: it starts once per program, so every import here
-# is paid per program. The candidate side imports ast/traceback itself when it needs them.
-
 # Linux constants (sched.h, mount.h, prctl.h); Python 3.11 has no os.unshare.
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -238,6 +235,8 @@ def run(config: dict) -> None:
     outcome = _watch(pid, deadline, config, out_r, err_r)
     setup_error = _read_all(status_r).decode(errors="replace")
     cleanup_error = None
+    if outcome["header"].pop("survivors"):
+        cleanup_error = "processes of the program survived the sweep"
     if host_workdir is not None:
         import shutil
 
@@ -298,13 +297,15 @@ def _watch(pid: int, deadline: float, config: dict, out_r: int, err_r: int) -> d
             pass
     _, status = os.waitpid(pid, 0)
     os.close(pidfd)
-    leftovers = _reap_descendants()
-    for fd in list(open_fds):  # all writers are dead now, so this ends at EOF
-        while select.select([fd], [], [], 1.0)[0]:
+    leftovers, survivors = _reap_descendants()
+    drain_until = time.monotonic() + 1.0
+    for fd in list(open_fds):  # every writer is dead now, so this ends at EOF
+        while (wait := drain_until - time.monotonic()) > 0 and select.select([fd], [], [], wait)[0]:
             chunk = os.read(fd, 1 << 16)
             if not chunk:
                 break
             captured[fd] += chunk[: max(0, cap - len(captured[fd]))]
+    for fd in (out_r, err_r):
         os.close(fd)
     exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     signal_number = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
@@ -316,6 +317,7 @@ def _watch(pid: int, deadline: float, config: dict, out_r: int, err_r: int) -> d
         "stdout_bytes": len(captured[out_r]),
         "stderr_bytes": len(captured[err_r]),
         "leftover_processes": leftovers,
+        "survivors": survivors,
     }
     return {"header": header, "stdout": bytes(captured[out_r]), "stderr": bytes(captured[err_r])}
 
@@ -340,28 +342,31 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
-def _reap_descendants(limit_s: float = 5.0) -> int:
-    """Kill and reap every process below this one; return how many had to be killed.
+def _reap_descendants(limit_s: float = 5.0) -> tuple[int, list[int]]:
+    """Kill and reap every process below this one: (how many were killed, any survivors).
 
     As a subreaper this process inherits every orphan the candidate leaves, so when
-    ``waitpid`` reports no children, nothing the candidate started is alive.
+    ``waitpid`` reports no children, nothing the candidate started is alive. A process
+    with a SIGKILL pending cannot fork any more, so the sweep converges.
     """
     killed: set[int] = set()
     give_up = time.monotonic() + limit_s
-    while time.monotonic() < give_up:
+    while True:
         try:
             while os.waitpid(-1, os.WNOHANG)[0] > 0:
                 pass
         except ChildProcessError:
-            return len(killed)
-        for pid in _descendants(os.getpid()):
+            return len(killed), []
+        found = _descendants(os.getpid())
+        if time.monotonic() > give_up:
+            return len(killed), found
+        for pid in found:
             try:
                 os.kill(pid, signal.SIGKILL)
                 killed.add(pid)
             except ProcessLookupError:
                 pass
         time.sleep(0.002)
-    return len(killed)
 
 
 def _read_all(fd: int) -> bytes:
@@ -428,6 +433,7 @@ def _close_fds_except(keep: set[int]) -> None:
                 os.close(fd)
             except OSError:
                 pass  # the descriptor of the listing itself, already closed
+
 
 def _private_filesystem(config: dict, proc: bool) -> None:
     """Mounts seen only by this namespace: private /proc and tmpfs, read-only root."""
