@@ -211,6 +211,13 @@ class RewardPool:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
+                if not worker.ready:
+                    # Dying before it ever worked (a reward module it cannot import): a
+                    # replacement would die the same way, forever.
+                    raise RuntimeError(
+                        f"a scoring worker failed to start (exit status {worker.proc.wait()}); "
+                        "its error output is above"
+                    ) from None
                 self.deaths += 1
                 self._replace(worker, queue, results, f"the scoring worker died (exit status {worker.proc.wait()})")
                 continue

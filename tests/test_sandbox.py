@@ -124,7 +124,8 @@ def test_session_breaks_on_timeout_and_stays_broken():
     with Session("import time\ndef slow():\n    time.sleep(30)\n", Limits(wall_s=0.5)) as session:
         with pytest.raises(SessionBroken):
             session.call("slow")
-        assert "wall-clock" in session.failure
+        # Whichever notices first, this side's clock or the supervisor's kill (EOF).
+        assert "wall-clock" in session.failure or "exited" in session.failure
         with pytest.raises(SessionBroken):
             session.call("slow")
     assert session.result.timed_out

@@ -24,7 +24,7 @@ from rewards import make_reward
 from rewards.sandbox import SANDBOX_USER, Isolation, Limits, Session, run_script
 
 BUDGET_S = 2.0  # the code reward's timeout_s for these programs
-MARGIN_S = 2.5  # start-up, clean-up and a loaded CI machine
+MARGIN_S = 3.0  # start-up, clean-up and a loaded CI machine
 MARKER = f"grpoflow-adversary-{uuid.uuid4().hex[:12]}"
 SECRET = f"s3cret-{uuid.uuid4().hex}"
 REPO = Path(__file__).resolve().parents[1]
