@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from rewards import known_rewards
+from rewards import known_rewards, make_reward
 
 
 class GRPOConfig(BaseModel):
@@ -43,7 +43,11 @@ class GRPOConfig(BaseModel):
 
     # --- rewards ----------------------------------------------------------------------------
     rewards: dict[str, float] = Field(default_factory=lambda: {"exact_answer": 1.0}, description="Reward functions and their weights (JSON object); the reward is the weighted sum. Names are registered rewards or 'package.module:function'.")
+    reward_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Options of each reward (JSON object of objects), e.g. {\"code\": {\"mode\": \"fraction\"}, \"math\": {\"time_limit_s\": 5}}. Unknown options are an error that lists the valid ones. overlong's max_length defaults to max_new_tokens.")
     max_reward_error_fraction: float = Field(0.05, ge=0, le=1, description="Fail the score stage when more than this fraction of rows could not be scored.")
+    score_workers: int | None = Field(None, ge=1, description="Scoring worker processes (rewards run there, killed and replaced when they overrun). Default: one per CPU core.")
+    score_chunk_rows: int = Field(4096, ge=1, description="Generation rows read and written per chunk by the score stage; bounds its memory whatever the file size.")
+    score_worker_memory_mb: int | None = Field(4096, ge=64, description="Address-space cap of each scoring worker in MiB, so a reward that blows up cannot take the machine down (None: no cap).")
 
     # --- objective --------------------------------------------------------------------------
     learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate. 1e-4 suits the 1M-parameter demo model (1e-3 collapses it: Adam moves every weight by ~lr per step whatever the signal); real models want ~1e-6.")
@@ -89,6 +93,23 @@ class GRPOConfig(BaseModel):
             if ":" not in name and name not in known:
                 raise ValueError(f"unknown reward '{name}'; known rewards: {', '.join(sorted(known))}")
         return value
+
+    def bound_reward_options(self) -> dict[str, dict[str, Any]]:
+        """`reward_options` with the defaults that follow from other settings filled in."""
+        options = {name: dict(opts) for name, opts in self.reward_options.items()}
+        if "overlong" in self.rewards and "max_length" not in options.get("overlong", {}):
+            # DAPO punishes the last 20% of the length budget (4096 of 20480 tokens).
+            options.setdefault("overlong", {}).update(max_length=self.max_new_tokens, cache_length=max(1, self.max_new_tokens // 5))
+        return options
+
+    @model_validator(mode="after")
+    def _reward_options_bind(self) -> GRPOConfig:
+        stray = sorted(set(self.reward_options) - set(self.rewards))
+        if stray:
+            raise ValueError(f"reward_options names {', '.join(stray)}, which is not among the rewards ({', '.join(self.rewards)})")
+        for name, options in self.bound_reward_options().items():
+            make_reward(name, options)  # unknown option or wrong type: fail now, naming the valid ones
+        return self
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> GRPOConfig:

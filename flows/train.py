@@ -115,6 +115,11 @@ def write_metrics_table(run_dir: Path) -> Path:
     return write_table(table, run_dir / "metrics.parquet", METRICS)
 
 
+def score_settings(config: GRPOConfig) -> dict:
+    return dict(rewards=config.rewards, max_error_fraction=config.max_reward_error_fraction, reward_options=config.bound_reward_options(),
+                workers=config.score_workers, chunk_rows=config.score_chunk_rows, worker_memory_mb=config.score_worker_memory_mb)
+
+
 def refill_rounds(config: GRPOConfig, manifest: Manifest, it: int, train_path: str, policy: str, generate_settings: dict) -> tuple[list[str], list[str], int]:
     """DAPO dynamic sampling: extra rounds of prompts + generate + score (`prompts-r<k>.parquet`,
     `generations-r<k>.parquet`, `rewards-r<k>.parquet`) while fewer than prompts_per_iteration
@@ -132,7 +137,7 @@ def refill_rounds(config: GRPOConfig, manifest: Manifest, it: int, train_path: s
             break
         run_stage(manifest, Path(g).name, generate_task, p, g, policy, **generate_settings | {"seed": (config.seed * 100_003 + it) * 1_000 + rounds},
                   schema_version=GENERATIONS.version)
-        run_stage(manifest, Path(r).name, score_task, g, p, r, config.rewards, config.max_reward_error_fraction, schema_version=REWARDS.version)
+        run_stage(manifest, Path(r).name, score_task, g, p, r, **score_settings(config), schema_version=REWARDS.version)
         prompts.append(p)
         gens.append(g)
         rewards.append(r)
@@ -165,7 +170,8 @@ def grpo_train(config: GRPOConfig) -> dict:
                       task=config.task, skip_invalid=config.skip_invalid, limit=config.eval_size)
 
     machine = {"device": config.device, "dtype": config.dtype}
-    evaluate = dict(rewards=config.rewards, max_new_tokens=config.max_new_tokens, use_chat_template=config.use_chat_template, **machine)
+    evaluate = dict(rewards=config.rewards, reward_options=config.bound_reward_options(), max_new_tokens=config.max_new_tokens,
+                    use_chat_template=config.use_chat_template, **machine)
     loss = LossSettings(
         epsilon_low=config.epsilon, epsilon_high=config.epsilon if config.epsilon_high is None else config.epsilon_high, beta=config.beta,
         temperature=config.temperature, importance_sampling=config.importance_sampling_level, aggregation=config.loss_aggregation,
@@ -195,8 +201,7 @@ def grpo_train(config: GRPOConfig) -> dict:
                   per_iteration=config.prompts_per_iteration, seed=config.seed, schema_version=PROMPTS.version)
         gen = run_stage(manifest, "generations.parquet", generate_task, prompts, gens, policy, **generate_settings,
                         seed=config.seed * 100_003 + it, schema_version=GENERATIONS.version)
-        score = run_stage(manifest, "rewards.parquet", score_task, gens, prompts, rewards, config.rewards,
-                          config.max_reward_error_fraction, schema_version=REWARDS.version)
+        score = run_stage(manifest, "rewards.parquet", score_task, gens, prompts, rewards, **score_settings(config), schema_version=REWARDS.version)
         all_gens, all_rewards, rounds = refill_rounds(config, manifest, it, train_path, policy, generate_settings)
         adv = run_stage(manifest, "advantages.parquet", advantages_task, all_rewards, advs, estimator=config.advantage_estimator,
                         scale_rewards=config.scale_rewards, eps=config.advantage_eps, dynamic_sampling=config.dynamic_sampling,

@@ -235,6 +235,7 @@ def score_task(
     reward_options: dict[str, dict[str, Any]] | None = None,
     workers: int | None = None,
     chunk_rows: int = 4096,
+    worker_memory_mb: int | None = 4096,
 ) -> dict:
     return score_generations(
         generations_path,
@@ -245,4 +246,5 @@ def score_task(
         reward_options=reward_options,
         workers=workers,
         chunk_rows=chunk_rows,
+        worker_memory_mb=worker_memory_mb,
     )
