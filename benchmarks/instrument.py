@@ -30,12 +30,13 @@ STAGES = [
 # Parts of the stages' time: the names as each stage module imported them.
 PARTS = [
     *[(m, "read_table", "parquet_io") for m in ("tasks.select", "tasks.generate", "tasks.score", "tasks.advantages", "tasks.update", "tasks.evaluate")],
-    *[(m, "write_table", "parquet_io") for m in ("tasks.select", "tasks.generate", "tasks.score", "tasks.advantages")],
+    *[(m, "write_table", "parquet_io") for m in ("tasks.select", "tasks.generate", "tasks.advantages")],
+    ("tasks.score", "iter_batches", "parquet_io"),
     ("tasks.update", "save_checkpoint", "checkpoint_write"),
     ("tasks.generate", "load_model", "model_load"),  # the reference model, when beta > 0
     ("tasks.model", "load_model", "model_load"),  # the policy, when not held in memory
     ("tasks.generate", "sample", "generate_sampling"),
-    ("tasks.generate", "batched_completion_logprobs", "reference_logprobs"),
+    ("tasks.generate", "batched_completion_logprobs", "logprob_forwards"),  # old policy, and reference when beta > 0
 ]
 
 
@@ -58,8 +59,14 @@ def install() -> None:
         fn = getattr(module, attr)
         if not getattr(fn, "__timed__", False):
             setattr(module, attr, _timed(fn, label))
+    # The score stage streams its output through this writer.
+    from data.store import Manifest, ParquetStreamWriter
+
+    for method in ("write", "__exit__"):
+        fn = getattr(ParquetStreamWriter, method)
+        if not getattr(fn, "__timed__", False):
+            setattr(ParquetStreamWriter, method, _timed(fn, "parquet_io"))
     # Manifest bookkeeping (sha256 of every artifact) happens in the flow, outside the stages.
-    from data.store import Manifest
 
     if not getattr(Manifest.record, "__timed__", False):
         Manifest.record = _timed(Manifest.record, "manifest")
