@@ -96,7 +96,8 @@ def main() -> None:
            "--task", "countdown", "--rewards", json.dumps({"countdown": 1.0}), "--max-new-tokens", "12", "--iterations", str(args.iterations),
            "--learning-rate", str(args.lr), "--eval-every", "10", "--seed", str(args.seed), "--run-dir", str(run_dir)]
     started = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    with common.PrefectServer(args.out / "prefect-home"):  # not the shared ~/.prefect database
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - started
     metrics = [json.loads(f.read_text()) for f in sorted(run_dir.glob("iter-*/metrics.json"))]
     curve = [(m["iteration"], m["held_out_accuracy"]) for m in metrics if "held_out_accuracy" in m]
