@@ -7,9 +7,10 @@ tokens), same torch thread count, interleaved A/B in one process.
 
 Sides:
   bare    model.generate(input_ids, attention_mask, do_sample, max_new_tokens), nothing else
-  sample  grpoflow's `sample()`: the same call with output_logits, plus per-token log-probs
-  stage   the whole generate stage: read prompts.parquet, render and tokenize, `sample()`,
-          decode, write generations.parquet (beta 0: no reference model)
+  sample       grpoflow's `sample()`: the same `generate` call, cut at EOS into samples
+  old_forward  the one forward pass the stage runs for the old-policy log-probs of those samples
+  stage        the whole generate stage: read prompts.parquet, render and tokenize, `sample()`,
+               the old-policy forward, decode, write generations.parquet (beta 0: no reference)
 Tokens counted: completion tokens up to and including EOS, identical on every side.
 """
 
@@ -106,8 +107,26 @@ def main() -> None:
         return generate_completions(prompts_path, out_dir / f"g{seed}.parquet", str(model_path), group_size=a.group_size,
                                     max_new_tokens=a.max_new_tokens, batch_size=batch, seed=seed, device="cpu", dtype="float32")["tokens"]
 
-    sides = {"bare": bare, "sample": sampled, "stage": stage}
+    from tasks.logprobs import batched_completion_logprobs
+
+    last: dict = {}
+
+    def sampled_keep(seed: int) -> int:
+        torch.manual_seed(seed)
+        last["samples"] = sample(model, tok, prompt_ids, a.group_size, a.max_new_tokens, 1.0, 1.0, batch)
+        return sum(len(s.completion_ids) for s in last["samples"])
+
+    def old_forward(seed: int) -> int:
+        """The stage's one forward pass for the old-policy log-probs of the sampled tokens
+        (timed on the samples of the `sample` side of the same rep)."""
+        samples = last["samples"]
+        batched_completion_logprobs(model, [prompt_ids[s.prompt_index] for s in samples], [s.completion_ids for s in samples],
+                                    tok.pad_token_id, 1.0, batch)
+        return sum(len(s.completion_ids) for s in samples)
+
+    sides = {"bare": bare, "sample": sampled_keep, "old_forward": old_forward, "stage": stage}
     rates: dict[str, list[float]] = {k: [] for k in sides}
+    seconds_of: dict[str, list[float]] = {k: [] for k in sides}
     tokens: dict[str, list[int]] = {k: [] for k in sides}
     for rep in range(a.reps + 1):
         for name, fn in sides.items():
@@ -116,14 +135,15 @@ def main() -> None:
             seconds = time.perf_counter() - started
             if rep > 0:  # the first round warms every path up
                 rates[name].append(n / seconds)
+                seconds_of[name].append(seconds)
                 tokens[name].append(n)
     print(f"generation benchmark: model {a.model}, {batch} sequences ({a.prompts} prompts x {a.group_size}), {a.max_new_tokens} new tokens, "
           f"{a.threads} torch thread(s), {a.reps} interleaved reps; load {os.getloadavg()}")
     report = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(a).items()}, "sides": {}}
     for name in sides:
         s = summary(rates[name])
-        report["sides"][name] = {"tokens_per_second": s, "tokens": tokens[name]}
-        print(f"  {name:6s} {fmt(s, ' tok/s')}")
+        report["sides"][name] = {"tokens_per_second": s, "seconds": summary(seconds_of[name]), "tokens": tokens[name]}
+        print(f"  {name:11s} {fmt(s, ' tok/s')}   median {statistics.median(seconds_of[name]):.3f}s per batch")
     same = tokens["bare"] == tokens["sample"] == tokens["stage"]
     print(f"  same tokens sampled on every side: {same}")
     for name in ("sample", "stage"):

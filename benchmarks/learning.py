@@ -35,8 +35,11 @@ from common import ROOT, machine_info
 PYTHON = sys.executable
 
 
-def worker(seed: int, out: Path, sft_lr: float, sft_batch: int) -> dict:
+def worker(seed: int, out: Path, sft_lr: float, sft_batch: int, threads: int) -> dict:
     """One seed: warm-up (cold cache), the default GRPO flow, then the SFT control."""
+    # One thread per seed when seeds run side by side: oversubscribed OpenMP threads spin at
+    # their barriers and burn CPU seconds without progress, which would blur the budget.
+    common.set_threads(threads)
     os.environ["GRPOFLOW_CACHE"] = tempfile.mkdtemp(prefix=f"grpoflow-cache-{seed}-")
     from flows.cli import build_parser, config_from_args
     from flows.config import GRPOConfig
@@ -162,6 +165,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=1, help="seeds at once (results are in CPU seconds, so this changes no figure but wall time)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per seed (the CPU-second figures are per process, all threads)")
     p.add_argument("--sft-lr", type=float, default=1e-3, help="the warm-up recipe's learning rate")
     p.add_argument("--sft-batch", type=int, default=128, help="the warm-up recipe's batch size")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "learning")
@@ -175,13 +179,14 @@ def main() -> None:
         timing_run(args.out)
         return
     if args.worker_seed is not None:
-        result = worker(args.worker_seed, args.out, args.sft_lr, args.sft_batch)
+        result = worker(args.worker_seed, args.out, args.sft_lr, args.sft_batch, args.threads)
         (args.out / f"seed{args.worker_seed}.json").write_text(json.dumps(result))
         return
 
     def launch(seed: int) -> dict:
         subprocess.run([PYTHON, __file__, "--worker-seed", str(seed), "--out", str(args.out), "--sft-lr", str(args.sft_lr),
-                        "--sft-batch", str(args.sft_batch)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+                        "--sft-batch", str(args.sft_batch), "--threads", str(args.threads)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         r = json.loads((args.out / f"seed{seed}.json").read_text())
         print(f"seed {seed}: warm-up {r['warmup']['cpu']:.0f} CPU-s; GRPO {r['grpo_cpu']:.0f} CPU-s ({r['grpo_wall']:.0f}s wall): held-out "
               f"{r['before']:.1%} -> {r['after']:.1%} ({100 * (r['after'] - r['before']):+.1f} points, best {r['best']:.1%}); "
