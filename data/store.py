@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -54,6 +55,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        pause_point(f"write {final}")
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
@@ -191,10 +193,107 @@ def iteration_dir(run_dir: str | Path, iteration: int) -> Path:
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
-    """Delete the ``.tmp-*`` leftovers of writers that were killed; return what was removed."""
+    """Delete the ``.tmp-*`` leftovers of writers that were killed (files, and the temp
+    folders of checkpoint writes); return what was removed."""
     removed = []
-    for tmp in Path(folder).rglob(f"{TMP_PREFIX}*"):
-        if tmp.is_file():
+    for tmp in sorted(Path(folder).rglob(f"{TMP_PREFIX}*")):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp)
+        elif tmp.exists() or tmp.is_symlink():
             tmp.unlink()
-            removed.append(tmp)
+        else:
+            continue  # inside a temp folder removed just before
+        removed.append(tmp)
     return removed
+
+
+def iter_groups(
+    path: str | Path,
+    artifact: ArtifactSchema,
+    columns: list[str] | None = None,
+    *,
+    key: str = "prompt_id",
+    batch_rows: int = 65_536,
+) -> Iterator[pa.Table]:
+    """Stream an artifact as tables of *whole groups* (rows sharing `key`), about `batch_rows`
+    rows each, so per-group statistics need only one group's rows in memory.
+
+    Every artifact of the loop writes a group's rows together (generation emits the G
+    completions of a prompt one after the other; later stages keep that order). A group
+    whose rows are split (its key reappears after other keys) is an error naming the row,
+    rather than two half-groups with wrong statistics. Memory: one batch plus one group,
+    and an 8-byte hash per group already seen (for that check).
+    """
+    wanted = None if columns is None else list(dict.fromkeys([key, *columns]))
+    pending: pa.Table | None = None  # the last group of the previous batch: it may go on
+    finished: set[int] = set()
+    row = 0  # file row number of the first row of `pending` / the current batch
+    for batch in iter_batches(path, artifact, batch_size=batch_rows, columns=wanted):
+        table = pa.Table.from_batches([batch])
+        if pending is not None:
+            table = pa.concat_tables([pending, table])
+        keys = table.column(key).to_pylist()
+        starts = [0] + [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]]
+        for start in starts[:-1]:  # every group but the last is complete
+            _check_group_not_seen(finished, keys[start], path, key, row + start)
+        last = starts[-1]
+        if last > 0:
+            yield table.slice(0, last).combine_chunks()
+        pending = table.slice(last)
+        row += last
+    if pending is not None and pending.num_rows:
+        _check_group_not_seen(finished, pending.column(key)[0].as_py(), path, key, row)
+        yield pending.combine_chunks()
+
+
+def iter_aligned(*streams: Iterator[pa.RecordBatch]) -> Iterator[tuple[pa.Table, ...]]:
+    """Walk several batch streams over files with the same rows in step: yields tuples of
+    equally long tables (row i of each is row i of its file). A stream that ends before the
+    others is an error: the files do not have the same number of rows."""
+    buffers: list[pa.Table | None] = [None] * len(streams)
+    while True:
+        for i, stream in enumerate(streams):
+            while buffers[i] is None or buffers[i].num_rows == 0:
+                batch = next(stream, None)
+                if batch is None:
+                    break
+                buffers[i] = pa.Table.from_batches([batch])
+        lengths = [0 if b is None else b.num_rows for b in buffers]
+        if not any(lengths):
+            return
+        if not all(lengths):
+            raise ValueError(f"the files have different numbers of rows (one ended while another has {max(lengths)} rows left)")
+        n = min(lengths)
+        yield tuple(b.slice(0, n) for b in buffers)
+        buffers = [b.slice(n) for b in buffers]
+
+
+def _check_group_not_seen(finished: set[int], value, path, key: str, row: int) -> None:
+    marker = hash(value)
+    if marker in finished:
+        raise SchemaError(
+            f"{path}: row {row}: {key} {value!r} appears again after other groups; "
+            f"the rows of a group must be adjacent (as the generate stage writes them)"
+        )
+    finished.add(marker)
+
+
+# --- crash-test hook --------------------------------------------------------------------
+# The resume tests must kill a run at exact points (half-way through writing an artifact,
+# in the middle of an update). With GRPOFLOW_PAUSE_AT set, the first pause point whose label
+# contains that text writes its label to the file GRPOFLOW_PAUSE_MARKER and waits there to
+# be killed, so the test can SIGKILL the process at a known place. Unset, it costs one
+# dictionary lookup.
+PAUSE_AT_ENV = "GRPOFLOW_PAUSE_AT"
+PAUSE_MARKER_ENV = "GRPOFLOW_PAUSE_MARKER"
+
+
+def pause_point(label: str) -> None:
+    wanted = os.environ.get(PAUSE_AT_ENV)
+    if not wanted or wanted not in label:
+        return
+    marker = os.environ.get(PAUSE_MARKER_ENV)
+    if marker:
+        Path(marker).write_text(label)
+    time.sleep(600)
+    raise RuntimeError(f"paused at '{label}' ({PAUSE_AT_ENV}) for 600 s and was not killed")
