@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from data.store import Manifest, iteration_dir
-from tasks.model import holds_live_policy
 from tasks.progress import stage_label
 
 CHECKPOINT = "checkpoint"
@@ -88,6 +87,8 @@ class PendingUpdates:
 
     def defer(self, checkpoint: str | Path, label: str, call: Callable[[], Any]) -> None:
         """Note a skipped update, unless its weights are on disk or in this process."""
+        from tasks.model import holds_live_policy  # here: `grpo inspect` imports this module and must not load torch
+
         checkpoint = str(checkpoint)
         if Path(checkpoint).is_dir() or holds_live_policy(checkpoint):
             return
