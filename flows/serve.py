@@ -69,6 +69,14 @@ def write_candidates(config: GRPOConfig, out_path: str) -> dict:
 def grpo_scheduled(run_dir: str, settings: dict[str, Any] | None = None, iterations: int = 1) -> dict:
     """One scheduled run: add up to `iterations` iterations to `run_dir`, trained on prompts
     none of its iterations has used, starting from its latest checkpoint."""
+    # The work is in a plain function on purpose: `flow.serve` ships this flow function to
+    # each run's process by value (cloudpickle), with copies of only the globals it names;
+    # code reached through a module-level function is imported there normally instead.
+    return continue_run(run_dir, settings, iterations)
+
+
+def continue_run(run_dir: str | Path, settings: dict[str, Any] | None, iterations: int) -> dict:
+    """The body of `grpo_scheduled` (steps 1-3 of this module's docstring)."""
     log = get_run_logger()
     folder = Path(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,6 +86,10 @@ def grpo_scheduled(run_dir: str, settings: dict[str, Any] | None = None, iterati
     data_manifest = Manifest(data_dir)
 
     pool = pool_name(last + 1)
+    if not Manifest(iteration_dir(folder, last + 1)).is_done("prompts.parquet"):
+        # No iteration has drawn from a pool made for iteration L+1 yet: make it again from
+        # the dataset as it is now (it may have grown since a run that found nothing new).
+        data_manifest.forget(pool)
     if not data_manifest.is_done(pool):
         incoming = data_dir / "incoming.parquet"
         write_candidates(config, str(incoming))
@@ -90,6 +102,9 @@ def grpo_scheduled(run_dir: str, settings: dict[str, Any] | None = None, iterati
 
     new = min(iterations, unseen // config.prompts_per_iteration)
     if new == 0:
+        # Leave no pool behind that no iteration uses: `grpo run` would draw from it.
+        data_manifest.forget(pool)
+        (data_dir / pool).unlink(missing_ok=True)
         log.info(f"{unseen} unseen prompts, fewer than prompts_per_iteration ({config.prompts_per_iteration}): no new iteration; waiting for new prompts")
         return {"iterations_added": 0, "last_iteration": last, "unseen_prompts": unseen}
     resumed = resume_point(folder, last)
