@@ -137,7 +137,22 @@ REJECTED = ArtifactSchema(
     ),
 )
 
-ARTIFACTS: dict[str, ArtifactSchema] = {s.name: s for s in (PROMPTS, GENERATIONS, REWARDS, ADVANTAGES, REJECTED)}
+# Run-level metrics, one row per (iteration, metric): long format, so a new metric (or a new
+# reward function's `rewards/<fn>/mean`) never changes the schema. Wide view:
+# `pd.read_parquet(path).pivot(index="iteration", columns="name", values="value")`.
+METRICS = ArtifactSchema(
+    name="metrics",
+    version=1,
+    schema=pa.schema(
+        [
+            pa.field("iteration", pa.int32(), nullable=False),  # 0 = before training
+            pa.field("name", pa.string(), nullable=False),  # e.g. "reward", "clip_ratio/low_mean"
+            pa.field("value", pa.float64(), nullable=False),  # NaN when undefined that iteration
+        ]
+    ),
+)
+
+ARTIFACTS: dict[str, ArtifactSchema] = {s.name: s for s in (PROMPTS, GENERATIONS, REWARDS, ADVANTAGES, REJECTED, METRICS)}
 
 
 def check_schema(actual: pa.Schema, expected: ArtifactSchema, path: str | Path) -> None:

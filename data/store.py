@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,43 +207,54 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     return removed
 
 
+class RepeatedGroup(SchemaError):
+    """A group's rows are not adjacent: its key appears again after other groups."""
+
+    def __init__(self, message: str, *, value: Any, sample: Any, path: Path, first_path: Path, row: int):
+        super().__init__(message)
+        self.value, self.sample, self.path, self.first_path, self.row = value, sample, path, first_path, row
+
+
 def iter_groups(
-    path: str | Path,
+    paths: str | Path | Sequence[str | Path],
     artifact: ArtifactSchema,
     columns: list[str] | None = None,
     *,
     key: str = "prompt_id",
     batch_rows: int = 65_536,
 ) -> Iterator[pa.Table]:
-    """Stream an artifact as tables of *whole groups* (rows sharing `key`), about `batch_rows`
-    rows each, so per-group statistics need only one group's rows in memory.
+    """Stream one artifact, or several read one after the other (an iteration's sampling
+    rounds), as tables of *whole groups* (rows sharing `key`), about `batch_rows` rows
+    each, so per-group statistics need only one group's rows in memory.
 
     Every artifact of the loop writes a group's rows together (generation emits the G
-    completions of a prompt one after the other; later stages keep that order). A group
-    whose rows are split (its key reappears after other keys) is an error naming the row,
-    rather than two half-groups with wrong statistics. Memory: one batch plus one group,
-    and an 8-byte hash per group already seen (for that check).
+    completions of a prompt one after the other; later stages keep that order). A key that
+    appears again after other groups, in the same file or a later one, raises
+    `RepeatedGroup` naming the file and row, rather than giving two half-groups wrong
+    statistics. Memory: one batch plus one group, and 8 bytes per group seen (the check).
     """
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     wanted = None if columns is None else list(dict.fromkeys([key, *columns]))
-    pending: pa.Table | None = None  # the last group of the previous batch: it may go on
-    finished: set[int] = set()
-    row = 0  # file row number of the first row of `pending` / the current batch
-    for batch in iter_batches(path, artifact, batch_size=batch_rows, columns=wanted):
-        table = pa.Table.from_batches([batch])
-        if pending is not None:
-            table = pa.concat_tables([pending, table])
-        keys = table.column(key).to_pylist()
-        starts = [0] + [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]]
-        for start in starts[:-1]:  # every group but the last is complete
-            _check_group_not_seen(finished, keys[start], path, key, row + start)
-        last = starts[-1]
-        if last > 0:
-            yield table.slice(0, last).combine_chunks()
-        pending = table.slice(last)
-        row += last
-    if pending is not None and pending.num_rows:
-        _check_group_not_seen(finished, pending.column(key)[0].as_py(), path, key, row)
-        yield pending.combine_chunks()
+    finished: dict[int, int] = {}  # hash of a finished group's key -> index of its file
+    for index, path in enumerate(paths):
+        pending: pa.Table | None = None  # the last group of the previous batch: it may go on
+        row = 0  # file row number of the first row of `pending` / of the batch
+        for batch in iter_batches(path, artifact, batch_size=batch_rows, columns=wanted):
+            table = pa.Table.from_batches([batch])
+            if pending is not None:
+                table = pa.concat_tables([pending, table])
+            keys = table.column(key).to_pylist()
+            starts = [0] + [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]]
+            for start in starts[:-1]:  # every group but the last is complete
+                _check_new_group(finished, table, start, key, paths, index, row)
+            last = starts[-1]
+            if last > 0:
+                yield table.slice(0, last).combine_chunks()
+            pending = table.slice(last)
+            row += last
+        if pending is not None and pending.num_rows:
+            _check_new_group(finished, pending, 0, key, paths, index, row)
+            yield pending.combine_chunks()
 
 
 def iter_aligned(*streams: Iterator[pa.RecordBatch]) -> Iterator[tuple[pa.Table, ...]]:
@@ -268,14 +279,19 @@ def iter_aligned(*streams: Iterator[pa.RecordBatch]) -> Iterator[tuple[pa.Table,
         buffers = [b.slice(n) for b in buffers]
 
 
-def _check_group_not_seen(finished: set[int], value, path, key: str, row: int) -> None:
+def _check_new_group(finished: dict[int, int], table: pa.Table, start: int, key: str, paths: list[Path], index: int, row: int) -> None:
+    value = table.column(key)[start].as_py()
     marker = hash(value)
     if marker in finished:
-        raise SchemaError(
-            f"{path}: row {row}: {key} {value!r} appears again after other groups; "
-            f"the rows of a group must be adjacent (as the generate stage writes them)"
+        first = paths[finished[marker]]
+        sample = table.column("sample_index")[start].as_py() if "sample_index" in table.column_names else None
+        where = "" if first == paths[index] else f" (first seen in {first})"
+        raise RepeatedGroup(
+            f"{paths[index]}: row {row + start}: {key} {value!r} appears again after other groups{where}; "
+            "the rows of a group must be adjacent (as the generate stage writes them)",
+            value=value, sample=sample, path=paths[index], first_path=first, row=row + start,
         )
-    finished.add(marker)
+    finished[marker] = index
 
 
 # --- crash-test hook --------------------------------------------------------------------

@@ -83,7 +83,8 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     from flows.rescore import default_tag, format_comparison, grpo_rescore  # late: Prefect reads its settings at import
 
     tag = args.tag or default_tag()
-    results = grpo_rescore(str(args.target), tag, rewards=args.rewards, max_error_fraction=args.max_reward_error_fraction)
+    results = grpo_rescore(str(args.target), tag, rewards=args.rewards, reward_options=args.reward_options,
+                           max_error_fraction=args.max_reward_error_fraction)
     if args.json:
         print(json.dumps(results, indent=2, default=str))
     else:
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     rescore.add_argument("target", type=Path, help="a run folder, or one iteration's generations.parquet")
     rescore.add_argument("--rewards", type=json.loads, default=None, metavar="JSON",
                          help='reward functions and weights, e.g. \'{"math": 1.0}\' (default: the run\'s own)')
+    rescore.add_argument("--reward-options", type=json.loads, default=None, metavar="JSON",
+                         help="options of the rewards, as for grpo run (default: the run's, for the rewards it keeps)")
     rescore.add_argument("--tag", default=None, help="name of this re-scoring in the file names (default: the current time)")
     rescore.add_argument("--max-reward-error-fraction", type=float, default=None, metavar="FRACTION",
                          help="fail when more than this fraction of rows cannot be scored (default: the run's setting)")

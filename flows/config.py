@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from rewards import known_rewards
+from rewards import known_rewards, make_reward
 
 
 class GRPOConfig(BaseModel):
@@ -43,16 +43,30 @@ class GRPOConfig(BaseModel):
 
     # --- rewards ----------------------------------------------------------------------------
     rewards: dict[str, float] = Field(default_factory=lambda: {"exact_answer": 1.0}, description="Reward functions and their weights (JSON object); the reward is the weighted sum. Names are registered rewards or 'package.module:function'.")
+    reward_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Options of each reward (JSON object of objects), e.g. {\"code\": {\"mode\": \"fraction\"}, \"math\": {\"time_limit_s\": 5}}. Unknown options are an error that lists the valid ones. overlong's max_length defaults to max_new_tokens.")
     max_reward_error_fraction: float = Field(0.05, ge=0, le=1, description="Fail the score stage when more than this fraction of rows could not be scored.")
+    score_workers: int | None = Field(None, ge=1, description="Scoring worker processes (rewards run there, killed and replaced when they overrun). Default: one per CPU core.")
+    score_chunk_rows: int = Field(4096, ge=1, description="Generation rows read and written per chunk by the score stage; bounds its memory whatever the file size.")
+    score_worker_memory_mb: int | None = Field(4096, ge=64, description="Address-space cap of each scoring worker in MiB, so a reward that blows up cannot take the machine down (None: no cap).")
 
     # --- objective --------------------------------------------------------------------------
     learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate. 1e-4 suits the 1M-parameter demo model (1e-3 collapses it: Adam moves every weight by ~lr per step whatever the signal); real models want ~1e-6.")
     beta: float = Field(0.04, ge=0, description="Weight of the k3 KL penalty to the reference (initial) model; 0 loads no reference model at all.")
-    epsilon: float = Field(0.2, gt=0, description="Clip range of the ratio pi/pi_old (PPO and DeepSeekMath use 0.2).")
-    advantage_eps: float = Field(1e-4, gt=0, description="Added to the group std before dividing, so near-equal rewards do not explode (TRL's value).")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Lower clip range: the ratio pi/pi_old is clipped below at 1 - epsilon (PPO and DeepSeekMath use 0.2).")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clip range: the ratio is clipped above at 1 + epsilon_high. Default: epsilon (symmetric, as DeepSeekMath); DAPO's clip-higher uses 0.28, GSPO ~4e-4 with sequence-level ratios.")
+    advantage_estimator: Literal["grpo", "dr_grpo", "rloo"] = Field("grpo", description="Advantage of a completion: grpo (r - group mean) / (std + advantage_eps), DeepSeekMath; dr_grpo r - group mean, no std (Dr. GRPO); rloo r - mean of the other rewards of the group (RLOO).")
+    scale_rewards: Literal["group", "batch", "none"] | None = Field(None, description="Std that divides the advantages: group (each group's std), batch (one std over the iteration's rewards), none. Default: the estimator's own (grpo: group; dr_grpo, rloo: none); dr_grpo admits only none.")
+    advantage_eps: float = Field(1e-4, gt=0, description="Added to the std before dividing, so a group of near-equal rewards does not get huge advantages (TRL's value, for comparable runs).")
+    importance_sampling_level: Literal["token", "sequence"] = Field("token", description="Ratio pi/pi_old per token (GRPO) or per completion as the geometric mean of its token ratios (GSPO).")
+    loss_aggregation: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = Field("grpo", description="How per-token losses become the batch loss: grpo mean per completion then over completions (DeepSeekMath); bnpo token mean per micro-batch; dapo token mean over the optimiser step's batch (DAPO); dr_grpo sum / (completions x max_new_tokens) (Dr. GRPO). TRL's loss_type.")
+    mask_truncated_completions: bool = Field(False, description="Completions cut by max_new_tokens add no loss (DAPO's overlong filtering). Off by default: with the short demo limit most early completions are cut.")
+    dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling: leave out of the update the groups whose rewards are all equal (they have zero advantage); the advantages artifact keeps them with kept=false.")
+    max_refill_rounds: int = Field(0, ge=0, description="With dynamic_sampling: at most this many extra rounds of prompts_per_iteration new prompts (generate + score) per iteration until prompts_per_iteration groups have reward spread; 0 = never refill.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient norm clip.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0: the KL term already keeps the policy near the reference).")
     micro_batch_size: int = Field(64, ge=1, description="Completions per forward/backward in the update; bounds update memory (gradients accumulate).")
+    mini_batches: int = Field(1, ge=1, description="Optimiser steps per pass over an iteration's completions: they are split into this many equal mini-batches (TRL steps_per_generation). 1 = one step, the on-policy GRPO of DeepSeekMath.")
+    mu: int = Field(1, ge=1, description="Passes (GRPO's mu, TRL num_iterations, verl ppo_epochs) over the same completions per iteration; the ratio uses the stored sampling log-probs. 1 = on-policy, DeepSeekMath's default.")
 
     # --- evaluation, checkpoints, machine ---------------------------------------------------
     eval_every: int = Field(5, ge=0, description="Evaluate on the held-out prompts every this many iterations (and at the start and end); 0 = only start and end.")
@@ -62,6 +76,12 @@ class GRPOConfig(BaseModel):
     device: str = Field("auto", description="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype: auto = bfloat16 on a GPU that has it, else float32.")
     warmup_steps: int = Field(250, ge=0, description="Supervised warm-up steps of the built-in tiny model (only when no --model is given).")
+
+    @model_validator(mode="after")
+    def _estimator_scaling(self) -> GRPOConfig:
+        if self.advantage_estimator == "dr_grpo" and self.scale_rewards not in (None, "none"):
+            raise ValueError(f"advantage_estimator 'dr_grpo' divides by no std, so scale_rewards must be 'none' (got '{self.scale_rewards}'); use 'grpo' to scale")
+        return self
 
     @field_validator("rewards")
     @classmethod
@@ -73,6 +93,23 @@ class GRPOConfig(BaseModel):
             if ":" not in name and name not in known:
                 raise ValueError(f"unknown reward '{name}'; known rewards: {', '.join(sorted(known))}")
         return value
+
+    def bound_reward_options(self) -> dict[str, dict[str, Any]]:
+        """`reward_options` with the defaults that follow from other settings filled in."""
+        options = {name: dict(opts) for name, opts in self.reward_options.items()}
+        if "overlong" in self.rewards and "max_length" not in options.get("overlong", {}):
+            # DAPO punishes the last 20% of the length budget (4096 of 20480 tokens).
+            options.setdefault("overlong", {}).update(max_length=self.max_new_tokens, cache_length=max(1, self.max_new_tokens // 5))
+        return options
+
+    @model_validator(mode="after")
+    def _reward_options_bind(self) -> GRPOConfig:
+        stray = sorted(set(self.reward_options) - set(self.rewards))
+        if stray:
+            raise ValueError(f"reward_options names {', '.join(stray)}, which is not among the rewards ({', '.join(self.rewards)})")
+        for name, options in self.bound_reward_options().items():
+            make_reward(name, options)  # unknown option or wrong type: fail now, naming the valid ones
+        return self
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> GRPOConfig:

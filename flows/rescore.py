@@ -3,9 +3,11 @@
     grpo rescore runs/exp1 --rewards '{"math": 1.0, "format": 0.1}' --tag fixed-math
     grpo rescore runs/exp1/iter-0003/generations.parquet --tag v2
 
-For every iteration (or the one generations file given) it writes, beside the originals,
+For every iteration (or the iteration of the generations file given) it writes, beside
+the originals,
 
-    rewards@<tag>.parquet      the score stage with the new rewards
+    rewards@<tag>.parquet      the score stage with the new rewards (and rewards-r<k>@<tag>
+                               for the extra sampling rounds of dynamic sampling, if any)
     advantages@<tag>.parquet   the advantages stage on them (the run's advantage settings)
 
 and compares them with the original ``rewards.parquet``: mean reward before and after, how
@@ -37,8 +39,7 @@ from data.schemas import ADVANTAGES, GENERATIONS, REWARDS, check_schema
 from data.store import Manifest, iter_aligned, iter_batches, remove_stale_temp_files
 from flows.config import GRPOConfig
 from flows.resume import iteration_numbers
-from flows.train import run_stage
-from rewards import get_reward
+from flows.train import run_stage, score_settings
 from tasks.advantages import advantages_task
 from tasks.score import score_task
 
@@ -51,36 +52,57 @@ class TagInUse(ValueError):
     """rewards@TAG.parquet exists from another re-scoring: it is never overwritten."""
 
 
+ROUND_FILE = re.compile(r"generations(-r\d+)?\.parquet")
+
+
 @dataclass(frozen=True)
-class Target:
-    folder: Path
+class Round:
+    """One sampling round of an iteration: its generations and the prompts they answer."""
+
     generations: Path
     prompts: Path
 
-    def outputs(self, tag: str) -> tuple[str, str]:
-        return f"rewards@{tag}.parquet", f"advantages@{tag}.parquet"
+    def rewards_name(self, tag: str | None = None) -> str:
+        """rewards.parquet / rewards-r2.parquet, or with @tag before the suffix."""
+        stem = self.generations.name.removesuffix(".parquet").replace("generations", "rewards", 1)
+        return f"{stem}@{tag}.parquet" if tag else f"{stem}.parquet"
+
+
+@dataclass(frozen=True)
+class Target:
+    folder: Path
+    rounds: tuple[Round, ...]
+
+    def outputs(self, tag: str) -> list[str]:
+        return [r.rewards_name(tag) for r in self.rounds] + [f"advantages@{tag}.parquet"]
+
+
+def iteration_rounds(folder: Path) -> list[Round]:
+    """generations.parquet, then generations-r1.parquet... (dynamic sampling's refills)."""
+    found = [f for f in folder.glob("generations*.parquet") if ROUND_FILE.fullmatch(f.name)]
+    found.sort(key=lambda f: int(f.name.removeprefix("generations-r").removesuffix(".parquet")) if "-r" in f.name else 0)
+    return [Round(f, folder / f.name.replace("generations", "prompts", 1)) for f in found]
 
 
 def find_targets(path: str | Path) -> list[Target]:
-    """Every iteration's generations in a run folder, or the one generations file given
-    (its prompts are the prompts.parquet beside it)."""
+    """Every iteration of a run folder, or the iteration of the generations file given
+    (a file named otherwise is re-scored alone, with the prompts.parquet beside it)."""
     path = Path(path)
     if path.is_dir():
-        files = [path / f"iter-{it:04d}" / "generations.parquet" for it in iteration_numbers(path)]
-        files = [f for f in files if f.is_file()]
-        if not files:
+        targets = [Target(f, tuple(iteration_rounds(f))) for f in (path / f"iter-{it:04d}" for it in iteration_numbers(path))]
+        targets = [t for t in targets if t.rounds]
+        if not targets:
             raise FileNotFoundError(f"{path}: no iter-*/generations.parquet to re-score")
     elif path.is_file():
         check_schema(pq.read_schema(path), GENERATIONS, path)  # a rewards file given by mistake fails here
-        files = [path]
+        rounds = iteration_rounds(path.parent) if ROUND_FILE.fullmatch(path.name) else [Round(path, path.parent / "prompts.parquet")]
+        targets = [Target(path.parent, tuple(rounds))]
     else:
         raise FileNotFoundError(f"{path}: no such run folder or generations file")
-    targets = []
-    for f in files:
-        prompts = f.parent / "prompts.parquet"
-        if not prompts.is_file():
-            raise FileNotFoundError(f"{prompts}: the prompts of {f} (gold answers, tests) are needed to score it")
-        targets.append(Target(f.parent, f, prompts))
+    for t in targets:
+        for r in t.rounds:
+            if not r.prompts.is_file():
+                raise FileNotFoundError(f"{r.prompts}: the prompts of {r.generations} (gold answers, tests) are needed to score it")
     return targets
 
 
@@ -92,6 +114,23 @@ def run_config(folder: Path) -> GRPOConfig | None:
             saved = json.loads(path.read_text())
             return GRPOConfig.model_validate(saved.get("config", saved))
     return None
+
+
+def rescoring_config(config: GRPOConfig | None, rewards: dict[str, float] | None, reward_options: dict | None,
+                     max_error_fraction: float | None) -> GRPOConfig:
+    """The run's config with the new rewards: the run's options for the rewards it keeps,
+    `reward_options` on top; validated like a config (unknown rewards or options fail)."""
+    settings = config.model_dump() if config is not None else {}
+    if rewards is not None:
+        kept = {name: opts for name, opts in settings.get("reward_options", {}).items() if name in rewards}
+        settings |= {"rewards": rewards, "reward_options": kept}
+    elif config is None:
+        raise ValueError("not in a run folder with a config.json, so give the rewards to score with (--rewards)")
+    if reward_options is not None:
+        settings["reward_options"] = settings.get("reward_options", {}) | reward_options
+    if max_error_fraction is not None:
+        settings["max_reward_error_fraction"] = max_error_fraction
+    return GRPOConfig.model_validate(settings)
 
 
 def default_tag() -> str:
@@ -156,8 +195,34 @@ def compare_rewards(before: str | Path | None, after: str | Path, generations: s
         "rows": rows,
         "mean_before": mean["before"] if before is not None else None,
         "mean_after": mean["after"],
+        "scored_before": totals["before"][1] if before is not None else None,
+        "scored_after": totals["after"][1],
         "changed": changed if before is not None else None,
         "examples": shown,
+    }
+
+
+def merge_comparisons(parts: list[dict[str, Any]], examples: int = EXAMPLES) -> dict[str, Any]:
+    """One comparison for an iteration whose completions are in several round files."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    has_before = all(p["before"] is not None for p in parts)
+
+    def weighted(key: str, count: str) -> float | None:
+        n = sum(p[count] for p in parts)
+        return sum(p[key] * p[count] for p in parts if p[count]) / n if n else math.nan
+
+    return {
+        "before": first["before"] if has_before else None,
+        "after": first["after"],
+        "rows": sum(p["rows"] for p in parts),
+        "mean_before": weighted("mean_before", "scored_before") if has_before else None,
+        "mean_after": weighted("mean_after", "scored_after"),
+        "scored_before": sum(p["scored_before"] for p in parts) if has_before else None,
+        "scored_after": sum(p["scored_after"] for p in parts),
+        "changed": sum(p["changed"] for p in parts) if has_before else None,
+        "examples": [e for p in parts for e in p["examples"]][:examples],
     }
 
 
@@ -187,43 +252,44 @@ def compare_task(before: str | None, after: str, generations: str) -> dict:
 
 
 # --- the flow ---------------------------------------------------------------------------------
-def advantages_arguments(config: GRPOConfig | None, rewards_path: str, out_path: str) -> tuple[tuple, dict]:
-    """The advantages stage's arguments, with the run's own settings: the same call as in
-    flows/train.py, so a re-scoring's advantages are what training would have used."""
-    eps = config.advantage_eps if config is not None else GRPOConfig.model_fields["advantage_eps"].default
-    return (rewards_path, out_path, eps), {}
+def advantages_settings(config: GRPOConfig) -> dict[str, Any]:
+    """The advantages stage's settings as flows/train.py passes them, so a re-scoring's
+    advantages are those training would have used."""
+    return dict(estimator=config.advantage_estimator, scale_rewards=config.scale_rewards, eps=config.advantage_eps,
+                dynamic_sampling=config.dynamic_sampling, target_groups=config.prompts_per_iteration)
 
 
 @flow(name="grpo-rescore")
-def grpo_rescore(target: str, tag: str, rewards: dict[str, float] | None = None, max_error_fraction: float | None = None) -> list[dict]:
+def grpo_rescore(target: str, tag: str, rewards: dict[str, float] | None = None, reward_options: dict[str, dict[str, Any]] | None = None,
+                 max_error_fraction: float | None = None) -> list[dict]:
     """Re-score `target` (a run folder or a generations file) as `tag`; return one
-    comparison per generations file."""
+    comparison per iteration."""
     log = get_run_logger()
+    if not TAG.fullmatch(tag):
+        raise ValueError(f"tag '{tag}': use letters, digits, '.', '_' or '-' (at most 64, not starting with a symbol)")
     targets = find_targets(target)
-    config = run_config(targets[0].folder)
-    if rewards is None:
-        if config is None:
-            raise ValueError(f"{target}: not in a run folder with a config.json, so give the rewards to score with (--rewards)")
-        rewards = dict(config.rewards)
-    for name in rewards:
-        get_reward(name)  # an unknown reward fails here, before any file is touched
-    if max_error_fraction is None:
-        max_error_fraction = config.max_reward_error_fraction if config is not None else GRPOConfig.model_fields["max_reward_error_fraction"].default
-    check_tag(targets, tag, rewards)
+    config = rescoring_config(run_config(targets[0].folder), rewards, reward_options, max_error_fraction)
+    check_tag(targets, tag, dict(config.rewards))
 
     results = []
+    recorded = {"rescore": {"tag": tag, "rewards": dict(config.rewards)}}
     for t in targets:
         remove_stale_temp_files(t.folder)
         manifest = Manifest(t.folder)
-        rewards_name, advantages_name = t.outputs(tag)
-        rewards_out, advantages_out = str(t.folder / rewards_name), str(t.folder / advantages_name)
-        recorded = {"rescore": {"tag": tag, "rewards": rewards}}
-        run_stage(manifest, rewards_name, score_task, str(t.generations), str(t.prompts), rewards_out, rewards, max_error_fraction,
-                  schema_version=REWARDS.version, manifest_extra=recorded)
-        args, kwargs = advantages_arguments(config, rewards_out, advantages_out)
-        run_stage(manifest, advantages_name, advantages_task, *args, **kwargs, schema_version=ADVANTAGES.version, manifest_extra=recorded)
-        before = t.folder / "rewards.parquet"
-        comparison = compare_task(str(before) if before.is_file() else None, rewards_out, str(t.generations))
+        rewards_out = []
+        for r in t.rounds:
+            out = str(t.folder / r.rewards_name(tag))
+            run_stage(manifest, r.rewards_name(tag), score_task, str(r.generations), str(r.prompts), out, **score_settings(config),
+                      schema_version=REWARDS.version, manifest_extra=recorded)
+            rewards_out.append(out)
+        advantages_name = f"advantages@{tag}.parquet"
+        run_stage(manifest, advantages_name, advantages_task, rewards_out, str(t.folder / advantages_name), **advantages_settings(config),
+                  schema_version=ADVANTAGES.version, manifest_extra=recorded)
+        parts = []
+        for r, out in zip(t.rounds, rewards_out):
+            before = t.folder / r.rewards_name()
+            parts.append(compare_task(str(before) if before.is_file() else None, out, str(r.generations)))
+        comparison = merge_comparisons(parts)
         log.info(format_comparison(t.folder, comparison).splitlines()[0])
         results.append({"folder": str(t.folder), **comparison})
     return results

@@ -13,22 +13,24 @@ publishes a Prefect artifact; each iteration refreshes the run's learning-curve 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from data import builtin
-from data.schemas import ADVANTAGES, GENERATIONS, PROMPTS, REWARDS
+from data.schemas import ADVANTAGES, GENERATIONS, METRICS, PROMPTS, REWARDS
 from data.sources import normalise_row, prompts_table, read_source
 from data.store import Manifest, atomic_write_json, iteration_dir, remove_stale_temp_files, write_table
 from flows.config import GRPOConfig
 from flows.report import plot_learning_curve, publish_stage_report
 from flows.resume import CHECKPOINT, PendingUpdates, hold_run_folder, prompt_pool, release_run_folder, resume_point, saved_metrics
-from tasks.advantages import advantages_task
+from tasks.advantages import advantages_task, informative_groups, refill_prompts_task
 from tasks.evaluate import evaluate_task
 from tasks.generate import generate_task
 from tasks.ingest import ingest_task
@@ -109,7 +111,56 @@ def versions() -> dict[str, str]:
 
 
 def write_metrics(run_dir: Path, iteration: int, metrics: dict) -> None:
-    atomic_write_json(iteration_dir(run_dir, iteration) / "metrics.json", metrics)
+    """The iteration's metrics.json, and the run's metrics.parquet rebuilt from all of them.
+
+    An iteration that already has one (a resumed run that skipped every stage) keeps it: its
+    numbers, timings included, are those of the run that did the work, and the table stays
+    byte for byte the same."""
+    path = iteration_dir(run_dir, iteration) / "metrics.json"
+    if not path.exists():
+        atomic_write_json(path, metrics)
+    write_metrics_table(run_dir)
+
+
+def write_metrics_table(run_dir: Path) -> Path:
+    """metrics.parquet: every number of every iteration's metrics.json, one row per
+    (iteration, name), rebuilt from those files so a resumed run's table is whole."""
+    rows: list[tuple[int, str, float]] = []
+    for path in sorted(run_dir.glob("iter-*/metrics.json")):
+        saved = json.loads(path.read_text())
+        it = int(saved.get("iteration", int(path.parent.name.removeprefix("iter-"))))
+        rows += [(it, k, float(v)) for k, v in saved.items() if k != "iteration" and isinstance(v, (int, float))]
+    table = pa.table({"iteration": [r[0] for r in rows], "name": [r[1] for r in rows], "value": [r[2] for r in rows]}, schema=METRICS.schema)
+    return write_table(table, run_dir / "metrics.parquet", METRICS)
+
+
+def score_settings(config: GRPOConfig) -> dict:
+    return dict(rewards=config.rewards, max_error_fraction=config.max_reward_error_fraction, reward_options=config.bound_reward_options(),
+                workers=config.score_workers, chunk_rows=config.score_chunk_rows, worker_memory_mb=config.score_worker_memory_mb)
+
+
+def refill_rounds(config: GRPOConfig, manifest: Manifest, it: int, train_path: str, policy: str, generate_settings: dict) -> tuple[list[str], list[str], int]:
+    """DAPO dynamic sampling: extra rounds of prompts + generate + score (`prompts-r<k>.parquet`,
+    `generations-r<k>.parquet`, `rewards-r<k>.parquet`) while fewer than prompts_per_iteration
+    groups have reward spread, at most max_refill_rounds. Returns every round's generations
+    and rewards paths (round 0 first) and the number of extra rounds."""
+    folder = manifest.folder
+    prompts, gens, rewards = [str(folder / "prompts.parquet")], [str(folder / "generations.parquet")], [str(folder / "rewards.parquet")]
+    rounds = 0
+    while config.dynamic_sampling and rounds < config.max_refill_rounds and informative_groups(rewards) < config.prompts_per_iteration:
+        rounds += 1
+        p, g, r = (str(folder / f"{name}-r{rounds}.parquet") for name in ("prompts", "generations", "rewards"))
+        picked = run_stage(manifest, Path(p).name, refill_prompts_task, train_path, p, exclude_paths=prompts, count=config.prompts_per_iteration,
+                           seed=f"{config.seed}:{it}:{rounds}", schema_version=PROMPTS.version)
+        if picked["prompts"] == 0:  # the dataset has no unused prompt left
+            break
+        run_stage(manifest, Path(g).name, generate_task, p, g, policy, **generate_settings | {"seed": (config.seed * 100_003 + it) * 1_000 + rounds},
+                  schema_version=GENERATIONS.version)
+        run_stage(manifest, Path(r).name, score_task, g, p, r, **score_settings(config), schema_version=REWARDS.version)
+        prompts.append(p)
+        gens.append(g)
+        rewards.append(r)
+    return gens, rewards, rounds
 
 
 @flow(name="grpo-train")
@@ -149,8 +200,16 @@ def train_iterations(config: GRPOConfig) -> dict:
                       task=config.task, skip_invalid=config.skip_invalid, limit=config.eval_size)
 
     machine = {"device": config.device, "dtype": config.dtype}
-    evaluate = dict(rewards=config.rewards, max_new_tokens=config.max_new_tokens, use_chat_template=config.use_chat_template, **machine)
-    loss = LossSettings(epsilon=config.epsilon, beta=config.beta, temperature=config.temperature)
+    evaluate = dict(rewards=config.rewards, reward_options=config.bound_reward_options(), max_new_tokens=config.max_new_tokens,
+                    use_chat_template=config.use_chat_template, **machine)
+    loss = LossSettings(
+        epsilon_low=config.epsilon, epsilon_high=config.epsilon if config.epsilon_high is None else config.epsilon_high, beta=config.beta,
+        temperature=config.temperature, importance_sampling=config.importance_sampling_level, aggregation=config.loss_aggregation,
+        max_completion_length=config.max_new_tokens, mask_truncated_completions=config.mask_truncated_completions,
+    )
+    generate_settings = dict(group_size=config.group_size, max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+                             batch_size=config.generation_batch_size, reference_path=base_model if config.beta > 0 else None,
+                             use_chat_template=config.use_chat_template, **machine)
 
     policy = base_model
     metrics: dict = {}
@@ -176,26 +235,28 @@ def train_iterations(config: GRPOConfig) -> dict:
         pool, before_pool = prompt_pool(data_manifest, train_path, it)  # scheduled runs add pools of unseen prompts
         run_stage(manifest, "prompts.parquet", select_prompts_task, pool, prompts, iteration=it - before_pool,
                   per_iteration=config.prompts_per_iteration, seed=config.seed, schema_version=PROMPTS.version)
-        gen = run_stage(manifest, "generations.parquet", generate_task, prompts, gens, policy, group_size=config.group_size,
-                        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-                        batch_size=config.generation_batch_size, reference_path=base_model if config.beta > 0 else None,
-                        use_chat_template=config.use_chat_template, seed=config.seed * 100_003 + it, schema_version=GENERATIONS.version, **machine)
-        score = run_stage(manifest, "rewards.parquet", score_task, gens, prompts, rewards, config.rewards,
-                          config.max_reward_error_fraction, schema_version=REWARDS.version)
-        adv = run_stage(manifest, "advantages.parquet", advantages_task, rewards, advs, config.advantage_eps, schema_version=ADVANTAGES.version)
-        upd = run_stage(manifest, CHECKPOINT, update_task, gens, advs, policy, checkpoint, learning_rate=config.learning_rate, loss=loss,
-                        micro_batch_size=config.micro_batch_size, max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay,
-                        save=save, seed=config.seed * 100_003 + it, **machine)
+        gen = run_stage(manifest, "generations.parquet", generate_task, prompts, gens, policy, **generate_settings,
+                        seed=config.seed * 100_003 + it, schema_version=GENERATIONS.version)
+        score = run_stage(manifest, "rewards.parquet", score_task, gens, prompts, rewards, **score_settings(config), schema_version=REWARDS.version)
+        all_gens, all_rewards, rounds = refill_rounds(config, manifest, it, train_path, policy, generate_settings)
+        adv = run_stage(manifest, "advantages.parquet", advantages_task, all_rewards, advs, estimator=config.advantage_estimator,
+                        scale_rewards=config.scale_rewards, eps=config.advantage_eps, dynamic_sampling=config.dynamic_sampling,
+                        target_groups=config.prompts_per_iteration, schema_version=ADVANTAGES.version)
+        upd = run_stage(manifest, CHECKPOINT, update_task, all_gens, advs, policy, checkpoint, learning_rate=config.learning_rate, loss=loss,
+                        mu=config.mu, mini_batches=config.mini_batches, micro_batch_size=config.micro_batch_size,
+                        max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay, save=save, seed=config.seed * 100_003 + it, **machine)
         policy = checkpoint
 
-        metrics = {"iteration": it, "reward": score["reward_mean"], **gen, **adv, **upd, "step_time": time.perf_counter() - started}
+        metrics = {"iteration": it, "reward": score["reward_mean"], **gen, **adv, **upd, "dynamic_sampling/rounds": rounds,
+                   "step_time": time.perf_counter() - started}
+        metrics["tokens_per_second"] = upd.get("iteration_tokens", math.nan) / metrics["step_time"]
         if eval_path is not None and (it == config.iterations or (config.eval_every and it % config.eval_every == 0)):
             result = run_stage(manifest, "eval", evaluate_task, eval_path, policy, **evaluate)
             metrics["held_out_accuracy"] = result["accuracy"]
         write_metrics(run_dir, it, metrics)
         plot_learning_curve(run_dir)
         acc = f", held-out accuracy {metrics['held_out_accuracy']:.1%}" if "held_out_accuracy" in metrics else ""
-        log.info(f"iteration {it}/{config.iterations}: reward {metrics['reward']:.3f}, kl {upd['kl']:.4f}, "
+        log.info(f"iteration {it}/{config.iterations}: reward {metrics['reward']:.3f}, kl {upd.get('kl', 0.0):.4f}, "
                  f"{gen['completions']} completions, {metrics['step_time']:.1f}s{acc}")
     if start and "held_out_accuracy" in metrics:
         before, after = start["accuracy"], metrics["held_out_accuracy"]

@@ -12,7 +12,8 @@ from prefect.cache_policies import NO_CACHE
 
 from data.schemas import PROMPTS
 from data.store import read_table
-from rewards import get_reward
+from rewards import make_reward
+from rewards.pool import RewardPool
 from tasks.generate import render_prompt, sample
 from tasks.model import live_policy
 
@@ -23,6 +24,8 @@ def evaluate_policy(
     *,
     rewards: dict[str, float],
     max_new_tokens: int,
+    reward_options: dict[str, dict] | None = None,
+    workers: int | None = None,
     batch_size: int = 256,
     threshold: float = 1.0,
     use_chat_template: bool = True,
@@ -35,15 +38,17 @@ def evaluate_policy(
     prompt_ids = [policy.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     samples = sample(policy.model, policy.tokenizer, prompt_ids, 1, max_new_tokens, 1.0, 1.0, batch_size, greedy=True, desc="evaluate")
     completions = policy.tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
-    fns = {name: get_reward(name) for name in rewards}
+    bound = [make_reward(name, (reward_options or {}).get(name)) for name in rewards]
+    weights = [rewards[r.name] for r in bound]
     solved = errored = 0
-    for row, completion in zip(rows, completions):
-        try:
-            total = sum(w * fns[n](completion, row) for n, w in rewards.items())
-        except Exception:  # an unscorable answer is not a solved one; counted, never hidden
-            errored += 1
-            continue
-        solved += not math.isnan(total) and total >= threshold
+    # The same killable worker pool as the score stage: a reward that hangs on a held-out
+    # answer costs that answer, never the run.
+    with RewardPool(bound, workers) as pool:
+        for outcomes in pool.imap(zip(completions, rows)):
+            total = sum(w * o.value for w, o in zip(weights, outcomes))
+            if math.isnan(total):  # unscorable is not solved; counted, never hidden
+                errored += 1
+            solved += not math.isnan(total) and total >= threshold
     return {"accuracy": solved / max(len(rows), 1), "problems": len(rows), "errored": errored}
 
 

@@ -1,9 +1,15 @@
 """Generate stage: prompts.parquet -> generations.parquet (G completions per prompt).
 
 Per completion we store what the update needs so that it never has to run the sampler or
-the reference model again: the token ids, the sampling policy's per-token log-probs (read
-from ``generate``'s own logits, so they cost nothing extra), the reference model's per-token
-log-probs when beta > 0, and why the completion ended.
+the reference model again: the token ids, the sampling policy's per-token log-probs, the
+reference model's per-token log-probs when beta > 0, and why the completion ended.
+
+The old-policy log-probs come from one forward pass over the finished sequences, in the
+update's own batch layout, not from ``generate``'s per-step logits: in bf16 the incremental
+(KV-cache) logits differ from a full forward by up to 2e-2 nats per token (measured on an
+H100, benchmarks/bench_gpu.py), which would make the ratio start away from 1; and keeping
+every step's logits costs B x T x V floats (50 GiB peak for 512 x 128 tokens of a 49k
+vocabulary). The extra forward costs about one decoding step's worth of compute per token.
 
 Log-probs are those of the temperature-scaled distribution softmax(logits / T), before
 top-p truncation, as in TRL; the update computes its ratio on the same footing.
@@ -23,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 
 from data.schemas import GENERATIONS, PROMPTS
 from data.store import read_table, write_table
-from tasks.logprobs import batched_completion_logprobs, token_logprobs
+from tasks.logprobs import batched_completion_logprobs
 from tasks.model import live_policy, load_model, pick_dtype
 from tasks.progress import progress
 
@@ -32,7 +38,6 @@ from tasks.progress import progress
 class Sample:
     prompt_index: int
     completion_ids: list[int]  # includes the EOS token when the model stopped by itself
-    logprobs: list[float]
     finish_reason: str  # "eos" | "length"
 
 
@@ -88,18 +93,13 @@ def sample(
                 max_new_tokens=max_new_tokens,
                 eos_token_id=eos_ids,
                 pad_token_id=tokenizer.pad_token_id,
-                return_dict_in_generate=True,
-                output_logits=True,
             )
-            new_tokens = result.sequences[:, width:]  # (b, C)
-            logits = torch.stack(result.logits, dim=1)  # (b, C, V) raw, before temperature/top-p
-            logp = token_logprobs(logits, new_tokens, temperature if not greedy else 1.0).cpu()
-            new_tokens = new_tokens.cpu()
+            new_tokens = result[:, width:].cpu()  # (b, C)
             for row, i in enumerate(chunk):
                 tokens = new_tokens[row].tolist()
                 stop = next((t for t, tok in enumerate(tokens) if tok in eos_ids), None)
                 length = len(tokens) if stop is None else stop + 1
-                out.append(Sample(i, tokens[:length], logp[row, :length].tolist(), "length" if stop is None else "eos"))
+                out.append(Sample(i, tokens[:length], "length" if stop is None else "eos"))
             bar.advance(len(chunk))
     return out
 
@@ -141,13 +141,14 @@ def generate_completions(
     prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     torch.manual_seed(seed)
     samples = sample(model, tokenizer, prompt_ids, group_size, max_new_tokens, temperature, top_p, batch_size)
+    sample_prompts = [prompt_ids[s.prompt_index] for s in samples]
+    sample_completions = [s.completion_ids for s in samples]
+    old_logprobs = batched_completion_logprobs(model, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size)
 
     ref_logprobs = None
     if reference_path is not None:
         ref = load_model(reference_path, model.device, pick_dtype(dtype, model.device)).eval()
-        ref_logprobs = batched_completion_logprobs(
-            ref, [prompt_ids[s.prompt_index] for s in samples], [s.completion_ids for s in samples], tokenizer.pad_token_id, temperature, batch_size
-        )
+        ref_logprobs = batched_completion_logprobs(ref, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size)
         del ref
         gc.collect()
 
@@ -160,7 +161,7 @@ def generate_completions(
             "completion": completions,
             "prompt_token_ids": [prompt_ids[s.prompt_index] for s in samples],
             "completion_token_ids": [s.completion_ids for s in samples],
-            "old_logprobs": [s.logprobs for s in samples],
+            "old_logprobs": old_logprobs,
             "ref_logprobs": ref_logprobs if ref_logprobs is not None else [None] * len(samples),
             "finish_reason": [s.finish_reason for s in samples],
         },

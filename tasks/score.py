@@ -4,20 +4,45 @@ One ``reward/<fn>`` column per reward function, one ``error/<fn>`` column with t
 text of the rows it could not score (NaN reward there), and the weighted ``reward`` total
 (NaN when any function failed on the row: the advantages stage leaves such rows out of
 their group's baseline instead of pretending they scored 0).
+
+How it stays safe and bounded at any size:
+
+* the generations are read in record batches and the rewards file is written in chunks
+  (``ParquetStreamWriter``: nothing appears under the final name unless all rows scored),
+  so memory holds a few chunks whatever the file size; the prompts file is read whole
+  (it has one row per prompt, a group size fewer than the generations) and rows are
+  turned into dicts only when a generation needs them;
+* rewards run in a pool of worker processes (``rewards.pool``), one per core by default;
+  a call that overruns its reward's ``time_limit_s`` costs its worker (killed, replaced)
+  and its row (NaN plus the error text), never the stage; nothing here relies on signals,
+  so the stage runs in any thread (Prefect runs tasks in worker threads);
+* the stage fails loudly, as soon as it is certain, when more than ``max_error_fraction``
+  of the rows could not be scored: many NaN rows mean something is broken, not a bad policy.
+
+Each reward receives the prompt row plus two fields of the generation:
+``completion_tokens`` (length in tokens) and ``finish_reason`` ("eos" or "length").
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from prefect import task
 
 from data.schemas import GENERATIONS, PROMPTS, REWARDS
-from data.store import read_table, write_table
-from rewards import get_reward
+from data.store import ParquetStreamWriter, iter_batches, read_table
+from rewards import RewardOptionsError, make_reward
+from rewards.pool import RewardPool
+
+_GENERATION_COLUMNS = ["prompt_id", "sample_index", "completion", "completion_token_ids", "finish_reason"]
 
 
 class TooManyRewardErrors(RuntimeError):
@@ -30,48 +55,196 @@ def score_generations(
     out_path: str | Path,
     rewards: Mapping[str, float],
     max_error_fraction: float = 0.05,
-) -> dict[str, float]:
-    """Score every completion with every reward in `rewards` (name -> weight)."""
-    fns = {name: get_reward(name) for name in rewards}
-    prompts = {row["prompt_id"]: row for row in read_table(prompts_path, PROMPTS).to_pylist()}
-    gens = read_table(generations_path, GENERATIONS, columns=["prompt_id", "sample_index", "completion"])
-    columns: dict[str, list] = {f"reward/{n}": [] for n in fns} | {f"error/{n}": [] for n in fns}
-    totals = []
-    for row in gens.to_pylist():
-        example = prompts.get(row["prompt_id"])
-        if example is None:
-            raise KeyError(f"{generations_path}: prompt_id {row['prompt_id']} is not in {prompts_path}")
-        total = 0.0
-        for name, fn in fns.items():
-            try:
-                value, error = float(fn(row["completion"], example)), None
-            except Exception as err:  # a reward bug must cost one row, not the whole stage
-                value, error = math.nan, f"{type(err).__name__}: {err}"
-            columns[f"reward/{name}"].append(value)
-            columns[f"error/{name}"].append(error)
-            total += rewards[name] * value
-        totals.append(total)
-    names = list(columns)
-    table = pa.table(
-        {"prompt_id": gens["prompt_id"], "sample_index": gens["sample_index"], "reward": pa.array(totals, pa.float64())}
-        | {n: pa.array(columns[n], REWARDS._family_type(n)) for n in names},
-        schema=REWARDS.with_family_columns(names),
-    )
-    errored = sum(math.isnan(t) for t in totals)
-    if totals and errored / len(totals) > max_error_fraction:
-        first = next(e for n in fns for e in columns[f"error/{n}"] if e)
-        raise TooManyRewardErrors(
-            f"{errored}/{len(totals)} rows could not be scored (limit {max_error_fraction:.0%}); first error: {first}"
-        )
-    write_table(table, out_path, REWARDS)
-    finite = [t for t in totals if not math.isnan(t)]
+    *,
+    reward_options: Mapping[str, Mapping[str, Any]] | None = None,
+    workers: int | None = None,
+    chunk_rows: int = 4096,
+    worker_memory_mb: int | None = 4096,
+) -> dict[str, Any]:
+    """Score every completion with every reward in `rewards` (name -> weight).
+
+    `reward_options` maps a reward name to its options (``rewards.make_reward``);
+    `workers` defaults to one per core; `chunk_rows` rows are read and written at a time.
+    """
+    started = time.monotonic()
+    bound = _bind(rewards, reward_options or {})
+    if not 0.0 <= max_error_fraction <= 1.0:
+        raise ValueError(f"max_error_fraction must be within [0, 1], got {max_error_fraction}")
+    weights = [float(rewards[r.name]) for r in bound]
+    names = [f"reward/{r.name}" for r in bound] + [f"error/{r.name}" for r in bound]
+    if not Path(generations_path).exists():
+        raise FileNotFoundError(f"{generations_path}: generations artifact not found")
+    total_rows = pq.read_metadata(generations_path).num_rows
+    allowed_errors = math.floor(max_error_fraction * total_rows)
+    prompts = _PromptIndex(prompts_path)
+
+    keys: deque[tuple[str, int]] = deque()  # (prompt_id, sample_index) of rows in flight
+    rows = _rows(generations_path, prompts, keys, chunk_rows)
+    errored = 0
+    error_samples: list[str] = []  # the first few distinct error texts, for the failure message
+    sums = [0.0] * len(bound)
+    counts = [0] * len(bound)
+    totals_sum = 0.0
+    with RewardPool(bound, workers, memory_mb=worker_memory_mb) as pool:
+        with ParquetStreamWriter(out_path, REWARDS, REWARDS.with_family_columns(names)) as writer:
+            chunk = _Chunk(len(bound))
+            for outcomes in pool.imap(rows):
+                prompt_id, sample_index = keys.popleft()
+                total = sum(w * o.value for w, o in zip(weights, outcomes))
+                chunk.add(prompt_id, sample_index, total, outcomes)
+                for index, outcome in enumerate(outcomes):
+                    if outcome.error is None:
+                        sums[index] += outcome.value
+                        counts[index] += 1
+                    elif len(error_samples) < 3 and outcome.error not in error_samples:
+                        error_samples.append(outcome.error)
+                if math.isnan(total):
+                    errored += 1
+                    if errored > allowed_errors:
+                        raise TooManyRewardErrors(
+                            f"more than max_error_fraction={max_error_fraction:.0%} of the {total_rows} rows in "
+                            f"{generations_path} could not be scored ({errored} so far); first errors: "
+                            + "; ".join(error_samples)
+                        )
+                else:
+                    totals_sum += total
+                if len(chunk) >= chunk_rows:
+                    writer.write(chunk.table(writer.schema, bound))
+                    chunk = _Chunk(len(bound))
+            if len(chunk):
+                writer.write(chunk.table(writer.schema, bound))
+        timeouts, deaths = pool.timeouts, pool.deaths
+    scored = total_rows - errored
+    seconds = time.monotonic() - started
     return {
-        "rows": len(totals),
+        "rows": total_rows,
         "errored": errored,
-        "reward_mean": sum(finite) / len(finite) if finite else math.nan,
+        "reward_mean": totals_sum / scored if scored else math.nan,
+        **{f"reward/{r.name}_mean": (sums[i] / counts[i] if counts[i] else math.nan) for i, r in enumerate(bound)},
+        **{f"error/{r.name}_rows": total_rows - counts[i] for i, r in enumerate(bound)},
+        "timeouts": timeouts,
+        "worker_deaths": deaths,
+        "seconds": seconds,
+        "rows_per_s": total_rows / seconds if seconds > 0 else math.nan,
     }
 
 
-@task(name="score", retries=2, retry_delay_seconds=1)
-def score_task(generations_path: str, prompts_path: str, out_path: str, rewards: dict[str, float], max_error_fraction: float) -> dict:
-    return score_generations(generations_path, prompts_path, out_path, rewards, max_error_fraction)
+def _bind(rewards: Mapping[str, float], reward_options: Mapping[str, Mapping[str, Any]]) -> list:
+    if not rewards:
+        raise ValueError("no rewards configured: give at least one reward name and weight")
+    stray = sorted(set(reward_options) - set(rewards))
+    if stray:
+        raise RewardOptionsError(
+            f"reward_options names {', '.join(map(repr, stray))}, which is not among the configured rewards "
+            f"({', '.join(rewards)})"
+        )
+    for name, weight in rewards.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"reward '{name}' has weight {weight!r}; weights must be finite numbers")
+    return [make_reward(name, reward_options.get(name)) for name in rewards]
+
+
+class _PromptIndex:
+    """prompt_id -> prompt row as a dict, built on demand from the Arrow table."""
+
+    def __init__(self, path: str | Path):
+        self.path = path
+        self.table = read_table(path, PROMPTS)
+        self.row_of: dict[str, int] = {}
+        for index, prompt_id in enumerate(self.table.column("prompt_id").to_pylist()):
+            self.row_of.setdefault(prompt_id, index)
+
+    def rows(self, prompt_ids: list[str], generations_path: str | Path, first_row: int) -> dict[str, dict[str, Any]]:
+        wanted = list(dict.fromkeys(prompt_ids))
+        missing = [p for p in wanted if p not in self.row_of]
+        if missing:
+            row = first_row + prompt_ids.index(missing[0])
+            raise KeyError(f"{generations_path}: row {row}: prompt_id {missing[0]} is not in {self.path}")
+        examples = self.table.take([self.row_of[p] for p in wanted]).to_pylist()
+        return dict(zip(wanted, examples))
+
+
+def _rows(generations_path, prompts: _PromptIndex, keys: deque, batch_rows: int) -> Iterator[tuple]:
+    """(completion, example, per-row fields) for every generation, in file order."""
+    first_row = 0
+    for batch in iter_batches(generations_path, GENERATIONS, batch_size=batch_rows, columns=_GENERATION_COLUMNS):
+        prompt_ids = batch.column("prompt_id").to_pylist()
+        examples = prompts.rows(prompt_ids, generations_path, first_row)
+        lengths = pc.list_value_length(batch.column("completion_token_ids")).to_pylist()
+        for prompt_id, sample_index, completion, length, finish in zip(
+            prompt_ids,
+            batch.column("sample_index").to_pylist(),
+            batch.column("completion").to_pylist(),
+            lengths,
+            batch.column("finish_reason").to_pylist(),
+        ):
+            keys.append((prompt_id, sample_index))
+            yield completion, examples[prompt_id], {"completion_tokens": length, "finish_reason": finish}
+        first_row += batch.num_rows
+
+
+class _Chunk:
+    """Scored rows waiting to be written."""
+
+    def __init__(self, n_rewards: int):
+        self.prompt_ids: list[str] = []
+        self.sample_indices: list[int] = []
+        self.totals: list[float] = []
+        self.values: list[list[float]] = [[] for _ in range(n_rewards)]
+        self.errors: list[list[str | None]] = [[] for _ in range(n_rewards)]
+
+    def __len__(self) -> int:
+        return len(self.totals)
+
+    def add(self, prompt_id: str, sample_index: int, total: float, outcomes) -> None:
+        self.prompt_ids.append(prompt_id)
+        self.sample_indices.append(sample_index)
+        self.totals.append(total)
+        for index, outcome in enumerate(outcomes):
+            self.values[index].append(outcome.value)
+            self.errors[index].append(outcome.error)
+
+    def table(self, schema: pa.Schema, bound) -> pa.Table:
+        columns = {
+            "prompt_id": pa.array(self.prompt_ids, pa.string()),
+            "sample_index": pa.array(self.sample_indices, pa.int32()),
+            "reward": pa.array(self.totals, pa.float64()),
+        }
+        for index, reward in enumerate(bound):
+            columns[f"reward/{reward.name}"] = pa.array(self.values[index], pa.float64())
+        for index, reward in enumerate(bound):
+            columns[f"error/{reward.name}"] = pa.array(self.errors[index], pa.string())
+        return pa.table(columns, schema=schema)
+
+
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry only what may be transient: a wrong config or file fails the same way again."""
+    error = state.result(raise_on_failure=False)
+    # ValueError covers RewardOptionsError and SchemaError; KeyError covers UnknownRewardError
+    # and a prompt_id missing from the prompts file.
+    return not isinstance(error, (ValueError, KeyError, FileNotFoundError))
+
+
+@task(name="score", retries=2, retry_delay_seconds=1, retry_condition_fn=_worth_retrying)
+def score_task(
+    generations_path: str,
+    prompts_path: str,
+    out_path: str,
+    rewards: dict[str, float],
+    max_error_fraction: float = 0.05,
+    reward_options: dict[str, dict[str, Any]] | None = None,
+    workers: int | None = None,
+    chunk_rows: int = 4096,
+    worker_memory_mb: int | None = 4096,
+) -> dict:
+    return score_generations(
+        generations_path,
+        prompts_path,
+        out_path,
+        rewards,
+        max_error_fraction,
+        reward_options=reward_options,
+        workers=workers,
+        chunk_rows=chunk_rows,
+        worker_memory_mb=worker_memory_mb,
+    )

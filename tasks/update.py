@@ -1,15 +1,30 @@
-"""Update stage: generations.parquet + advantages.parquet + policy -> new checkpoint.
+"""Update stage: generations.parquet (one per sampling round) + advantages.parquet + policy
+-> new checkpoint.
 
 Holds the policy and its optimiser only: the old-policy and reference log-probs come from
-the generations artifact, so no second model is in memory here whatever beta is. The batch
-is processed in micro-batches with gradient accumulation, so memory depends on the
-micro-batch size, not on the number of prompts or the group size.
+the generations artifact, so no second model is in memory here whatever beta is.
+
+Schedule of one iteration (PPO-style, as GRPO's Algorithm 1 with mu inner updates)::
+
+    for epoch in 1..mu:                              # mu passes over the same completions
+        shuffle the kept completions
+        split them into `mini_batches` equal parts   # one optimiser step each
+        for each mini-batch:
+            for each micro-batch of `micro_batch_size` completions:
+                loss share (tasks.objective.policy_loss) -> backward   # gradients accumulate
+            clip the gradient norm, optimiser step
+
+The ratio always uses the *stored* old-policy log-probs, so epochs after the first (and
+mini-batches after the first) see ratios away from 1 and the clip acts. Memory depends on
+the micro-batch size only, not on the number of prompts or the group size.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,7 +35,7 @@ from data.schemas import ADVANTAGES, GENERATIONS
 from data.store import read_table
 from tasks.logprobs import completion_logprobs, pack
 from tasks.model import live_policy, load_optimizer_state, move_live_policy, save_checkpoint
-from tasks.objective import LossSettings, policy_loss
+from tasks.objective import BatchTotals, LossSettings, loss_mask, policy_loss
 from tasks.progress import progress
 
 
@@ -28,26 +43,64 @@ class ArtifactMismatch(ValueError):
     pass
 
 
-def load_training_rows(generations_path: str | Path, advantages_path: str | Path) -> list[dict]:
-    """Generations joined with their advantages, in generation order; only kept rows."""
-    gens = read_table(
-        generations_path,
-        GENERATIONS,
-        columns=["prompt_id", "sample_index", "prompt_token_ids", "completion_token_ids", "old_logprobs", "ref_logprobs"],
-    ).to_pylist()
+_GEN_COLUMNS = ["prompt_id", "sample_index", "prompt_token_ids", "completion_token_ids", "old_logprobs", "ref_logprobs", "finish_reason"]
+
+
+def read_generations(generations_paths: str | Path | Sequence[str | Path]) -> list[dict]:
+    """Every row of the iteration's generations files (its sampling rounds), in order."""
+    paths = [generations_paths] if isinstance(generations_paths, (str, Path)) else list(generations_paths)
+    return [row for p in paths for row in read_table(p, GENERATIONS, columns=_GEN_COLUMNS).to_pylist()]
+
+
+def join_advantages(gens: list[dict], advantages_path: str | Path, where: str = "generations") -> list[dict]:
+    """`gens` joined with their advantages, in generation order; only kept rows. Every
+    generation must have exactly one advantages row and vice versa."""
     adv = read_table(advantages_path, ADVANTAGES, columns=["prompt_id", "sample_index", "advantage", "kept"]).to_pylist()
     by_key = {(a["prompt_id"], a["sample_index"]): a for a in adv}
     rows = []
     for g in gens:
         a = by_key.pop((g["prompt_id"], g["sample_index"]), None)
         if a is None:
-            raise ArtifactMismatch(f"{advantages_path}: no row for prompt_id {g['prompt_id']} sample {g['sample_index']} of {generations_path}")
+            raise ArtifactMismatch(f"{advantages_path}: no row for prompt_id {g['prompt_id']} sample {g['sample_index']} of {where}")
         if a["kept"]:
             rows.append(g | {"advantage": a["advantage"]})
     if by_key:
         pid, idx = next(iter(by_key))
-        raise ArtifactMismatch(f"{advantages_path}: row prompt_id {pid} sample {idx} is not in {generations_path}")
+        raise ArtifactMismatch(f"{advantages_path}: row prompt_id {pid} sample {idx} is not in {where}")
     return rows
+
+
+def load_training_rows(generations_paths: str | Path | Sequence[str | Path], advantages_path: str | Path) -> list[dict]:
+    """Generations joined with their advantages, in generation order; only kept rows."""
+    return join_advantages(read_generations(generations_paths), advantages_path, str(generations_paths))
+
+
+def split_mini_batches(count: int, parts: int, rng: random.Random) -> list[list[int]]:
+    """A random permutation of range(count) cut into `parts` near-equal mini-batches (sizes
+    differ by at most one; empty ones left out)."""
+    order = list(range(count))
+    rng.shuffle(order)
+    size, extra = divmod(count, parts)
+    out, start = [], 0
+    for k in range(parts):
+        end = start + size + (k < extra)
+        if end > start:
+            out.append(order[start:end])
+        start = end
+    return out
+
+
+def completion_metrics(gens: list[dict]) -> dict:
+    """Length statistics of every sampled completion (kept or not), TRL's names."""
+    lengths = [len(g["completion_token_ids"]) for g in gens]
+    if not lengths:
+        return {"completions/mean_length": 0.0, "completions/min_length": 0, "completions/max_length": 0, "completions/clipped_ratio": 0.0}
+    return {
+        "completions/mean_length": sum(lengths) / len(lengths),
+        "completions/min_length": min(lengths),
+        "completions/max_length": max(lengths),
+        "completions/clipped_ratio": sum(g["finish_reason"] == "length" for g in gens) / len(gens),
+    }
 
 
 def _pad(values: list[list[float]], width: int, device) -> torch.Tensor:
@@ -57,14 +110,22 @@ def _pad(values: list[list[float]], width: int, device) -> torch.Tensor:
     return out.to(device)
 
 
+def _loss_tokens(row: dict, loss: LossSettings) -> int:
+    if loss.mask_truncated_completions and row["finish_reason"] == "length":
+        return 0
+    return len(row["completion_token_ids"])
+
+
 def update_policy(
-    generations_path: str | Path,
+    generations_path: str | Path | Sequence[str | Path],
     advantages_path: str | Path,
     policy_path: str,
     out_checkpoint: str | Path,
     *,
     learning_rate: float,
     loss: LossSettings,
+    mu: int = 1,
+    mini_batches: int = 1,
     micro_batch_size: int = 32,
     max_grad_norm: float = 1.0,
     weight_decay: float = 0.0,
@@ -73,7 +134,10 @@ def update_policy(
     device: str = "auto",
     dtype: str = "auto",
 ) -> dict:
-    """One optimiser step of the clipped GRPO objective over every kept completion."""
+    """mu x mini_batches optimiser steps of the GRPO objective over the kept completions;
+    returns the iteration's training metrics (TRL's names)."""
+    if mu < 1 or mini_batches < 1 or micro_batch_size < 1:
+        raise ValueError(f"mu, mini_batches and micro_batch_size must be >= 1 (got {mu}, {mini_batches}, {micro_batch_size})")
     started = time.perf_counter()
     policy = live_policy(policy_path, device, dtype)
     model = policy.model
@@ -86,54 +150,79 @@ def update_policy(
         group["lr"] = learning_rate
     policy.optimizer.zero_grad(set_to_none=True)  # a retried stage must not add to stale gradients
 
-    rows = load_training_rows(generations_path, advantages_path)
-    random.Random(seed).shuffle(rows)
+    gens = read_generations(generations_path)
+    rows = join_advantages(gens, advantages_path, str(generations_path))
+    if loss.beta > 0 and any(r["ref_logprobs"] is None for r in rows):
+        raise ArtifactMismatch(f"{generations_path}: beta > 0 but the generations carry no reference log-probs")
+    rng = random.Random(seed)
     pad_id = policy.tokenizer.pad_token_id
-    stats = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "tokens": 0.0}
+    sums = {"tokens": 0.0, "kl_sum": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_region": 0.0, "clip_units": 0.0, "entropy": 0.0, "seen_tokens": 0.0}
+    step_losses: list[float] = []
+    grad_norms: list[float] = []
+    skipped = 0
     model.train()
-    with progress("update", total=len(rows)) as bar:
-        for start in range(0, len(rows), micro_batch_size):
-            chunk = rows[start : start + micro_batch_size]
-            batch = pack([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk], pad_id, model.device)
-            width = batch.completion_ids.shape[1]
-            logp, entropy = completion_logprobs(model, batch, loss.temperature, with_entropy=True)  # (b, C)
-            old = _pad([r["old_logprobs"] for r in chunk], width, model.device)
-            ref = None
-            if loss.beta > 0:
-                if chunk[0]["ref_logprobs"] is None:
-                    raise ArtifactMismatch(f"{generations_path}: beta > 0 but the generations carry no reference log-probs")
-                ref = _pad([r["ref_logprobs"] for r in chunk], width, model.device)
-            adv = torch.tensor([r["advantage"] for r in chunk], dtype=torch.float32, device=model.device)
-            mb_loss, mb = policy_loss(logp, old, adv, batch.completion_mask, ref, loss, num_sequences=len(rows))
-            mb_loss.backward()
-            mask = batch.completion_mask
-            stats["loss"] += mb_loss.item()
-            stats["tokens"] += mask.sum().item()
-            stats["clip_ratio"] += (mb["clipped"] * mask).sum().item()
-            stats["entropy"] += (entropy * mask).sum().item()
-            if "kl" in mb:
-                stats["kl"] += (mb["kl"] * mask).sum().item()
-            bar.advance(len(chunk))
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
-    policy.optimizer.step()
-    policy.optimizer.zero_grad(set_to_none=True)
+    with progress("update", total=len(rows) * mu) as bar:
+        for _ in range(mu):
+            for mini in split_mini_batches(len(rows), mini_batches, rng):
+                batch_rows = [rows[i] for i in mini]
+                micro = [batch_rows[s : s + micro_batch_size] for s in range(0, len(batch_rows), micro_batch_size)]
+                totals = BatchTotals(sequences=len(batch_rows), tokens=sum(_loss_tokens(r, loss) for r in batch_rows), micro_batches=len(micro))
+                step_loss = 0.0
+                for chunk in micro:
+                    batch = pack([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk], pad_id, model.device)
+                    width = batch.completion_ids.shape[1]
+                    logp, entropy = completion_logprobs(model, batch, loss.temperature, with_entropy=True)  # (b, C)
+                    old = _pad([r["old_logprobs"] for r in chunk], width, model.device)  # (b, C)
+                    ref = _pad([r["ref_logprobs"] for r in chunk], width, model.device) if loss.beta > 0 else None
+                    adv = torch.tensor([r["advantage"] for r in chunk], dtype=torch.float32, device=model.device)  # (b,)
+                    truncated = torch.tensor([r["finish_reason"] == "length" for r in chunk], device=model.device)  # (b,)
+                    mask = loss_mask(batch.completion_mask, truncated, loss)  # (b, C)
+                    mb_loss, mb = policy_loss(logp, old, adv, mask, ref, loss, totals)
+                    mb_loss.backward()
+                    step_loss += mb_loss.item()
+                    for key in ("tokens", "kl_sum", "clip_low", "clip_high", "clip_region", "clip_units"):
+                        sums[key] += mb[key]
+                    sums["entropy"] += (entropy * mask).sum().item()
+                    sums["seen_tokens"] += batch.attention_mask.sum().item()
+                    bar.advance(len(chunk))
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
+                if math.isfinite(grad_norm):
+                    policy.optimizer.step()
+                else:  # one bad batch must not turn every weight into NaN
+                    skipped += 1
+                policy.optimizer.zero_grad(set_to_none=True)
+                step_losses.append(step_loss)
+                grad_norms.append(grad_norm)
     model.eval()
 
     move_live_policy(policy_path, out_checkpoint)
     if save:
         save_checkpoint(policy, out_checkpoint)
-    tokens = max(stats.pop("tokens"), 1.0)
-    return {
-        "policy_loss": stats["loss"],
-        "kl": stats["kl"] / tokens,
-        "clip_ratio": stats["clip_ratio"] / tokens,
-        "entropy": stats["entropy"] / tokens,
-        "grad_norm": grad_norm,
-        "trained_completions": len(rows),
-        "update_seconds": time.perf_counter() - started,
+    seconds = time.perf_counter() - started
+    tokens = max(sums["tokens"], 1.0)
+    units = max(sums["clip_units"], 1.0)
+    metrics = {
+        "policy_loss": sum(step_losses) / len(step_losses) if step_losses else 0.0,
+        "entropy": sums["entropy"] / tokens,
+        "clip_ratio/low_mean": sums["clip_low"] / units,
+        "clip_ratio/high_mean": sums["clip_high"] / units,
+        "clip_ratio/region_mean": sums["clip_region"] / units,
+        "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
     }
+    if loss.beta > 0:
+        metrics["kl"] = sums["kl_sum"] / tokens
+    metrics |= completion_metrics(gens)
+    metrics |= {
+        "iteration_tokens": sum(len(g["prompt_token_ids"]) + len(g["completion_token_ids"]) for g in gens),
+        "update/trained_completions": len(rows),
+        "update/optimizer_steps": len(step_losses),
+        "update/skipped_steps": skipped,
+        "update/tokens_per_second": sums["seen_tokens"] / seconds if seconds > 0 else 0.0,
+        "update_seconds": seconds,
+    }
+    return metrics
 
 
 @task(name="update", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def update_task(generations_path: str, advantages_path: str, policy_path: str, out_checkpoint: str, **settings) -> dict:
+def update_task(generations_path: str | list[str], advantages_path: str, policy_path: str, out_checkpoint: str, **settings) -> dict:
     return update_policy(generations_path, advantages_path, policy_path, out_checkpoint, **settings)

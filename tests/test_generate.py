@@ -13,7 +13,6 @@ from data.schemas import GENERATIONS, PROMPTS
 from data.sources import normalise_row, prompts_table
 from data.store import read_table, write_table
 from tasks.generate import generate_completions, render_prompt
-from tasks.logprobs import batched_completion_logprobs
 from tasks.model import live_policy
 
 
@@ -45,17 +44,22 @@ def test_generations_artifact_has_groups_tokens_logprobs_and_finish_reasons(tmp_
         assert row["ref_logprobs"] == pytest.approx(row["old_logprobs"], abs=1e-4)
 
 
-def test_sampling_logprobs_match_a_full_forward_pass(tmp_path, prompts_path, tiny_model_dir):
-    """The ratio pi/pi_old must start at 1: log-probs read off generate()'s logits equal
-    those of the update's padded forward pass, at a temperature other than 1."""
+def test_stored_logprobs_match_an_unpadded_forward_pass(tmp_path, prompts_path, tiny_model_dir):
+    """The ratio pi/pi_old must start at 1 whatever the padding: the stored log-probs (batched,
+    left-padded prompts, right-padded completions) equal those of each sequence run alone,
+    with no padding at all, at a temperature other than 1."""
     out = tmp_path / "generations.parquet"
     generate_completions(prompts_path, out, str(tiny_model_dir), group_size=4, max_new_tokens=6, temperature=0.7, seed=3)
     rows = read_table(out, GENERATIONS).to_pylist()
     assert all(r["ref_logprobs"] is None for r in rows)  # beta = 0: no reference model
+    assert len({len(r["completion_token_ids"]) for r in rows}) > 1  # padding was really exercised
     model = live_policy(str(tiny_model_dir)).model
-    recomputed = batched_completion_logprobs(model, [r["prompt_token_ids"] for r in rows], [r["completion_token_ids"] for r in rows], 0, 0.7, batch_size=7)
-    for row, again in zip(rows, recomputed):
-        assert again == pytest.approx(row["old_logprobs"], abs=1e-4)
+    with torch.no_grad():
+        for row in rows:
+            prompt, completion = row["prompt_token_ids"], row["completion_token_ids"]
+            logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]  # (C, V)
+            alone = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1)
+            assert alone.tolist() == pytest.approx(row["old_logprobs"], abs=1e-4)
 
 
 def test_same_seed_same_completions(tmp_path, prompts_path, tiny_model_dir):

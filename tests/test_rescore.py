@@ -67,14 +67,14 @@ def run_dir(tmp_path):
 
 @pytest.fixture()
 def no_model(monkeypatch):
-    """Any attempt to load a model fails the test."""
-    import tasks.model
+    """Any attempt to load a model fails the test. (Patched where every loader ends up, on
+    the class: names imported elsewhere with `from ... import` would keep a patched copy.)"""
+    from transformers import AutoModelForCausalLM
 
     def refuse(*args, **kwargs):
         raise AssertionError("re-scoring loaded a model")
 
-    monkeypatch.setattr(tasks.model, "load_model", refuse)
-    monkeypatch.setattr(tasks.model, "live_policy", refuse)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
 
 
 def test_rescore_writes_tagged_files_beside_the_originals_and_compares(run_dir, no_model, prefect_harness):
@@ -153,12 +153,30 @@ def test_bad_rescore_arguments_are_one_line_errors(run_dir, capsys, argv, messag
     assert not list((run_dir / "iter-0001").glob("*@*"))
 
 
-def test_advantages_streamed_in_small_chunks_equal_one_pass(tmp_path, run_dir):
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"estimator": "rloo"}, {"estimator": "dr_grpo"}, {"scale_rewards": "batch"}, {"estimator": "rloo", "scale_rewards": "batch"},
+     {"dynamic_sampling": True, "target_groups": 1}],
+)
+def test_advantages_streamed_in_small_chunks_equal_one_pass(tmp_path, run_dir, settings):
+    import torch
+
+    from tasks.objective import group_advantages
+
     rewards = run_dir / "iter-0001" / "rewards.parquet"
-    compute_advantages(rewards, tmp_path / "whole.parquet", chunk_rows=1_000_000)
-    summary = compute_advantages(rewards, tmp_path / "chunked.parquet", chunk_rows=3)  # smaller than a group
+    whole = compute_advantages(rewards, tmp_path / "whole.parquet", chunk_rows=1_000_000, **settings)
+    chunked = compute_advantages(rewards, tmp_path / "chunked.parquet", chunk_rows=3, **settings)  # smaller than a group
     assert pq.read_table(tmp_path / "chunked.parquet").equals(pq.read_table(tmp_path / "whole.parquet"))
-    assert summary == {"rows": 12, "groups": 3, "frac_reward_zero_std": pytest.approx(1 / 3)}
+    assert chunked == pytest.approx(whole, rel=1e-12, nan_ok=True)
+    # ... and the numbers are the objective's own, computed on the whole table at once.
+    table = read_table(rewards, REWARDS)
+    ids = torch.tensor([[p for i, p in enumerate(table["prompt_id"].to_pylist()) if p not in table["prompt_id"].to_pylist()[:i]].index(p)
+                        for p in table["prompt_id"].to_pylist()])
+    expected = group_advantages(torch.tensor(table["reward"].to_pylist(), dtype=torch.float64), ids,
+                                settings.get("estimator", "grpo"), settings.get("scale_rewards"), 1e-4)
+    got = read_table(tmp_path / "chunked.parquet", ADVANTAGES)["advantage"].to_pylist()
+    assert got == pytest.approx(expected.advantage.float().tolist(), rel=1e-6)
+    assert (whole["dynamic_sampling/groups"], whole["frac_reward_zero_std"]) == (3, pytest.approx(1 / 3))
 
 
 def test_a_group_split_across_the_file_is_an_error_naming_the_row(tmp_path):

@@ -1,0 +1,246 @@
+"""tasks/update.py on a tiny random Qwen2 model: one model in memory, exact gradient
+accumulation, the mu x mini-batch schedule on stored old log-probs, bounded micro-batches."""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GRPOFLOW_PROGRESS", "0")
+
+import pyarrow as pa
+import pytest
+import torch
+from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+
+import tasks.model
+import tasks.update
+from data import builtin
+from data.schemas import ADVANTAGES, GENERATIONS, PROMPTS, REWARDS
+from data.sources import normalise_row, prompts_table
+from data.store import read_table, write_table
+from tasks.advantages import compute_advantages
+from tasks.generate import generate_completions
+from tasks.logprobs import completion_logprobs, pack
+from tasks.model import LivePolicy, forget_live_policies, live_policy, load_model, save_checkpoint
+from tasks.objective import BatchTotals, LossSettings, policy_loss
+from tasks.tiny_model import build_tokenizer
+from tasks.update import ArtifactMismatch, load_training_rows, split_mini_batches, update_policy
+
+PRACTITIONER_METRICS = {"policy_loss", "kl", "entropy", "grad_norm", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                        "completions/mean_length", "completions/clipped_ratio", "update/tokens_per_second"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices gain nothing from a second thread, and on a busy 2-core machine its
+    synchronisation makes every step several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _no_live_policy():
+    forget_live_policies()
+    yield
+    forget_live_policies()
+
+
+def _rewrite(path, out, change):
+    rows = [change(r) for r in read_table(path, GENERATIONS).to_pylist()]
+    write_table(pa.Table.from_pylist(rows, schema=GENERATIONS.schema), out, GENERATIONS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """A tiny model on disk; 6 prompts x 4 completions (and x 8) with reference log-probs;
+    random rewards with spread; their advantages."""
+    root = tmp_path_factory.mktemp("update")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)
+    model_dir = root / "model"
+    save_checkpoint(LivePolicy(Qwen2ForCausalLM(config), tokenizer), model_dir)
+    prompts = root / "prompts.parquet"
+    rows = [normalise_row(p, data_source="t", row=i) for i, p in enumerate(builtin.train_problems(6, seed=5))]
+    write_table(prompts_table(rows), prompts, PROMPTS)
+    out = {"model": str(model_dir), "root": root}
+    for g in (4, 8):
+        gens = root / f"generations-{g}.parquet"
+        generate_completions(prompts, gens, str(model_dir), group_size=g, max_new_tokens=5, reference_path=str(model_dir),
+                             use_chat_template=False, seed=1, device="cpu")
+        forget_live_policies()
+        table = read_table(gens, GENERATIONS, columns=["prompt_id", "sample_index"])
+        rng = random.Random(g)
+        rewards = pa.table({"prompt_id": table["prompt_id"], "sample_index": table["sample_index"],
+                            "reward": [float(rng.randint(0, 3)) for _ in range(table.num_rows)]}, schema=REWARDS.schema)
+        write_table(rewards, root / f"rewards-{g}.parquet", REWARDS)
+        compute_advantages(root / f"rewards-{g}.parquet", root / f"advantages-{g}.parquet")
+        out[g] = (str(gens), str(root / f"advantages-{g}.parquet"))
+    gc.collect()
+    return out
+
+
+def run(artifacts, group=4, gens=None, **kw):
+    gens_path, adv_path = artifacts[group]
+    settings = dict(learning_rate=1e-3, loss=LossSettings(beta=0.04), micro_batch_size=64, save=False, seed=3, device="cpu")
+    return update_policy(gens or gens_path, adv_path, artifacts["model"], str(artifacts["root"] / "out"), **settings | kw)
+
+
+def live_models() -> int:
+    """Whole models alive in this process (a Qwen2ForCausalLM holds a Qwen2Model, which is a
+    PreTrainedModel too: only the outermost ones count)."""
+    gc.collect()
+    models = [o for o in gc.get_objects() if PreTrainedModel in type(o).__mro__]
+    inner = {id(m) for o in models for m in o.modules() if m is not o}
+    return sum(id(o) not in inner for o in models)
+
+
+def test_with_beta_the_update_holds_exactly_one_model(artifacts, monkeypatch):
+    before = live_models()  # 0 unless another test module keeps a model of its own alive
+    loads, seen = [], []
+    monkeypatch.setattr(tasks.model, "load_model", lambda *a, **k: loads.append(a[0]) or load_model(*a, **k))
+    original = tasks.update.completion_logprobs
+
+    def counting(model, batch, *a, **k):
+        seen.append(live_models())
+        return original(model, batch, *a, **k)
+
+    monkeypatch.setattr(tasks.update, "completion_logprobs", counting)
+    metrics = run(artifacts, loss=LossSettings(beta=0.04), micro_batch_size=10)
+    assert [n - before for n in seen] == [1, 1, 1]  # 24 completions in micro-batches of 10: one model at every forward
+    assert loads == [artifacts["model"]]  # the policy only; reference log-probs come from the artifact
+    assert PRACTITIONER_METRICS <= set(metrics)
+    # One on-policy step from the reference itself: ratio 1 (nothing clipped) and KL 0.
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert metrics["clip_ratio/region_mean"] == 0.0
+    assert metrics["update/optimizer_steps"] == 1 and metrics["update/trained_completions"] == 24
+    assert metrics["entropy"] > 0 and metrics["grad_norm"] > 0
+
+
+def capture_gradients(monkeypatch) -> list[list[torch.Tensor]]:
+    """Gradients of every optimiser step, taken just before the norm clip."""
+    steps = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def record(params, *a, **k):
+        params = list(params)
+        steps.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params])
+        return clip(params, *a, **k)
+
+    monkeypatch.setattr(tasks.update.torch.nn.utils, "clip_grad_norm_", record)
+    return steps
+
+
+@pytest.mark.parametrize("aggregation,level", [("grpo", "token"), ("dapo", "sequence"), ("dr_grpo", "token")])
+def test_micro_batches_accumulate_to_the_full_batch_gradient(artifacts, monkeypatch, aggregation, level):
+    steps = capture_gradients(monkeypatch)
+    loss = LossSettings(beta=0.04, aggregation=aggregation, importance_sampling=level, max_completion_length=5)
+    whole = run(artifacts, loss=loss, micro_batch_size=64)
+    forget_live_policies()
+    split = run(artifacts, loss=loss, micro_batch_size=5)
+    assert len(steps) == 2
+    for a, b in zip(*steps):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert whole["policy_loss"] == pytest.approx(split["policy_loss"], abs=1e-6)
+
+
+def test_mu_and_mini_batches_follow_a_plain_ppo_loop_on_stored_old_logprobs(artifacts):
+    """mu = 2 passes x 2 mini-batches = 4 AdamW steps, replayed here by hand."""
+    loss = LossSettings(beta=0.04, epsilon_high=0.28, aggregation="dapo")
+    metrics = run(artifacts, loss=loss, mu=2, mini_batches=2, learning_rate=5e-3)
+    trained = [p.detach().clone() for p in live_policy(str(artifacts["root"] / "out")).model.parameters()]
+    assert metrics["update/optimizer_steps"] == 4
+    assert metrics["clip_ratio/region_mean"] > 0  # later steps see ratios away from 1 and clip
+    forget_live_policies()
+
+    def by_hand(use_stored_old: bool) -> list[torch.Tensor]:
+        model = load_model(artifacts["model"], torch.device("cpu"), torch.float32)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+        rows = load_training_rows(artifacts[4][0], artifacts[4][1])
+        rng = random.Random(3)
+        model.train()
+        for _ in range(2):
+            for mini in split_mini_batches(len(rows), 2, rng):
+                chunk = [rows[i] for i in mini]
+                batch = pack([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk], 0, torch.device("cpu"))
+                logp = completion_logprobs(model, batch, 1.0)
+                width = logp.shape[1]
+
+                def pad(key, chunk=chunk, width=width):
+                    return torch.tensor([r[key] + [0.0] * (width - len(r[key])) for r in chunk])
+
+                old = pad("old_logprobs") if use_stored_old else logp.detach()
+                totals = BatchTotals(len(chunk), int(batch.completion_mask.sum()), 1)
+                value, _ = policy_loss(logp, old, torch.tensor([r["advantage"] for r in chunk]), batch.completion_mask, pad("ref_logprobs"), loss, totals)
+                value.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(trained, by_hand(use_stored_old=True)):
+        assert torch.allclose(a, b, atol=1e-6)
+    # ...and not the loop that (wrongly) takes the current policy as pi_old at every step.
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(trained, by_hand(use_stored_old=False)))
+
+
+def test_the_ratio_uses_the_stored_old_logprobs(artifacts, tmp_path):
+    shifted = _rewrite(artifacts[4][0], tmp_path / "generations.parquet", lambda r: r | {"old_logprobs": [x + 0.5 for x in r["old_logprobs"]]})
+    metrics = run(artifacts, gens=str(shifted), loss=LossSettings(beta=0.0))
+    # rho = exp(-0.5) = 0.61 < 0.8 on every token: clipped wherever A < 0, never above.
+    assert metrics["clip_ratio/low_mean"] > 0.2 and metrics["clip_ratio/high_mean"] == 0.0
+    assert metrics["clip_ratio/region_mean"] == metrics["clip_ratio/low_mean"]
+    assert "kl" not in metrics  # beta = 0: no KL term and no reference log-probs needed
+
+
+def test_micro_batches_bound_the_forward_size_whatever_the_group_size(artifacts, monkeypatch):
+    sizes = []
+    original = tasks.update.completion_logprobs
+    monkeypatch.setattr(tasks.update, "completion_logprobs", lambda model, batch, *a, **k: sizes.append(batch.input_ids.shape[0]) or original(model, batch, *a, **k))
+    metrics = run(artifacts, group=8, micro_batch_size=3, mini_batches=2)
+    kept = metrics["update/trained_completions"]
+    assert max(sizes) <= 3 and sum(sizes) == kept == 48
+    assert metrics["update/optimizer_steps"] == 2
+
+
+def test_only_kept_rows_are_trained(artifacts, tmp_path):
+    compute_advantages(artifacts["root"] / "rewards-4.parquet", tmp_path / "adv.parquet", dynamic_sampling=True, target_groups=2)
+    kept = read_table(tmp_path / "adv.parquet", ADVANTAGES)["kept"].to_pylist()
+    assert sum(kept) == 8  # 2 groups of 4
+    metrics = update_policy(artifacts[4][0], tmp_path / "adv.parquet", artifacts["model"], str(tmp_path / "out"),
+                            learning_rate=1e-3, loss=LossSettings(beta=0.0), save=False, device="cpu")
+    assert metrics["update/trained_completions"] == 8
+    assert metrics["completions/mean_length"] > 0  # length metrics cover every sampled completion
+
+
+def test_truncated_completions_add_no_gradient_when_masked(artifacts, tmp_path, monkeypatch):
+    cut = _rewrite(artifacts[4][0], tmp_path / "generations.parquet", lambda r: r | {"finish_reason": "length"})
+    steps = capture_gradients(monkeypatch)
+    masked = run(artifacts, gens=str(cut), loss=LossSettings(beta=0.04, mask_truncated_completions=True))
+    forget_live_policies()
+    run(artifacts, gens=str(cut), loss=LossSettings(beta=0.04, mask_truncated_completions=False))
+    assert all(float(g.abs().max()) == 0.0 for g in steps[0])
+    assert any(float(g.abs().max()) > 0.0 for g in steps[1])
+    assert masked["policy_loss"] == 0.0 and masked["completions/clipped_ratio"] == 1.0
+
+
+def test_beta_needs_reference_logprobs(artifacts, tmp_path):
+    bare = _rewrite(artifacts[4][0], tmp_path / "generations.parquet", lambda r: r | {"ref_logprobs": None})
+    with pytest.raises(ArtifactMismatch, match="no reference log-probs"):
+        run(artifacts, gens=str(bare), loss=LossSettings(beta=0.04))
+    assert run(artifacts, gens=str(bare), loss=LossSettings(beta=0.0))["update/optimizer_steps"] == 1
+
+
+def test_split_mini_batches_covers_every_row_once():
+    parts = split_mini_batches(10, 3, random.Random(0))
+    assert sorted(len(p) for p in parts) == [3, 3, 4] and sorted(i for p in parts for i in p) == list(range(10))
+    assert len(split_mini_batches(2, 4, random.Random(0))) == 2  # empty mini-batches are left out
+    assert split_mini_batches(0, 2, random.Random(0)) == []
