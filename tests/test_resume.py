@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from data import builtin
 from data.store import TMP_PREFIX, Manifest, iteration_dir, remove_stale_temp_files
@@ -37,7 +36,7 @@ def settings(run_dir: Path, model: Path, dataset: Path) -> dict:
     return dict(
         run_dir=run_dir, model=str(model), dataset=str(dataset), task="arithmetic", iterations=ITERATIONS, save_every=2,
         prompts_per_iteration=4, group_size=3, max_new_tokens=4, micro_batch_size=4, beta=0.04, learning_rate=0.01, seed=7,
-        rewards={"tests.test_resume:prefers_short": 1.0},
+        rewards={"tests.test_resume:prefers_short": 1.0}, score_workers=1,
     )
 
 
@@ -98,6 +97,8 @@ class Child:
 
 
 def _optimizer_states_equal(a: Path, b: Path) -> bool:
+    import torch  # here, not at the top: scoring workers import this module for its reward
+
     left, right = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
 
     def same(x, y) -> bool:
