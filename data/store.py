@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -231,11 +232,11 @@ def iter_groups(
     completions of a prompt one after the other; later stages keep that order). A key that
     appears again after other groups, in the same file or a later one, raises
     `RepeatedGroup` naming the file and row, rather than giving two half-groups wrong
-    statistics. Memory: one batch plus one group, and 8 bytes per group seen (the check).
+    statistics. Memory: one batch plus one group, and 16 bytes per group seen (the check).
     """
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     wanted = None if columns is None else list(dict.fromkeys([key, *columns]))
-    finished: dict[int, int] = {}  # hash of a finished group's key -> index of its file
+    seen = _SeenGroups()
     for index, path in enumerate(paths):
         pending: pa.Table | None = None  # the last group of the previous batch: it may go on
         row = 0  # file row number of the first row of `pending` / of the batch
@@ -245,16 +246,53 @@ def iter_groups(
                 table = pa.concat_tables([pending, table])
             keys = table.column(key).to_pylist()
             starts = [0] + [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]]
-            for start in starts[:-1]:  # every group but the last is complete
-                _check_new_group(finished, table, start, key, paths, index, row)
+            seen.add(table, starts[:-1], key, paths, index, row)  # every group but the last is complete
             last = starts[-1]
             if last > 0:
                 yield table.slice(0, last).combine_chunks()
             pending = table.slice(last)
             row += last
         if pending is not None and pending.num_rows:
-            _check_new_group(finished, pending, 0, key, paths, index, row)
+            seen.add(pending, [0], key, paths, index, row)
             yield pending.combine_chunks()
+
+
+class _SeenGroups:
+    """The keys of the groups already streamed, as sorted 64-bit hashes (16 bytes a group
+    with the file index, instead of ~100 for a Python set entry) so that a million groups
+    cost 16 MB, not 100."""
+
+    def __init__(self) -> None:
+        self.hashes = np.zeros(0, dtype=np.int64)  # sorted
+        self.files = np.zeros(0, dtype=np.int32)  # file index of each hash
+
+    def add(self, table: pa.Table, starts: list[int], key: str, paths: list[Path], index: int, row: int) -> None:
+        if not starts:
+            return
+        column = table.column(key)
+        new = np.fromiter((hash(column[s].as_py()) for s in starts), dtype=np.int64, count=len(starts))
+        at = np.minimum(np.searchsorted(self.hashes, new), max(self.hashes.size - 1, 0))
+        known = self.hashes[at] == new if self.hashes.size else np.zeros(len(new), bool)
+        _, first = np.unique(new, return_index=True)
+        repeated_in_batch = np.ones(len(new), bool)
+        repeated_in_batch[first] = False
+        bad = np.flatnonzero(known | repeated_in_batch)
+        if bad.size:
+            i = int(bad[0])
+            start = starts[i]
+            first_file = paths[int(self.files[at[i]])] if known[i] else paths[index]
+            value = column[start].as_py()
+            sample = table.column("sample_index")[start].as_py() if "sample_index" in table.column_names else None
+            where = "" if first_file == paths[index] else f" (first seen in {first_file})"
+            raise RepeatedGroup(
+                f"{paths[index]}: row {row + start}: {key} {value!r} appears again after other groups{where}; "
+                "the rows of a group must be adjacent (as the generate stage writes them)",
+                value=value, sample=sample, path=paths[index], first_path=first_file, row=row + start,
+            )
+        hashes = np.concatenate([self.hashes, new])
+        files = np.concatenate([self.files, np.full(len(new), index, dtype=np.int32)])
+        order = np.argsort(hashes, kind="stable")
+        self.hashes, self.files = hashes[order], files[order]
 
 
 def iter_aligned(*streams: Iterator[pa.RecordBatch]) -> Iterator[tuple[pa.Table, ...]]:
@@ -277,21 +315,6 @@ def iter_aligned(*streams: Iterator[pa.RecordBatch]) -> Iterator[tuple[pa.Table,
         n = min(lengths)
         yield tuple(b.slice(0, n) for b in buffers)
         buffers = [b.slice(n) for b in buffers]
-
-
-def _check_new_group(finished: dict[int, int], table: pa.Table, start: int, key: str, paths: list[Path], index: int, row: int) -> None:
-    value = table.column(key)[start].as_py()
-    marker = hash(value)
-    if marker in finished:
-        first = paths[finished[marker]]
-        sample = table.column("sample_index")[start].as_py() if "sample_index" in table.column_names else None
-        where = "" if first == paths[index] else f" (first seen in {first})"
-        raise RepeatedGroup(
-            f"{paths[index]}: row {row + start}: {key} {value!r} appears again after other groups{where}; "
-            "the rows of a group must be adjacent (as the generate stage writes them)",
-            value=value, sample=sample, path=paths[index], first_path=first, row=row + start,
-        )
-    finished[marker] = index
 
 
 # --- crash-test hook --------------------------------------------------------------------
