@@ -41,6 +41,7 @@ from data.schemas import GENERATIONS, PROMPTS, REWARDS
 from data.store import ParquetStreamWriter, iter_batches, read_table
 from rewards import RewardOptionsError, make_reward
 from rewards.pool import RewardPool
+from tasks.progress import progress
 
 _GENERATION_COLUMNS = ["prompt_id", "sample_index", "completion", "completion_token_ids", "finish_reason"]
 
@@ -85,10 +86,11 @@ def score_generations(
     sums = [0.0] * len(bound)
     counts = [0] * len(bound)
     totals_sum = 0.0
-    with RewardPool(bound, workers, memory_mb=worker_memory_mb) as pool:
+    with RewardPool(bound, workers, memory_mb=worker_memory_mb) as pool, progress("score", total=total_rows) as bar:
         with ParquetStreamWriter(out_path, REWARDS, REWARDS.with_family_columns(names)) as writer:
             chunk = _Chunk(len(bound))
             for outcomes in pool.imap(rows):
+                bar.advance()
                 prompt_id, sample_index = keys.popleft()
                 total = sum(w * o.value for w, o in zip(weights, outcomes))
                 chunk.add(prompt_id, sample_index, total, outcomes)
