@@ -17,6 +17,7 @@ from rewards import arithmetic  # noqa: E402,F401  (registers "exact_answer")
 from rewards import code_tests  # noqa: E402,F401  (registers "code")
 from rewards import format_length  # noqa: E402,F401  (registers "format", "overlong")
 from rewards import math_answers  # noqa: E402,F401  (registers "math")
+from rewards import countdown  # noqa: E402,F401  (registers "countdown")
 
 __all__ = [
     "BoundReward",

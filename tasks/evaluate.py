@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from data.schemas import PROMPTS
 from data.store import read_table
 from rewards import make_reward
-from rewards.pool import RewardPool
+from rewards.pool import shared_pool
 from tasks.generate import render_prompt, sample
 from tasks.model import live_policy
 
@@ -43,7 +43,7 @@ def evaluate_policy(
     solved = errored = 0
     # The same killable worker pool as the score stage: a reward that hangs on a held-out
     # answer costs that answer, never the run.
-    with RewardPool(bound, workers) as pool:
+    with shared_pool(bound, workers) as pool:  # workers kept for the next evaluation
         for outcomes in pool.imap(zip(completions, rows)):
             total = sum(w * o.value for w, o in zip(weights, outcomes))
             if math.isnan(total):  # unscorable is not solved; counted, never hidden

@@ -17,7 +17,6 @@ top-p truncation, as in TRL; the update computes its ratio on the same footing.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,8 +148,11 @@ def generate_completions(
     if reference_path is not None:
         ref = load_model(reference_path, model.device, pick_dtype(dtype, model.device)).eval()
         ref_logprobs = batched_completion_logprobs(ref, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size)
+        # Free its weights now, without gc.collect(): a full collection of this process's heap
+        # (torch, transformers, Prefect) took 0.3-1.4 s per iteration, more than the reference
+        # forward itself. Moving the weights to the meta device drops their storage at once.
+        ref.to("meta")
         del ref
-        gc.collect()
 
     completions = tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
     table = pa.table(

@@ -40,7 +40,7 @@ from prefect import task
 from data.schemas import GENERATIONS, PROMPTS, REWARDS
 from data.store import ParquetStreamWriter, iter_batches, read_table
 from rewards import RewardOptionsError, make_reward
-from rewards.pool import RewardPool
+from rewards.pool import shared_pool
 from tasks.progress import progress
 
 _GENERATION_COLUMNS = ["prompt_id", "sample_index", "completion", "completion_token_ids", "finish_reason"]
@@ -86,7 +86,8 @@ def score_generations(
     sums = [0.0] * len(bound)
     counts = [0] * len(bound)
     totals_sum = 0.0
-    with RewardPool(bound, workers, memory_mb=worker_memory_mb) as pool, progress("score", total=total_rows) as bar:
+    # Workers are kept for the next iteration: starting them costs 0.7-4 s per call here.
+    with shared_pool(bound, workers, memory_mb=worker_memory_mb) as pool, progress("score", total=total_rows) as bar:
         with ParquetStreamWriter(out_path, REWARDS, REWARDS.with_family_columns(names)) as writer:
             chunk = _Chunk(len(bound))
             for outcomes in pool.imap(rows):

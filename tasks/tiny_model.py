@@ -31,8 +31,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("GRPOFLOW_CACHE", Path.home() / ".cache" / "grpoflow"))
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + CHARS)}
+def build_tokenizer(chars: list[str] | str = CHARS) -> PreTrainedTokenizerFast:
+    """One token per character of `chars` (default: the arithmetic task's), after <pad>, <eos>."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + list(chars))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     # One token per character: arithmetic is easiest to learn digit by digit.
     core.pre_tokenizer = pre_tokenizers.Split(Regex(""), "isolated")

@@ -37,7 +37,7 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
         (["--group-size", "many"], None, "invalid config: 'group_size': Input should be a valid integer"),
         ([], "iterations: 2\nbogus_key: 1\n", "invalid config: 'bogus_key': Extra inputs are not permitted"),
         ([], "iterations: [1\n", "not valid YAML"),
-        (["--rewards", '{"nope": 1}'], None, "unknown reward 'nope'; known rewards: code, exact_answer, format, math, overlong"),
+        (["--rewards", '{"nope": 1}'], None, "unknown reward 'nope'; known rewards: code, countdown, exact_answer, format, math, overlong"),
         (["--rewards", '{"math": 1}', "--reward-options", '{"math": {"bogus": 1}}'], None, "reward 'math' has no option 'bogus'; valid options:"),
         (["--model", "/no/such/model/folder"], None, "model folder '/no/such/model/folder' does not exist"),
     ],
