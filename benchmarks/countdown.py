@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "countdown")
     p.add_argument("--png", type=Path, default=ROOT / "docs" / "countdown_curve.png")
+    p.add_argument("--report-run", type=Path, help="summarise and plot an existing (possibly unfinished) run folder instead of training")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -91,18 +92,22 @@ def main() -> None:
     started = time.perf_counter()
     model = format_warmup(args.out / f"model-format-{args.warmup_steps}-{args.seed}", args.warmup_steps, 128, 1e-3, args.seed)
     print(f"format-only warm-up: {time.perf_counter() - started:.0f}s", flush=True)
-    run_dir = args.out / f"run-{args.seed}-{int(time.time())}"
-    cmd = [sys.executable, "-m", "flows.cli", "run", "--model", str(model), "--dataset", str(train), "--eval-dataset", str(held),
-           "--task", "countdown", "--rewards", json.dumps({"countdown": 1.0}), "--max-new-tokens", "12", "--iterations", str(args.iterations),
-           "--learning-rate", str(args.lr), "--eval-every", "10", "--seed", str(args.seed), "--run-dir", str(run_dir)]
-    started = time.perf_counter()
-    with common.PrefectServer(args.out / "prefect-home"):  # not the shared ~/.prefect database
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    seconds = time.perf_counter() - started
+    if args.report_run:
+        run_dir, seconds = args.report_run, None
+    else:
+        run_dir = args.out / f"run-{args.seed}-{int(time.time())}"
+        cmd = [sys.executable, "-m", "flows.cli", "run", "--model", str(model), "--dataset", str(train), "--eval-dataset", str(held),
+               "--task", "countdown", "--rewards", json.dumps({"countdown": 1.0}), "--max-new-tokens", "12", "--iterations", str(args.iterations),
+               "--learning-rate", str(args.lr), "--eval-every", "10", "--seed", str(args.seed), "--run-dir", str(run_dir)]
+        started = time.perf_counter()
+        with common.PrefectServer(args.out / "prefect-home"):  # not the shared ~/.prefect database
+            subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - started
     metrics = [json.loads(f.read_text()) for f in sorted(run_dir.glob("iter-*/metrics.json"))]
     curve = [(m["iteration"], m["held_out_accuracy"]) for m in metrics if "held_out_accuracy" in m]
     rewards = [(m["iteration"], m["reward"]) for m in metrics if "reward" in m]
-    print(f"grpo run: {seconds:.0f}s; held-out success {curve[0][1]:.1%} -> {curve[-1][1]:.1%}")
+    print(f"grpo run: {len(rewards)} iterations" + (f", {seconds:.0f}s" if seconds else " (report of a run folder)")
+          + f"; held-out success {curve[0][1]:.1%} -> {curve[-1][1]:.1%}")
     print("held-out success by iteration: " + ", ".join(f"{i}: {a:.1%}" for i, a in curve))
     first, last = rewards[:10], rewards[-10:]
     print(f"training batch success: first 10 iterations {sum(r for _, r in first) / len(first):.1%}, last 10 {sum(r for _, r in last) / len(last):.1%}")
