@@ -95,7 +95,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from flows.inspect import dumps, inspect_path
+    from flows.inspection import dumps, inspect_path
 
     data = inspect_path(args.target, prompt_id=args.prompt_id, sample=args.sample, sort=args.sort, tag=args.tag, seed=args.seed, as_json=args.json)
     if args.json:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from data.schemas import SchemaError
 from data.store import atomic_path
-from flows.inspect import artifact_kind, load_groups, sibling_paths
+from flows.inspection import artifact_kind, load_groups, sibling_paths
 
 log = logging.getLogger("grpoflow.report")
 

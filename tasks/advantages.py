@@ -41,7 +41,7 @@ from tasks.objective import group_advantages, group_stats, resolve_scale
 
 ZERO_STD = "zero_std"  # every valid reward of the group is equal: all advantages are 0
 BATCH_FULL = "batch_full"  # dynamic sampling already has enough groups with signal
-CHUNK_ROWS = 65_536  # rewards rows per chunk (rounded up to whole groups)
+CHUNK_ROWS = 8192  # rewards rows per chunk (rounded up to whole groups); larger chunks only cost memory
 
 
 class DuplicateCompletion(ValueError):

@@ -11,7 +11,7 @@ import pytest
 
 from data.store import TMP_PREFIX, Manifest, atomic_write_json
 from flows.cli import main
-from flows.inspect import inspect_path
+from flows.inspection import inspect_path
 from flows.report import PLOT_NAME, artifact_key, plot_learning_curve, stage_markdown
 from tests.test_rescore import COMPLETIONS, run_dir  # noqa: F401  (the fixture: one scored iteration, no model)
 

@@ -157,3 +157,12 @@ def test_a_run_with_no_unseen_prompts_adds_nothing_and_leaves_no_pool(tmp_path, 
     assert result == {"iterations_added": 0, "last_iteration": 1, "unseen_prompts": 0}
     assert not (run_dir / "dataset" / "prompts-from-0002.parquet").exists()
     assert "prompts-from-0002.parquet" not in Manifest(run_dir / "dataset").entries()
+
+
+def test_serve_needs_a_run_folder_and_a_valid_config(capsys):
+    from flows.cli import main
+
+    assert main(["serve", "--cron", "0 3 * * *"]) == 2
+    assert "grpo serve needs --run-dir" in capsys.readouterr().err
+    assert main(["serve", "--run-dir", "x", "--group-size", "1"]) == 2  # checked now, not at 3 a.m.
+    assert "'group_size'" in capsys.readouterr().err

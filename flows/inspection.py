@@ -1,5 +1,8 @@
 """`grpo inspect`: what a run folder holds, or what one artifact says, between stages.
 
+(Not named inspect.py: a process that puts flows/ on sys.path, as a Prefect worker does
+for the entrypoint flows/serve.py, would import it in place of the standard library's.)
+
     grpo inspect runs/exp1                      one table: iterations x stages
     grpo inspect runs/exp1/iter-0003/rewards.parquet --sample 2 --sort reward
     grpo inspect runs/exp1/iter-0003/generations.parquet --prompt-id 3f2a... --json
