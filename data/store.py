@@ -18,12 +18,14 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -54,6 +56,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        pause_point(f"write {final}")
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
@@ -122,7 +125,9 @@ def iter_batches(path: str | Path, artifact: ArtifactSchema, batch_size: int = 4
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: {artifact.name} artifact not found")
-    pf = pq.ParquetFile(path)
+    # pre_buffer off: with it, pyarrow keeps every column chunk it has read until the file
+    # is closed (~85 MB per million generations read), so memory grew with the file.
+    pf = pq.ParquetFile(path, pre_buffer=False)
     check_schema(pf.schema_arrow, artifact, path)
     yield from pf.iter_batches(batch_size=batch_size, columns=columns)
 
@@ -191,10 +196,145 @@ def iteration_dir(run_dir: str | Path, iteration: int) -> Path:
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
-    """Delete the ``.tmp-*`` leftovers of writers that were killed; return what was removed."""
+    """Delete the ``.tmp-*`` leftovers of writers that were killed (files, and the temp
+    folders of checkpoint writes); return what was removed."""
     removed = []
-    for tmp in Path(folder).rglob(f"{TMP_PREFIX}*"):
-        if tmp.is_file():
+    for tmp in sorted(Path(folder).rglob(f"{TMP_PREFIX}*")):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp)
+        elif tmp.exists() or tmp.is_symlink():
             tmp.unlink()
-            removed.append(tmp)
+        else:
+            continue  # inside a temp folder removed just before
+        removed.append(tmp)
     return removed
+
+
+class RepeatedGroup(SchemaError):
+    """A group's rows are not adjacent: its key appears again after other groups."""
+
+    def __init__(self, message: str, *, value: Any, sample: Any, path: Path, first_path: Path, row: int):
+        super().__init__(message)
+        self.value, self.sample, self.path, self.first_path, self.row = value, sample, path, first_path, row
+
+
+def iter_groups(
+    paths: str | Path | Sequence[str | Path],
+    artifact: ArtifactSchema,
+    columns: list[str] | None = None,
+    *,
+    key: str = "prompt_id",
+    batch_rows: int = 65_536,
+) -> Iterator[pa.Table]:
+    """Stream one artifact, or several read one after the other (an iteration's sampling
+    rounds), as tables of *whole groups* (rows sharing `key`), about `batch_rows` rows
+    each, so per-group statistics need only one group's rows in memory.
+
+    Every artifact of the loop writes a group's rows together (generation emits the G
+    completions of a prompt one after the other; later stages keep that order). A key that
+    appears again after other groups, in the same file or a later one, raises
+    `RepeatedGroup` naming the file and row, rather than giving two half-groups wrong
+    statistics. Memory: one batch plus one group, and 16 bytes per group seen (the check).
+    """
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    wanted = None if columns is None else list(dict.fromkeys([key, *columns]))
+    seen = _SeenGroups()
+    for index, path in enumerate(paths):
+        pending: pa.Table | None = None  # the last group of the previous batch: it may go on
+        row = 0  # file row number of the first row of `pending` / of the batch
+        for batch in iter_batches(path, artifact, batch_size=batch_rows, columns=wanted):
+            table = pa.Table.from_batches([batch])
+            if pending is not None:
+                table = pa.concat_tables([pending, table])
+            keys = table.column(key).to_pylist()
+            starts = [0] + [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]]
+            seen.add(table, starts[:-1], key, paths, index, row)  # every group but the last is complete
+            last = starts[-1]
+            if last > 0:
+                yield table.slice(0, last).combine_chunks()
+            pending = table.slice(last)
+            row += last
+        if pending is not None and pending.num_rows:
+            seen.add(pending, [0], key, paths, index, row)
+            yield pending.combine_chunks()
+
+
+class _SeenGroups:
+    """The keys of the groups already streamed, as sorted 64-bit hashes (16 bytes a group
+    with the file index, instead of ~100 for a Python set entry) so that a million groups
+    cost 16 MB, not 100."""
+
+    def __init__(self) -> None:
+        self.hashes = np.zeros(0, dtype=np.int64)  # sorted
+        self.files = np.zeros(0, dtype=np.int32)  # file index of each hash
+
+    def add(self, table: pa.Table, starts: list[int], key: str, paths: list[Path], index: int, row: int) -> None:
+        if not starts:
+            return
+        column = table.column(key)
+        new = np.fromiter((hash(column[s].as_py()) for s in starts), dtype=np.int64, count=len(starts))
+        at = np.minimum(np.searchsorted(self.hashes, new), max(self.hashes.size - 1, 0))
+        known = self.hashes[at] == new if self.hashes.size else np.zeros(len(new), bool)
+        _, first = np.unique(new, return_index=True)
+        repeated_in_batch = np.ones(len(new), bool)
+        repeated_in_batch[first] = False
+        bad = np.flatnonzero(known | repeated_in_batch)
+        if bad.size:
+            i = int(bad[0])
+            start = starts[i]
+            first_file = paths[int(self.files[at[i]])] if known[i] else paths[index]
+            value = column[start].as_py()
+            sample = table.column("sample_index")[start].as_py() if "sample_index" in table.column_names else None
+            where = "" if first_file == paths[index] else f" (first seen in {first_file})"
+            raise RepeatedGroup(
+                f"{paths[index]}: row {row + start}: {key} {value!r} appears again after other groups{where}; "
+                "the rows of a group must be adjacent (as the generate stage writes them)",
+                value=value, sample=sample, path=paths[index], first_path=first_file, row=row + start,
+            )
+        hashes = np.concatenate([self.hashes, new])
+        files = np.concatenate([self.files, np.full(len(new), index, dtype=np.int32)])
+        order = np.argsort(hashes, kind="stable")
+        self.hashes, self.files = hashes[order], files[order]
+
+
+def iter_aligned(*streams: Iterator[pa.RecordBatch]) -> Iterator[tuple[pa.Table, ...]]:
+    """Walk several batch streams over files with the same rows in step: yields tuples of
+    equally long tables (row i of each is row i of its file). A stream that ends before the
+    others is an error: the files do not have the same number of rows."""
+    buffers: list[pa.Table | None] = [None] * len(streams)
+    while True:
+        for i, stream in enumerate(streams):
+            while buffers[i] is None or buffers[i].num_rows == 0:
+                batch = next(stream, None)
+                if batch is None:
+                    break
+                buffers[i] = pa.Table.from_batches([batch])
+        lengths = [0 if b is None else b.num_rows for b in buffers]
+        if not any(lengths):
+            return
+        if not all(lengths):
+            raise ValueError(f"the files have different numbers of rows (one ended while another has {max(lengths)} rows left)")
+        n = min(lengths)
+        yield tuple(b.slice(0, n) for b in buffers)
+        buffers = [b.slice(n) for b in buffers]
+
+
+# --- crash-test hook --------------------------------------------------------------------
+# The resume tests must kill a run at exact points (half-way through writing an artifact,
+# in the middle of an update). With GRPOFLOW_PAUSE_AT set, the first pause point whose label
+# contains that text writes its label to the file GRPOFLOW_PAUSE_MARKER and waits there to
+# be killed, so the test can SIGKILL the process at a known place. Unset, it costs one
+# dictionary lookup.
+PAUSE_AT_ENV = "GRPOFLOW_PAUSE_AT"
+PAUSE_MARKER_ENV = "GRPOFLOW_PAUSE_MARKER"
+
+
+def pause_point(label: str) -> None:
+    wanted = os.environ.get(PAUSE_AT_ENV)
+    if not wanted or wanted not in label:
+        return
+    marker = os.environ.get(PAUSE_MARKER_ENV)
+    if marker:
+        Path(marker).write_text(label)
+    time.sleep(600)
+    raise RuntimeError(f"paused at '{label}' ({PAUSE_AT_ENV}) for 600 s and was not killed")

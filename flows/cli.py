@@ -23,6 +23,7 @@ from flows.config import GRPOConfig
 def _quiet_offline_defaults() -> None:
     # No telemetry calls (they error without network) and no Prefect banner noise.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     # Each stage logs its own one-line summary; the engine's "Finished in state" lines add nothing.
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -78,6 +79,48 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rescore(args: argparse.Namespace) -> int:
+    from flows.rescore import default_tag, format_comparison, grpo_rescore  # late: Prefect reads its settings at import
+
+    tag = args.tag or default_tag()
+    results = grpo_rescore(str(args.target), tag, rewards=args.rewards, reward_options=args.reward_options,
+                           max_error_fraction=args.max_reward_error_fraction)
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+    else:
+        for result in results:
+            print(format_comparison(Path(result["folder"]), result))
+        print(f"grpo: re-scored {len(results)} generations file(s) as @{tag}", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from flows.inspection import dumps, inspect_path
+
+    data = inspect_path(args.target, prompt_id=args.prompt_id, sample=args.sample, sort=args.sort, tag=args.tag, seed=args.seed, as_json=args.json)
+    if args.json:
+        print(dumps(data))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import serve
+
+    overrides = {k: v for k, v in vars(args).items() if k in GRPOConfig.model_fields}
+    iterations = int(overrides.pop("iterations", 1))
+    run_dir = overrides.pop("run_dir", None)
+    if run_dir is None:
+        raise ValueError("grpo serve needs --run-dir: the run folder every scheduled run continues")
+    settings = (GRPOConfig.from_file(args.config).model_dump(mode="json", exclude_unset=True) if args.config else {}) | overrides
+    GRPOConfig(**settings)  # invalid settings fail now, not at 3 a.m.
+    if not os.environ.get("PREFECT_API_URL"):
+        print("grpo: warning: PREFECT_API_URL is not set; runs can only be triggered from this process. "
+              "Start a server (prefect server start) and set PREFECT_API_URL to trigger runs from elsewhere.", file=sys.stderr)
+    print(f"grpo: serving {args.name} for {run_dir} (cron {args.cron or 'none'}, {iterations} iteration(s) per run)", file=sys.stderr)
+    serve(run_dir, cron=args.cron, settings=json.loads(json.dumps(settings, default=str)), iterations=iterations, name=args.name)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grpo",
@@ -92,6 +135,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_flags(run)
     run.set_defaults(handler=cmd_run)
+
+    rescore = commands.add_parser(
+        "rescore",
+        help="re-score cached generations with other rewards (no model loaded)",
+        description="Run the score and advantages stages again over the generations of a run folder (every iteration) or "
+        "of one generations.parquet, writing rewards@TAG.parquet and advantages@TAG.parquet beside the originals (never "
+        "over them), and print how the rewards changed.",
+    )
+    rescore.add_argument("target", type=Path, help="a run folder, or one iteration's generations.parquet")
+    rescore.add_argument("--rewards", type=json.loads, default=None, metavar="JSON",
+                         help='reward functions and weights, e.g. \'{"math": 1.0}\' (default: the run\'s own)')
+    rescore.add_argument("--reward-options", type=json.loads, default=None, metavar="JSON",
+                         help="options of the rewards, as for grpo run (default: the run's, for the rewards it keeps)")
+    rescore.add_argument("--tag", default=None, help="name of this re-scoring in the file names (default: the current time)")
+    rescore.add_argument("--max-reward-error-fraction", type=float, default=None, metavar="FRACTION",
+                         help="fail when more than this fraction of rows cannot be scored (default: the run's setting)")
+    rescore.add_argument("--json", action="store_true", help="print the comparisons as JSON")
+    rescore.set_defaults(handler=cmd_rescore)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="show a run folder (iterations x stages) or the completions of an artifact",
+        description="With a run folder: one table of iterations x stages (rows, status, time, reward, held-out accuracy, kl, "
+        "frac_reward_zero_std). With an artifact (.parquet): its groups of completions side by side with their rewards, "
+        "advantage and kept flag, the prompt and gold answer above them.",
+    )
+    inspect.add_argument("target", type=Path, help="a run folder or an artifact file")
+    inspect.add_argument("--prompt-id", default=None, help="show this prompt's group only")
+    inspect.add_argument("--sample", type=int, default=3, metavar="N", help="groups (or rows) shown, picked at random with --seed (default: 3)")
+    inspect.add_argument("--sort", choices=["reward", "advantage"], default=None, help="order each group's completions, highest first")
+    inspect.add_argument("--tag", default=None, help="for generations.parquet: join the rewards and advantages of this re-scoring")
+    inspect.add_argument("--seed", type=int, default=0, help="seed of --sample (default: 0)")
+    inspect.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
+    inspect.set_defaults(handler=cmd_inspect)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a Prefect deployment that retrains a run folder on a schedule",
+        description="Serve the Prefect deployment grpo-scheduled/NAME. Each of its runs continues --run-dir from its latest "
+        "checkpoint with up to --iterations new iterations, on dataset prompts that no earlier iteration used. Other flags "
+        "override the run folder's config (on an empty folder they are the config). Trigger a run with "
+        "`prefect deployment run grpo-scheduled/NAME`.",
+    )
+    serve.add_argument("--cron", default=None, help='schedule, e.g. "0 3 * * *" (default: none, runs are triggered by hand)')
+    serve.add_argument("--name", default="default", help="deployment name (default: default)")
+    add_config_flags(serve)
+    serve.set_defaults(handler=cmd_serve)
     return parser
 
 
@@ -100,10 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from data.schemas import SchemaError
     from data.sources import InvalidRow, SourceError
+    from flows.resume import RunFolderBusy
     from rewards.registry import UnknownRewardError
     from tasks.model import ModelLoadError
 
-    return (SchemaError, InvalidRow, SourceError, UnknownRewardError, ModelLoadError, FileNotFoundError, ValueError)
+    return (SchemaError, InvalidRow, SourceError, UnknownRewardError, ModelLoadError, RunFolderBusy, FileNotFoundError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,10 @@
 
 Every stage is a Prefect task that reads and writes files in the run folder. A stage whose
 output is already recorded in its folder's manifest (with a matching checksum) is skipped,
-so re-running a run folder continues it.
+so re-running a run folder continues it: from its last checkpoint, replaying the updates
+that were done but not saved (flows/resume.py). Each stage that runs logs one line and
+publishes a Prefect artifact; each iteration refreshes the run's learning-curve PNG
+(flows/report.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from data.schemas import ADVANTAGES, GENERATIONS, METRICS, PROMPTS, REWARDS
 from data.sources import normalise_row, prompts_table, read_source
 from data.store import Manifest, atomic_write_json, iteration_dir, remove_stale_temp_files, write_table
 from flows.config import GRPOConfig
+from flows.report import plot_learning_curve, publish_stage_report
+from flows.resume import CHECKPOINT, PendingUpdates, hold_run_folder, prompt_pool, release_run_folder, resume_point, saved_metrics
 from tasks.advantages import advantages_task, informative_groups, refill_prompts_task
 from tasks.evaluate import evaluate_task
 from tasks.generate import generate_task
@@ -33,27 +38,41 @@ from tasks.objective import LossSettings
 from tasks.score import score_task
 from tasks.select import select_prompts_task
 from tasks.model import check_model_source
+from tasks.progress import stage_label
 from tasks.tiny_model import ensure_tiny_model
 from tasks.update import update_task
 
-CHECKPOINT = "checkpoint"
+# Updates of this flow run that were done before a restart and whose weights must be
+# re-created before a stage reads them (flows/resume.py).
+PENDING_UPDATES = PendingUpdates()
 
 
-def run_stage(manifest: Manifest, output: str, stage: Callable[..., dict], *args: Any, schema_version: int | None = None, **kwargs: Any) -> dict:
+def run_stage(manifest: Manifest, output: str, stage: Callable[..., dict], *args: Any, schema_version: int | None = None,
+              manifest_extra: dict | None = None, **kwargs: Any) -> dict:
     """Run `stage` unless `output` is already recorded as done in `manifest`; record it after.
 
-    The stage's summary dict is kept in the manifest so a skipped stage still reports it.
+    The stage's summary dict is kept in the manifest (with its duration, the paths it read
+    and `manifest_extra`) so a skipped stage still reports it. A skipped update whose
+    weights were not saved is remembered, and replayed before a later stage reads them.
     """
     log = get_run_logger()
     where = f"{manifest.folder.name}/{output}"
     if manifest.is_done(output):
+        entry = manifest.entries()[output]
+        if output == CHECKPOINT and entry.get("kind") != "folder":
+            PENDING_UPDATES.defer(manifest.folder / output, where, lambda: stage(*args, **kwargs))
         log.info(f"{where}: done already, skipped")
-        return manifest.entries()[output].get("summary", {})
+        return entry.get("summary", {})
+    PENDING_UPDATES.catch_up([*args, *kwargs.values()], log)
     started = time.perf_counter()
-    summary = stage(*args, **kwargs)
-    manifest.record(output, schema_version=schema_version, summary=summary)
+    with stage_label(where):
+        summary = stage(*args, **kwargs)
+    seconds = time.perf_counter() - started
+    inputs = [str(a) for a in args if isinstance(a, (str, Path))]
+    manifest.record(output, schema_version=schema_version, summary=summary, seconds=round(seconds, 3), inputs=inputs, **(manifest_extra or {}))
+    publish_stage_report(manifest.folder, output, summary)
     shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items() if not isinstance(v, (list, dict)))
-    log.info(f"{where}: {shown} ({time.perf_counter() - started:.1f}s)")
+    log.info(f"{where}: {shown} ({seconds:.1f}s)")
     return summary
 
 
@@ -147,9 +166,20 @@ def refill_rounds(config: GRPOConfig, manifest: Manifest, it: int, train_path: s
 @flow(name="grpo-train")
 def grpo_train(config: GRPOConfig) -> dict:
     """Run GRPO for `config.iterations` iterations; return the final metrics."""
-    log = get_run_logger()
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    hold_run_folder(run_dir)  # before touching anything: another process may be writing here
+    PENDING_UPDATES.clear()
+    try:
+        return train_iterations(config)
+    finally:
+        release_run_folder(run_dir)
+
+
+def train_iterations(config: GRPOConfig) -> dict:
+    """The body of `grpo_train` (which holds the run folder's lock around it)."""
+    log = get_run_logger()
+    run_dir = Path(config.run_dir)
     remove_stale_temp_files(run_dir)  # leftovers of a killed writer are never artifacts
     atomic_write_json(run_dir / "config.json", {"config": config.model_dump(mode="json"), "versions": versions(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     data_dir = run_dir / "dataset"
@@ -189,7 +219,12 @@ def grpo_train(config: GRPOConfig) -> dict:
         write_metrics(run_dir, 0, {"iteration": 0, "held_out_accuracy": start["accuracy"]})
         log.info(f"iteration 0: held-out accuracy {start['accuracy']:.1%} (before GRPO, {start['problems']} problems)")
 
-    for it in range(1, config.iterations + 1):
+    first = 1
+    resumed = resume_point(run_dir, config.iterations)
+    if resumed is not None:
+        first, policy, metrics = resumed.iteration + 1, resumed.checkpoint, saved_metrics(run_dir, resumed.iteration)
+        log.info(f"resuming after iteration {resumed.iteration}: policy and optimiser state from iter-{resumed.iteration:04d}/{CHECKPOINT}")
+    for it in range(first, config.iterations + 1):
         started = time.perf_counter()
         folder = iteration_dir(run_dir, it)
         manifest = Manifest(folder)
@@ -197,7 +232,8 @@ def grpo_train(config: GRPOConfig) -> dict:
         checkpoint = str(folder / CHECKPOINT)
         save = it % config.save_every == 0 or it == config.iterations
 
-        run_stage(manifest, "prompts.parquet", select_prompts_task, train_path, prompts, iteration=it,
+        pool, before_pool = prompt_pool(data_manifest, train_path, it)  # scheduled runs add pools of unseen prompts
+        run_stage(manifest, "prompts.parquet", select_prompts_task, pool, prompts, iteration=it - before_pool,
                   per_iteration=config.prompts_per_iteration, seed=config.seed, schema_version=PROMPTS.version)
         gen = run_stage(manifest, "generations.parquet", generate_task, prompts, gens, policy, **generate_settings,
                         seed=config.seed * 100_003 + it, schema_version=GENERATIONS.version)
@@ -218,6 +254,7 @@ def grpo_train(config: GRPOConfig) -> dict:
             result = run_stage(manifest, "eval", evaluate_task, eval_path, policy, **evaluate)
             metrics["held_out_accuracy"] = result["accuracy"]
         write_metrics(run_dir, it, metrics)
+        plot_learning_curve(run_dir)
         acc = f", held-out accuracy {metrics['held_out_accuracy']:.1%}" if "held_out_accuracy" in metrics else ""
         log.info(f"iteration {it}/{config.iterations}: reward {metrics['reward']:.3f}, kl {upd.get('kl', 0.0):.4f}, "
                  f"{gen['completions']} completions, {metrics['step_time']:.1f}s{acc}")

@@ -181,6 +181,11 @@ class RewardPool:
                     done += 1
                 if exhausted and done == read:
                     return
+                if not exhausted and not queue and all(w.ready and w.task is None for w in self._pool):
+                    # Nothing in flight: the window was full (a slow row held `done` back while
+                    # the other workers finished the rest) and has just been yielded. Read on;
+                    # waiting here would wait for results that no worker is computing.
+                    continue
                 self._wait(queue, results)
         finally:
             # Abandoned half-way (the caller stopped, or an error): busy workers hold stale tasks.

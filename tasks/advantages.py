@@ -11,27 +11,37 @@ whose valid rewards are all equal (no learning signal: every advantage is 0) are
 (`refill_prompts`, `informative_groups`) until `target_groups` groups with signal are
 available; groups beyond the target are dropped ("batch_full"), in sampling order, so the
 update always sees at most the configured batch, as in DAPO.
+
+The rewards are streamed in chunks of whole groups (`data.store.iter_groups`: a group's
+rows are adjacent, as generation writes them), and every metric is accumulated chunk by
+chunk, so memory is one chunk whatever the file's size: re-scoring a million cached
+generations stays flat. Only batch-level scaling keeps one float per row, for the one std
+it divides every advantage by.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data.schemas import ADVANTAGES, PROMPTS, REWARDS
-from data.store import read_table, write_table
+from data.store import ParquetStreamWriter, RepeatedGroup, iter_groups, read_table, write_table
 from tasks.objective import group_advantages, group_stats, resolve_scale
 
 ZERO_STD = "zero_std"  # every valid reward of the group is equal: all advantages are 0
 BATCH_FULL = "batch_full"  # dynamic sampling already has enough groups with signal
+CHUNK_ROWS = 8192  # rewards rows per chunk (rounded up to whole groups); larger chunks only cost memory
 
 
 class DuplicateCompletion(ValueError):
@@ -42,20 +52,29 @@ def _as_list(paths: str | Path | Sequence[str | Path]) -> list[str | Path]:
     return [paths] if isinstance(paths, (str, Path)) else list(paths)
 
 
-def read_rewards(rewards_paths: str | Path | Sequence[str | Path]) -> pa.Table:
-    """The rewards files of an iteration's sampling rounds, concatenated in round order."""
-    tables = [read_table(p, REWARDS) for p in _as_list(rewards_paths)]
-    names = tables[0].column_names
-    for t, p in zip(tables[1:], _as_list(rewards_paths)[1:]):
-        if t.column_names != names:
-            raise ValueError(f"{p}: reward columns {t.column_names} differ from the first round's {names}")
-    table = pa.concat_tables(tables)
-    keys = list(zip(table["prompt_id"].to_pylist(), table["sample_index"].to_pylist()))
-    if len(set(keys)) != len(keys):
-        seen: set = set()
-        dup = next(k for k in keys if k in seen or seen.add(k))
-        raise DuplicateCompletion(f"prompt_id {dup[0]} sample {dup[1]} appears twice in {', '.join(map(str, _as_list(rewards_paths)))}")
-    return table
+def reward_columns(rewards_paths: Sequence[str | Path]) -> list[str]:
+    """The ``reward/<fn>`` columns, which every sampling round must share."""
+    names = None
+    for path in rewards_paths:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: rewards artifact not found")
+        found = [n for n in pq.read_schema(path).names if n.startswith("reward/")]
+        if names is not None and found != names:
+            raise ValueError(f"{path}: reward columns {found} differ from the first round's {names}")
+        names = found
+    return names or []
+
+
+def reward_groups(rewards_paths: str | Path | Sequence[str | Path], columns: list[str], chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
+    """The rewards of an iteration's sampling rounds, in round order, in chunks of whole
+    groups. A completion in two rounds (its group twice) is a `DuplicateCompletion`."""
+    paths = _as_list(rewards_paths)
+    try:
+        yield from iter_groups(paths, REWARDS, ["prompt_id", "sample_index", "reward", *columns], batch_rows=chunk_rows)
+    except RepeatedGroup as err:
+        if err.path == err.first_path:
+            raise
+        raise DuplicateCompletion(f"prompt_id {err.value} sample {err.sample} appears twice in {', '.join(map(str, paths))}") from None
 
 
 def _group_ids(prompt_ids: list[str]) -> tuple[torch.Tensor, int]:
@@ -64,24 +83,69 @@ def _group_ids(prompt_ids: list[str]) -> tuple[torch.Tensor, int]:
     return ids, len(group_of)
 
 
+def _rewards_tensor(table: pa.Table) -> torch.Tensor:
+    return torch.tensor(table["reward"].to_numpy(zero_copy_only=False), dtype=torch.float64)  # (N,)
+
+
 def informative_groups(rewards_paths: str | Path | Sequence[str | Path]) -> int:
     """Groups whose valid rewards are not all equal: those dynamic sampling keeps."""
-    table = read_rewards(rewards_paths)
-    if table.num_rows == 0:
-        return 0
-    group_ids, num_groups = _group_ids(table["prompt_id"].to_pylist())
-    stats = group_stats(torch.tensor(table["reward"].to_numpy(zero_copy_only=False), dtype=torch.float64), group_ids)
-    zero = torch.zeros(num_groups, dtype=torch.bool).index_fill(0, group_ids[stats.zero_std], True)
-    return int((~zero).sum())
+    count = 0
+    for table in reward_groups(rewards_paths, []):
+        group_ids, num_groups = _group_ids(table["prompt_id"].to_pylist())
+        stats = group_stats(_rewards_tensor(table), group_ids)
+        zero = torch.zeros(num_groups, dtype=torch.bool).index_fill(0, group_ids[stats.zero_std], True)
+        count += int((~zero).sum())
+    return count
 
 
-def _nan_mean_std(values: list[float]) -> tuple[float, float]:
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    if not finite:
-        return math.nan, math.nan
-    mean = sum(finite) / len(finite)
-    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
-    return mean, std
+@dataclass
+class _Moments:
+    """Count, mean and sum of squared deviations of a stream of numbers (NaN left out),
+    merged chunk by chunk (Chan et al.), for a mean and Bessel std without keeping them."""
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, values: np.ndarray) -> None:
+        values = values[~np.isnan(values)]
+        if values.size == 0:
+            return
+        mean = float(values.mean())
+        m2 = float(((values - mean) ** 2).sum())
+        total = self.n + values.size
+        delta = mean - self.mean
+        self.mean += delta * values.size / total
+        self.m2 += m2 + delta * delta * self.n * values.size / total
+        self.n = total
+
+    def mean_std(self) -> tuple[float, float]:
+        if self.n == 0:
+            return math.nan, math.nan
+        return self.mean, math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else 0.0
+
+
+@dataclass
+class _Totals:
+    rows: int = 0
+    groups: int = 0
+    zero_std_groups: int = 0
+    dropped_groups: int = 0
+    kept_completions: int = 0
+    nan_rows: int = 0
+    shown_std_sum: float = 0.0  # over rows: the std each row's advantage was divided by (TRL's reward_std)
+    abs_advantage_sum: float = 0.0
+    reward: _Moments = field(default_factory=_Moments)
+    per_function: dict[str, _Moments] = field(default_factory=dict)
+
+
+def _batch_std(rewards_paths, chunk_rows: int) -> float:
+    """One std (Bessel) over every valid reward of the iteration, as `tasks.objective.
+    scale_batch` computes it (the same torch call, so the numbers are the same)."""
+    valid = [t["reward"].to_numpy(zero_copy_only=False) for t in reward_groups(rewards_paths, [], chunk_rows)]
+    r = torch.tensor(np.concatenate(valid) if valid else np.zeros(0), dtype=torch.float64)
+    r = r[~torch.isnan(r)]
+    return float(r.std()) if r.numel() > 1 else 0.0
 
 
 def compute_advantages(
@@ -93,6 +157,7 @@ def compute_advantages(
     eps: float = 1e-4,
     dynamic_sampling: bool = False,
     target_groups: int | None = None,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> dict:
     """Write the advantages artifact for the rewards of one iteration (all its sampling
     rounds); return the iteration's reward and advantage metrics (names as TRL logs them).
@@ -100,61 +165,83 @@ def compute_advantages(
     `target_groups` (with `dynamic_sampling`): keep at most this many groups with signal.
     """
     scale = resolve_scale(estimator, scale_rewards)
-    table = read_rewards(rewards_paths)
-    n = table.num_rows
-    prompt_ids = table["prompt_id"].to_pylist()
-    group_ids, num_groups = _group_ids(prompt_ids)
-    rewards = torch.tensor(table["reward"].to_numpy(zero_copy_only=False), dtype=torch.float64)  # (N,)
-    result = group_advantages(rewards, group_ids, estimator, scale, eps)
-
-    group_zero = torch.zeros(num_groups, dtype=torch.bool).index_fill(0, group_ids[result.zero_std], True)  # (G,)
-    group_reason: list[str | None] = [None] * num_groups
-    if dynamic_sampling:
-        informative = 0
-        for g in range(num_groups):  # groups are numbered in sampling order
-            if group_zero[g]:
-                group_reason[g] = ZERO_STD
-            elif target_groups is not None and informative >= target_groups:
-                group_reason[g] = BATCH_FULL
+    paths = _as_list(rewards_paths)
+    functions = reward_columns(paths)
+    # Batch scaling divides by one std over the whole iteration: known only after a first
+    # pass. Every other scaling is per group, so one pass over group chunks does it all.
+    batch_std = _batch_std(paths, chunk_rows) if scale == "batch" else None
+    totals = _Totals(per_function={c: _Moments() for c in functions})
+    informative = 0  # groups with signal kept so far, in sampling order (dynamic sampling)
+    with ParquetStreamWriter(out_path, ADVANTAGES) as out:
+        for table in reward_groups(paths, functions, chunk_rows):
+            group_ids, num_groups = _group_ids(table["prompt_id"].to_pylist())
+            rewards = _rewards_tensor(table)
+            if batch_std is None:
+                result = group_advantages(rewards, group_ids, estimator, scale, eps)
+                shown_std = result.group_std
             else:
-                informative += 1
-    reasons = [group_reason[g] for g in group_ids.tolist()]
+                # The group-centred advantage (zero where the group has no signal) over the
+                # iteration's std: scale_batch's arithmetic with the std of every chunk.
+                result = group_advantages(rewards, group_ids, estimator, "none", eps)
+                result = dataclasses.replace(result, advantage=result.advantage / (batch_std + eps))
+                shown_std = torch.full_like(result.group_std, batch_std)
 
-    out = pa.table(
-        {
-            "prompt_id": table["prompt_id"],
-            "sample_index": table["sample_index"],
-            "reward": table["reward"],
-            "group_mean": result.group_mean.numpy(),
-            "group_std": result.group_std.numpy(),
-            "advantage": result.advantage.float().numpy(),
-            "kept": [r is None for r in reasons],
-            "drop_reason": reasons,
-        },
-        schema=ADVANTAGES.schema,
-    )
-    write_table(out, out_path, ADVANTAGES)
+            group_zero = torch.zeros(num_groups, dtype=torch.bool).index_fill(0, group_ids[result.zero_std], True)  # (G,)
+            group_reason: list[str | None] = [None] * num_groups
+            if dynamic_sampling:
+                for g in range(num_groups):  # groups are numbered in sampling order
+                    if group_zero[g]:
+                        group_reason[g] = ZERO_STD
+                    elif target_groups is not None and informative >= target_groups:
+                        group_reason[g] = BATCH_FULL
+                    else:
+                        informative += 1
+            reasons = [group_reason[g] for g in group_ids.tolist()]
+            kept = [r is None for r in reasons]
+            out.write(
+                pa.table(
+                    {
+                        "prompt_id": table["prompt_id"],
+                        "sample_index": table["sample_index"],
+                        "reward": table["reward"],
+                        "group_mean": result.group_mean.numpy(),
+                        "group_std": result.group_std.numpy(),
+                        "advantage": result.advantage.float().numpy(),
+                        "kept": kept,
+                        "drop_reason": pa.array(reasons, pa.string()),
+                    },
+                    schema=ADVANTAGES.schema,
+                )
+            )
+            totals.rows += table.num_rows
+            totals.groups += num_groups
+            totals.zero_std_groups += int(group_zero.sum())
+            totals.dropped_groups += sum(r is not None for r in group_reason)
+            totals.kept_completions += sum(kept)
+            totals.nan_rows += int((~result.valid).sum())
+            totals.shown_std_sum += float(shown_std.sum())
+            totals.abs_advantage_sum += float(result.advantage.abs().sum())
+            totals.reward.add(rewards.numpy())
+            for column, moments in totals.per_function.items():
+                moments.add(table[column].to_numpy(zero_copy_only=False).astype(np.float64))
 
-    valid = result.valid
-    shown_std = result.group_std if scale != "batch" else torch.full_like(result.group_std, float(rewards[valid].std()) if int(valid.sum()) > 1 else 0.0)
-    dropped = sum(r is not None for r in group_reason)
+    n, groups = totals.rows, totals.groups
     metrics: dict = {
-        "reward": float(rewards[valid].mean()) if bool(valid.any()) else math.nan,
-        "reward_std": float(shown_std.mean()) if n else math.nan,
-        "frac_reward_zero_std": float(group_zero.double().mean()) if num_groups else 0.0,
-        "rewards/nan_count": int((~valid).sum()),
+        "reward": totals.reward.mean_std()[0],
+        "reward_std": totals.shown_std_sum / n if n else math.nan,
+        "frac_reward_zero_std": totals.zero_std_groups / groups if groups else 0.0,
+        "rewards/nan_count": totals.nan_rows,
     }
-    for column in table.column_names:
-        if column.startswith("reward/"):
-            mean, std = _nan_mean_std(table[column].to_pylist())
-            metrics[f"rewards/{column.removeprefix('reward/')}/mean"] = mean
-            metrics[f"rewards/{column.removeprefix('reward/')}/std"] = std
+    for column, moments in totals.per_function.items():
+        mean, std = moments.mean_std()
+        metrics[f"rewards/{column.removeprefix('reward/')}/mean"] = mean
+        metrics[f"rewards/{column.removeprefix('reward/')}/std"] = std
     metrics |= {
-        "advantages/abs_mean": float(result.advantage.abs().mean()) if n else 0.0,
-        "dynamic_sampling/groups": num_groups,
-        "dynamic_sampling/kept_groups": num_groups - dropped,
-        "dynamic_sampling/frac_dropped": dropped / num_groups if num_groups else 0.0,
-        "dynamic_sampling/kept_completions": int(pc.sum(out["kept"].cast(pa.int64())).as_py() or 0),
+        "advantages/abs_mean": totals.abs_advantage_sum / n if n else 0.0,
+        "dynamic_sampling/groups": groups,
+        "dynamic_sampling/kept_groups": groups - totals.dropped_groups,
+        "dynamic_sampling/frac_dropped": totals.dropped_groups / groups if groups else 0.0,
+        "dynamic_sampling/kept_completions": totals.kept_completions,
     }
     return metrics
 

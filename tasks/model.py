@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from data.store import TMP_PREFIX
+from data.store import TMP_PREFIX, pause_point
 
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -109,6 +109,11 @@ def live_policy(path: str | Path, device: str = "auto", dtype: str = "auto") -> 
     return _LIVE[key]
 
 
+def holds_live_policy(path: str | Path) -> bool:
+    """True when this process holds the weights checkpointed (or due) at `path` in memory."""
+    return _key(path) in _LIVE
+
+
 def move_live_policy(old_path: str | Path, new_path: str | Path) -> None:
     """After an in-place update the weights under `old_path` are those of `new_path`."""
     _LIVE[_key(new_path)] = _LIVE.pop(_key(old_path))
@@ -140,6 +145,7 @@ def save_checkpoint(policy: LivePolicy, final: str | Path) -> Path:
         for file in tmp.iterdir():
             with open(file, "rb") as fh:
                 os.fsync(fh.fileno())
+        pause_point(f"write {final}")  # crash tests stop here: a complete temp folder, no rename yet
         if final.exists():  # re-running a stage replaces its own older output
             shutil.rmtree(final)
         os.replace(tmp, final)

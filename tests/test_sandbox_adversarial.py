@@ -125,8 +125,11 @@ def _programs(c) -> dict[str, tuple[str, str]]:
             "import os, shutil\ndef solve():\n    gone = 0\n"
             f"    for path in [{str(tmp_file)!r}, {str(kept)!r}]:\n"
             "        try:\n            os.remove(path)\n            gone += 1\n        except OSError:\n            pass\n"
+            # The folder may be invisible in the sandbox (a checkout under /tmp sits below the
+            # sandbox's own tmpfs): only a folder that existed and went away counts as deleted.
+            f"    existed = os.path.exists({str(folder)!r})\n"
             f"    shutil.rmtree({str(folder)!r}, ignore_errors=True)\n"
-            f"    return gone > 0 or not os.path.exists({str(folder)!r})\n",
+            f"    return gone > 0 or (existed and not os.path.exists({str(folder)!r}))\n",
             YES_TEST,
         ),
         "read_env_secret": ("import os\ndef solve():\n    return os.environ.get('GRPOFLOW_CANARY_SECRET')\n", SECRET_TEST),

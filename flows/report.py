@@ -1,0 +1,166 @@
+"""What a run shows besides its artifacts: one Prefect artifact per stage, so the Prefect UI
+shows the numbers `grpo inspect` prints, and a learning-curve PNG in the run folder.
+
+Both are read-only views built from the files the stages wrote; a failure to build or
+publish one is logged and never fails the stage it describes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from data.schemas import SchemaError
+from data.store import atomic_path
+from flows.inspection import artifact_kind, load_groups, sibling_paths
+
+log = logging.getLogger("grpoflow.report")
+
+PLOT_NAME = "learning_curve.png"
+EXAMPLE_GROUPS = 3  # groups whose best and worst completion a rewards/advantages artifact shows
+TEXT_LIMIT = 160  # characters of a prompt or completion shown in a Prefect artifact
+
+
+# --- Prefect artifacts -----------------------------------------------------------------------
+def artifact_key(folder: Path, output: str) -> str:
+    """Prefect keys allow [a-z0-9-]: "<run>-<stage>", e.g. "exp1-rewards-at-v2". One key per
+    run and stage, so the UI shows the latest iteration and keeps the others as history."""
+    stage = output.removesuffix(".parquet").replace("@", "-at-")
+    run = folder.parent.name if folder.name.startswith("iter-") or folder.name == "dataset" else folder.name
+    return re.sub(r"[^a-z0-9]+", "-", f"{run}-{stage}".lower()).strip("-")[:100]
+
+
+def _md(text: Any) -> str:
+    """One table cell: no pipes or newlines, at most TEXT_LIMIT characters."""
+    text = "" if text is None else str(text)
+    text = text.replace("\n", " ⏎ ").replace("|", "\\|")
+    return text if len(text) <= TEXT_LIMIT else text[: TEXT_LIMIT - 1] + "…"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "NaN" if math.isnan(value) else f"{value:.4g}"
+    return _md(value)
+
+
+def _reward_statistics(path: Path) -> list[str]:
+    schema = pq.read_schema(path)
+    columns = ["reward"] + [n for n in schema.names if n.startswith("reward/")]
+    table = pq.read_table(path, columns=columns)
+    lines = ["", "| reward | mean | std | min | max | unscored rows |", "|---|---|---|---|---|---|"]
+    for name in columns:
+        values = table.column(name)
+        nan = pc.is_nan(values)
+        valid = pc.filter(values, pc.invert(nan))
+        stats = [pc.mean(valid).as_py(), pc.stddev(valid, ddof=1).as_py() if len(valid) > 1 else 0.0, pc.min(valid).as_py(), pc.max(valid).as_py()] if len(valid) else [None] * 4
+        lines.append(f"| {name} | " + " | ".join("" if v is None else f"{v:.4g}" for v in stats) + f" | {pc.sum(nan).as_py() or 0} |")
+    return lines
+
+
+def _best_and_worst(path: Path) -> list[str]:
+    kind, tag = artifact_kind(path)
+    first = next(pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["prompt_id"]), None)
+    if first is None:
+        return []
+    ids = list(dict.fromkeys(first.column("prompt_id").to_pylist()))[:EXAMPLE_GROUPS]
+    groups = load_groups(sibling_paths(path, kind, tag), ids)
+    lines = ["", f"Best and worst completion of the first {len(ids)} groups:", "", "| prompt | gold | best | reward | worst | reward |", "|---|---|---|---|---|---|"]
+    for g in groups:
+        scored = [row for row in g.completions if isinstance(row.get("reward"), float) and not math.isnan(row["reward"])]
+        if not scored:
+            continue
+        best = max(scored, key=lambda row: row["reward"])
+        worst = min(scored, key=lambda row: row["reward"])
+        lines.append(f"| {_md(g.prompt)} | {_md(g.gold)} | {_md(best.get('completion'))} | {best['reward']:.3g} | {_md(worst.get('completion'))} | {worst['reward']:.3g} |")
+    return lines
+
+
+def stage_markdown(folder: Path, output: str, summary: dict[str, Any]) -> str:
+    """The artifact of one stage: its summary (counts, timings, metrics) and, for rewards and
+    advantages, reward statistics per function and the best and worst completion of a few
+    groups."""
+    lines = [f"### {folder.parent.name}/{folder.name}/{output}", "", "| | |", "|---|---|"]
+    lines += [f"| {_md(k)} | {_fmt(v)} |" for k, v in summary.items() if not isinstance(v, (dict, list))]
+    path = folder / output
+    if path.suffix == ".parquet" and path.is_file():
+        kind, _ = artifact_kind(path)
+        if kind == "rewards":
+            lines += _reward_statistics(path)
+        if kind in ("rewards", "advantages"):
+            lines += _best_and_worst(path)
+    return "\n".join(lines) + "\n"
+
+
+def publish_stage_report(folder: str | Path, output: str, summary: dict[str, Any]) -> None:
+    """Publish `stage_markdown` as a Prefect artifact, inside a flow run only (tests and
+    benchmarks that call stages directly publish nothing)."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return
+    folder = Path(folder)
+    try:
+        create_markdown_artifact(
+            markdown=stage_markdown(folder, output, summary), key=artifact_key(folder, output), description=f"{folder.name}/{output}"
+        )
+    except (OSError, ValueError, KeyError, SchemaError, pa.ArrowException, httpx.HTTPError) as err:
+        log.warning(f"{folder.name}/{output}: no Prefect artifact ({type(err).__name__}: {err})")
+
+
+# --- learning curve ----------------------------------------------------------------------------
+def learning_curve_points(run_dir: str | Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(iteration, mean reward) and (iteration, held-out accuracy) from every metrics.json."""
+    rewards, accuracy = [], []
+    for path in sorted(Path(run_dir).glob("iter-*/metrics.json")):
+        metrics = json.loads(path.read_text())
+        it = int(metrics.get("iteration", path.parent.name.removeprefix("iter-")))
+        reward = metrics.get("reward")
+        if isinstance(reward, (int, float)) and not math.isnan(reward) and it > 0:
+            rewards.append((it, float(reward)))
+        if isinstance(metrics.get("held_out_accuracy"), (int, float)):
+            accuracy.append((it, float(metrics["held_out_accuracy"])))
+    return rewards, accuracy
+
+
+def plot_learning_curve(run_dir: str | Path) -> Path | None:
+    """Write <run_dir>/learning_curve.png: mean training reward and held-out accuracy per
+    iteration. Rewritten atomically after every iteration, so a viewer never reads half."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display needed
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    rewards, accuracy = learning_curve_points(run_dir)
+    if not rewards and not accuracy:
+        return None
+    fig = Figure(figsize=(7, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    lines = []
+    if rewards:
+        lines += ax.plot(*zip(*rewards), color="tab:blue", label="mean reward (training prompts)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("mean reward", color="tab:blue")
+    ax.grid(alpha=0.3)
+    right = ax.twinx()
+    if accuracy:
+        lines += right.plot(*zip(*accuracy), "o-", color="tab:orange", label="held-out accuracy")
+    right.set_ylim(0, 1)
+    right.set_ylabel("held-out accuracy", color="tab:orange")
+    ax.legend(lines, [line.get_label() for line in lines], loc="lower right")
+    ax.set_title(Path(run_dir).name)
+    fig.tight_layout()
+    out = Path(run_dir) / PLOT_NAME
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    return out
