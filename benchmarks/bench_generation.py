@@ -9,8 +9,10 @@ Sides:
   bare    model.generate(input_ids, attention_mask, do_sample, max_new_tokens), nothing else
   sample       grpoflow's `sample()`: the same `generate` call, cut at EOS into samples
   old_forward  the one forward pass the stage runs for the old-policy log-probs of those samples
-  stage        the whole generate stage: read prompts.parquet, render and tokenize, `sample()`,
-               the old-policy forward, decode, write generations.parquet (beta 0: no reference)
+  stage        the whole generate stage as the default run calls it (mu = 1, one mini-batch:
+               no old-policy log-probs needed): read prompts.parquet, render and tokenize,
+               `sample()`, decode, write generations.parquet (beta 0: no reference)
+  stage_old    the same with the old-policy forward (what mu > 1 or several mini-batches need)
 Tokens counted: completion tokens up to and including EOS, identical on every side.
 """
 
@@ -103,9 +105,10 @@ def main() -> None:
 
     out_dir = Path(tempfile.mkdtemp(prefix="gen-", dir=a.scratch))
 
-    def stage(seed: int) -> int:
+    def stage(seed: int, with_old_logprobs: bool = False) -> int:
         return generate_completions(prompts_path, out_dir / f"g{seed}.parquet", str(model_path), group_size=a.group_size,
-                                    max_new_tokens=a.max_new_tokens, batch_size=batch, seed=seed, device="cpu", dtype="float32")["tokens"]
+                                    max_new_tokens=a.max_new_tokens, batch_size=batch, seed=seed, device="cpu", dtype="float32",
+                                    with_old_logprobs=with_old_logprobs)["tokens"]
 
     from tasks.logprobs import batched_completion_logprobs
 
@@ -124,7 +127,7 @@ def main() -> None:
                                     tok.pad_token_id, 1.0, batch)
         return sum(len(s.completion_ids) for s in samples)
 
-    sides = {"bare": bare, "sample": sampled_keep, "old_forward": old_forward, "stage": stage}
+    sides = {"bare": bare, "sample": sampled_keep, "old_forward": old_forward, "stage": stage, "stage_old": lambda seed: stage(seed, True)}
     rates: dict[str, list[float]] = {k: [] for k in sides}
     seconds_of: dict[str, list[float]] = {k: [] for k in sides}
     tokens: dict[str, list[int]] = {k: [] for k in sides}
@@ -144,9 +147,9 @@ def main() -> None:
         s = summary(rates[name])
         report["sides"][name] = {"tokens_per_second": s, "seconds": summary(seconds_of[name]), "tokens": tokens[name]}
         print(f"  {name:11s} {fmt(s, ' tok/s')}   median {statistics.median(seconds_of[name]):.3f}s per batch")
-    same = tokens["bare"] == tokens["sample"] == tokens["stage"]
+    same = tokens["bare"] == tokens["sample"] == tokens["stage"] == tokens["stage_old"]
     print(f"  same tokens sampled on every side: {same}")
-    for name in ("sample", "stage"):
+    for name in ("sample", "stage", "stage_old"):
         ratio = [x / y for x, y in zip(rates[name], rates["bare"])]
         report["sides"][name]["ratio_to_bare"] = summary(ratio)
         print(f"  {name} / bare: median {statistics.median(ratio):.3f}x (per-rep ratios {min(ratio):.3f}-{max(ratio):.3f})")

@@ -7,9 +7,13 @@ size, completion length, loss and beta, with the same torch thread count.
     python benchmarks/bench_iteration.py --model smollm2 --prompts 8 --rounds 1 --per-round 3
 
 Sides, each in fresh processes, interleaved round by round so they share the machine's load:
-  grpoflow   `grpo_train` (the flow) with stage timers (benchmarks/instrument.py)
+  grpoflow   `grpo_train` (the flow) with stage timers (benchmarks/instrument.py); its default,
+             gradient checkpointing off
+  grpoflow-gc  the same with `gradient_checkpointing` on (for real models on small machines)
   trl        GRPOTrainer with TRL's defaults where we did not equalise: gradient checkpointing ON
-  trl-nogc   the same with gradient checkpointing off (grpoflow never checkpoints activations)
+  trl-nogc   the same with gradient checkpointing off
+Both sides run the update in micro-batches of --micro-batch completions with gradient
+accumulation (TRL: per_device_train_batch_size x gradient_accumulation_steps).
   floor      bare work, no framework: model.generate + reference forward + policy
              forward/backward + AdamW step, nothing written
 The first iteration of every process is a warm-up and is not counted. Reported: median and
@@ -32,13 +36,13 @@ import common  # noqa: F401  (sets the offline/quiet environment and sys.path)
 from common import ROOT, fmt, machine_info, peak_rss_mib, set_threads, summary
 
 PYTHON = sys.executable
-SIDES = ["grpoflow", "trl", "trl-nogc", "floor"]
+SIDES = ["grpoflow", "grpoflow-gc", "trl", "trl-nogc", "floor"]
 
 
 # ----------------------------------------------------------------------------- workers
 
 
-def worker_grpoflow(a: argparse.Namespace) -> dict:
+def worker_grpoflow(a: argparse.Namespace, gradient_checkpointing: bool) -> dict:
     import instrument
 
     from flows.config import GRPOConfig
@@ -52,7 +56,7 @@ def worker_grpoflow(a: argparse.Namespace) -> dict:
     config = GRPOConfig(run_dir=run_dir, model=a.model_path, dataset=a.dataset, task=a.task, rewards={a.reward: 1.0},
                         iterations=a.iterations, prompts_per_iteration=a.prompts, group_size=a.group_size, max_new_tokens=a.max_new_tokens,
                         learning_rate=a.lr, beta=a.beta, micro_batch_size=a.micro_batch, generation_batch_size=a.prompts * a.group_size,
-                        save_every=a.save_every, seed=a.seed, use_chat_template=a.chat_template)
+                        save_every=a.save_every, seed=a.seed, use_chat_template=a.chat_template, gradient_checkpointing=gradient_checkpointing)
     started = time.perf_counter()
     grpo_train(config)
     flow_seconds = time.perf_counter() - started
@@ -97,7 +101,7 @@ def worker_trl(a: argparse.Namespace, gradient_checkpointing: bool) -> dict:
 
     trainer = trl_trainer(a.model_path, rows, reward_fn, output_dir=tempfile.mkdtemp(prefix="bench-trl-", dir=a.scratch), prompts_per_step=a.prompts,
                           group_size=a.group_size, max_completion_length=a.max_new_tokens, learning_rate=a.lr, beta=a.beta, seed=a.seed,
-                          steps=a.iterations, gradient_checkpointing=gradient_checkpointing)
+                          steps=a.iterations, gradient_checkpointing=gradient_checkpointing, micro_batch=a.micro_batch)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(Clock())
     trainer.train()
@@ -201,7 +205,7 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--micro-batch", type=int, default=64, help="grpoflow's micro-batch (TRL does the whole batch in one pass)")
+    p.add_argument("--micro-batch", type=int, default=64, help="completions per forward/backward in the update, both sides (gradients accumulate)")
     p.add_argument("--save-every", type=int, default=1, help="grpoflow checkpoint frequency (1: every iteration, the default)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each starts one fresh process per side and beta")
@@ -224,8 +228,9 @@ def main() -> None:
     if a.worker:
         set_threads(a.threads)
         a.beta = a.beta_one
-        result = {"grpoflow": worker_grpoflow, "floor": worker_floor}.get(a.worker)
-        result = result(a) if result else worker_trl(a, gradient_checkpointing=a.worker == "trl")
+        workers = {"grpoflow": lambda: worker_grpoflow(a, False), "grpoflow-gc": lambda: worker_grpoflow(a, True), "floor": lambda: worker_floor(a),
+                   "trl": lambda: worker_trl(a, True), "trl-nogc": lambda: worker_trl(a, False)}
+        result = workers[a.worker]()
         a.worker_out.write_text(json.dumps(result))
         return
 
@@ -261,16 +266,17 @@ def drive(a: argparse.Namespace, server) -> dict:
             times = [t for res in results[beta][side] for t in res["iterations"]]
             rss = [res["peak_rss_mib"] for res in results[beta][side]]
             rep[side] = {"seconds": summary(times), "peak_rss_mib": max(rss)}
-            if side == "grpoflow":
+            if side.startswith("grpoflow"):
                 rep[side]["prefect_server_peak_rss_mib"] = max(res.get("children_peak_rss_mib", 0) for res in results[beta][side])
-            print(f"  {side:9s} {fmt(rep[side]['seconds'])}  peak RSS {max(rss):.0f} MiB")
-        if "grpoflow" in a.sides:
-            base = rep["grpoflow"]["seconds"]["median"]
-            for other in [s for s in a.sides if s != "grpoflow"]:
-                print(f"  grpoflow / {other}: {base / rep[other]['seconds']['median']:.2f}x the time")
-            split = stage_split([rec for res in results[beta]["grpoflow"] for rec in res["records"]])
-            rep["grpoflow"]["split"] = split
-            print("  grpoflow split (median seconds per iteration, share of the median iteration):")
+            print(f"  {side:11s} {fmt(rep[side]['seconds'])}  peak RSS {max(rss):.0f} MiB")
+        for ours in [s for s in a.sides if s.startswith("grpoflow")]:
+            base = rep[ours]["seconds"]["median"]
+            for other in [s for s in a.sides if not s.startswith("grpoflow")]:
+                print(f"  {ours} / {other}: {base / rep[other]['seconds']['median']:.2f}x the time, "
+                      f"{rep[ours]['peak_rss_mib'] / rep[other]['peak_rss_mib']:.2f}x the peak RSS")
+            split = stage_split([rec for res in results[beta][ours] for rec in res["records"]])
+            rep[ours]["split"] = split
+            print(f"  {ours} split (median seconds per iteration, share of the median iteration):")
             total = split["iteration"]
             for k, v in split.items():
                 if k != "iteration":

@@ -114,6 +114,7 @@ def trl_trainer(
     seed: int,
     steps: int,
     gradient_checkpointing: bool,
+    micro_batch: int | None = None,
     loss_type: str = "grpo",
     epsilon: float = 0.2,
     temperature: float = 1.0,
@@ -121,7 +122,9 @@ def trl_trainer(
     """TRL's GRPOTrainer set to grpoflow's defaults, where TRL's own differ:
 
     - one optimiser step per generation batch of prompts_per_step x group_size completions
-      (per_device_train_batch_size = all completions, no accumulation, num_iterations 1);
+      (num_iterations 1), in micro-batches of `micro_batch` completions with gradient
+      accumulation (default: all completions in one pass, no accumulation), as grpoflow's
+      micro_batch_size;
     - constant learning rate (TRL/Trainer default: linear decay to 0);
     - loss_type "grpo" (TRL 1.x default: "dapo"), beta as given (TRL default 0);
     - fp32 on CPU (bf16 off), no checkpoint saving, no logging integrations;
@@ -132,12 +135,17 @@ def trl_trainer(
     from trl import GRPOConfig, GRPOTrainer
 
     completions = prompts_per_step * group_size
+    micro_batch = micro_batch or completions
+    if completions % micro_batch:
+        raise ValueError(f"micro_batch {micro_batch} must divide the {completions} completions of a step")
     args = GRPOConfig(
         output_dir=output_dir,
         use_cpu=True,
         bf16=False,
-        per_device_train_batch_size=completions,
-        gradient_accumulation_steps=1,
+        # TRL generates per_device_train_batch_size x steps_per_generation (default: the
+        # accumulation steps) completions at once: one generation batch per optimiser step.
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=completions // micro_batch,
         num_generations=group_size,
         num_iterations=1,
         max_completion_length=max_completion_length,

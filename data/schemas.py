@@ -74,7 +74,7 @@ PROMPTS = ArtifactSchema(
 
 GENERATIONS = ArtifactSchema(
     name="generations",
-    version=1,
+    version=2,  # 2: old_logprobs may be null (not computed when the update takes one step)
     schema=pa.schema(
         [
             pa.field("prompt_id", pa.string(), nullable=False),
@@ -83,8 +83,10 @@ GENERATIONS = ArtifactSchema(
             pa.field("completion", pa.string(), nullable=False),
             pa.field("prompt_token_ids", pa.list_(pa.int32()), nullable=False),
             pa.field("completion_token_ids", pa.list_(pa.int32()), nullable=False),
-            # log pi_old(o_t | q, o_<t) per completion token, at the sampling temperature.
-            pa.field("old_logprobs", pa.list_(pa.float32()), nullable=False),
+            # log pi_old(o_t | q, o_<t) per completion token, at the sampling temperature; null
+            # when the update takes a single optimiser step (pi_old is then the policy it
+            # updates, and it uses its own detached log-probs) unless store_old_logprobs is set.
+            pa.field("old_logprobs", pa.list_(pa.float32())),
             # log pi_ref(o_t | q, o_<t); null when beta = 0 (no reference model is loaded).
             pa.field("ref_logprobs", pa.list_(pa.float32())),
             pa.field("finish_reason", pa.string(), nullable=False),  # "eos" or "length"

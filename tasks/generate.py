@@ -1,10 +1,18 @@
 """Generate stage: prompts.parquet -> generations.parquet (G completions per prompt).
 
 Per completion we store what the update needs so that it never has to run the sampler or
-the reference model again: the token ids, the sampling policy's per-token log-probs, the
-reference model's per-token log-probs when beta > 0, and why the completion ended.
+the reference model again: the token ids, the sampling policy's per-token log-probs (when
+the update needs them, see below), the reference model's per-token log-probs when beta > 0,
+and why the completion ended.
 
-The old-policy log-probs come from one forward pass over the finished sequences, in the
+The old-policy log-probs are needed only when the update takes more than one optimiser step
+on these completions (mu > 1 or several mini-batches): with a single step, the policy that
+the update differentiates *is* the sampling policy, so pi/pi_old = 1 by construction and the
+update uses its own log-probs, detached (TRL does the same with num_iterations = 1). Skipping
+them saves one forward pass per iteration, about a third of the stage's time on the tiny
+model and on SmolLM2-135M (benchmarks/RESULTS.md).
+
+When computed, they come from one forward pass over the finished sequences, in the
 update's own batch layout, not from ``generate``'s per-step logits: in bf16 the incremental
 (KV-cache) logits differ from a full forward by up to 2e-2 nats per token (measured on an
 H100, benchmarks/bench_gpu.py), which would make the ratio start away from 1; and keeping
@@ -123,15 +131,17 @@ def generate_completions(
     batch_size: int = 64,
     reference_path: str | None = None,
     use_chat_template: bool = True,
+    with_old_logprobs: bool = True,
     seed: int = 0,
     device: str = "auto",
     dtype: str = "auto",
 ) -> dict:
     """Sample `group_size` completions per prompt and write the generations artifact.
 
-    `reference_path` set (beta > 0) adds the reference model's per-token log-probs; that
-    model is loaded only for this and freed before the stage returns, so the update stage
-    holds the policy alone.
+    `with_old_logprobs` false leaves ``old_logprobs`` null (the update then takes a single
+    step and needs none). `reference_path` set (beta > 0) adds the reference model's
+    per-token log-probs; that model is loaded only for this and freed before the stage
+    returns, so the update stage holds the policy alone.
     """
     policy = live_policy(policy_path, device, dtype)
     model, tokenizer = policy.model, policy.tokenizer
@@ -142,7 +152,9 @@ def generate_completions(
     samples = sample(model, tokenizer, prompt_ids, group_size, max_new_tokens, temperature, top_p, batch_size)
     sample_prompts = [prompt_ids[s.prompt_index] for s in samples]
     sample_completions = [s.completion_ids for s in samples]
-    old_logprobs = batched_completion_logprobs(model, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size)
+    old_logprobs = [None] * len(samples)
+    if with_old_logprobs:
+        old_logprobs = batched_completion_logprobs(model, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size)
 
     ref_logprobs = None
     if reference_path is not None:

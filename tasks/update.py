@@ -14,9 +14,13 @@ Schedule of one iteration (PPO-style, as GRPO's Algorithm 1 with mu inner update
                 loss share (tasks.objective.policy_loss) -> backward   # gradients accumulate
             clip the gradient norm, optimiser step
 
-The ratio always uses the *stored* old-policy log-probs, so epochs after the first (and
-mini-batches after the first) see ratios away from 1 and the clip acts. Memory depends on
-the micro-batch size only, not on the number of prompts or the group size.
+The ratio uses the *stored* old-policy log-probs, so epochs after the first (and
+mini-batches after the first) see ratios away from 1 and the clip acts. When the schedule
+is a single optimiser step (mu = 1, one mini-batch) the generate stage stores none: the
+policy here is the one that sampled, so pi_old = pi numerically and the update uses its own
+log-probs, detached (ratio exactly 1; the gradient is the same). Memory depends on the
+micro-batch size only (and drops further with gradient checkpointing), not on the number of
+prompts or the group size.
 """
 
 from __future__ import annotations
@@ -110,6 +114,21 @@ def _pad(values: list[list[float]], width: int, device) -> torch.Tensor:
     return out.to(device)
 
 
+def set_activation_checkpointing(model, on: bool) -> None:
+    """Switch transformers' activation (gradient) checkpointing on or off. Non-reentrant, so
+    no input needs to require grad. transformers 5.2x renamed gradient_checkpointing_* to
+    activation_checkpointing_*; older releases (>= 4.51 is supported) have only the former."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def _loss_tokens(row: dict, loss: LossSettings) -> int:
     if loss.mask_truncated_completions and row["finish_reason"] == "length":
         return 0
@@ -127,6 +146,7 @@ def update_policy(
     mu: int = 1,
     mini_batches: int = 1,
     micro_batch_size: int = 32,
+    gradient_checkpointing: bool = False,
     max_grad_norm: float = 1.0,
     weight_decay: float = 0.0,
     save: bool = True,
@@ -154,12 +174,17 @@ def update_policy(
     rows = join_advantages(gens, advantages_path, str(generations_path))
     if loss.beta > 0 and any(r["ref_logprobs"] is None for r in rows):
         raise ArtifactMismatch(f"{generations_path}: beta > 0 but the generations carry no reference log-probs")
+    if (mu > 1 or mini_batches > 1) and any(r["old_logprobs"] is None for r in rows):
+        raise ArtifactMismatch(f"{generations_path}: mu={mu} x mini_batches={mini_batches} optimiser steps need the sampling policy's "
+                               "log-probs, but the generations carry none (generated for a single step); generate them again")
     rng = random.Random(seed)
     pad_id = policy.tokenizer.pad_token_id
     sums = {"tokens": 0.0, "kl_sum": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_region": 0.0, "clip_units": 0.0, "entropy": 0.0, "seen_tokens": 0.0}
     step_losses: list[float] = []
     grad_norms: list[float] = []
     skipped = 0
+    if gradient_checkpointing:
+        set_activation_checkpointing(model, True)
     model.train()
     with progress("update", total=len(rows) * mu) as bar:
         for _ in range(mu):
@@ -172,7 +197,8 @@ def update_policy(
                     batch = pack([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk], pad_id, model.device)
                     width = batch.completion_ids.shape[1]
                     logp, entropy = completion_logprobs(model, batch, loss.temperature, with_entropy=True)  # (b, C)
-                    old = _pad([r["old_logprobs"] for r in chunk], width, model.device)  # (b, C)
+                    stored = [r["old_logprobs"] for r in chunk]
+                    old = logp.detach() if None in stored else _pad(stored, width, model.device)  # (b, C)
                     ref = _pad([r["ref_logprobs"] for r in chunk], width, model.device) if loss.beta > 0 else None
                     adv = torch.tensor([r["advantage"] for r in chunk], dtype=torch.float32, device=model.device)  # (b,)
                     truncated = torch.tensor([r["finish_reason"] == "length" for r in chunk], device=model.device)  # (b,)
@@ -194,6 +220,8 @@ def update_policy(
                 step_losses.append(step_loss)
                 grad_norms.append(grad_norm)
     model.eval()
+    if gradient_checkpointing:
+        set_activation_checkpointing(model, False)  # the live policy goes on to generate
 
     move_live_policy(policy_path, out_checkpoint)
     if save:

@@ -23,7 +23,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from data import builtin
-from data.schemas import ADVANTAGES, METRICS, PROMPTS, REWARDS
+from data.schemas import ADVANTAGES, GENERATIONS, METRICS, PROMPTS, REWARDS
 from data.store import iteration_dir, read_table
 from flows.config import GRPOConfig
 from tasks.model import LivePolicy, forget_live_policies, save_checkpoint
@@ -81,6 +81,8 @@ def test_dynamic_sampling_refills_trains_on_kept_groups_and_resumes(tmp_path, pr
             assert len(ids) == len(set(ids)) == 4 * (rounds + 1)  # refill rounds bring new prompts only
             rewards = [folder / ("rewards.parquet" if k == 0 else f"rewards-r{k}.parquet") for k in range(rounds + 1)]
             adv = read_table(folder / "advantages.parquet", ADVANTAGES).to_pylist()
+            for k in range(rounds + 1):  # mu = 2 x 2 mini-batches: every round stores its sampling log-probs
+                assert read_table(folder / ("generations.parquet" if k == 0 else f"generations-r{k}.parquet"), GENERATIONS)["old_logprobs"].null_count == 0
             assert len(adv) == sum(read_table(r, REWARDS).num_rows for r in rewards) == 12 * (rounds + 1)
             for row in adv:
                 assert row["kept"] == (row["drop_reason"] is None)

@@ -69,6 +69,18 @@ def test_same_seed_same_completions(tmp_path, prompts_path, tiny_model_dir):
     assert read_table(a, GENERATIONS).equals(read_table(b, GENERATIONS))
 
 
+def test_old_logprobs_are_skipped_on_request_and_nothing_else_changes(tmp_path, prompts_path, tiny_model_dir):
+    """A single-step update needs no old-policy log-probs: the stage leaves them null and
+    samples exactly the same completions."""
+    full, lean = tmp_path / "full.parquet", tmp_path / "lean.parquet"
+    generate_completions(prompts_path, full, str(tiny_model_dir), group_size=2, max_new_tokens=4, seed=7)
+    generate_completions(prompts_path, lean, str(tiny_model_dir), group_size=2, max_new_tokens=4, seed=7, with_old_logprobs=False)
+    full, lean = read_table(full, GENERATIONS), read_table(lean, GENERATIONS)
+    assert lean.column("old_logprobs").null_count == lean.num_rows
+    assert full.column("old_logprobs").null_count == 0
+    assert lean.drop_columns(["old_logprobs"]).equals(full.drop_columns(["old_logprobs"]))
+
+
 def test_chat_prompts_need_a_template_and_plain_ones_pass_through(tiny_model_dir):
     tokenizer = live_policy(str(tiny_model_dir)).tokenizer
     assert render_prompt({"prompt_id": "x", "prompt": "1+2=", "messages": None}, tokenizer, True) == "1+2="

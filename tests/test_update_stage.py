@@ -244,3 +244,53 @@ def test_split_mini_batches_covers_every_row_once():
     assert sorted(len(p) for p in parts) == [3, 3, 4] and sorted(i for p in parts for i in p) == list(range(10))
     assert len(split_mini_batches(2, 4, random.Random(0))) == 2  # empty mini-batches are left out
     assert split_mini_batches(0, 2, random.Random(0)) == []
+
+
+def _trained_weights(artifacts) -> list[torch.Tensor]:
+    weights = [p.detach().clone() for p in live_policy(str(artifacts["root"] / "out")).model.parameters()]
+    forget_live_policies()
+    return weights
+
+
+def test_a_single_step_without_stored_old_logprobs_equals_one_with_them(artifacts, tmp_path, monkeypatch):
+    """mu = 1, one mini-batch: the generate stage stores no old log-probs; the update's own
+    detached log-probs must give the same gradient, step and metrics as the stored ones."""
+    bare = _rewrite(artifacts[4][0], tmp_path / "generations.parquet", lambda r: r | {"old_logprobs": None})
+    steps = capture_gradients(monkeypatch)
+    loss = LossSettings(beta=0.04, epsilon_high=0.28)
+    stored = run(artifacts, loss=loss, micro_batch_size=10)
+    with_stored = _trained_weights(artifacts)
+    detached = run(artifacts, gens=str(bare), loss=loss, micro_batch_size=10)
+    without = _trained_weights(artifacts)
+    for a, b in zip(*steps):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    for a, b in zip(with_stored, without):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert detached["policy_loss"] == pytest.approx(stored["policy_loss"], abs=1e-6)
+    assert detached["clip_ratio/region_mean"] == 0.0
+
+
+def test_several_steps_refuse_generations_without_old_logprobs(artifacts, tmp_path):
+    bare = _rewrite(artifacts[4][0], tmp_path / "generations.parquet", lambda r: r | {"old_logprobs": None})
+    for schedule in ({"mu": 2}, {"mini_batches": 2}):
+        with pytest.raises(ArtifactMismatch, match="need the sampling policy's log-probs"):
+            run(artifacts, gens=str(bare), **schedule)
+
+
+def _checkpointing(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def test_gradient_checkpointing_gives_the_same_step(artifacts, monkeypatch):
+    steps = capture_gradients(monkeypatch)
+    during = []
+    original = tasks.update.completion_logprobs
+    monkeypatch.setattr(tasks.update, "completion_logprobs", lambda model, *a, **k: during.append(_checkpointing(model)) or original(model, *a, **k))
+    plain = run(artifacts, micro_batch_size=10)
+    forget_live_policies()
+    checkpointed = run(artifacts, micro_batch_size=10, gradient_checkpointing=True)
+    assert during == [False] * 3 + [True] * 3
+    for a, b in zip(*steps):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert checkpointed["policy_loss"] == pytest.approx(plain["policy_loss"], abs=1e-6)
+    assert not _checkpointing(live_policy(str(artifacts["root"] / "out")).model)  # off again: the live policy goes on to generate
