@@ -39,6 +39,7 @@ from data.schemas import ADVANTAGES, GENERATIONS, REWARDS, check_schema
 from data.store import Manifest, iter_aligned, iter_batches, remove_stale_temp_files
 from flows.config import GRPOConfig
 from flows.resume import iteration_numbers
+from flows.report import VIEWS
 from flows.train import run_stage, score_settings
 from tasks.advantages import advantages_task
 from tasks.score import score_task
@@ -264,13 +265,21 @@ def grpo_rescore(target: str, tag: str, rewards: dict[str, float] | None = None,
                  max_error_fraction: float | None = None) -> list[dict]:
     """Re-score `target` (a run folder or a generations file) as `tag`; return one
     comparison per iteration."""
-    log = get_run_logger()
     if not TAG.fullmatch(tag):
         raise ValueError(f"tag '{tag}': use letters, digits, '.', '_' or '-' (at most 64, not starting with a symbol)")
     targets = find_targets(target)
     config = rescoring_config(run_config(targets[0].folder), rewards, reward_options, max_error_fraction)
     check_tag(targets, tag, dict(config.rewards))
 
+    try:
+        return rescore_targets(targets, tag, config)
+    finally:
+        VIEWS.drain()  # the stage artifacts published in the background
+
+
+def rescore_targets(targets: list[Target], tag: str, config: GRPOConfig) -> list[dict]:
+    """The body of `grpo_rescore`: score + advantages per iteration, then the comparison."""
+    log = get_run_logger()
     results = []
     recorded = {"rescore": {"tag": tag, "rewards": dict(config.rewards)}}
     for t in targets:

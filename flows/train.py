@@ -28,7 +28,7 @@ from data.schemas import ADVANTAGES, GENERATIONS, METRICS, PROMPTS, REWARDS
 from data.sources import normalise_row, prompts_table, read_source
 from data.store import Manifest, atomic_write_json, iteration_dir, remove_stale_temp_files, write_table
 from flows.config import GRPOConfig
-from flows.report import plot_learning_curve, publish_stage_report
+from flows.report import VIEWS
 from flows.resume import CHECKPOINT, PendingUpdates, hold_run_folder, prompt_pool, release_run_folder, resume_point, saved_metrics
 from tasks.advantages import advantages_task, informative_groups, refill_prompts_task
 from tasks.evaluate import evaluate_task
@@ -70,7 +70,7 @@ def run_stage(manifest: Manifest, output: str, stage: Callable[..., dict], *args
     seconds = time.perf_counter() - started
     inputs = [str(a) for a in args if isinstance(a, (str, Path))]
     manifest.record(output, schema_version=schema_version, summary=summary, seconds=round(seconds, 3), inputs=inputs, **(manifest_extra or {}))
-    publish_stage_report(manifest.folder, output, summary)
+    VIEWS.publish_stage_report(manifest.folder, output, summary)
     shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items() if not isinstance(v, (list, dict)))
     log.info(f"{where}: {shown} ({seconds:.1f}s)")
     return summary
@@ -173,6 +173,7 @@ def grpo_train(config: GRPOConfig) -> dict:
     try:
         return train_iterations(config)
     finally:
+        VIEWS.drain()  # the stage artifacts and learning curve of the last iteration too
         release_run_folder(run_dir)
 
 
@@ -256,7 +257,7 @@ def train_iterations(config: GRPOConfig) -> dict:
             result = run_stage(manifest, "eval", evaluate_task, eval_path, policy, **evaluate)
             metrics["held_out_accuracy"] = result["accuracy"]
         write_metrics(run_dir, it, metrics)
-        plot_learning_curve(run_dir)
+        VIEWS.refresh_learning_curve(run_dir)
         acc = f", held-out accuracy {metrics['held_out_accuracy']:.1%}" if "held_out_accuracy" in metrics else ""
         log.info(f"iteration {it}/{config.iterations}: reward {metrics['reward']:.3f}, kl {upd.get('kl', 0.0):.4f}, "
                  f"{gen['completions']} completions, {metrics['step_time']:.1f}s{acc}")

@@ -118,6 +118,7 @@ def test_each_stage_publishes_a_prefect_artifact(run, prefect_harness):
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["run-rewards-at-pub", "run-advantages-at-pub"])))
     texts = {a.key: a.data for a in found}
+    assert all(a.flow_run_id is not None for a in found)  # published off the flow's thread, still filed under its run
     assert "reward/exact_answer" in texts["run-rewards-at-pub"] and "Best and worst" in texts["run-rewards-at-pub"]
     assert "frac_reward_zero_std" in texts["run-advantages-at-pub"]
 
