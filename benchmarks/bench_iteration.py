@@ -16,7 +16,7 @@ Both sides run the update in micro-batches of --micro-batch completions with gra
 accumulation (TRL: per_device_train_batch_size x gradient_accumulation_steps).
   floor      bare work, no framework: model.generate + reference forward + policy
              forward/backward + AdamW step, nothing written
-The first iteration of every process is a warm-up and is not counted. Reported: median and
+The first iteration of every process is a warm-up and is not counted (--warmup). Reported: median and
 spread of seconds per iteration, peak RSS per process, grpoflow's split across stages.
 """
 
@@ -188,7 +188,7 @@ def prepare(a: argparse.Namespace) -> None:
 def run_worker(side: str, a: argparse.Namespace, beta: float) -> dict:
     out = a.scratch / f"{side}-{beta}-{time.time_ns()}.json"
     cmd = [PYTHON, __file__, "--worker", side, "--worker-out", str(out), "--beta-one", str(beta), "--model-path", a.model_path,
-           "--dataset", a.dataset, "--task", a.task, "--reward", a.reward, "--iterations", str(a.per_round + 1), "--prompts", str(a.prompts),
+           "--dataset", a.dataset, "--task", a.task, "--reward", a.reward, "--iterations", str(a.per_round + a.warmup), "--prompts", str(a.prompts),
            "--group-size", str(a.group_size), "--max-new-tokens", str(a.max_new_tokens), "--lr", str(a.lr), "--micro-batch", str(a.micro_batch),
            "--save-every", str(a.save_every), "--threads", str(a.threads), "--scratch", str(a.scratch)] + (["--chat-template"] if a.chat_template else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
@@ -209,7 +209,8 @@ def main() -> None:
     p.add_argument("--save-every", type=int, default=1, help="grpoflow checkpoint frequency (1: every iteration, the default)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each starts one fresh process per side and beta")
-    p.add_argument("--per-round", type=int, default=4, help="timed iterations per process (after one warm-up iteration)")
+    p.add_argument("--per-round", type=int, default=4, help="timed iterations per process (after the warm-up iterations)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed first iterations per process (0 for real models, where one-off costs are small against minutes per iteration)")
     p.add_argument("--reward", default=None)
     p.add_argument("--task", default=None)
     p.add_argument("--scratch", type=Path, default=ROOT / "benchmarks" / "out" / "iteration")
@@ -251,9 +252,9 @@ def drive(a: argparse.Namespace, server) -> dict:
             for side in a.sides:
                 started = time.perf_counter()
                 res = run_worker(side, a, beta)
-                res["iterations"] = res["iterations"][1:]  # the first is a warm-up
+                res["iterations"] = res["iterations"][a.warmup:]
                 if "records" in res:
-                    res["records"] = res["records"][1:]
+                    res["records"] = res["records"][a.warmup:]
                 results[beta][side].append(res)
                 print(f"  round {r + 1} beta {beta:g} {side:9s} median {statistics.median(res['iterations']):.3f}s/it  "
                       f"peak RSS {res['peak_rss_mib']:.0f} MiB  ({time.perf_counter() - started:.0f}s)", flush=True)

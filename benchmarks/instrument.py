@@ -89,11 +89,13 @@ def record_iterations(sink: list[dict]) -> None:
     import flows.train as train
 
     original = train.write_metrics
-    last = [time.perf_counter()]
+    last: list[float] = []
 
     def write_metrics(run_dir, iteration, metrics):
         original(run_dir, iteration, metrics)
         now = time.perf_counter()
+        if not last:  # the first iteration counts from its own start, not the flow's (model prep, ingest)
+            last.append(now - metrics.get("step_time", 0.0))
         sink.append({"iteration": iteration, "wall": now - last[0], "step_time": metrics.get("step_time"), "timers": take()})
         last[0] = now
 

@@ -4,7 +4,10 @@ shows the numbers `grpo inspect` prints, and a learning-curve PNG in the run fol
 Both are read-only views built from the files the stages wrote; a failure to build or
 publish one is logged and never fails the stage it describes. The flows build them on one
 background thread (`VIEWS`): on the tiny model the Prefect API round trips and matplotlib
-took 0.4 s of a 1.3 s iteration when the flow waited for them (benchmarks/RESULTS.md).
+took 0.4 s of a 1.3 s iteration when the flow waited for them (benchmarks/RESULTS.md). The
+plot is CPU work under the GIL, which a thread does not hide, so it is also rate-limited to
+at most PLOT_BUDGET of the wall time: every iteration on real models, every few on tiny ones,
+and always when asked to (held-out accuracy points, the last iteration).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import math
 import re
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ from flows.inspection import artifact_kind, load_groups, sibling_paths
 log = logging.getLogger("grpoflow.report")
 
 PLOT_NAME = "learning_curve.png"
+PLOT_BUDGET = 0.05  # largest share of wall time spent redrawing the learning curve
 EXAMPLE_GROUPS = 3  # groups whose best and worst completion a rewards/advantages artifact shows
 TEXT_LIMIT = 160  # characters of a prompt or completion shown in a Prefect artifact
 
@@ -139,7 +144,7 @@ def learning_curve_points(run_dir: str | Path) -> tuple[list[tuple[int, float]],
 
 def plot_learning_curve(run_dir: str | Path) -> Path | None:
     """Write <run_dir>/learning_curve.png: mean training reward and held-out accuracy per
-    iteration. Rewritten atomically after every iteration, so a viewer never reads half."""
+    iteration. Rewritten atomically, so a viewer never reads half."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display needed
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -184,6 +189,7 @@ class BackgroundViews:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpoflow-views")
         self._jobs: list[Future] = []
         self._plots_waiting: set[Path] = set()
+        self._next_plot_at = 0.0  # monotonic time before which an unforced refresh is skipped
         self._lock = threading.Lock()
 
     def _submit(self, fn, *args) -> None:
@@ -197,10 +203,12 @@ class BackgroundViews:
         if FlowRunContext.get() is not None:  # read here: the flow run is the submitter's
             self._submit(publish_stage_report, folder, output, dict(summary))
 
-    def refresh_learning_curve(self, run_dir: str | Path) -> None:
+    def refresh_learning_curve(self, run_dir: str | Path, force: bool = False) -> None:
+        """Redraw the run's learning curve, unless the last redraw was so recent that this one
+        would take more than PLOT_BUDGET of the time since (`force` draws anyway)."""
         run_dir = Path(run_dir)
         with self._lock:
-            if run_dir in self._plots_waiting:
+            if run_dir in self._plots_waiting or (not force and time.monotonic() < self._next_plot_at):
                 return
             self._plots_waiting.add(run_dir)
         self._submit(self._plot, run_dir)
@@ -208,10 +216,13 @@ class BackgroundViews:
     def _plot(self, run_dir: Path) -> None:
         with self._lock:
             self._plots_waiting.discard(run_dir)  # from here on, a newer iteration queues a new refresh
+        started = time.monotonic()
         try:
             plot_learning_curve(run_dir)
         except (OSError, ValueError) as err:
             log.warning(f"{run_dir}: learning curve not refreshed ({type(err).__name__}: {err})")
+        finished = time.monotonic()
+        self._next_plot_at = finished + (finished - started) * (1 / PLOT_BUDGET - 1)
 
     def drain(self) -> None:
         with self._lock:

@@ -257,7 +257,7 @@ def train_iterations(config: GRPOConfig) -> dict:
             result = run_stage(manifest, "eval", evaluate_task, eval_path, policy, **evaluate)
             metrics["held_out_accuracy"] = result["accuracy"]
         write_metrics(run_dir, it, metrics)
-        VIEWS.refresh_learning_curve(run_dir)
+        VIEWS.refresh_learning_curve(run_dir, force="held_out_accuracy" in metrics or it == config.iterations)
         acc = f", held-out accuracy {metrics['held_out_accuracy']:.1%}" if "held_out_accuracy" in metrics else ""
         log.info(f"iteration {it}/{config.iterations}: reward {metrics['reward']:.3f}, kl {upd.get('kl', 0.0):.4f}, "
                  f"{gen['completions']} completions, {metrics['step_time']:.1f}s{acc}")

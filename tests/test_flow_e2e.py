@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from data import builtin
 from data.schemas import ADVANTAGES, GENERATIONS, PROMPTS, REWARDS
+from flows.report import PLOT_NAME
 from data.store import Manifest, iteration_dir, read_table
 from flows.config import GRPOConfig
 
@@ -59,6 +60,7 @@ def test_two_iterations_write_every_artifact_and_a_loadable_checkpoint(tmp_path,
     ids = [read_table(iteration_dir(run, it) / "prompts.parquet", PROMPTS)["prompt_id"].to_pylist() for it in (1, 2)]
     assert not set(ids[0]) & set(ids[1])
     assert metrics["iteration"] == 2 and metrics["completions"] == 12
+    assert (run / PLOT_NAME).read_bytes()[:4] == b"\x89PNG"  # drawn in the background, finished before the flow returned
 
     # The final checkpoint is the trained policy: it loads and differs from the start.
     final = AutoModelForCausalLM.from_pretrained(iteration_dir(run, 2) / "checkpoint")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 
 import pytest
 
@@ -128,6 +129,31 @@ def test_learning_curve_png_is_written_atomically(run, tmp_path):
     assert out == run / PLOT_NAME and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run.glob(f"{TMP_PREFIX}*"))
     assert plot_learning_curve(tmp_path) is None  # nothing to plot yet
+
+
+def test_learning_curve_redraws_are_rate_limited_but_forced_ones_always_happen(run, monkeypatch):
+    import flows.report
+
+    drawn = []
+
+    def slow_plot(run_dir):
+        time.sleep(0.05)  # a redraw this slow may run at most once per 0.05 / PLOT_BUDGET seconds
+        drawn.append(run_dir)
+
+    monkeypatch.setattr(flows.report, "plot_learning_curve", slow_plot)
+    views = flows.report.BackgroundViews()
+    views.refresh_learning_curve(run)
+    views.drain()
+    views.refresh_learning_curve(run)  # right after a redraw: skipped
+    views.drain()
+    assert drawn == [run]
+    views.refresh_learning_curve(run, force=True)  # held-out accuracy or the last iteration
+    views.drain()
+    assert drawn == [run, run]
+    time.sleep(0.05 / flows.report.PLOT_BUDGET)
+    views.refresh_learning_curve(run)
+    views.drain()
+    assert drawn == [run, run, run]
 
 
 def test_progress_bars_only_on_a_terminal(monkeypatch):
