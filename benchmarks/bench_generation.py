@@ -40,13 +40,13 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per side (after one warm-up each)")
-    p.add_argument("--sides", nargs="+", default=SIDES, choices=SIDES, help="bare and stage always run; sample, old_forward and stage_old are the diagnostics")
+    p.add_argument("--sides", nargs="+", default=SIDES, choices=SIDES, help="in the order they run in each rep; bare and stage always run; sample, old_forward and stage_old are the diagnostics")
     p.add_argument("--scratch", type=Path, default=ROOT / "benchmarks" / "out" / "generation")
     a = p.parse_args()
     set_threads(a.threads)
-    a.sides = [name for name in SIDES if name in {"bare", "stage", *a.sides}]
-    if "old_forward" in a.sides and "sample" not in a.sides:
-        p.error("old_forward times the forward pass over the `sample` side's completions: add sample")
+    a.sides = list(dict.fromkeys([*a.sides, "bare", "stage"]))  # the order given is the order run in each rep
+    if "old_forward" in a.sides and ("sample" not in a.sides or a.sides.index("sample") > a.sides.index("old_forward")):
+        p.error("old_forward times the forward pass over the `sample` side's completions: put sample before it")
 
     import torch
 
@@ -134,7 +134,7 @@ def main() -> None:
         return sum(len(s.completion_ids) for s in samples)
 
     sides = {"bare": bare, "sample": sampled_keep, "old_forward": old_forward, "stage": stage, "stage_old": lambda seed: stage(seed, True)}
-    sides = {name: fn for name, fn in sides.items() if name in a.sides}
+    sides = {name: sides[name] for name in a.sides}
     rates: dict[str, list[float]] = {k: [] for k in sides}
     seconds_of: dict[str, list[float]] = {k: [] for k in sides}
     tokens: dict[str, list[int]] = {k: [] for k in sides}
