@@ -240,7 +240,7 @@ def test_streaming_a_file_holds_one_batch_not_the_file(tmp_path):
     assert most < 2 * 2**20, f"{most / 2**20:.1f} MB held while streaming a {path.stat().st_size / 2**20:.1f} MB file"
 
 
-def test_filtered_read_streams_and_keeps_only_the_matching_rows(tmp_path):
+def test_filtered_read_streams_and_keeps_only_the_matching_rows(tmp_path, arrow_peak):
     """read_rows_where (the comparison's and `grpo inspect`'s lookups by prompt) scans the
     file a batch at a time: a filtered pq.read_table read ahead most of the file (9 MB of
     this 13 MB one) to return 16 rows."""
@@ -256,18 +256,9 @@ def test_filtered_read_streams_and_keeps_only_the_matching_rows(tmp_path):
         found = read_rows_where(path, GENERATIONS, "prompt_id", wanted, columns, batch_size=rows)
         return found.column_names, [(r["prompt_id"], r["sample_index"], r["completion"]) for r in found.select(columns[:3]).to_pylist()]
 
-    # Arrow's own count of the bytes it held at the most (its default pool is shared by
-    # the whole process, so the read is routed through a pool of its own).
-    default_pool = pa.default_memory_pool()
-    counting = pa.proxy_memory_pool(default_pool)
-    pa.set_memory_pool(counting)
-    try:
-        names, found = read()  # the table is gone before the pool it came from
-    finally:
-        pa.set_memory_pool(default_pool)
+    (names, found), most = arrow_peak(read)
     assert names == columns
     assert found == [("0-3", i, f"a3-{i}") for i in range(8)] + [("255-31", i, f"a31-{2040 + i}") for i in range(8)]  # file order
-    most = counting.max_memory()
     assert most < 3 * 2**20, f"{most / 2**20:.1f} MB held to find 16 rows in a {path.stat().st_size / 2**20:.1f} MB file"
     assert read_rows_where(path, GENERATIONS, "prompt_id", [], columns).num_rows == 0
 
