@@ -111,25 +111,30 @@ def write_iteration(folder: Path, rows: int, group_size: int, seed: int = 0) -> 
 
 # --- the measured process ----------------------------------------------------------------------
 def child(folder: Path, workers: int | None, chunk_rows: int) -> None:
-    """What `grpo rescore` does for one iteration, timed per stage; prints one JSON line."""
+    """What `grpo rescore` does for one iteration, timed per stage; prints one JSON line
+    with the process's own high-water mark after its imports, after scoring and at the end
+    (the advantages stage's first torch and pandas calls cost ~50 MB once, whatever the size)."""
     from flows.rescore import compare_rewards
     from tasks.advantages import compute_advantages
     from tasks.score import score_generations
 
-    times = {}
+    def high_water_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    figures = {"imports_mb": high_water_mb()}
     started = time.perf_counter()
     score = score_generations(folder / "generations.parquet", folder / "prompts.parquet", folder / "rewards@bench.parquet", {"math": 1.0},
                               workers=workers, chunk_rows=chunk_rows)
-    times["score_s"] = time.perf_counter() - started
+    figures |= {"score_s": time.perf_counter() - started, "score_mb": high_water_mb()}
     t = time.perf_counter()
     compute_advantages(folder / "rewards@bench.parquet", folder / "advantages@bench.parquet")
-    times["advantages_s"] = time.perf_counter() - t
+    figures["advantages_s"] = time.perf_counter() - t
     t = time.perf_counter()
     comparison = compare_rewards(folder / "rewards.parquet", folder / "rewards@bench.parquet", folder / "generations.parquet")
-    times["compare_s"] = time.perf_counter() - t
-    times["total_s"] = time.perf_counter() - started
-    print(json.dumps({**times, "rows": score["rows"], "errored": score["errored"], "reward_mean": score["reward_mean"],
-                      "changed": comparison["changed"], "main_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    figures["compare_s"] = time.perf_counter() - t
+    figures["total_s"] = time.perf_counter() - started
+    print(json.dumps({**figures, "rows": score["rows"], "errored": score["errored"], "timeouts": score["timeouts"],
+                      "reward_mean": score["reward_mean"], "changed": comparison["changed"]}))
 
 
 def run_measured(folder: Path, workers: int | None, chunk_rows: int) -> dict:
@@ -171,8 +176,9 @@ def run_measured(folder: Path, workers: int | None, chunk_rows: int) -> dict:
 
 
 COLUMNS = [("rows", 9, "{:>9}"), ("rows/s", 8, "{:>8.0f}"), ("score s", 8, "{:>8.1f}"), ("adv s", 6, "{:>6.1f}"), ("cmp s", 6, "{:>6.1f}"),
-           ("wall s", 7, "{:>7.1f}"), ("peak RSS MB", 12, "{:>12.0f}"), ("main MB", 8, "{:>8.0f}"), ("worker MB", 10, "{:>10.0f}"),
-           ("changed", 8, "{:>8}"), ("load 1/5/15", 15, "{:>15}")]
+           ("wall s", 7, "{:>7.1f}"), ("peak RSS MB", 12, "{:>12.0f}"), ("main MB", 8, "{:>8.0f}"), ("imports", 8, "{:>8.0f}"),
+           ("scoring", 8, "{:>8.0f}"), ("worker MB", 10, "{:>10.0f}"),
+           ("changed", 8, "{:>8}"), ("timeouts", 8, "{:>8}"), ("load 1/5/15", 15, "{:>15}")]
 
 
 def _line(values: list) -> str:
@@ -181,7 +187,7 @@ def _line(values: list) -> str:
 
 def _figures(r: dict) -> list:
     return [r["rows"], r["rows"] / r["total_s"], r["score_s"], r["advantages_s"], r["compare_s"], r["wall_s"], r["peak_tree_mb"],
-            r["peak_main_mb"], r["peak_worker_mb"], r["changed"], r["load"]]
+            r["peak_main_mb"], r["imports_mb"], r["score_mb"], r["peak_worker_mb"], r["changed"], r["timeouts"], r["load"]]
 
 
 def _median(column: tuple):
