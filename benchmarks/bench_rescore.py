@@ -12,8 +12,8 @@ resident memory of that process and of its scoring workers every 50 ms.
 
 Run: ``python benchmarks/bench_rescore.py [--sizes 10000,100000,1000000] [--repeat N]
 [--workers N] [--group-size 8] [--keep DIR]``. Prints figures and the load average after
-each run (and medians with ``--repeat``), asserts nothing. 1M rows take about 15 minutes on
-2 shared cores (most of it math-verify).
+each run (and medians with ``--repeat``), asserts nothing. 1M rows take 9 to 15 minutes on
+2 shared cores, depending on the load (most of it math-verify).
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ def write_iteration(folder: Path, rows: int, group_size: int, seed: int = 0) -> 
 # --- the measured process ----------------------------------------------------------------------
 def child(folder: Path, workers: int | None, chunk_rows: int) -> None:
     """What `grpo rescore` does for one iteration, timed per stage; prints one JSON line
-    with the process's own high-water mark after its imports, after scoring and at the end
-    (the advantages stage's first torch and pandas calls cost ~50 MB once, whatever the size)."""
+    with the process's own high-water mark after its imports and after scoring (the
+    sampler's peak covers the advantages and the comparison too)."""
     from flows.rescore import compare_rewards
     from tasks.advantages import compute_advantages
     from tasks.score import score_generations
