@@ -10,9 +10,10 @@ iteration, minus Prefect: the score stage with the math reward (its worker pool)
 advantages stage, and the before/after comparison. A sampler in this process reads the
 resident memory of that process and of its scoring workers every 50 ms.
 
-Run: ``python benchmarks/bench_rescore.py [--sizes 10000,100000,1000000] [--workers N]
-[--group-size 8] [--keep DIR]``. Prints figures, asserts nothing. 1M rows take about
-10 minutes on 2 cores (most of it math-verify).
+Run: ``python benchmarks/bench_rescore.py [--sizes 10000,100000,1000000] [--repeat N]
+[--workers N] [--group-size 8] [--keep DIR]``. Prints figures and the load average after
+each run (and medians with ``--repeat``), asserts nothing. 1M rows take 9 to 15 minutes on
+2 shared cores, depending on the load (most of it math-verify).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -109,25 +111,30 @@ def write_iteration(folder: Path, rows: int, group_size: int, seed: int = 0) -> 
 
 # --- the measured process ----------------------------------------------------------------------
 def child(folder: Path, workers: int | None, chunk_rows: int) -> None:
-    """What `grpo rescore` does for one iteration, timed per stage; prints one JSON line."""
+    """What `grpo rescore` does for one iteration, timed per stage; prints one JSON line
+    with the process's own high-water mark after its imports and after scoring (the
+    sampler's peak covers the advantages and the comparison too)."""
     from flows.rescore import compare_rewards
     from tasks.advantages import compute_advantages
     from tasks.score import score_generations
 
-    times = {}
+    def high_water_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    figures = {"imports_mb": high_water_mb()}
     started = time.perf_counter()
     score = score_generations(folder / "generations.parquet", folder / "prompts.parquet", folder / "rewards@bench.parquet", {"math": 1.0},
                               workers=workers, chunk_rows=chunk_rows)
-    times["score_s"] = time.perf_counter() - started
+    figures |= {"score_s": time.perf_counter() - started, "score_mb": high_water_mb()}
     t = time.perf_counter()
     compute_advantages(folder / "rewards@bench.parquet", folder / "advantages@bench.parquet")
-    times["advantages_s"] = time.perf_counter() - t
+    figures["advantages_s"] = time.perf_counter() - t
     t = time.perf_counter()
     comparison = compare_rewards(folder / "rewards.parquet", folder / "rewards@bench.parquet", folder / "generations.parquet")
-    times["compare_s"] = time.perf_counter() - t
-    times["total_s"] = time.perf_counter() - started
-    print(json.dumps({**times, "rows": score["rows"], "errored": score["errored"], "reward_mean": score["reward_mean"],
-                      "changed": comparison["changed"], "main_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    figures["compare_s"] = time.perf_counter() - t
+    figures["total_s"] = time.perf_counter() - started
+    print(json.dumps({**figures, "rows": score["rows"], "errored": score["errored"], "timeouts": score["timeouts"],
+                      "reward_mean": score["reward_mean"], "changed": comparison["changed"]}))
 
 
 def run_measured(folder: Path, workers: int | None, chunk_rows: int) -> dict:
@@ -168,9 +175,31 @@ def run_measured(folder: Path, workers: int | None, chunk_rows: int) -> dict:
     return result | {f"peak_{k}_mb": v / 2**20 for k, v in peaks.items()}
 
 
+COLUMNS = [("rows", 9, "{:>9}"), ("rows/s", 8, "{:>8.0f}"), ("score s", 8, "{:>8.1f}"), ("adv s", 6, "{:>6.1f}"), ("cmp s", 6, "{:>6.1f}"),
+           ("wall s", 7, "{:>7.1f}"), ("peak RSS MB", 12, "{:>12.0f}"), ("main MB", 8, "{:>8.0f}"), ("imports", 8, "{:>8.0f}"),
+           ("scoring", 8, "{:>8.0f}"), ("worker MB", 10, "{:>10.0f}"),
+           ("changed", 8, "{:>8}"), ("timeouts", 8, "{:>8}"), ("load 1/5/15", 15, "{:>15}")]
+
+
+def _line(values: list) -> str:
+    return " ".join(fmt.format(v) for (_, _, fmt), v in zip(COLUMNS, values))
+
+
+def _figures(r: dict) -> list:
+    return [r["rows"], r["rows"] / r["total_s"], r["score_s"], r["advantages_s"], r["compare_s"], r["wall_s"], r["peak_tree_mb"],
+            r["peak_main_mb"], r["imports_mb"], r["score_mb"], r["peak_worker_mb"], r["changed"], r["timeouts"], r["load"]]
+
+
+def _median(column: tuple):
+    if isinstance(column[0], int):
+        return statistics.median_low(column)  # counts stay whole numbers
+    return statistics.median(column) if isinstance(column[0], float) else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000", help="rows (generations) per run, comma-separated")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per size; with more than one, medians are printed too")
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=None, help="scoring workers (default: one per core)")
     parser.add_argument("--chunk-rows", type=int, default=4096, help="score stage chunk (its default)")
@@ -182,19 +211,31 @@ def main() -> None:
         return
 
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-rescore-"))
-    print(f"cores {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}, workers {args.workers or os.cpu_count()}, group size {args.group_size}")
-    print(f"{'rows':>9} {'rows/s':>8} {'score s':>8} {'adv s':>6} {'cmp s':>6} {'peak RSS MB':>12} {'main MB':>8} {'worker MB':>10} {'changed':>8}")
+    print(f"cores {os.cpu_count()}, Python {sys.version.split()[0]}, workers {args.workers or os.cpu_count()}, group size {args.group_size}, "
+          f"load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())} before")
+    print(" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS))
+    runs: dict[int, list[dict]] = {}
     for rows in (int(s) for s in args.sizes.split(",")):
         folder = root / f"rows-{rows}"
         if not (folder / "rewards.parquet").exists():
             t = time.perf_counter()
             write_iteration(folder, rows, args.group_size)
             print(f"  (wrote {rows} synthetic rows in {time.perf_counter() - t:.0f}s, generations file {(folder / 'generations.parquet').stat().st_size / 2**20:.0f} MB)")
-        for name in ("rewards@bench.parquet", "advantages@bench.parquet"):
-            (folder / name).unlink(missing_ok=True)
-        r = run_measured(folder, args.workers, args.chunk_rows)
-        print(f"{r['rows']:>9} {r['rows'] / r['total_s']:>8.0f} {r['score_s']:>8.1f} {r['advantages_s']:>6.1f} {r['compare_s']:>6.1f} "
-              f"{r['peak_tree_mb']:>12.0f} {r['peak_main_mb']:>8.0f} {r['peak_worker_mb']:>10.0f} {r['changed']:>8}", flush=True)
+        for _ in range(args.repeat):
+            for name in ("rewards@bench.parquet", "advantages@bench.parquet"):
+                (folder / name).unlink(missing_ok=True)
+            started = time.perf_counter()
+            r = run_measured(folder, args.workers, args.chunk_rows)
+            # The machine is shared: the load average when the run ends says how much of it
+            # this run had (1 minute for short runs, 5 and 15 for the long ones).
+            r |= {"wall_s": time.perf_counter() - started, "load": "/".join(f"{x:.1f}" for x in os.getloadavg())}
+            runs.setdefault(rows, []).append(r)
+            print(_line(_figures(r)), flush=True)
+    if args.repeat > 1:
+        print("medians:")
+        for results in runs.values():
+            figures = [_figures(r) for r in results]
+            print(_line([_median(column) for column in zip(*figures)]))
     if args.keep is None:
         import shutil
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data.schemas import ArtifactSchema, SchemaError, check_schema
@@ -130,6 +131,23 @@ def iter_batches(path: str | Path, artifact: ArtifactSchema, batch_size: int = 4
     pf = pq.ParquetFile(path, pre_buffer=False)
     check_schema(pf.schema_arrow, artifact, path)
     yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+
+
+def read_rows_where(path: str | Path, artifact: ArtifactSchema, key: str, values, columns: list[str] | None = None,
+                    batch_size: int = 8192) -> pa.Table:
+    """The rows of an artifact whose `key` is in `values`, streamed: a full scan that holds
+    one batch at a time (a filtered ``pq.read_table`` buffered ~170 MB of a 500 MB file)."""
+    wanted = pa.array(sorted(set(values)), type=pq.read_schema(path).field(key).type)
+    parts = []
+    schema = None
+    for batch in iter_batches(path, artifact, batch_size=batch_size, columns=columns):
+        schema = batch.schema
+        kept = batch.filter(pc.is_in(batch.column(key), value_set=wanted))
+        if kept.num_rows:
+            parts.append(kept)
+    if schema is None:  # an empty file
+        return pq.read_table(path, columns=columns).slice(0, 0)
+    return pa.Table.from_batches(parts, schema=schema)
 
 
 def sha256_file(path: str | Path) -> str:

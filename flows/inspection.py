@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data.schemas import ARTIFACTS, SchemaError
-from data.store import MANIFEST, TMP_PREFIX, Manifest
+from data.store import MANIFEST, TMP_PREFIX, Manifest, read_rows_where
 from flows.resume import CHECKPOINT, iteration_numbers
 
 # (column title, file or entry name in an iteration folder), in pipeline order.
@@ -173,9 +173,10 @@ def sibling_paths(path: Path, kind: str, tag: str | None) -> dict[str, Path]:
 
 
 def _rows_for(path: Path, prompt_ids: list[str], columns: list[str] | None = None) -> list[dict]:
+    kind, _ = artifact_kind(path)
     schema = pq.read_schema(path)
     wanted = [c for c in columns if c in schema.names] if columns is not None else None
-    return pq.read_table(path, columns=wanted, filters=[("prompt_id", "in", prompt_ids)]).to_pylist()
+    return read_rows_where(path, ARTIFACTS[kind], "prompt_id", prompt_ids, wanted).to_pylist()
 
 
 def choose_prompt_ids(path: Path, *, prompt_id: str | None, sample: int, seed: int) -> list[str]:

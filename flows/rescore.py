@@ -36,7 +36,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from data.schemas import ADVANTAGES, GENERATIONS, REWARDS, check_schema
-from data.store import Manifest, iter_aligned, iter_batches, remove_stale_temp_files
+from data.store import Manifest, iter_aligned, iter_batches, read_rows_where, remove_stale_temp_files
 from flows.config import GRPOConfig
 from flows.resume import iteration_numbers
 from flows.report import VIEWS
@@ -46,7 +46,7 @@ from tasks.score import score_task
 
 TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 EXAMPLES = 5  # changed rows shown in the comparison
-CHUNK_ROWS = 65_536
+CHUNK_ROWS = 8192  # rows compared at a time; larger chunks only raise the memory high-water mark
 
 
 class TagInUse(ValueError):
@@ -184,8 +184,8 @@ def compare_rewards(before: str | Path | None, after: str | Path, generations: s
                               "before": float(a[i]), "after": float(b[i])})
         rows += new.num_rows
     if shown:
-        texts = pq.read_table(generations, columns=["prompt_id", "sample_index", "completion"],
-                              filters=[("prompt_id", "in", sorted({s["prompt_id"] for s in shown}))]).to_pylist()
+        texts = read_rows_where(generations, GENERATIONS, "prompt_id", [s["prompt_id"] for s in shown],
+                                ["prompt_id", "sample_index", "completion"]).to_pylist()
         completion = {(r["prompt_id"], r["sample_index"]): r["completion"] for r in texts}
         for s in shown:
             s["completion"] = completion.get((s["prompt_id"], s["sample_index"]))

@@ -9,9 +9,9 @@ How it stays safe and bounded at any size:
 
 * the generations are read in record batches and the rewards file is written in chunks
   (``ParquetStreamWriter``: nothing appears under the final name unless all rows scored),
-  so memory holds a few chunks whatever the file size; the prompts file is read whole
-  (it has one row per prompt, a group size fewer than the generations) and rows are
-  turned into dicts only when a generation needs them;
+  so memory holds a few chunks whatever the file size; the prompts file is read forward
+  in step with the generations (the generate stage writes them in prompt order), and a
+  generations file in any other order falls back to an index of the whole prompts file;
 * rewards run in a pool of worker processes (``rewards.pool``), one per core by default;
   a call that overruns its reward's ``time_limit_s`` costs its worker (killed, replaced)
   and its row (NaN plus the error text), never the stage; nothing here relies on signals,
@@ -77,7 +77,7 @@ def score_generations(
         raise FileNotFoundError(f"{generations_path}: generations artifact not found")
     total_rows = pq.read_metadata(generations_path).num_rows
     allowed_errors = math.floor(max_error_fraction * total_rows)
-    prompts = _PromptIndex(prompts_path)
+    prompts = _PromptRows(prompts_path, chunk_rows)
 
     keys: deque[tuple[str, int]] = deque()  # (prompt_id, sample_index) of rows in flight
     rows = _rows(generations_path, prompts, keys, chunk_rows)
@@ -147,15 +147,66 @@ def _bind(rewards: Mapping[str, float], reward_options: Mapping[str, Mapping[str
     return [make_reward(name, reward_options.get(name)) for name in rewards]
 
 
+class _PromptRows:
+    """prompt_id -> prompt row as a dict, for one batch of generations at a time.
+
+    The generate stage writes a prompts file's generations in that file's order (a
+    prompt's G completions together), so the prompts are read forward in step with them,
+    one batch at a time, and memory does not grow with the files. A generations file in
+    another order (written elsewhere, or re-scored beside a prompts file it was not made
+    from) asks for a prompt already passed, or one the file lacks: from then on the whole
+    prompts file is indexed (`_PromptIndex`), which also names a missing prompt."""
+
+    def __init__(self, path: str | Path, batch_rows: int):
+        self.path = path
+        self._batches = iter_batches(path, PROMPTS, batch_size=batch_rows)
+        self._window: pa.RecordBatch | None = None  # the prompts batch being walked through
+        self._row_of: dict[str, int] = {}  # prompt_id -> its first row in `_window`
+        self._index: _PromptIndex | None = None
+        self._advance()  # a missing or malformed prompts file fails here, before any scoring
+
+    def rows(self, prompt_ids: list[str], generations_path: str | Path, first_row: int) -> dict[str, dict[str, Any]]:
+        if self._index is None:
+            found = self._walk(list(dict.fromkeys(prompt_ids)))
+            if found is not None:
+                return found
+            self._batches.close()
+            self._index = _PromptIndex(self.path)
+        return self._index.rows(prompt_ids, generations_path, first_row)
+
+    def _walk(self, wanted: list[str]) -> dict[str, dict[str, Any]] | None:
+        """The rows of `wanted`, found in file order from the current batch on; None when
+        one of them is not there (out of order, or missing)."""
+        found: dict[str, dict[str, Any]] = {}
+        in_window: list[str] = []
+        for prompt_id in wanted:
+            while prompt_id not in self._row_of:
+                found.update(self._take(in_window))
+                in_window = []
+                if not self._advance():
+                    return None
+            in_window.append(prompt_id)
+        found.update(self._take(in_window))
+        return found
+
+    def _advance(self) -> bool:
+        self._window = next(self._batches, None)
+        self._row_of = _first_rows(self._window.column("prompt_id")) if self._window is not None else {}
+        return self._window is not None
+
+    def _take(self, prompt_ids: list[str]) -> dict[str, dict[str, Any]]:
+        if not prompt_ids:
+            return {}
+        return dict(zip(prompt_ids, self._window.take([self._row_of[p] for p in prompt_ids]).to_pylist()))
+
+
 class _PromptIndex:
-    """prompt_id -> prompt row as a dict, built on demand from the Arrow table."""
+    """prompt_id -> prompt row as a dict, from the whole prompts file held as Arrow."""
 
     def __init__(self, path: str | Path):
         self.path = path
         self.table = read_table(path, PROMPTS)
-        self.row_of: dict[str, int] = {}
-        for index, prompt_id in enumerate(self.table.column("prompt_id").to_pylist()):
-            self.row_of.setdefault(prompt_id, index)
+        self.row_of = _first_rows(self.table.column("prompt_id"))
 
     def rows(self, prompt_ids: list[str], generations_path: str | Path, first_row: int) -> dict[str, dict[str, Any]]:
         wanted = list(dict.fromkeys(prompt_ids))
@@ -167,7 +218,15 @@ class _PromptIndex:
         return dict(zip(wanted, examples))
 
 
-def _rows(generations_path, prompts: _PromptIndex, keys: deque, batch_rows: int) -> Iterator[tuple]:
+def _first_rows(prompt_ids: pa.Array | pa.ChunkedArray) -> dict[str, int]:
+    """prompt_id -> the row where it first appears (a prompt listed twice is the same prompt)."""
+    row_of: dict[str, int] = {}
+    for index, prompt_id in enumerate(prompt_ids.to_pylist()):
+        row_of.setdefault(prompt_id, index)
+    return row_of
+
+
+def _rows(generations_path, prompts: _PromptRows, keys: deque, batch_rows: int) -> Iterator[tuple]:
     """(completion, example, per-row fields) for every generation, in file order."""
     first_row = 0
     for batch in iter_batches(generations_path, GENERATIONS, batch_size=batch_rows, columns=_GENERATION_COLUMNS):

@@ -52,3 +52,30 @@ def _fresh_live_policies():
     from tasks.model import forget_live_policies
 
     forget_live_policies()
+
+
+# Counting pools made by `arrow_peak`, never freed: an Arrow buffer that outlives its
+# measurement (in a reference cycle the collector has not reached yet) is freed into its
+# pool later, and freeing into a destroyed pool crashes the interpreter.
+_COUNTING_POOLS: list = []
+
+
+@pytest.fixture()
+def arrow_peak():
+    """`arrow_peak(fn)` -> (fn(), the most bytes Arrow held while fn ran). Arrow's default
+    pool is shared by the whole process and its high-water mark cannot be reset, so fn runs
+    with a counting pool of its own (which passes every allocation on to the default one)."""
+    import pyarrow as pa
+
+    def measure(fn):
+        default_pool = pa.default_memory_pool()
+        counting = pa.proxy_memory_pool(default_pool)
+        _COUNTING_POOLS.append(counting)
+        pa.set_memory_pool(counting)
+        try:
+            result = fn()
+        finally:
+            pa.set_memory_pool(default_pool)
+        return result, counting.max_memory()
+
+    return measure

@@ -206,26 +206,62 @@ def test_comparison_streams_in_chunks(run_dir, tmp_path):
     assert alone["changed"] is None and math.isclose(alone["mean_after"], whole["mean_after"])
 
 
+def write_incompressible_generations(path, groups: int, rows: int) -> None:
+    """`groups` row groups of `rows` generations each (8 per prompt), with random token ids
+    that do not compress: ~250 kB per row group of 2048 rows."""
+    import numpy as np
+
+    from data.store import ParquetStreamWriter
+
+    rng = np.random.default_rng(0)
+    with ParquetStreamWriter(path, GENERATIONS) as out:
+        for g in range(groups):
+            tokens = pa.ListArray.from_arrays(pa.array(np.arange(0, (rows + 1) * 30, 30, dtype=np.int32)),
+                                              pa.array(rng.integers(0, 50_000, rows * 30).astype(np.int32)))
+            out.write(pa.table({"prompt_id": [f"{i // 8}-{g}" for i in range(rows)], "sample_index": pa.array([i % 8 for i in range(rows)], pa.int32()),
+                                "prompt_text": ["q"] * rows, "completion": [f"a{g}-{i}" for i in range(rows)], "prompt_token_ids": tokens,
+                                "completion_token_ids": tokens,
+                                "old_logprobs": pa.nulls(rows, pa.list_(pa.float32())).fill_null(pa.scalar([], pa.list_(pa.float32()))),
+                                "ref_logprobs": pa.nulls(rows, pa.list_(pa.float32())), "finish_reason": ["eos"] * rows}, schema=GENERATIONS.schema))
+
+
 def test_streaming_a_file_holds_one_batch_not_the_file(tmp_path):
     """iter_batches (every streaming reader's) must not keep the row groups it has read:
     pyarrow's pre-buffering kept the file's bytes, ~85 MB per million generations."""
-    import numpy as np
-
-    from data.store import ParquetStreamWriter, iter_batches
+    from data.store import iter_batches
 
     path = tmp_path / "generations.parquet"
-    rng = np.random.default_rng(0)
     rows = 2048
-    with ParquetStreamWriter(path, GENERATIONS) as out:
-        for g in range(32):  # 32 row groups; random token ids do not compress: ~250 kB each
-            tokens = pa.ListArray.from_arrays(pa.array(np.arange(0, (rows + 1) * 30, 30, dtype=np.int32)),
-                                              pa.array(rng.integers(0, 50_000, rows * 30).astype(np.int32)))
-            out.write(pa.table({"prompt_id": [f"{g}-{i // 8}" for i in range(rows)], "sample_index": pa.array([i % 8 for i in range(rows)], pa.int32()),
-                                "prompt_text": ["q"] * rows, "completion": ["a"] * rows, "prompt_token_ids": tokens, "completion_token_ids": tokens,
-                                "old_logprobs": pa.nulls(rows, pa.list_(pa.float32())).fill_null(pa.scalar([], pa.list_(pa.float32()))),
-                                "ref_logprobs": pa.nulls(rows, pa.list_(pa.float32())), "finish_reason": ["eos"] * rows}, schema=GENERATIONS.schema))
+    write_incompressible_generations(path, groups=32, rows=rows)
     before = pa.total_allocated_bytes()
     most = 0
     for batch in iter_batches(path, GENERATIONS, batch_size=rows, columns=["prompt_id", "completion", "completion_token_ids"]):
         most = max(most, pa.total_allocated_bytes() - before)
     assert most < 2 * 2**20, f"{most / 2**20:.1f} MB held while streaming a {path.stat().st_size / 2**20:.1f} MB file"
+
+
+def test_filtered_read_streams_and_keeps_only_the_matching_rows(tmp_path, arrow_peak):
+    """read_rows_where (the comparison's and `grpo inspect`'s lookups by prompt) scans the
+    file a batch at a time: a filtered pq.read_table read ahead most of the file (9 MB of
+    this 13 MB one) to return 16 rows."""
+    from data.store import read_rows_where
+
+    path = tmp_path / "generations.parquet"
+    rows = 2048
+    write_incompressible_generations(path, groups=32, rows=rows)
+    columns = ["prompt_id", "sample_index", "completion", "completion_token_ids"]
+    wanted = ["255-31", "0-3", "not-there", "0-3"]  # out of file order, one missing, one twice
+
+    def read() -> tuple[list[str], list[tuple]]:
+        found = read_rows_where(path, GENERATIONS, "prompt_id", wanted, columns, batch_size=rows)
+        return found.column_names, [(r["prompt_id"], r["sample_index"], r["completion"]) for r in found.select(columns[:3]).to_pylist()]
+
+    (names, found), most = arrow_peak(read)
+    assert names == columns
+    assert found == [("0-3", i, f"a3-{i}") for i in range(8)] + [("255-31", i, f"a31-{2040 + i}") for i in range(8)]  # file order
+    assert most < 3 * 2**20, f"{most / 2**20:.1f} MB held to find 16 rows in a {path.stat().st_size / 2**20:.1f} MB file"
+    assert read_rows_where(path, GENERATIONS, "prompt_id", [], columns).num_rows == 0
+
+    empty = tmp_path / "empty.parquet"
+    write_generations(empty, [], [])
+    assert read_rows_where(empty, GENERATIONS, "prompt_id", ["0-3"], columns).column_names == columns

@@ -193,3 +193,42 @@ def test_the_prefect_task_wraps_the_function_and_retries_only_transient_failures
     assert not _worth_retrying(None, None, Failed(data=RewardOptionsError("bad option")))
     assert not _worth_retrying(None, None, Failed(data=KeyError("prompt_id")))
     assert _worth_retrying(None, None, Failed(data=TooManyRewardErrors("sandbox down")))
+
+
+def test_prompts_are_read_in_step_with_the_generations_not_held_whole(tmp_path, arrow_peak):
+    """The prompts file is walked one batch at a time alongside the generations (written
+    in its order): holding it whole made the score stage's memory grow with the file."""
+    n = 16384
+    _write_prompts(tmp_path / "prompts.parquet", [{"prompt_id": f"p{i}", "answer": str(i), "test": f"{i:08d}" * 250} for i in range(n)])
+    asked = range(0, n, 4)  # every prompt is walked through; a quarter of them keeps the test fast
+    _write_generations(tmp_path / "generations.parquet", [(f"p{i}", 0, str(i - i % 8)) for i in asked])
+    prompts_mb = read_table(tmp_path / "prompts.parquet", PROMPTS).nbytes / 2**20  # ~32 MB of tests
+
+    def score() -> list[float]:
+        score_generations(tmp_path / "generations.parquet", tmp_path / "prompts.parquet", tmp_path / "rewards.parquet",
+                          {"exact_answer": 1.0}, chunk_rows=256)
+        return read_table(tmp_path / "rewards.parquet", REWARDS).column("reward").to_pylist()
+
+    rewards, most = arrow_peak(score)
+    assert rewards == [float(i % 8 == 0) for i in asked]
+    # Walking holds a batch of prompts and the reader's decompressed page (~5 MB here,
+    # whatever the number of prompts); holding the file held all of it.
+    assert most < prompts_mb / 4 * 2**20, f"{most / 2**20:.1f} MB held while scoring against {prompts_mb:.1f} MB of prompts"
+
+
+@pytest.mark.parametrize("order", ["in order, some prompts without generations", "back to an earlier prompt", "shuffled"])
+def test_generations_in_any_order_find_their_prompts(tmp_path, order):
+    prompts = [f"p{i}" for i in range(40)]
+    _write_prompts(tmp_path / "prompts.parquet", [{"prompt_id": p, "answer": str(i)} for i, p in enumerate(prompts)])
+    if order == "in order, some prompts without generations":
+        asked = [i for i in range(40) if i % 3]
+    elif order == "back to an earlier prompt":  # walked past p5 already: the whole file is indexed from then on
+        asked = [*range(10, 40), 5, 6]
+    else:
+        asked = [(i * 17) % 40 for i in range(40)]
+    # Each prompt's two completions: its own answer (reward 1) and the next number (0).
+    _write_generations(tmp_path / "generations.parquet", [(f"p{i}", k, str(i + k)) for i in asked for k in (0, 1)])
+    score_generations(tmp_path / "generations.parquet", tmp_path / "prompts.parquet", tmp_path / "rewards.parquet",
+                      {"exact_answer": 1.0}, chunk_rows=4)
+    rows = read_table(tmp_path / "rewards.parquet", REWARDS).to_pylist()
+    assert [(r["prompt_id"], r["reward"]) for r in rows] == [(f"p{i}", float(k == 0)) for i in asked for k in (0, 1)]
