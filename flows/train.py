@@ -41,7 +41,7 @@ from tasks.select import select_prompts_task
 from tasks.model import check_model_source
 from tasks.progress import stage_label
 from tasks.tiny_model import ensure_tiny_model
-from tasks.update import update_task
+from tasks.update import needs_old_logprobs, update_task
 
 # Updates of this flow run that were done before a restart and whose weights must be
 # re-created before a stage reads them (flows/resume.py).
@@ -228,7 +228,7 @@ def train_iterations(config: GRPOConfig) -> dict:
     generate_settings = dict(group_size=config.group_size, max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
                              batch_size=config.generation_batch_size, reference_path=base_model if config.beta > 0 else None,
                              use_chat_template=config.use_chat_template,
-                             with_old_logprobs=config.store_old_logprobs or config.mu > 1 or config.mini_batches > 1, **machine)
+                             with_old_logprobs=config.store_old_logprobs or needs_old_logprobs(config.mu, config.mini_batches), **machine)
 
     policy = base_model
     metrics: dict = {}

@@ -114,6 +114,12 @@ def _pad(values: list[list[float]], width: int, device) -> torch.Tensor:
     return out.to(device)
 
 
+def needs_old_logprobs(mu: int, mini_batches: int) -> bool:
+    """Whether the update needs the sampling policy's stored log-probs: only when it takes
+    more than one optimiser step on the same completions (the generate stage asks this too)."""
+    return mu > 1 or mini_batches > 1
+
+
 def set_activation_checkpointing(model, on: bool) -> None:
     """Switch transformers' activation (gradient) checkpointing on or off. Non-reentrant, so
     no input needs to require grad. transformers 5.2x renamed gradient_checkpointing_* to
@@ -174,7 +180,7 @@ def update_policy(
     rows = join_advantages(gens, advantages_path, str(generations_path))
     if loss.beta > 0 and any(r["ref_logprobs"] is None for r in rows):
         raise ArtifactMismatch(f"{generations_path}: beta > 0 but the generations carry no reference log-probs")
-    if (mu > 1 or mini_batches > 1) and any(r["old_logprobs"] is None for r in rows):
+    if needs_old_logprobs(mu, mini_batches) and any(r["old_logprobs"] is None for r in rows):
         raise ArtifactMismatch(f"{generations_path}: mu={mu} x mini_batches={mini_batches} optimiser steps need the sampling policy's "
                                "log-probs, but the generations carry none (generated for a single step); generate them again")
     rng = random.Random(seed)
