@@ -10,7 +10,10 @@ export HF_DATASETS_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test install install-dev clean ci
+
+# Every optional part's install target; CI installs them all so their tests run, not skip.
+OPTIONAL_INSTALLS :=
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +36,11 @@ demo: install
 
 test: install-dev
 	$(BIN)/python -m pytest
+
+# What .ci/run does: every optional part installed, then the README's test command with
+# missing optional dependencies turned from skips into failures.
+ci: $(OPTIONAL_INSTALLS)
+	GRPOFLOW_REQUIRE_OPTIONAL=1 $(MAKE) test
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -8,6 +8,20 @@ from pathlib import Path
 
 import pytest
 
+# CI installs every optional part (vLLM, the cluster, tracking, LoRA) and sets this, so that a
+# test of an optional part whose dependency is missing fails there instead of being skipped.
+REQUIRE_OPTIONAL = os.environ.get("GRPOFLOW_REQUIRE_OPTIONAL") == "1"
+
+
+def require(module: str, extra: str):
+    """Import an optional dependency for a test: skipped for a user who did not install
+    `make install-<extra>`, a failure in CI (GRPOFLOW_REQUIRE_OPTIONAL=1)."""
+    if REQUIRE_OPTIONAL:
+        import importlib
+
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"optional part not installed: make install-{extra}")
+
 _SCRATCH = Path(tempfile.mkdtemp(prefix="grpoflow-tests-"))
 os.environ.update(
     {
