@@ -52,7 +52,7 @@ def worker(seed: int, out: Path, sft_lr: float, sft_batch: int, threads: int) ->
         {k: v for k, v in defaults.model_dump().items() if k not in ("seed", "run_dir")}, "learning.py must run the defaults"
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    model_dir = ensure_tiny_model(steps=config.warmup_steps, seed=seed)  # what prepare-model does, timed on its own
+    model_dir = ensure_tiny_model(steps=config.tiny_model_sft_steps, seed=seed)  # what prepare-model does, timed on its own
     warmup = {"wall": time.perf_counter() - wall0, "cpu": time.process_time() - cpu0}
 
     import flows.train as train

@@ -89,7 +89,7 @@ GENERATIONS = ArtifactSchema(
             pa.field("old_logprobs", pa.list_(pa.float32())),
             # log pi_ref(o_t | q, o_<t); null when beta = 0 (no reference model is loaded).
             pa.field("ref_logprobs", pa.list_(pa.float32())),
-            pa.field("finish_reason", pa.string(), nullable=False),  # "eos" or "length"
+            pa.field("finish_reason", pa.string(), nullable=False),  # "eos", "stop" (a stop string) or "length"
         ]
     ),
 )

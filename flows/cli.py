@@ -17,7 +17,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from flows.config import GRPOConfig
+from flows.config import GRPOConfig, field_sections
+from flows.prefect_server import PrefectServerError, own_prefect_server
 
 
 def _quiet_offline_defaults() -> None:
@@ -32,24 +33,49 @@ def _quiet_offline_defaults() -> None:
 def _flag_type(annotation):
     """argparse `type=` for a config field: JSON for mappings, text for the rest (pydantic
     validates and converts, so its messages are the ones a user sees)."""
-    origin = typing.get_origin(annotation)
-    if annotation is dict or origin is dict:
+    arms = [annotation, *typing.get_args(annotation)]  # `dict[...] | None` too
+    if any(a in (dict, list) or typing.get_origin(a) in (dict, list) for a in arms):
         return json.loads
     return str
 
 
+def _allowed_values(annotation) -> list[str] | None:
+    """The values of a Literal field (also inside `Literal[...] | None`), for `choices=`."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(v) for v in typing.get_args(annotation)]
+    for arm in typing.get_args(annotation):
+        if typing.get_origin(arm) is typing.Literal:
+            return [str(v) for v in typing.get_args(arm)]
+    return None
+
+
+def _help_text(field) -> str:
+    """The field's description, with its default appended unless the description already
+    says what the default is (no doubled "Default:")."""
+    text = field.description
+    if "default:" not in text.lower():
+        default = field.get_default(call_default_factory=True)
+        shown = json.dumps(default) if isinstance(default, (dict, list)) else default
+        text = f"{text} (default: {shown})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field, help = the field's description. Only flags the user gives
+    """One flag per config field, help = the field's description, grouped by the config's
+    section comments; Literal fields list their allowed values. Only flags the user gives
     are applied, on top of --config and the defaults."""
     parser.add_argument("--config", type=Path, default=None, help="YAML or JSON file of settings; flags override it.")
-    for name, field in GRPOConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        default = field.get_default(call_default_factory=True)
-        help_text = f"{field.description} (default: {default})"
-        if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(flag, dest=name, type=_flag_type(field.annotation), default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
+    for title, names in field_sections():
+        group = parser.add_argument_group(title)
+        for name in names:
+            field = GRPOConfig.model_fields[name]
+            flag = "--" + name.replace("_", "-")
+            if field.annotation is bool:
+                group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=_help_text(field))
+                continue
+            choices = _allowed_values(field.annotation)
+            group.add_argument(flag, dest=name, type=_flag_type(field.annotation), default=argparse.SUPPRESS, choices=choices,
+                               metavar="{" + ",".join(choices) + "}" if choices else name.upper(), help=_help_text(field))
 
 
 def config_from_args(args: argparse.Namespace) -> GRPOConfig:
@@ -68,23 +94,68 @@ def format_validation_error(err: ValidationError) -> str:
     return "invalid config: " + "; ".join(parts)
 
 
+def _announce_ready(server) -> None:
+    seconds = server.wait_ready()
+    if os.environ.get("GRPOFLOW_TIMINGS") == "1":  # benchmarks/bench_startup.py reads it
+        print(f"grpo: prefect api ready {seconds:.2f}s after start", file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    from flows.train import grpo_train, preflight  # imported late: Prefect reads its settings at import
+    # The run's Prefect API starts now, before torch and Prefect are imported, so its
+    # start-up overlaps theirs; it dies with this process however that dies.
+    with own_prefect_server() as server:
+        from flows.train import grpo_train, preflight  # imported late: Prefect reads its settings at import
 
-    preflight(config)
-    print(f"grpo: run folder {config.run_dir}", file=sys.stderr)
-    metrics = grpo_train(config)
-    print(json.dumps(metrics, indent=2, default=str))
+        preflight(config)
+        print(f"grpo: run folder {config.run_dir}", file=sys.stderr)
+        if server is not None:
+            _announce_ready(server)
+        started = time.perf_counter()
+        metrics = grpo_train(config)
+    if args.json:
+        print(json.dumps(metrics, indent=2, default=str))
+    else:
+        print("\n".join(run_summary(Path(config.run_dir), metrics, time.perf_counter() - started)))
     return 0
 
 
-def cmd_rescore(args: argparse.Namespace) -> int:
-    from flows.rescore import default_tag, format_comparison, grpo_rescore  # late: Prefect reads its settings at import
+def final_model_path(run_dir: Path) -> Path | None:
+    """Where the trained model is: the run's final/ folder when it has one, else the newest
+    saved checkpoint."""
+    if (run_dir / "final").is_dir():
+        return run_dir / "final"
+    saved = sorted(p for p in run_dir.glob("iter-*/checkpoint") if (p / "config.json").is_file())
+    return saved[-1] if saved else None
 
-    tag = args.tag or default_tag()
-    results = grpo_rescore(str(args.target), tag, rewards=args.rewards, reward_options=args.reward_options,
-                           max_error_fraction=args.max_reward_error_fraction)
+
+def run_summary(run_dir: Path, metrics: dict, seconds: float) -> list[str]:
+    """The few lines a finished run ends with (every number is in metrics.parquet); the
+    model's path is the last line, so `grpo run ... | tail -1` gives it."""
+    lines = [f"grpo: finished {metrics.get('iteration', 0)} iteration(s) in {seconds:.0f}s; run folder {run_dir}"]
+    if "held_out_accuracy" in metrics:
+        after = metrics["held_out_accuracy"]
+        before = metrics.get("held_out_accuracy_before")
+        change = f"{before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points)" if before is not None else f"{after:.1%}"
+        lines.append(f"  held-out accuracy: {change}")
+    last = [f"reward {metrics['reward']:.3f}" if "reward" in metrics else "", f"kl {metrics['kl']:.4f}" if "kl" in metrics else ""]
+    if any(last):
+        lines.append("  last iteration: " + ", ".join(x for x in last if x))
+    lines.append(f"  every metric: {run_dir / 'metrics.parquet'} (grpo inspect {run_dir})")
+    final = final_model_path(run_dir)
+    lines.append(f"  final model: {final if final is not None else 'none saved'}")
+    return lines
+
+
+def cmd_rescore(args: argparse.Namespace) -> int:
+    with own_prefect_server() as server:
+        from flows.rescore import default_tag, format_comparison, grpo_rescore  # late: Prefect reads its settings at import
+
+        tag = args.tag or default_tag()
+        if server is not None:
+            _announce_ready(server)
+        results = grpo_rescore(str(args.target), tag, rewards=args.rewards, reward_options=args.reward_options,
+                               max_error_fraction=args.max_reward_error_fraction)
     if args.json:
         print(json.dumps(results, indent=2, default=str))
     else:
@@ -121,18 +192,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def version_text() -> str:
+    """grpoflow's version and those of the libraries that decide what a run computes."""
+    import importlib.metadata
+
+    def version(pkg: str) -> str:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return f"grpo {version('grpoflow')} (torch {version('torch')}, transformers {version('transformers')}, prefect {version('prefect')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grpo",
         description="GRPO training as a Prefect pipeline: every stage writes a Parquet artifact you can inspect or re-run.",
     )
+    parser.add_argument("--version", action="version", version=version_text())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser(
         "run",
+        usage="grpo run [--config FILE] [--SETTING VALUE ...] (every setting below, by section)",
         help="train with GRPO (no arguments: the built-in tiny model on 2-digit addition)",
         description="Run GRPO iterations. With no arguments: build (once, cached) a tiny model on the built-in "
         "arithmetic task, then train it and report held-out accuracy before and after. Re-using --run-dir resumes.",
     )
+    run.add_argument("--json", action="store_true", help="print the final metrics as JSON instead of the short summary")
     add_config_flags(run)
     run.set_defaults(handler=cmd_run)
 
@@ -194,7 +281,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from rewards.registry import UnknownRewardError
     from tasks.model import ModelLoadError
 
-    return (SchemaError, InvalidRow, SourceError, UnknownRewardError, ModelLoadError, RunFolderBusy, FileNotFoundError, ValueError)
+    return (SchemaError, InvalidRow, SourceError, UnknownRewardError, ModelLoadError, RunFolderBusy, PrefectServerError, FileNotFoundError,
+            ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,9 @@ cores, about 5 minutes end to end); the reason for each sits beside it.
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +17,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rewards import known_rewards, make_reward
+
+
+# The reward that checks each task kind, used when --task is given without --rewards.
+TASK_REWARDS = {"math": "math", "code": "code", "countdown": "countdown", "arithmetic": "exact_answer"}
 
 
 class GRPOConfig(BaseModel):
@@ -77,7 +83,57 @@ class GRPOConfig(BaseModel):
     seed: int = Field(0, description="Seed of prompt sampling, generation and update; a run is reproducible given the same seed and machine.")
     device: str = Field("auto", description="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype: auto = bfloat16 on a GPU that has it, else float32.")
-    warmup_steps: int = Field(250, ge=0, description="Supervised warm-up steps of the built-in tiny model (only when no --model is given); 250 leaves it at about 60 percent held-out accuracy, with headroom for GRPO.")
+    tiny_model_sft_steps: int = Field(250, ge=0, description="Supervised (SFT) steps that build the built-in tiny model, once, before any GRPO (only when no --model is given); 250 leaves it at about 60 percent held-out accuracy, with headroom for GRPO. Not a learning-rate warm-up: that is warmup_ratio. Called warmup_steps before; config files with that name still load.")
+
+    # --- learning-rate schedule (TRL and verl names) ----------------------------------------
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="Learning rate over the run's optimiser steps (iterations x mu x mini_batches), after the warm-up: constant, linear decay to 0, or cosine decay to 0; transformers' formulas (TRL lr_scheduler_type, verl warmup_style). The step is derived from the iteration number, so a resumed run continues the schedule exactly; changing iterations mid-run stretches it from then on.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of the optimiser steps (rounded up) over which the learning rate rises linearly from 0 to learning_rate (TRL warmup_ratio, verl lr_warmup_steps_ratio); 0 = no warm-up.")
+
+    # --- prompts: length limit, several datasets, task -----------------------------------------
+    max_prompt_length: int | None = Field(None, ge=1, description="Longest prompt in tokens, chat template included; longer ones are handled as prompt_overflow says, counted (prompts/truncated, prompts/skipped in metrics) and warned about. None = no limit (TRL max_prompt_length, verl data.max_prompt_length).")
+    prompt_overflow: Literal["truncate_left", "skip"] = Field("truncate_left", description="A prompt longer than max_prompt_length: truncate_left keeps its last max_prompt_length tokens (TRL's way: the end of the question and the generation prompt survive); skip leaves it out of the iteration and the evaluation (verl's filter_overlong_prompts).")
+    datasets: dict[str, float] | None = Field(None, description="Several training datasets mixed with weights (JSON object of source -> weight, same formats as --dataset): every iteration draws its prompts_per_iteration prompts from them in these proportions (largest remainder, exact over the run), each walking its own seeded epochs. Instead of --dataset.")
+
+    # --- sampling, more (TRL and vLLM names) --------------------------------------------------
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens only; 0 = off. Like top_p, min_p and repetition_penalty, it changes the distribution sampled from, so it is refused with mu > 1, mini_batches > 1 or store_old_logprobs: the stored log-probs would not be those of the sampled distribution.")
+    min_p: float = Field(0.0, ge=0, lt=1, description="Drop tokens whose probability is below min_p x that of the most likely token; 0 = off (same restriction as top_k).")
+    repetition_penalty: float = Field(1.0, gt=0, description="Divide the logits of tokens already in the prompt or completion by this (CTRL's penalty, as transformers and vLLM apply it); 1 = off (same restriction as top_k).")
+    stop: list[str] = Field(default_factory=list, description="Stop strings (JSON list): a completion ends with the token that completes one of them (finish_reason 'stop'; the string is kept in the completion). They do not change any token's probability.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_and_task_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "warmup_steps" in data:  # config.json of runs made before the rename
+            if "tiny_model_sft_steps" in data:
+                raise ValueError("warmup_steps is the old name of tiny_model_sft_steps; give only tiny_model_sft_steps")
+            data["tiny_model_sft_steps"] = data.pop("warmup_steps")
+        if data.get("rewards") is None and data.get("task") in TASK_REWARDS:
+            # --task math without --rewards: the reward that checks math, not exact string equality
+            data["rewards"] = {TASK_REWARDS[data["task"]]: 1.0}
+        return data
+
+    @model_validator(mode="after")
+    def _sampling_matches_logprobs(self) -> GRPOConfig:
+        changed = [f"{name}={getattr(self, name)}" for name, off in (("top_p", 1.0), ("top_k", 0), ("min_p", 0.0), ("repetition_penalty", 1.0))
+                   if getattr(self, name) != off]
+        stored = [s for s, on in (("mu > 1", self.mu > 1), ("mini_batches > 1", self.mini_batches > 1), ("store_old_logprobs", self.store_old_logprobs)) if on]
+        if changed and stored:
+            raise ValueError(f"{', '.join(changed)} change the distribution sampled from, but with {' and '.join(stored)} the update's ratio uses "
+                             "stored log-probs of softmax(logits / temperature), which are not that distribution's; use mu=1 and "
+                             "mini_batches=1 (one on-policy step, ratio 1) or leave them off")
+        return self
+
+    @model_validator(mode="after")
+    def _one_kind_of_dataset(self) -> GRPOConfig:
+        if self.datasets is not None:
+            if self.dataset is not None:
+                raise ValueError("give --dataset or --datasets (several, with weights), not both")
+            if not self.datasets or any(w <= 0 or w != w for w in self.datasets.values()):
+                raise ValueError(f"datasets needs at least one source and every weight > 0 (got {self.datasets})")
+        return self
 
     @model_validator(mode="after")
     def _estimator_scaling(self) -> GRPOConfig:
@@ -132,4 +188,37 @@ class GRPOConfig(BaseModel):
         return cls(**(data | overrides))
 
     def uses_builtin_data(self) -> bool:
-        return self.dataset is None
+        return self.dataset is None and self.datasets is None
+
+    def training_sources(self) -> dict[str, float]:
+        """Every training dataset with its weight (one source: weight 1)."""
+        return dict(self.datasets) if self.datasets is not None else {self.dataset: 1.0}
+
+
+_SECTION = re.compile(r"^\s*# --- (.+?) -*\s*$")
+_FIELD = re.compile(r"^    (\w+)\s*:")
+
+
+def field_sections() -> list[tuple[str, list[str]]]:
+    """The config's fields grouped by the section comments above them (``# --- name ---``),
+    in source order, for `grpo run --help`. Each engineer's fields sit under their own
+    comment, so a new section needs no table to keep in step. Fields found under no comment
+    (or when the source cannot be read) come last, under "other settings"."""
+    sections: list[tuple[str, list[str]]] = []
+    placed: set[str] = set()
+    try:
+        lines = inspect.getsource(GRPOConfig).splitlines()
+    except (OSError, TypeError):
+        lines = []
+    for line in lines:
+        if (section := _SECTION.match(line)) is not None:
+            sections.append((section.group(1).strip(), []))
+        elif (name := _FIELD.match(line)) is not None and name.group(1) in GRPOConfig.model_fields:
+            if not sections:
+                sections.append(("settings", []))
+            sections[-1][1].append(name.group(1))
+            placed.add(name.group(1))
+    rest = [name for name in GRPOConfig.model_fields if name not in placed]
+    if rest:
+        sections.append(("other settings", rest))
+    return [(title, names) for title, names in sections if names]

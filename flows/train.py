@@ -26,20 +26,21 @@ from prefect.cache_policies import NO_CACHE
 
 from data import builtin
 from data.schemas import ADVANTAGES, GENERATIONS, METRICS, PROMPTS, REWARDS, SchemaError
-from data.sources import normalise_row, prompts_table, read_source
+from data.sources import normalise_row, prompts_table, read_source, source_label
 from data.store import Manifest, atomic_write_json, iteration_dir, read_table, remove_stale_temp_files, write_table
 from flows.config import GRPOConfig
 from flows.report import VIEWS
 from flows.resume import CHECKPOINT, PendingUpdates, hold_run_folder, prompt_pool, release_run_folder, resume_point, saved_metrics
 from tasks.advantages import advantages_task, informative_groups, refill_prompts_task
 from tasks.evaluate import evaluate_task
-from tasks.generate import generate_task
-from tasks.ingest import ingest_task
+from tasks.generate import generate_task, render_prompt, tokenization_loss
+from tasks.ingest import ingest_task, merge_prompts_task
 from tasks.objective import LossSettings
 from tasks.score import score_task
 from tasks.select import select_prompts_task
-from tasks.model import check_model_source
+from tasks.model import check_model_source, load_tokenizer
 from tasks.progress import stage_label
+from tasks.schedule import LRSchedule
 from tasks.tiny_model import ensure_tiny_model
 from tasks.update import needs_old_logprobs, update_task
 
@@ -72,9 +73,27 @@ def run_stage(manifest: Manifest, output: str, stage: Callable[..., dict], *args
     inputs = [str(a) for a in args if isinstance(a, (str, Path))]
     manifest.record(output, schema_version=schema_version, summary=summary, seconds=round(seconds, 3), inputs=inputs, **(manifest_extra or {}))
     VIEWS.publish_stage_report(manifest.folder, output, summary)
-    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items() if not isinstance(v, (list, dict)))
-    log.info(f"{where}: {shown} ({seconds:.1f}s)")
+    log.info(stage_line(where, summary, seconds))
     return summary
+
+
+STAGE_LINE_LIMIT = 120  # characters of a stage's log line; the rest of its summary is in metrics.json and the manifest
+
+
+def stage_line(where: str, summary: dict, seconds: float, limit: int = STAGE_LINE_LIMIT) -> str:
+    """`where: k v, k v, ... (1.2s)` with as many of the summary's scalars, in order, as fit
+    in `limit` characters; the count of the others is named, never silently dropped."""
+    items = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items() if not isinstance(v, (list, dict))]
+    tail = f" ({seconds:.1f}s)"
+    shown: list[str] = []
+    for k, item in enumerate(items):
+        more = len(items) - k - 1
+        rest = f", +{more} more" if more else ""
+        line = f"{where}: {', '.join([*shown, item])}{rest}{tail}"
+        if len(line) > limit and shown:
+            return f"{where}: {', '.join(shown)}, +{len(items) - k} more{tail}"
+        shown.append(item)
+    return f"{where}: {', '.join(shown)}{tail}"
 
 
 @task(name="prepare-model", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -82,7 +101,7 @@ def prepare_model_task(config: GRPOConfig) -> str:
     """The policy's starting checkpoint: the given model, or the built-in tiny one."""
     if config.model is not None:
         return config.model
-    return str(ensure_tiny_model(steps=config.warmup_steps, seed=config.seed))
+    return str(ensure_tiny_model(steps=config.tiny_model_sft_steps, seed=config.seed, say=get_run_logger().info))
 
 
 @task(name="builtin-prompts", cache_policy=NO_CACHE)
@@ -94,12 +113,63 @@ def write_builtin_prompts_task(out_path: str, held_out: bool, size: int) -> dict
     return {"rows": table.num_rows, "source": source}
 
 
+TOKENIZATION_SAMPLE = 256  # prompts checked for characters the tokenizer loses
+
+
+@task(name="check-prompts", cache_policy=NO_CACHE)
+def check_prompts_task(prompts_path: str, model: str, use_chat_template: bool, sample: int = TOKENIZATION_SAMPLE) -> dict:
+    return check_prompts(prompts_path, model, use_chat_template, sample)
+
+
+def check_prompts(prompts_path: str | Path, model: str, use_chat_template: bool, sample: int = TOKENIZATION_SAMPLE) -> dict:
+    """Whether the policy's tokenizer keeps the training prompts' text: the first `sample`
+    prompts rendered as the generate stage renders them, encoded and decoded back."""
+    tokenizer = load_tokenizer(model)
+    rows = read_table(prompts_path, PROMPTS).slice(0, sample).to_pylist()
+    return tokenization_loss(tokenizer, [render_prompt(r, tokenizer, use_chat_template) for r in rows])
+
+
+def tokenization_warning(check: dict, model: str) -> str | None:
+    """One line when the tokenizer loses characters of the prompts, with the counts."""
+    if not check["lossy"]:
+        return None
+    k, text, back = check["example"]
+    return (f"the tokenizer of {model} loses characters of {check['lossy']} of {check['prompts']} prompts checked "
+            f"({check['unknown_tokens']} unknown tokens), e.g. {text[:40]!r} -> {back[:40]!r}: the model never sees that text")
+
+
+def no_signal_warning(adv: dict) -> str | None:
+    """One line when no group of the iteration has reward spread: every advantage is 0."""
+    groups = adv.get("dynamic_sampling/groups", 0)
+    flat = round(adv.get("frac_reward_zero_std", 0.0) * groups)
+    if not groups or flat < groups:
+        return None
+    return f"no learning signal: {flat} of {groups} groups have zero reward spread (mean reward {adv.get('reward', math.nan):.3g})"
+
+
+class RunWarnings:
+    """Warnings that save hours, each said the first 3 times it applies and every 10th after,
+    with the count, so a run that never learns says so without drowning its log."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def say(self, log, key: str, message: str | None) -> bool:
+        if message is None:
+            return False
+        count = self.counts[key] = self.counts.get(key, 0) + 1
+        if count <= 3 or count % 10 == 0:
+            log.warning(message + (f" ({count} iterations so far)" if count > 1 else ""))
+            return True
+        return False
+
+
 def preflight(config: GRPOConfig) -> None:
     """The checks that need no Prefect and no model: a missing model folder or dataset file
     is reported in one line before the flow starts."""
     if config.model is not None:
         check_model_source(config.model)
-    for source in (config.dataset, config.eval_dataset):
+    for source in (*(config.datasets or {}), config.dataset, config.eval_dataset):
         if source is not None and (Path(source).expanduser().exists() or source.startswith(("/", ".", "~"))):
             next(read_source(source, split=config.dataset_split), None)  # parses the first row
 
@@ -208,9 +278,16 @@ def train_iterations(config: GRPOConfig) -> dict:
     if config.uses_builtin_data():
         run_stage(data_manifest, "prompts.parquet", write_builtin_prompts_task, train_path, held_out=False, size=0)
         run_stage(data_manifest, "eval.parquet", write_builtin_prompts_task, eval_path, held_out=True, size=config.eval_size)
-    else:
+    elif config.datasets is None:
         run_stage(data_manifest, "prompts.parquet", ingest_task, config.dataset, train_path, split=config.dataset_split, task=config.task,
                   skip_invalid=config.skip_invalid, rejected_path=str(data_dir / "rejected.parquet"))
+    else:  # several datasets: each ingested on its own, then one prompts file drawn from by weight
+        parts = [str(data_dir / f"source-{k}.parquet") for k in range(len(config.datasets))]
+        for k, (source, part) in enumerate(zip(config.datasets, parts)):
+            run_stage(data_manifest, Path(part).name, ingest_task, source, part, split=config.dataset_split, task=config.task,
+                      skip_invalid=config.skip_invalid, rejected_path=str(data_dir / f"rejected-{k}.parquet"))
+        run_stage(data_manifest, "prompts.parquet", merge_prompts_task, parts, train_path)
+    if not config.uses_builtin_data():
         if config.eval_dataset is None:
             eval_path = None
         else:
@@ -218,8 +295,9 @@ def train_iterations(config: GRPOConfig) -> dict:
                       task=config.task, skip_invalid=config.skip_invalid, limit=config.eval_size)
 
     machine = {"device": config.device, "dtype": config.dtype}
+    prompt_limit = dict(max_prompt_length=config.max_prompt_length, prompt_overflow=config.prompt_overflow, stop=config.stop)
     evaluate = dict(rewards=config.rewards, reward_options=config.bound_reward_options(), max_new_tokens=config.max_new_tokens,
-                    use_chat_template=config.use_chat_template, **machine)
+                    use_chat_template=config.use_chat_template, **prompt_limit, **machine)
     loss = LossSettings(
         epsilon_low=config.epsilon, epsilon_high=config.epsilon if config.epsilon_high is None else config.epsilon_high, beta=config.beta,
         temperature=config.temperature, importance_sampling=config.importance_sampling_level, aggregation=config.loss_aggregation,
@@ -227,8 +305,15 @@ def train_iterations(config: GRPOConfig) -> dict:
     )
     generate_settings = dict(group_size=config.group_size, max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
                              batch_size=config.generation_batch_size, reference_path=base_model if config.beta > 0 else None,
-                             use_chat_template=config.use_chat_template,
+                             use_chat_template=config.use_chat_template, top_k=config.top_k, min_p=config.min_p,
+                             repetition_penalty=config.repetition_penalty, **prompt_limit,
                              with_old_logprobs=config.store_old_logprobs or needs_old_logprobs(config.mu, config.mini_batches), **machine)
+    steps_per_iteration = config.mu * config.mini_batches
+    lr_schedule = LRSchedule(config.learning_rate, config.lr_scheduler, config.iterations * steps_per_iteration, config.warmup_ratio)
+    warnings = RunWarnings()
+    mix = None if config.datasets is None else [(source_label(s, split=config.dataset_split), w) for s, w in config.datasets.items()]
+    warnings.say(log, "tokenizer", tokenization_warning(check_prompts_task(train_path, base_model, config.use_chat_template), base_model))
+    too_long = {"prompts/truncated": 0, "prompts/skipped": 0}
 
     policy = base_model
     metrics: dict = {}
@@ -253,7 +338,7 @@ def train_iterations(config: GRPOConfig) -> dict:
 
         pool, before_pool = prompt_pool(data_manifest, train_path, it)  # scheduled runs add pools of unseen prompts
         run_stage(manifest, "prompts.parquet", select_prompts_task, pool, prompts, iteration=it - before_pool,
-                  per_iteration=config.prompts_per_iteration, seed=config.seed, schema_version=PROMPTS.version)
+                  per_iteration=config.prompts_per_iteration, seed=config.seed, mix=mix, schema_version=PROMPTS.version)
         gen = run_stage(manifest, "generations.parquet", generate_task, prompts, gens, policy, **generate_settings,
                         seed=config.seed * 100_003 + it, schema_version=GENERATIONS.version)
         score = run_stage(manifest, "rewards.parquet", score_task, gens, prompts, rewards, **score_settings(config), schema_version=REWARDS.version)
@@ -261,8 +346,15 @@ def train_iterations(config: GRPOConfig) -> dict:
         adv = run_stage(manifest, "advantages.parquet", advantages_task, all_rewards, advs, estimator=config.advantage_estimator,
                         scale_rewards=config.scale_rewards, eps=config.advantage_eps, dynamic_sampling=config.dynamic_sampling,
                         target_groups=config.prompts_per_iteration, schema_version=ADVANTAGES.version)
+        warnings.say(log, "no-signal", None if (w := no_signal_warning(adv)) is None else f"{folder.name}: {w}")
+        for key in too_long:
+            too_long[key] += gen.get(key, 0)
+        if gen.get("prompts/truncated") or gen.get("prompts/skipped"):
+            done = "truncated from the left" if config.prompt_overflow == "truncate_left" else "skipped"
+            warnings.say(log, "prompt-length", f"{folder.name}: {gen.get('prompts/truncated') or gen.get('prompts/skipped')} prompts longer than "
+                         f"max_prompt_length={config.max_prompt_length} tokens were {done} (counted in prompts/{done.split()[0]})")
         upd = run_stage(manifest, CHECKPOINT, update_task, all_gens, advs, policy, checkpoint, learning_rate=config.learning_rate, loss=loss,
-                        mu=config.mu, mini_batches=config.mini_batches, micro_batch_size=config.micro_batch_size,
+                        lr_schedule=lr_schedule, first_step=(it - 1) * steps_per_iteration, mu=config.mu, mini_batches=config.mini_batches, micro_batch_size=config.micro_batch_size,
                         gradient_checkpointing=config.gradient_checkpointing,
                         max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay, save=save, seed=config.seed * 100_003 + it, **machine)
         policy = checkpoint
@@ -282,4 +374,7 @@ def train_iterations(config: GRPOConfig) -> dict:
         before, after = start["accuracy"], metrics["held_out_accuracy"]
         log.info(f"held-out accuracy {before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points) on {start['problems']} problems")
         metrics["held_out_accuracy_before"] = before
+    if any(too_long.values()):
+        log.info(f"prompts over max_prompt_length={config.max_prompt_length}: {too_long['prompts/truncated']} truncated, "
+                 f"{too_long['prompts/skipped']} skipped, over iterations {first}-{config.iterations}")
     return metrics

@@ -14,7 +14,7 @@ from data.schemas import PROMPTS
 from data.store import read_table
 from rewards import make_reward
 from rewards.pool import shared_pool
-from tasks.generate import render_prompt, sample
+from tasks.generate import fit_prompts, render_prompt, sample
 from tasks.model import live_policy
 
 
@@ -29,14 +29,21 @@ def evaluate_policy(
     batch_size: int = 256,
     threshold: float = 1.0,
     use_chat_template: bool = True,
+    max_prompt_length: int | None = None,
+    prompt_overflow: str = "truncate_left",
+    stop: list[str] | tuple[str, ...] = (),
     device: str = "auto",
     dtype: str = "auto",
 ) -> dict:
+    """Greedy accuracy on the held-out prompts. A prompt left out by max_prompt_length
+    (prompt_overflow skip) counts as not solved, so accuracies stay comparable over a run."""
     policy = live_policy(policy_path, device, dtype)
-    rows = read_table(prompts_path, PROMPTS).to_pylist()
-    texts = [render_prompt(r, policy.tokenizer, use_chat_template) for r in rows]
+    all_rows = read_table(prompts_path, PROMPTS).to_pylist()
+    texts = [render_prompt(r, policy.tokenizer, use_chat_template) for r in all_rows]
     prompt_ids = [policy.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    samples = sample(policy.model, policy.tokenizer, prompt_ids, 1, max_new_tokens, 1.0, 1.0, batch_size, greedy=True, desc="evaluate")
+    kept, prompt_ids, too_long = fit_prompts(prompt_ids, max_prompt_length, prompt_overflow)
+    rows = [all_rows[i] for i in kept]
+    samples = sample(policy.model, policy.tokenizer, prompt_ids, 1, max_new_tokens, 1.0, 1.0, batch_size, greedy=True, desc="evaluate", stop=stop)
     completions = policy.tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
     bound = [make_reward(name, (reward_options or {}).get(name)) for name in rewards]
     weights = [rewards[r.name] for r in bound]
@@ -49,7 +56,10 @@ def evaluate_policy(
             if math.isnan(total):  # unscorable is not solved; counted, never hidden
                 errored += 1
             solved += not math.isnan(total) and total >= threshold
-    return {"accuracy": solved / max(len(rows), 1), "problems": len(rows), "errored": errored}
+    summary = {"accuracy": solved / max(len(all_rows), 1), "problems": len(all_rows), "errored": errored}
+    if too_long:
+        summary["prompts/truncated" if prompt_overflow == "truncate_left" else "prompts/skipped"] = too_long
+    return summary
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

@@ -19,8 +19,15 @@ H100, benchmarks/bench_gpu.py), which would make the ratio start away from 1; an
 every step's logits costs B x T x V floats (50 GiB peak for 512 x 128 tokens of a 49k
 vocabulary). The extra forward costs about one decoding step's worth of compute per token.
 
-Log-probs are those of the temperature-scaled distribution softmax(logits / T), before
-top-p truncation, as in TRL; the update computes its ratio on the same footing.
+Log-probs are those of the temperature-scaled distribution softmax(logits / T), as in TRL;
+the update computes its ratio on the same footing. Sampling settings that reshape that
+distribution (top_p, top_k, min_p, repetition_penalty) are therefore accepted only when no
+stored log-prob is used (mu = 1, one mini-batch: the ratio is 1 by construction); the config
+refuses them otherwise (flows/config.py). Stop strings only end a completion early
+(finish_reason "stop") and change no token's probability.
+
+Prompts longer than `max_prompt_length` tokens (after the chat template) are cut to their
+last tokens or left out (`prompt_overflow`), and counted in the stage's summary.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import pyarrow as pa
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from data.schemas import GENERATIONS, PROMPTS
 from data.store import read_table, write_table
@@ -45,7 +53,7 @@ from tasks.progress import progress
 class Sample:
     prompt_index: int
     completion_ids: list[int]  # includes the EOS token when the model stopped by itself
-    finish_reason: str  # "eos" | "length"
+    finish_reason: str  # "eos" | "stop" (a stop string) | "length"
 
 
 def render_prompt(row: dict, tokenizer, use_chat_template: bool) -> str:
@@ -74,8 +82,14 @@ def sample(
     batch_size: int,
     greedy: bool = False,
     desc: str = "generate",
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    stop: Sequence[str] = (),
 ) -> list[Sample]:
-    """`num_samples` completions of every prompt, `batch_size` sequences per ``generate``."""
+    """`num_samples` completions of every prompt, `batch_size` sequences per ``generate``.
+    `top_k` 0, `min_p` 0 and `repetition_penalty` 1 are off; a completion that contains one
+    of `stop` ends with the token that completed it."""
     device = next(model.parameters()).device
     eos_ids = _eos_ids(model, tokenizer)
     jobs = [i for i in range(len(prompt_ids)) for _ in range(num_samples)]  # group members adjacent
@@ -96,7 +110,10 @@ def sample(
                 do_sample=not greedy,
                 temperature=temperature if not greedy else None,
                 top_p=top_p if not greedy else None,
-                top_k=None,  # generation_config defaults (top_k=50) would silently truncate sampling
+                top_k=top_k if top_k and not greedy else None,  # None, not the generation_config's top_k=50
+                min_p=min_p if min_p and not greedy else None,
+                repetition_penalty=repetition_penalty if repetition_penalty != 1.0 else None,
+                stopping_criteria=StoppingCriteriaList([StopStrings(tokenizer, stop, width)]) if stop else None,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=eos_ids,
                 pad_token_id=tokenizer.pad_token_id,
@@ -104,11 +121,88 @@ def sample(
             new_tokens = result[:, width:].cpu()  # (b, C)
             for row, i in enumerate(chunk):
                 tokens = new_tokens[row].tolist()
-                stop = next((t for t, tok in enumerate(tokens) if tok in eos_ids), None)
-                length = len(tokens) if stop is None else stop + 1
-                out.append(Sample(i, tokens[:length], "length" if stop is None else "eos"))
+                end = next((t for t, tok in enumerate(tokens) if tok in eos_ids), None)
+                tokens, reason = tokens if end is None else tokens[: end + 1], "length" if end is None else "eos"
+                at = stop_index(tokenizer, tokens, stop) if stop else None
+                if at is not None and (reason == "length" or at < len(tokens) - 1):
+                    tokens, reason = tokens[: at + 1], "stop"
+                out.append(Sample(i, tokens, reason))
             bar.advance(len(chunk))
     return out
+
+
+class StopStrings(StoppingCriteria):
+    """Ends a sequence once its new text contains one of `stop`. transformers' own
+    `stop_strings` needs every token to decode after a letter prefix, which a tokenizer
+    without letters (the tiny model's) fails; this decodes the last few new tokens instead."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_width: int):
+        self.tokenizer, self.stop, self.width = tokenizer, list(stop), prompt_width
+        self.tail = max(map(len, self.stop)) + 8  # a token is at least one character, special ones none
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:  # (b, T) -> (b,)
+        new = input_ids[:, self.width :][:, -self.tail :].tolist()
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=False)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
+
+
+def stop_index(tokenizer, tokens: Sequence[int], stop: Sequence[str]) -> int | None:
+    """Index of the token with which the decoded `tokens` first contain one of `stop`, or
+    None. Containment only grows with the prefix, so a binary search needs ~log2(C) decodes."""
+    def contains(n: int) -> bool:
+        text = tokenizer.decode(tokens[:n], skip_special_tokens=False)
+        return any(s in text for s in stop)
+
+    if not tokens or not contains(len(tokens)):
+        return None
+    low, high = 1, len(tokens)  # contains(high) holds; find the smallest such prefix
+    while low < high:
+        middle = (low + high) // 2
+        if contains(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low - 1
+
+
+def fit_prompts(prompt_ids: list[list[int]], max_length: int | None, overflow: str) -> tuple[list[int], list[list[int]], int]:
+    """Apply `max_prompt_length`: (indices of the prompts kept, their token ids, how many were
+    longer). truncate_left keeps a long prompt's last `max_length` tokens; skip leaves it out."""
+    if overflow not in ("truncate_left", "skip"):
+        raise ValueError(f"unknown prompt_overflow '{overflow}'; known: truncate_left, skip")
+    if max_length is None:
+        return list(range(len(prompt_ids))), prompt_ids, 0
+    over = sum(len(ids) > max_length for ids in prompt_ids)
+    if overflow == "skip":
+        kept = [i for i, ids in enumerate(prompt_ids) if len(ids) <= max_length]
+        return kept, [prompt_ids[i] for i in kept], over
+    return list(range(len(prompt_ids))), [ids[-max_length:] for ids in prompt_ids], over
+
+
+def _unknown_token_id(tokenizer) -> int | None:
+    """The id unknown text becomes: the tokenizer's unk token, else its backend model's (the
+    tiny model's character vocabulary maps unknown characters to <pad> at that level only)."""
+    if getattr(tokenizer, "unk_token_id", None) is not None:
+        return tokenizer.unk_token_id
+    backend = getattr(getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None), "unk_token", None)
+    return tokenizer.convert_tokens_to_ids(backend) if backend else None
+
+
+def tokenization_loss(tokenizer, texts: Sequence[str]) -> dict:
+    """How many of `texts` do not survive encode -> decode (whitespace aside), and how many
+    unknown tokens their encodings hold: a tokenizer that lacks a text's characters feeds the
+    model something else (the tiny model's character tokenizer turns a GSM8K question into a
+    few digits), silently unless someone looks."""
+    unk = _unknown_token_id(tokenizer)
+    lossy, unknown, example = 0, 0, None
+    for k, text in enumerate(texts):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        unknown += sum(t == unk for t in ids) if unk is not None else 0
+        back = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if "".join(back.split()) != "".join(text.split()):
+            lossy += 1
+            example = example or (k, text, back)
+    return {"prompts": len(texts), "lossy": lossy, "unknown_tokens": unknown, "example": example}
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -132,6 +226,12 @@ def generate_completions(
     reference_path: str | None = None,
     use_chat_template: bool = True,
     with_old_logprobs: bool = True,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    stop: Sequence[str] = (),
+    max_prompt_length: int | None = None,
+    prompt_overflow: str = "truncate_left",
     seed: int = 0,
     device: str = "auto",
     dtype: str = "auto",
@@ -148,8 +248,17 @@ def generate_completions(
     rows = read_table(prompts_path, PROMPTS).to_pylist()
     texts = [render_prompt(r, tokenizer, use_chat_template) for r in rows]
     prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    lengths = [len(ids) for ids in prompt_ids]
+    kept, prompt_ids, too_long = fit_prompts(prompt_ids, max_prompt_length, prompt_overflow)
+    if not kept:
+        raise ValueError(f"{prompts_path}: all {len(rows)} prompts are longer than max_prompt_length={max_prompt_length} tokens "
+                         "(prompt_overflow skip); raise max_prompt_length or use prompt_overflow truncate_left")
+    if too_long and prompt_overflow == "truncate_left":  # the text column says what the model saw
+        texts = [tokenizer.decode(ids, skip_special_tokens=False) if n > len(ids) else t for ids, n, t in zip(prompt_ids, lengths, texts)]
+    rows, texts = [rows[i] for i in kept], [texts[i] for i in kept]
     torch.manual_seed(seed)
-    samples = sample(model, tokenizer, prompt_ids, group_size, max_new_tokens, temperature, top_p, batch_size)
+    samples = sample(model, tokenizer, prompt_ids, group_size, max_new_tokens, temperature, top_p, batch_size,
+                     top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, stop=stop)
     sample_prompts = [prompt_ids[s.prompt_index] for s in samples]
     sample_completions = [s.completion_ids for s in samples]
     old_logprobs = [None] * len(samples)
@@ -188,6 +297,8 @@ def generate_completions(
         "tokens": sum(lengths),
         "mean_length": sum(lengths) / max(len(lengths), 1),
         "clipped_ratio": sum(s.finish_reason == "length" for s in samples) / max(len(samples), 1),
+        "prompts/truncated": too_long if prompt_overflow == "truncate_left" else 0,
+        "prompts/skipped": too_long if prompt_overflow == "skip" else 0,
     }
 
 

@@ -27,10 +27,11 @@ from typing import Any
 
 import pyarrow as pa
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from data.schemas import PROMPTS, REJECTED, SchemaError
 from data.sources import InvalidRow, SourceError, normalise_row, prompts_table, read_source, source_label
-from data.store import Manifest, ParquetStreamWriter
+from data.store import Manifest, ParquetStreamWriter, iter_batches
 
 log = logging.getLogger("grpoflow.ingest")
 
@@ -164,6 +165,32 @@ def _record(out_path: Path, rejected_path: Path | None, summary: dict[str, Any])
     Manifest(out_path.parent).record(out_path.name, schema_version=PROMPTS.version, **facts)
     if rejected_path is not None:
         Manifest(rejected_path.parent).record(rejected_path.name, schema_version=REJECTED.version, source=summary["source"])
+
+
+def merge_prompts(paths: list[str | Path], out_path: str | Path) -> dict[str, Any]:
+    """Several ingested prompts files (one per mixed dataset) as one, streamed. A prompt in
+    two of them (same prompt_id) is kept once, from the first, and counted: later stages
+    join on prompt_id."""
+    seen: set[str] = set()
+    duplicates = 0
+    with ParquetStreamWriter(out_path, PROMPTS) as out:
+        for path in paths:
+            for batch in iter_batches(path, PROMPTS, batch_size=BATCH_ROWS):
+                table = pa.Table.from_batches([batch])
+                keep = []
+                for prompt_id in table.column("prompt_id").to_pylist():
+                    keep.append(prompt_id not in seen)
+                    seen.add(prompt_id)
+                duplicates += keep.count(False)
+                out.write(table.filter(pa.array(keep, pa.bool_())))
+    if duplicates:
+        log.warning("%s: %d prompts present in more than one mixed dataset kept once", out_path, duplicates)
+    return {"rows": len(seen), "duplicates": duplicates, "sources": len(paths)}
+
+
+@task(name="merge-prompts", cache_policy=NO_CACHE)
+def merge_prompts_task(paths: list[str], out_path: str) -> dict[str, Any]:
+    return merge_prompts(paths, out_path)
 
 
 # Errors that are the same on every attempt: retrying them only delays the message.

@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import random
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +23,9 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from data import builtin
 from tasks.model import LivePolicy, save_checkpoint
+from tasks.progress import progress
+
+ESTIMATE_AFTER_STEPS = 3  # steps timed before the one log line that says how long the build takes
 
 CHARS = list("0123456789+-*= ")
 SPECIAL = ["<pad>", "<eos>"]
@@ -76,25 +81,34 @@ def _sft_batch(tokenizer, problems: list[dict[str, str]]) -> dict[str, torch.Ten
     }
 
 
-def warm_up(model, tokenizer, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
-    """Supervised steps on training problems only (never the held-out set)."""
+def warm_up(model, tokenizer, steps: int, batch_size: int, lr: float, seed: int, on_estimate: Callable[[float], None] | None = None) -> list[float]:
+    """Supervised steps on training problems only (never the held-out set). A progress bar
+    on a terminal; `on_estimate(seconds)` is told once, after the first few steps, how long
+    the whole warm-up will take (a cold `make demo` was minutes of silence here)."""
     problems = builtin.train_problems(steps * batch_size, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses = []
     model.train()
-    for step in range(steps):
-        batch = _sft_batch(tokenizer, problems[step * batch_size : (step + 1) * batch_size])
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    started = time.perf_counter()
+    with progress("building the tiny model", total=steps) as bar:
+        for step in range(steps):
+            batch = _sft_batch(tokenizer, problems[step * batch_size : (step + 1) * batch_size])
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.advance()
+            if on_estimate is not None and step + 1 == min(ESTIMATE_AFTER_STEPS, steps):
+                on_estimate((time.perf_counter() - started) / (step + 1) * steps)
     model.eval()
     return losses
 
 
-def ensure_tiny_model(steps: int, batch_size: int = 128, lr: float = 1e-3, seed: int = 0, cache_dir: Path | None = None) -> Path:
-    """The warmed-up tiny model's folder, building it on the first call for these settings."""
+def ensure_tiny_model(steps: int, batch_size: int = 128, lr: float = 1e-3, seed: int = 0, cache_dir: Path | None = None,
+                      say: Callable[[str], None] | None = None) -> Path:
+    """The warmed-up tiny model's folder, building it on the first call for these settings;
+    `say` gets one line, with the time the build will take, when it has to be built."""
     settings = {"version": VERSION, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "torch": torch.__version__}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     folder = (cache_dir or default_cache_dir()) / "models" / f"tiny-arith-{digest}"
@@ -105,7 +119,9 @@ def ensure_tiny_model(steps: int, batch_size: int = 128, lr: float = 1e-3, seed:
     model = build_model(len(tokenizer), seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        losses = warm_up(model, tokenizer, steps, batch_size, lr, seed)
+        estimate = None if say is None else (lambda seconds: say(
+            f"building the built-in tiny model once ({steps} supervised steps, about {seconds:.0f}s; cached in {folder})"))
+        losses = warm_up(model, tokenizer, steps, batch_size, lr, seed, on_estimate=estimate)
     save_checkpoint(LivePolicy(model, tokenizer), folder)
     (folder / "warmup.json").write_text(json.dumps({**settings, "final_loss": losses[-1] if losses else None}))
     return folder

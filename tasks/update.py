@@ -41,6 +41,7 @@ from tasks.logprobs import completion_logprobs, pack
 from tasks.model import live_policy, load_optimizer_state, move_live_policy, save_checkpoint
 from tasks.objective import BatchTotals, LossSettings, loss_mask, policy_loss
 from tasks.progress import progress
+from tasks.schedule import LRSchedule
 
 
 class ArtifactMismatch(ValueError):
@@ -149,6 +150,8 @@ def update_policy(
     *,
     learning_rate: float,
     loss: LossSettings,
+    lr_schedule: LRSchedule | None = None,
+    first_step: int = 0,
     mu: int = 1,
     mini_batches: int = 1,
     micro_batch_size: int = 32,
@@ -161,7 +164,10 @@ def update_policy(
     dtype: str = "auto",
 ) -> dict:
     """mu x mini_batches optimiser steps of the GRPO objective over the kept completions;
-    returns the iteration's training metrics (TRL's names)."""
+    returns the iteration's training metrics (TRL's names).
+
+    With `lr_schedule`, optimiser step k of this iteration (k = epoch x mini_batches + its
+    mini-batch) uses ``lr_schedule.at(first_step + k)``; without, `learning_rate` throughout."""
     if mu < 1 or mini_batches < 1 or micro_batch_size < 1:
         raise ValueError(f"mu, mini_batches and micro_batch_size must be >= 1 (got {mu}, {mini_batches}, {micro_batch_size})")
     started = time.perf_counter()
@@ -193,8 +199,11 @@ def update_policy(
         set_activation_checkpointing(model, True)
     model.train()
     with progress("update", total=len(rows) * mu) as bar:
-        for _ in range(mu):
-            for mini in split_mini_batches(len(rows), mini_batches, rng):
+        for epoch in range(mu):
+            for position, mini in enumerate(split_mini_batches(len(rows), mini_batches, rng)):
+                step_lr = learning_rate if lr_schedule is None else lr_schedule.at(first_step + epoch * mini_batches + position)
+                for group in policy.optimizer.param_groups:
+                    group["lr"] = step_lr
                 batch_rows = [rows[i] for i in mini]
                 micro = [batch_rows[s : s + micro_batch_size] for s in range(0, len(batch_rows), micro_batch_size)]
                 totals = BatchTotals(sequences=len(batch_rows), tokens=sum(_loss_tokens(r, loss) for r in batch_rows), micro_batches=len(micro))
@@ -242,6 +251,7 @@ def update_policy(
         "clip_ratio/high_mean": sums["clip_high"] / units,
         "clip_ratio/region_mean": sums["clip_region"] / units,
         "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
+        "learning_rate": policy.optimizer.param_groups[0]["lr"],  # of the iteration's last step, as TRL logs it
     }
     if loss.beta > 0:
         metrics["kl"] = sums["kl_sum"] / tokens

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
 import pytest
 
 from flows.cli import build_parser, config_from_args, main
-from flows.config import GRPOConfig
+from flows.config import GRPOConfig, field_sections
 
 
 def test_run_help_shows_every_config_field_with_its_description(capsys, monkeypatch):
@@ -56,3 +57,76 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, argv, config_te
 def test_console_script_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "run" in out.stdout
+
+
+def _run_parser_actions():
+    parser = build_parser()
+    run = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    return run, {a.dest: a for a in run._actions if a.dest in GRPOConfig.model_fields}
+
+
+def test_run_help_is_grouped_by_the_config_sections(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100000")
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    sections = field_sections()
+    assert {n for _, names in sections for n in names} == set(GRPOConfig.model_fields)
+    assert [t for t, _ in sections][:3] == ["where", "how long", "sampling"]
+    for title, names in sections:  # every flag is printed after its section's header, before the next one
+        start = text.index(f"\n{title}:\n")
+        following = [text.index(f"\n{t}:\n") for t, _ in sections if text.index(f"\n{t}:\n") > start]
+        block = text[start : min(following, default=len(text))]
+        for name in names:
+            assert "--" + name.replace("_", "-") in block, (title, name)
+
+
+def test_run_help_shows_allowed_values_and_one_default_per_flag(capsys, monkeypatch):
+    run, actions = _run_parser_actions()
+    assert actions["advantage_estimator"].choices == ["grpo", "dr_grpo", "rloo"]
+    assert actions["scale_rewards"].choices == ["group", "batch", "none"]
+    for name, action in actions.items():
+        assert action.help.lower().count("default:") <= 1, name
+    assert "(default: " not in actions["run_dir"].help  # its description already says it
+    assert actions["group_size"].help.endswith("(default: 8)")
+    monkeypatch.setenv("COLUMNS", "100000")
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "--advantage-estimator {grpo,dr_grpo,rloo}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["run", "--advantage-estimator", "ppo"])
+    assert exit_info.value.code == 2
+
+
+def test_version_names_grpoflow_and_the_libraries(capsys):
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"grpo {importlib.metadata.version('grpoflow')} (torch ") and "prefect " in out
+
+
+def test_stage_line_stays_short_and_counts_what_it_leaves_out():
+    from flows.train import STAGE_LINE_LIMIT, stage_line
+
+    summary = {f"update/metric_number_{k}": k / 7 for k in range(20)} | {"curve": [1, 2]}
+    line = stage_line("iter-0003/checkpoint", summary, 12.5)
+    assert len(line) <= STAGE_LINE_LIMIT and line.endswith(" more (12.5s)")
+    shown = line.count("update/metric_number_")
+    assert f"+{20 - shown} more" in line and shown >= 2
+    assert stage_line("iter-0001/rewards.parquet", {"rows": 128, "reward_mean": 0.41}, 2.3) == "iter-0001/rewards.parquet: rows 128, reward_mean 0.41 (2.3s)"
+
+
+def test_run_ends_with_a_short_summary_whose_last_line_is_the_model(tmp_path):
+    from flows.cli import run_summary
+
+    (tmp_path / "iter-0002" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "iter-0002" / "checkpoint" / "config.json").write_text("{}")
+    lines = run_summary(tmp_path, {"iteration": 2, "reward": 0.5, "held_out_accuracy": 0.8, "held_out_accuracy_before": 0.6, "kl": 0.01}, 12.0)
+    assert len(lines) <= 6  # not the 40-line JSON dump (--json prints that)
+    assert "held-out accuracy: 60.0% -> 80.0% (+20.0 points)" in lines[1]
+    assert lines[-1] == f"  final model: {tmp_path / 'iter-0002' / 'checkpoint'}"
+    (tmp_path / "final").mkdir()
+    assert run_summary(tmp_path, {"iteration": 2}, 1.0)[-1] == f"  final model: {tmp_path / 'final'}"
