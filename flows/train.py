@@ -307,7 +307,8 @@ def train_iterations(config: GRPOConfig) -> dict:
                              batch_size=config.generation_batch_size, reference_path=base_model if config.beta > 0 else None,
                              use_chat_template=config.use_chat_template, top_k=config.top_k, min_p=config.min_p,
                              repetition_penalty=config.repetition_penalty, **prompt_limit,
-                             with_old_logprobs=config.store_old_logprobs or needs_old_logprobs(config.mu, config.mini_batches), **machine)
+                             with_old_logprobs=config.store_old_logprobs or needs_old_logprobs(config.mu, config.mini_batches),
+                             logprob_chunk_tokens=config.logprob_chunk_tokens, **machine)
     steps_per_iteration = config.mu * config.mini_batches
     lr_schedule = LRSchedule(config.learning_rate, config.lr_scheduler, config.iterations * steps_per_iteration, config.warmup_ratio)
     warnings = RunWarnings()
@@ -354,8 +355,9 @@ def train_iterations(config: GRPOConfig) -> dict:
             warnings.say(log, "prompt-length", f"{folder.name}: {gen.get('prompts/truncated') or gen.get('prompts/skipped')} prompts longer than "
                          f"max_prompt_length={config.max_prompt_length} tokens were {done} (counted in prompts/{done.split()[0]})")
         upd = run_stage(manifest, CHECKPOINT, update_task, all_gens, advs, policy, checkpoint, learning_rate=config.learning_rate, loss=loss,
-                        lr_schedule=lr_schedule, first_step=(it - 1) * steps_per_iteration, mu=config.mu, mini_batches=config.mini_batches, micro_batch_size=config.micro_batch_size,
-                        gradient_checkpointing=config.gradient_checkpointing,
+                        lr_schedule=lr_schedule, first_step=(it - 1) * steps_per_iteration, mu=config.mu, mini_batches=config.mini_batches,
+                        micro_batch_size=config.micro_batch_size, gradient_checkpointing=config.gradient_checkpointing,
+                        logprob_chunk_tokens=config.logprob_chunk_tokens,
                         max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay, save=save, seed=config.seed * 100_003 + it, **machine)
         policy = checkpoint
 
