@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from flows.config import GRPOConfig, field_sections
-from flows.prefect_server import PrefectServerError, own_prefect_server
+from flows.prefect_server import PrefectServerError, start_own_server
 
 
 def _quiet_offline_defaults() -> None:
@@ -104,15 +104,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     # The run's Prefect API starts now, before torch and Prefect are imported, so its
     # start-up overlaps theirs; it dies with this process however that dies.
-    with own_prefect_server() as server:
-        from flows.train import grpo_train, preflight  # imported late: Prefect reads its settings at import
+    server = start_own_server()
+    from flows.train import grpo_train, preflight  # imported late: Prefect reads its settings at import
 
-        preflight(config)
-        print(f"grpo: run folder {config.run_dir}", file=sys.stderr)
-        if server is not None:
-            _announce_ready(server)
-        started = time.perf_counter()
-        metrics = grpo_train(config)
+    preflight(config)
+    print(f"grpo: run folder {config.run_dir}", file=sys.stderr)
+    if server is not None:
+        _announce_ready(server)
+    started = time.perf_counter()
+    metrics = grpo_train(config)
     if args.json:
         print(json.dumps(metrics, indent=2, default=str))
     else:
@@ -148,14 +148,14 @@ def run_summary(run_dir: Path, metrics: dict, seconds: float) -> list[str]:
 
 
 def cmd_rescore(args: argparse.Namespace) -> int:
-    with own_prefect_server() as server:
-        from flows.rescore import default_tag, format_comparison, grpo_rescore  # late: Prefect reads its settings at import
+    server = start_own_server()  # see cmd_run
+    from flows.rescore import default_tag, format_comparison, grpo_rescore  # late: Prefect reads its settings at import
 
-        tag = args.tag or default_tag()
-        if server is not None:
-            _announce_ready(server)
-        results = grpo_rescore(str(args.target), tag, rewards=args.rewards, reward_options=args.reward_options,
-                               max_error_fraction=args.max_reward_error_fraction)
+    tag = args.tag or default_tag()
+    if server is not None:
+        _announce_ready(server)
+    results = grpo_rescore(str(args.target), tag, rewards=args.rewards, reward_options=args.reward_options,
+                           max_error_fraction=args.max_reward_error_fraction)
     if args.json:
         print(json.dumps(results, indent=2, default=str))
     else:

@@ -14,7 +14,8 @@ So the CLI starts the same server itself (the uvicorn command of Prefect's
   server outlives the CLI, whatever killed it;
 * its start-up overlaps the CLI's own imports, and the CLI waits for ``/health`` only right
   before the flow starts;
-* ``PREFECT_API_URL`` then points at it, so Prefect starts no server of its own.
+* ``PREFECT_API_URL`` then points at it, so Prefect starts no server of its own;
+* it is stopped at exit, after Prefect's own exit handlers have shipped their logs.
 
 With ``PREFECT_API_URL`` set (a long-lived ``prefect server start``, or Prefect Cloud; in
 the environment or the active profile), nothing is started: see the README, "Quiet and
@@ -25,6 +26,7 @@ has read its settings: the CLI called in-process, as tests do), or with
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import os
@@ -155,21 +157,9 @@ def start_own_server() -> ServerChild | None:
         return None
     server = ServerChild()
     os.environ["PREFECT_API_URL"] = server.url
+    # Stopped at exit, and only then: atexit runs the latest registration first, so Prefect's
+    # own exit handlers (registered later, on import) still ship their last logs and events
+    # to a live API. Stopping it when the flow returned left them retrying for ~70 s.
+    atexit.register(server.stop)
     return server
 
-
-@contextlib.contextmanager
-def own_prefect_server():
-    """`start_own_server()` for the block, then the server stopped and PREFECT_API_URL put
-    back as it was (tests call the CLI in-process). Yields the server, or None."""
-    before = os.environ.get("PREFECT_API_URL")
-    server = start_own_server()
-    try:
-        yield server
-    finally:
-        if server is not None:
-            server.stop()
-            if before is None:
-                os.environ.pop("PREFECT_API_URL", None)
-            else:
-                os.environ["PREFECT_API_URL"] = before
