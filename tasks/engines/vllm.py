@@ -99,6 +99,11 @@ class _Ticker:
     def __init__(self, bar) -> None:
         self.bar, self.n, self.postfix, self.format_dict = bar, 0, "", self._Elapsed()
 
+    @classmethod
+    def factory(cls, bar):
+        # vLLM also calls it as tqdm(iterable) around the requests it adds: pass those through.
+        return lambda iterable=None, **kwargs: iterable if iterable is not None else cls(bar)
+
     def update(self, n: int = 1) -> None:
         self.n += n
         self.bar.advance(n)
@@ -204,7 +209,7 @@ class VLLMEngine(Engine):
         out: list[Sample] = []
         with progress(desc, total=len(prompts) * num_samples) as bar:
             try:
-                results = self.llm.generate(prompts, params, use_tqdm=lambda *a, **k: _Ticker(bar))
+                results = self.llm.generate(prompts, params, use_tqdm=_Ticker.factory(bar))
             except BaseException:
                 self._abort_leftovers()  # else the next generate would return them with its own
                 raise
@@ -216,7 +221,7 @@ class VLLMEngine(Engine):
     def _abort_leftovers(self) -> None:
         engine = self.llm.llm_engine
         if engine.has_unfinished_requests():
-            engine.abort_request(list(engine.output_processor.request_states))
+            engine.abort_request(list(engine.output_processor.request_states), internal=True)
 
     def _sample(self, index: int, completion, settings: SamplingSettings) -> Sample:
         tokens = list(completion.token_ids)
