@@ -4,7 +4,7 @@ One small interface, several implementations, picked by name from `ENGINES`::
 
     engine = make_engine("hf")                       # or "vllm" (optional extra: make install-vllm)
     engine.load(model, tokenizer)                    # the policy to sample from (kept, not copied, by hf)
-    engine.sync(model.named_parameters())            # after an update: the new weights, in place
+    engine.sync(model.state_dict().items())          # after an update: the new weights, in place
     samples = engine.sample(prompt_ids, G, SamplingSettings(max_new_tokens=64), seed=7)
     samples[k].completion_ids, .finish_reason, .logprobs   # G samples per prompt, group members adjacent
 
@@ -56,6 +56,8 @@ class Engine(ABC):
     """Samples completions from one policy. `load` once, `sync` after every update."""
 
     name: str = ""
+    # True when the engine samples from the live policy object itself (hf): nothing to sync.
+    samples_the_live_policy: bool = False
 
     @abstractmethod
     def load(self, model, tokenizer) -> None:
@@ -64,7 +66,8 @@ class Engine(ABC):
     @abstractmethod
     def sync(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace the sampler's weights with these (name, tensor) pairs, names as in the
-        model's ``named_parameters()``; the engine stays up."""
+        model's ``state_dict()`` (tasks.lora.merged_weights for a LoRA policy); the engine
+        stays up."""
 
     @abstractmethod
     def sample(self, prompt_ids: Sequence[Sequence[int]], num_samples: int, settings: SamplingSettings,
@@ -127,8 +130,10 @@ def engine_for(name: str, policy_path: str, policy, options: dict | None = None)
         active = _Active(make_engine(name, **options), options, lambda: None, "")
     if active.model() is not policy.model:
         active.engine.load(policy.model, policy.tokenizer)
-    elif active.synced != policy_path:
-        active.engine.sync(policy.model.named_parameters())
+    elif active.synced != policy_path and not active.engine.samples_the_live_policy:
+        from tasks.lora import merged_weights  # a LoRA policy's weights with the adapter merged in
+
+        active.engine.sync(merged_weights(policy.model))
     active.model, active.synced = weakref.ref(policy.model), policy_path
     _ACTIVE[name] = active
     return active.engine

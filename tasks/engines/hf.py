@@ -58,6 +58,7 @@ def eos_ids(model, tokenizer) -> list[int]:
 
 class HFEngine(Engine):
     name = "hf"
+    samples_the_live_policy = True
 
     def __init__(self) -> None:
         self._model = lambda: None
@@ -76,10 +77,11 @@ class HFEngine(Engine):
         return model
 
     def sync(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        own = dict(self.model.named_parameters())
+        """Weights from elsewhere (a worker process) copied into the model it samples with."""
+        own = self.model.state_dict()
         with torch.no_grad():
             for name, tensor in weights:
-                if own[name] is not tensor:  # the live policy's own tensors are already in place
+                if own[name].data_ptr() != tensor.data_ptr():  # the live policy's own tensors are already in place
                     own[name].copy_(tensor)
 
     @torch.no_grad()

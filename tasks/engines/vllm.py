@@ -137,7 +137,9 @@ class VLLMEngine(Engine):
             self.config_key = key
         self.stop_ids = eos_ids(model, tokenizer)
         self.tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
-        self.sync(model.named_parameters())
+        from tasks.lora import merged_weights  # a LoRA policy's weights with the adapter merged in
+
+        self.sync(merged_weights(model))
 
     def _build(self, model, tokenizer) -> None:
         from vllm import LLM
@@ -169,8 +171,8 @@ class VLLMEngine(Engine):
             torch.set_num_threads(threads)
 
     def sync(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        # vLLM's loader reads checkpoint names ("model.layers.0..."), the names of
-        # named_parameters(); detached CPU/GPU tensors, no copy.
+        # vLLM's loader reads checkpoint names ("model.layers.0..."), the names of the
+        # state_dict; detached CPU/GPU tensors, no copy.
         named = [(name, tensor.detach()) for name, tensor in weights]
         self.llm.collective_rpc(_reload, args=(named,))
         if self.tied:
