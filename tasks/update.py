@@ -37,7 +37,8 @@ from prefect.cache_policies import NO_CACHE
 
 from data.schemas import ADVANTAGES, GENERATIONS
 from data.store import read_table
-from tasks.logprobs import completion_logprobs, pack
+from tasks.logprobs import DEFAULT_CHUNK_TOKENS, completion_logprobs, pack
+from tasks.lora import LoraSettings, add_adapter, is_adapted, trainable_parameters
 from tasks.model import live_policy, load_optimizer_state, move_live_policy, save_checkpoint
 from tasks.objective import BatchTotals, LossSettings, loss_mask, policy_loss
 from tasks.progress import progress
@@ -47,7 +48,8 @@ class ArtifactMismatch(ValueError):
     pass
 
 
-_GEN_COLUMNS = ["prompt_id", "sample_index", "prompt_token_ids", "completion_token_ids", "old_logprobs", "ref_logprobs", "finish_reason"]
+_GEN_COLUMNS = ["prompt_id", "sample_index", "prompt_token_ids", "completion_token_ids", "old_logprobs", "ref_logprobs", "finish_reason",
+                "sampler_logprobs"]
 
 
 def read_generations(generations_paths: str | Path | Sequence[str | Path]) -> list[dict]:
@@ -114,6 +116,38 @@ def _pad(values: list[list[float]], width: int, device) -> torch.Tensor:
     return out.to(device)
 
 
+class MismatchSums:
+    """Running sums of `policy_loss`'s train/inference mismatch statistics over the micro-
+    batches of an iteration; `metrics()` gives TRL's names (none when no micro-batch had the
+    sampler's log-probs). Later passes (mu > 1) see the same tokens again, which leaves the
+    means, minima and maxima unchanged."""
+
+    def __init__(self) -> None:
+        self.tokens = self.diff_sum = self.ratio_sum = 0.0
+        self.diff_max, self.ratio_min, self.ratio_max = 0.0, math.inf, -math.inf
+
+    def add(self, stats: dict) -> None:
+        if "mismatch_tokens" not in stats:
+            return
+        self.tokens += stats["mismatch_tokens"]
+        self.diff_sum += stats["logp_diff_sum"]
+        self.ratio_sum += stats["is_ratio_sum"]
+        self.diff_max = max(self.diff_max, stats["logp_diff_max"])
+        self.ratio_min = min(self.ratio_min, stats["is_ratio_min"])
+        self.ratio_max = max(self.ratio_max, stats["is_ratio_max"])
+
+    def metrics(self) -> dict:
+        if not self.tokens:
+            return {}
+        return {
+            "sampling/sampling_logp_difference/mean": self.diff_sum / self.tokens,
+            "sampling/sampling_logp_difference/max": self.diff_max,
+            "sampling/importance_sampling_ratio/min": self.ratio_min,
+            "sampling/importance_sampling_ratio/mean": self.ratio_sum / self.tokens,
+            "sampling/importance_sampling_ratio/max": self.ratio_max,
+        }
+
+
 def needs_old_logprobs(mu: int, mini_batches: int) -> bool:
     """Whether the update needs the sampling policy's stored log-probs: only when it takes
     more than one optimiser step on the same completions (the generate stage asks this too)."""
@@ -153,6 +187,8 @@ def update_policy(
     mini_batches: int = 1,
     micro_batch_size: int = 32,
     gradient_checkpointing: bool = False,
+    logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    lora: LoraSettings | None = None,
     max_grad_norm: float = 1.0,
     weight_decay: float = 0.0,
     save: bool = True,
@@ -166,11 +202,14 @@ def update_policy(
         raise ValueError(f"mu, mini_batches and micro_batch_size must be >= 1 (got {mu}, {mini_batches}, {micro_batch_size})")
     started = time.perf_counter()
     policy = live_policy(policy_path, device, dtype)
+    if lora is not None and not is_adapted(policy.model):
+        # The first LoRA update puts the adapter on the base (B = 0: the policy is unchanged).
+        policy.model = add_adapter(policy.model, lora, policy_path, seed=seed)
     model = policy.model
     if policy.optimizer is None:
-        # AdamW as in DeepSeekMath; state restored when the checkpoint carries it, so a
-        # resumed run continues exactly.
-        policy.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        # AdamW as in DeepSeekMath, over the trainable weights (the adapters' alone with
+        # LoRA); state restored when the checkpoint carries it, so a resumed run continues exactly.
+        policy.optimizer = torch.optim.AdamW(trainable_parameters(model), lr=learning_rate, weight_decay=weight_decay)
         load_optimizer_state(policy.optimizer, policy_path)
     for group in policy.optimizer.param_groups:
         group["lr"] = learning_rate
@@ -183,7 +222,11 @@ def update_policy(
     if needs_old_logprobs(mu, mini_batches) and any(r["old_logprobs"] is None for r in rows):
         raise ArtifactMismatch(f"{generations_path}: mu={mu} x mini_batches={mini_batches} optimiser steps need the sampling policy's "
                                "log-probs, but the generations carry none (generated for a single step); generate them again")
+    if loss.mismatch_correction != "none" and any(r["sampler_logprobs"] is None for r in rows):
+        raise ArtifactMismatch(f"{generations_path}: mismatch correction '{loss.mismatch_correction}' needs the sampler's log-probs, "
+                               "but some generations carry none (written before schema version 3); generate them again")
     rng = random.Random(seed)
+    mismatch = MismatchSums()
     pad_id = policy.tokenizer.pad_token_id
     sums = {"tokens": 0.0, "kl_sum": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_region": 0.0, "clip_units": 0.0, "entropy": 0.0, "seen_tokens": 0.0}
     step_losses: list[float] = []
@@ -202,14 +245,18 @@ def update_policy(
                 for chunk in micro:
                     batch = pack([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk], pad_id, model.device)
                     width = batch.completion_ids.shape[1]
-                    logp, entropy = completion_logprobs(model, batch, loss.temperature, with_entropy=True)  # (b, C)
+                    logp, entropy = completion_logprobs(model, batch, loss.temperature, with_entropy=True,
+                                                         chunk_tokens=logprob_chunk_tokens or None)  # (b, C)
                     stored = [r["old_logprobs"] for r in chunk]
                     old = logp.detach() if None in stored else _pad(stored, width, model.device)  # (b, C)
                     ref = _pad([r["ref_logprobs"] for r in chunk], width, model.device) if loss.beta > 0 else None
                     adv = torch.tensor([r["advantage"] for r in chunk], dtype=torch.float32, device=model.device)  # (b,)
                     truncated = torch.tensor([r["finish_reason"] == "length" for r in chunk], device=model.device)  # (b,)
                     mask = loss_mask(batch.completion_mask, truncated, loss)  # (b, C)
-                    mb_loss, mb = policy_loss(logp, old, adv, mask, ref, loss, totals)
+                    sampled = [r["sampler_logprobs"] for r in chunk]
+                    sampler = None if None in sampled else _pad(sampled, width, model.device)  # (b, C)
+                    mb_loss, mb = policy_loss(logp, old, adv, mask, ref, loss, totals, sampler)
+                    mismatch.add(mb)
                     mb_loss.backward()
                     step_loss += mb_loss.item()
                     for key in ("tokens", "kl_sum", "clip_low", "clip_high", "clip_region", "clip_units"):
@@ -245,6 +292,7 @@ def update_policy(
     }
     if loss.beta > 0:
         metrics["kl"] = sums["kl_sum"] / tokens
+    metrics |= mismatch.metrics()
     metrics |= completion_metrics(gens)
     metrics |= {
         "iteration_tokens": sum(len(g["prompt_token_ids"]) + len(g["completion_token_ids"]) for g in gens),
