@@ -336,7 +336,7 @@ def _collect(run: _Run) -> RunResult:
 
 
 class _Zygote:
-    """The long-lived, clean process that forks one supervisor per program (see sandbox_child).
+    """The long-lived, clean process that forks one supervisor per program (see child.py).
 
     One per scoring process and interpreter. It exits when this process closes the socket
     (or dies); a dead one is replaced on the next request.
