@@ -32,6 +32,7 @@ from flows.config import GRPOConfig
 from flows.report import VIEWS
 from flows.resume import CHECKPOINT, PendingUpdates, hold_run_folder, prompt_pool, release_run_folder, resume_point, saved_metrics
 from tasks.advantages import advantages_task, informative_groups, refill_prompts_task
+from tasks.engines import check_available
 from tasks.evaluate import evaluate_task
 from tasks.generate import generate_task
 from tasks.ingest import ingest_task
@@ -99,6 +100,8 @@ def preflight(config: GRPOConfig) -> None:
     is reported in one line before the flow starts."""
     if config.model is not None:
         check_model_source(config.model)
+    for engine in {config.generation_engine, config.eval_engine or config.generation_engine}:
+        check_available(engine)
     for source in (config.dataset, config.eval_dataset):
         if source is not None and (Path(source).expanduser().exists() or source.startswith(("/", ".", "~"))):
             next(read_source(source, split=config.dataset_split), None)  # parses the first row
