@@ -39,7 +39,7 @@ from rewards import make_reward  # noqa: E402
 from rewards.pool import RewardPool  # noqa: E402
 
 BUDGET_S = 1.0  # the code reward's timeout_s (CPU seconds) for these programs
-WALL_S = 2 * BUDGET_S + 5.0  # its wall-clock backstop (the reward's default)
+WALL_S = 3.0  # its wall-clock backstop (shorter than the default: the sleepers set the suite's time)
 UNPRIVILEGED_UID = 23456  # the throw-away scorer user of the unprivileged run (no passwd entry needed)
 FALLBACK_PYTHON = "/usr/bin/python3"  # a root scorer without namespaces needs one `nobody` can read
 
@@ -311,7 +311,7 @@ def run_suite(namespaces: bool, workers: int = 6) -> list[str]:
     """Score every attack as this process's user; the list of what was not contained."""
     c = make_canaries()
     try:
-        options = {"timeout_s": BUDGET_S, "namespaces": namespaces}
+        options = {"timeout_s": BUDGET_S, "wall_s": WALL_S, "namespaces": namespaces}
         if not namespaces and os.geteuid() == 0:
             options["python"] = FALLBACK_PYTHON  # `nobody` cannot read an interpreter under /root
         code = make_reward("code", options)
