@@ -268,6 +268,8 @@ def attacks(c: Canaries) -> list[Attack]:
         Attack(6, "huge_reply", "def solve():\n    return 'x' * (64 << 20)\n", "def check(candidate):\n    assert candidate() == 'x'\n"),
         Attack(6, "deeply_nested_reply", "def solve():\n    v = 1\n    for _ in range(5000):\n        v = [v]\n    return v\n",
                "def check(candidate):\n    assert candidate() == 1\n"),
+        Attack(6, "many_large_replies", "def solve(i):\n    return list(range(100_000))\n",
+               "def check(candidate):\n    for i in range(400):\n        assert candidate(i) != [-1]\n    assert False\n"),
         Attack(6, "huge_int_reply", "import sys\nsys.set_int_max_str_digits(0)\ndef solve():\n    return 10 ** 100000\n",
                "def check(candidate):\n    assert candidate() > 0 and candidate() == 1\n"),
         # 7. candidate bugs: 0 with a reason, never NaN
