@@ -37,7 +37,7 @@ from prefect.cache_policies import NO_CACHE
 
 from data.schemas import ADVANTAGES, GENERATIONS
 from data.store import DiskFull, check_free_space, read_table
-from tasks.logprobs import completion_logprobs, pack
+from tasks.logprobs import DEFAULT_CHUNK_TOKENS, completion_logprobs, pack
 from tasks.model import checkpoint_bytes, live_policy, load_optimizer_state, move_live_policy, save_checkpoint
 from tasks.objective import BatchTotals, LossSettings, loss_mask, policy_loss
 from tasks.progress import progress
@@ -153,6 +153,7 @@ def update_policy(
     mini_batches: int = 1,
     micro_batch_size: int = 32,
     gradient_checkpointing: bool = False,
+    logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     max_grad_norm: float = 1.0,
     weight_decay: float = 0.0,
     save: bool = True,
@@ -204,7 +205,8 @@ def update_policy(
                 for chunk in micro:
                     batch = pack([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk], pad_id, model.device)
                     width = batch.completion_ids.shape[1]
-                    logp, entropy = completion_logprobs(model, batch, loss.temperature, with_entropy=True)  # (b, C)
+                    logp, entropy = completion_logprobs(model, batch, loss.temperature, with_entropy=True,
+                                                         chunk_tokens=logprob_chunk_tokens or None)  # (b, C)
                     stored = [r["old_logprobs"] for r in chunk]
                     old = logp.detach() if None in stored else _pad(stored, width, model.device)  # (b, C)
                     ref = _pad([r["ref_logprobs"] for r in chunk], width, model.device) if loss.beta > 0 else None
