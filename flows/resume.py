@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.store import TMP_PREFIX, Manifest, iteration_dir
+from data.store import TMP_PREFIX, Manifest, atomic_write_json, iteration_dir
 from tasks.progress import stage_label
 
 CHECKPOINT = "checkpoint"
@@ -83,6 +83,16 @@ def _remove_folder(folder: Path) -> None:
     shutil.rmtree(doomed)
 
 
+def _mark_removed(folder: Path) -> None:
+    """Note in the manifest that the checkpoint was removed on purpose (grpo inspect shows
+    'removed', not 'changed'); it stays recorded as done, so nothing tries to redo it."""
+    manifest = Manifest(folder)
+    entries = manifest.entries()
+    if CHECKPOINT in entries:
+        entries[CHECKPOINT]["removed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        atomic_write_json(manifest.path, entries)
+
+
 def prune_checkpoints(run_dir: str | Path, keep: int | None) -> dict[str, list[int]]:
     """Keep the newest `keep` checkpoints (None: all) and the optimiser state of the
     resumable one only. Checkpoints newer than the resumable one (their iteration not yet
@@ -100,6 +110,7 @@ def prune_checkpoints(run_dir: str | Path, keep: int | None) -> dict[str, list[i
         folder = iteration_dir(run_dir, it) / CHECKPOINT
         if it not in kept:
             _remove_folder(folder)
+            _mark_removed(iteration_dir(run_dir, it))
             removed.append(it)
         elif it != resumable.iteration and (folder / OPTIMIZER_FILE).exists():
             (folder / OPTIMIZER_FILE).unlink()
