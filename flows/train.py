@@ -172,6 +172,17 @@ def write_metrics_table(run_dir: Path, added: int | None = None) -> Path:
     return write_table(pa.concat_tables([table, new]) if table is not None else new, out, METRICS)
 
 
+# The settings each generation engine is built with (tasks/engines), from the config.
+ENGINE_OPTIONS: dict[str, Callable[[GRPOConfig], dict]] = {
+    "hf": lambda config: {},
+    "vllm": lambda config: {"gpu_memory_utilization": config.vllm_gpu_memory_utilization, "cpu_kv_cache_gb": config.vllm_cpu_kv_cache_gb},
+}
+
+
+def engine_settings(config: GRPOConfig, name: str) -> dict:
+    return {"engine": name, "engine_options": ENGINE_OPTIONS[name](config)}
+
+
 def score_settings(config: GRPOConfig) -> dict:
     return dict(rewards=config.rewards, max_error_fraction=config.max_reward_error_fraction, reward_options=config.bound_reward_options(),
                 workers=config.score_workers, chunk_rows=config.score_chunk_rows, worker_memory_mb=config.score_worker_memory_mb)
@@ -240,11 +251,12 @@ def train_iterations(config: GRPOConfig) -> dict:
 
     machine = {"device": config.device, "dtype": config.dtype}
     evaluate = dict(rewards=config.rewards, reward_options=config.bound_reward_options(), max_new_tokens=config.max_new_tokens,
-                    use_chat_template=config.use_chat_template, **machine)
+                    use_chat_template=config.use_chat_template, **engine_settings(config, config.eval_engine or config.generation_engine), **machine)
     loss = LossSettings(
         epsilon_low=config.epsilon, epsilon_high=config.epsilon if config.epsilon_high is None else config.epsilon_high, beta=config.beta,
         temperature=config.temperature, importance_sampling=config.importance_sampling_level, aggregation=config.loss_aggregation,
         max_completion_length=config.max_new_tokens, mask_truncated_completions=config.mask_truncated_completions,
+        mismatch_correction=config.mismatch_correction, mismatch_cap=config.mismatch_cap,
     )
     generate_settings = dict(group_size=config.group_size, max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
                              batch_size=config.generation_batch_size,
@@ -253,7 +265,8 @@ def train_iterations(config: GRPOConfig) -> dict:
                              reference_from_base=config.beta > 0 and bool(config.lora_rank),
                              use_chat_template=config.use_chat_template,
                              with_old_logprobs=config.store_old_logprobs or needs_old_logprobs(config.mu, config.mini_batches),
-                             logprob_chunk_tokens=config.logprob_chunk_tokens, **machine)
+                             logprob_chunk_tokens=config.logprob_chunk_tokens,
+                             **engine_settings(config, config.generation_engine), **machine)
 
     policy = base_model
     metrics: dict = {}

@@ -48,7 +48,8 @@ class ArtifactMismatch(ValueError):
     pass
 
 
-_GEN_COLUMNS = ["prompt_id", "sample_index", "prompt_token_ids", "completion_token_ids", "old_logprobs", "ref_logprobs", "finish_reason"]
+_GEN_COLUMNS = ["prompt_id", "sample_index", "prompt_token_ids", "completion_token_ids", "old_logprobs", "ref_logprobs", "finish_reason",
+                "sampler_logprobs"]
 
 
 def read_generations(generations_paths: str | Path | Sequence[str | Path]) -> list[dict]:
@@ -113,6 +114,38 @@ def _pad(values: list[list[float]], width: int, device) -> torch.Tensor:
     for i, v in enumerate(values):
         out[i, : len(v)] = torch.as_tensor(v, dtype=torch.float32)
     return out.to(device)
+
+
+class MismatchSums:
+    """Running sums of `policy_loss`'s train/inference mismatch statistics over the micro-
+    batches of an iteration; `metrics()` gives TRL's names (none when no micro-batch had the
+    sampler's log-probs). Later passes (mu > 1) see the same tokens again, which leaves the
+    means, minima and maxima unchanged."""
+
+    def __init__(self) -> None:
+        self.tokens = self.diff_sum = self.ratio_sum = 0.0
+        self.diff_max, self.ratio_min, self.ratio_max = 0.0, math.inf, -math.inf
+
+    def add(self, stats: dict) -> None:
+        if "mismatch_tokens" not in stats:
+            return
+        self.tokens += stats["mismatch_tokens"]
+        self.diff_sum += stats["logp_diff_sum"]
+        self.ratio_sum += stats["is_ratio_sum"]
+        self.diff_max = max(self.diff_max, stats["logp_diff_max"])
+        self.ratio_min = min(self.ratio_min, stats["is_ratio_min"])
+        self.ratio_max = max(self.ratio_max, stats["is_ratio_max"])
+
+    def metrics(self) -> dict:
+        if not self.tokens:
+            return {}
+        return {
+            "sampling/sampling_logp_difference/mean": self.diff_sum / self.tokens,
+            "sampling/sampling_logp_difference/max": self.diff_max,
+            "sampling/importance_sampling_ratio/min": self.ratio_min,
+            "sampling/importance_sampling_ratio/mean": self.ratio_sum / self.tokens,
+            "sampling/importance_sampling_ratio/max": self.ratio_max,
+        }
 
 
 def needs_old_logprobs(mu: int, mini_batches: int) -> bool:
@@ -191,7 +224,11 @@ def update_policy(
     if needs_old_logprobs(mu, mini_batches) and any(r["old_logprobs"] is None for r in rows):
         raise ArtifactMismatch(f"{generations_path}: mu={mu} x mini_batches={mini_batches} optimiser steps need the sampling policy's "
                                "log-probs, but the generations carry none (generated for a single step); generate them again")
+    if loss.mismatch_correction != "none" and any(r["sampler_logprobs"] is None for r in rows):
+        raise ArtifactMismatch(f"{generations_path}: mismatch correction '{loss.mismatch_correction}' needs the sampler's log-probs, "
+                               "but some generations carry none (written before schema version 3); generate them again")
     rng = random.Random(seed)
+    mismatch = MismatchSums()
     pad_id = policy.tokenizer.pad_token_id
     sums = {"tokens": 0.0, "kl_sum": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_region": 0.0, "clip_units": 0.0, "entropy": 0.0, "seen_tokens": 0.0}
     step_losses: list[float] = []
@@ -218,7 +255,10 @@ def update_policy(
                     adv = torch.tensor([r["advantage"] for r in chunk], dtype=torch.float32, device=model.device)  # (b,)
                     truncated = torch.tensor([r["finish_reason"] == "length" for r in chunk], device=model.device)  # (b,)
                     mask = loss_mask(batch.completion_mask, truncated, loss)  # (b, C)
-                    mb_loss, mb = policy_loss(logp, old, adv, mask, ref, loss, totals)
+                    sampled = [r["sampler_logprobs"] for r in chunk]
+                    sampler = None if None in sampled else _pad(sampled, width, model.device)  # (b, C)
+                    mb_loss, mb = policy_loss(logp, old, adv, mask, ref, loss, totals, sampler)
+                    mismatch.add(mb)
                     mb_loss.backward()
                     step_loss += mb_loss.item()
                     for key in ("tokens", "kl_sum", "clip_low", "clip_high", "clip_region", "clip_units"):
@@ -254,6 +294,7 @@ def update_policy(
     }
     if loss.beta > 0:
         metrics["kl"] = sums["kl_sum"] / tokens
+    metrics |= mismatch.metrics()
     metrics |= completion_metrics(gens)
     metrics |= {
         "iteration_tokens": sum(len(g["prompt_token_ids"]) + len(g["completion_token_ids"]) for g in gens),
