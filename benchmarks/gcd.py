@@ -117,6 +117,7 @@ def plot(points: list[dict], path: Path, title: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=60, help="wall budget: no iteration starts after it")
+    p.add_argument("--end-by", default=None, help="HH:MM (machine clock): the wall budget ends then at the latest")
     p.add_argument("--iterations", type=int, default=200, help="upper bound; the wall budget usually stops the run first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", nargs="*", default=[], help="recipe overrides, key=JSON value")
@@ -143,6 +144,10 @@ def main() -> None:
     env = os.environ | {"GRPOFLOW_PROGRESS": "0", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
     child = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env)
     deadline = started + a.minutes * 60
+    if a.end_by:
+        hour, minute = map(int, a.end_by.split(":"))
+        now = time.localtime(started)
+        deadline = min(deadline, time.mktime(now[:3] + (hour, minute, 0) + now[6:]))
     while child.poll() is None and time.time() < deadline:
         time.sleep(5)
     if child.poll() is None:

@@ -60,14 +60,6 @@ class GRPOConfig(BaseModel):
                              f"top_p must be 1 (got {self.top_p})")
         return self
 
-    @model_validator(mode="after")
-    def _vllm_syncs_full_weights(self) -> GRPOConfig:
-        # The vLLM engine receives the policy's weights under the base model's names; a peft
-        # model's adapters would have to be merged first, which is not done yet.
-        if self.lora_rank and "vllm" in (self.generation_engine, self.eval_engine):
-            raise ValueError("the vllm engine does not take LoRA adapters yet: use generation_engine hf (and eval_engine hf) with lora_rank > 0")
-        return self
-
     # --- rewards ----------------------------------------------------------------------------
     rewards: dict[str, float] = Field(default_factory=lambda: {"exact_answer": 1.0}, description="Reward functions and their weights (JSON object); the reward is the weighted sum. Names are registered rewards or 'package.module:function'.")
     reward_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Options of each reward (JSON object of objects), e.g. {\"code\": {\"mode\": \"fraction\"}, \"math\": {\"time_limit_s\": 5}}. Unknown options are an error that lists the valid ones. overlong's max_length defaults to max_new_tokens.")

@@ -34,6 +34,7 @@ from flows.report import VIEWS
 from flows.resume import (CHECKPOINT, PendingUpdates, hold_run_folder, prompt_pool, prune_checkpoints, release_run_folder,
                           resume_point, saved_metrics)
 from tasks.advantages import advantages_task, informative_groups, refill_prompts_task
+from tasks.engines import check_available
 from tasks.evaluate import evaluate_task
 from tasks.generate import generate_task
 from tasks.ingest import ingest_task
@@ -108,6 +109,8 @@ def preflight(config: GRPOConfig) -> None:
     written: each reported in one line before the flow starts."""
     if config.model is not None:
         check_model_source(config.model)
+    for engine in {config.generation_engine, config.eval_engine or config.generation_engine}:
+        check_available(engine)
     for source in (config.dataset, config.eval_dataset):
         local = source is not None and (Path(source).expanduser().exists() or source.startswith(("/", ".", "~")))
         if local or (source is not None and hub_offline()):  # offline, a hub name reads the local cache only

@@ -24,6 +24,17 @@ def test_registry_rejects_a_duplicate_and_names_the_known_engines():
         pick("sglang")
 
 
+def test_a_missing_optional_engine_is_reported_before_the_run(monkeypatch):
+    import importlib.util
+
+    from tasks.engines import check_available
+
+    check_available("hf")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="generation engine 'vllm' needs the 'vllm' package: make install-vllm"):
+        check_available("vllm")
+
+
 @pytest.fixture(params=["hf", "vllm"])
 def engine_name(request):
     if request.param == "vllm":

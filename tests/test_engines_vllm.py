@@ -69,6 +69,28 @@ def test_synced_weights_give_the_trainers_logprobs_with_tied_embeddings(tiny_mod
     assert worst <= 1e-3, f"max |engine - transformers| log-prob difference {worst:.2e} after a sync of {took:.2f}s"
 
 
+def test_a_lora_policy_is_synced_with_its_adapter_merged(tiny_model_dir):
+    """A LoRA policy (peft) goes into the engine as W + (alpha / R) B A under the base model's
+    names (tasks.lora.merged_weights): the engine's log-probs are the adapted model's."""
+    require("peft", "lora")
+    from tasks.lora import LoraSettings, add_adapter
+    from tasks.model import LivePolicy
+
+    base = live_policy(str(tiny_model_dir), "cpu", "float32")
+    adapted = add_adapter(base.model, LoraSettings(rank=4), str(tiny_model_dir), seed=0)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # B = 0 at creation: give the adapter an effect
+    policy = LivePolicy(adapted, base.tokenizer)
+    engine = engine_for("vllm", str(tiny_model_dir) + "@lora", policy)
+    prompts = _prompts(policy.tokenizer)
+    worst = 0.0
+    for s in engine.sample(prompts, 3, SamplingSettings(max_new_tokens=6), seed=2):
+        worst = max(worst, (_forward_logprobs(adapted, prompts[s.prompt_index], s.completion_ids) - torch.tensor(s.logprobs)).abs().max().item())
+    assert worst <= 1e-3
+
+
 def test_what_is_and_is_not_reproducible(tiny_model_dir):
     """With per-request seeds unusable on the CPU backend, the engine re-seeds its sampler
     before every generate. Reproducible: the same weights, prompts, settings and seed give the

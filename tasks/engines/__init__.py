@@ -84,11 +84,29 @@ class Engine(ABC):
 ENGINES: dict[str, Callable[..., Engine]] = {}
 
 
-def register_engine(name: str, factory: Callable[..., Engine]) -> None:
-    """Add an engine kind; a name can be registered once."""
+# name -> (module it needs, how to install it), for engines that live in an optional extra.
+REQUIREMENTS: dict[str, tuple[str, str]] = {}
+
+
+def register_engine(name: str, factory: Callable[..., Engine], requires: tuple[str, str] | None = None) -> None:
+    """Add an engine kind; a name can be registered once. `requires`: (module, install hint)."""
     if name in ENGINES:
         raise ValueError(f"generation engine '{name}' is registered already")
     ENGINES[name] = factory
+    if requires is not None:
+        REQUIREMENTS[name] = requires
+
+
+def check_available(name: str) -> None:
+    """Fail in one line, before any stage runs, for an unknown engine or one whose optional
+    package is not installed (without importing it: importing vLLM takes seconds)."""
+    import importlib.util
+
+    pick(name)
+    if name in REQUIREMENTS:
+        module, hint = REQUIREMENTS[name]
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"generation engine '{name}' needs the '{module}' package: {hint}")
 
 
 def pick(name: str) -> Callable[..., Engine]:
@@ -159,4 +177,4 @@ def _vllm(**options) -> Engine:
 
 
 register_engine("hf", _hf)
-register_engine("vllm", _vllm)
+register_engine("vllm", _vllm, requires=("vllm", "make install-vllm"))
