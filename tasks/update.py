@@ -43,10 +43,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data.schemas import ADVANTAGES, GENERATIONS
-from data.store import read_table
+from data.store import DiskFull, check_free_space, read_table
 from tasks.logprobs import DEFAULT_CHUNK_TOKENS, completion_logprobs, pack
 from tasks.lora import LoraSettings, add_adapter, is_adapted, trainable_parameters
-from tasks.model import live_policy, load_optimizer_state, move_live_policy, save_checkpoint
+from tasks.model import checkpoint_bytes, live_policy, load_optimizer_state, move_live_policy, save_checkpoint
 from tasks.objective import SPLIT_INVARIANT_AGGREGATIONS, BatchTotals, LossSettings, loss_mask, policy_loss
 from tasks.progress import progress
 
@@ -261,6 +261,8 @@ def update_policy(
         load_optimizer_state(policy.optimizer, policy_path)
     for group in policy.optimizer.param_groups:
         group["lr"] = learning_rate
+    if save:  # a checkpoint that cannot fit fails now, not after minutes of update
+        check_free_space(out_checkpoint, checkpoint_bytes(policy))
     policy.optimizer.zero_grad(set_to_none=True)  # a retried stage must not add to stale gradients
 
     gens = read_generations(generations_path)
@@ -367,6 +369,11 @@ def update_policy(
     return metrics
 
 
-@task(name="update", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def _worth_retrying(task_obj, task_run, state) -> bool:
+    """A full disk fails the same way again (and a retry would redo the whole update)."""
+    return not isinstance(state.result(raise_on_failure=False), DiskFull)
+
+
+@task(name="update", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, retry_condition_fn=_worth_retrying)
 def update_task(generations_path: str | list[str], advantages_path: str, policy_path: str, out_checkpoint: str, **settings) -> dict:
     return update_policy(generations_path, advantages_path, policy_path, out_checkpoint, **settings)
