@@ -102,6 +102,8 @@ class GRPOConfig(BaseModel):
     eval_every: int = Field(10, ge=0, description="Evaluate on the held-out prompts every this many iterations (and at the start and end); 0 = only start and end.")
     eval_size: int = Field(500, ge=1, description="Held-out problems scored per evaluation (at most the held-out set's size).")
     save_every: int = Field(1, ge=1, description="Write a checkpoint every this many iterations (and after the last).")
+    # --- run folder: checkpoint rotation (issue 13) --------------------------------------------
+    save_total_limit: int | None = Field(None, ge=1, description="Keep only the newest this many iteration checkpoints (the one a resume starts from is always kept); None keeps all. Only that resumable one keeps its optimiser state (two thirds of a checkpoint), so older ones hold the weights alone. The run's final/ folder is not counted.")
     seed: int = Field(0, description="Seed of prompt sampling, generation and update; a run is reproducible given the same seed and machine.")
     device: str = Field("auto", description="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype: auto = bfloat16 on a GPU that has it, else float32.")

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from data.schemas import GENERATIONS, PROMPTS, REWARDS
-from data.store import ParquetStreamWriter, iter_batches, read_table
+from data.store import DiskFull, ParquetStreamWriter, iter_batches, read_table
 from rewards import RewardOptionsError, make_reward
 from rewards.pool import shared_pool
 from tasks.progress import progress
@@ -288,7 +288,7 @@ def _worth_retrying(task, task_run, state) -> bool:
     error = state.result(raise_on_failure=False)
     # ValueError covers RewardOptionsError and SchemaError; KeyError covers UnknownRewardError
     # and a prompt_id missing from the prompts file.
-    return not isinstance(error, (ValueError, KeyError, FileNotFoundError))
+    return not isinstance(error, (ValueError, KeyError, FileNotFoundError, DiskFull))
 
 
 @task(name="score", retries=2, retry_delay_seconds=1, retry_condition_fn=_worth_retrying)
