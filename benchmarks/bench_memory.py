@@ -44,31 +44,11 @@ import time
 from pathlib import Path
 
 import common  # noqa: F401  (sets the offline/quiet environment and sys.path)
-from common import ROOT, machine_info, set_threads
+from common import ROOT, machine_info, reset_peak_rss, set_threads, status_mib
 
 PYTHON = sys.executable
 SIDES = ["grpoflow", "grpoflow-gc", "grpoflow-whole", "grpoflow-whole-gc", "grpoflow-lora", "grpoflow-lora-gc", "trl"]
 BETA = 0.04
-
-
-def reset_peak() -> None:
-    """Reset the kernel's resident-memory high-water mark of this process (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
-def peak_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def synthetic_batch(a: argparse.Namespace, tokenizer) -> tuple[list[list[int]], list[list[int]], list[float]]:
@@ -101,15 +81,15 @@ def worker_grpoflow(a: argparse.Namespace, gradient_checkpointing: bool, chunk_t
     tok = load_tokenizer(a.model_path)
     prompts, completions, advantages = synthetic_batch(a, tok)
     work = Path(tempfile.mkdtemp(prefix="bench-memory-", dir=a.scratch))
-    out = {"after_imports_mib": rss_mib()}
+    out = {"after_imports_mib": status_mib("VmRSS")}
 
     # The generate stage's reference forward: reference model loaded, log-probs, freed.
     ref = load_model(a.model_path, torch.device("cpu"), torch.float32).eval()
-    reset_peak()
+    reset_peak_rss()
     started = time.perf_counter()
     ref_logprobs = batched_completion_logprobs(ref, prompts, completions, tok.pad_token_id, 1.0, a.micro_batch, chunk_tokens or None)
     out["reference_seconds"] = time.perf_counter() - started
-    out["reference_peak_mib"] = peak_mib()
+    out["reference_peak_mib"] = status_mib("VmHWM")
     ref.to("meta")
     del ref
 
@@ -117,7 +97,7 @@ def worker_grpoflow(a: argparse.Namespace, gradient_checkpointing: bool, chunk_t
     write_table(pa.table({
         "prompt_id": [str(i // a.group_size) for i in range(n)], "sample_index": [i % a.group_size for i in range(n)],
         "prompt_text": [""] * n, "completion": [""] * n, "prompt_token_ids": prompts, "completion_token_ids": completions,
-        "old_logprobs": [None] * n, "ref_logprobs": ref_logprobs, "finish_reason": ["length"] * n,
+        "old_logprobs": [None] * n, "ref_logprobs": ref_logprobs, "finish_reason": ["length"] * n, "sampler_logprobs": [None] * n,
     }, schema=GENERATIONS.schema), work / "generations.parquet", GENERATIONS)
     write_table(pa.table({
         "prompt_id": [str(i // a.group_size) for i in range(n)], "sample_index": [i % a.group_size for i in range(n)],
@@ -126,17 +106,19 @@ def worker_grpoflow(a: argparse.Namespace, gradient_checkpointing: bool, chunk_t
     settings = dict(learning_rate=1e-6, loss=LossSettings(beta=BETA), micro_batch_size=a.micro_batch,
                     gradient_checkpointing=gradient_checkpointing, logprob_chunk_tokens=chunk_tokens, save=False, device="cpu", dtype="float32")
     if lora_rank:
-        settings["lora"] = {"rank": lora_rank}
+        from tasks.lora import LoraSettings
+
+        settings["lora"] = LoraSettings(rank=lora_rank)
     # The policy is loaded here, as the flow's first update would (live_policy), before the peak is reset.
     from tasks.model import live_policy
 
     live_policy(a.model_path, "cpu", "float32")
-    out["before_update_rss_mib"] = rss_mib()
-    reset_peak()
+    out["before_update_rss_mib"] = status_mib("VmRSS")
+    reset_peak_rss()
     started = time.perf_counter()
     metrics = update_policy(work / "generations.parquet", work / "advantages.parquet", a.model_path, str(work / "checkpoint"), **settings)
     out["update_seconds"] = time.perf_counter() - started
-    out["update_peak_mib"] = peak_mib()
+    out["update_peak_mib"] = status_mib("VmHWM")
     out["loss"] = metrics["policy_loss"]
     out["trained_parameters"] = sum(p.numel() for p in live_policy(str(work / "checkpoint")).model.parameters() if p.requires_grad)
     return out
@@ -151,7 +133,7 @@ def worker_trl(a: argparse.Namespace) -> dict:
 
     tok = load_tokenizer(a.model_path)
     prompts, completions, advantages = synthetic_batch(a, tok)
-    out = {"after_imports_mib": rss_mib()}
+    out = {"after_imports_mib": status_mib("VmRSS")}
     rows = [{"prompt": "x", "answer": "0"}] * a.sequences
     trainer = trl_trainer(a.model_path, rows, lambda completions, **kw: [0.0] * len(completions), output_dir=tempfile.mkdtemp(dir=a.scratch),
                           prompts_per_step=a.sequences // a.group_size, group_size=a.group_size, max_completion_length=a.completion_tokens,
@@ -168,18 +150,18 @@ def worker_trl(a: argparse.Namespace) -> dict:
     completion_mask = torch.ones_like(completion_ids)
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention_mask = torch.cat([prompt_mask, completion_mask], 1)
-    reset_peak()
+    reset_peak_rss()
     started = time.perf_counter()
     with torch.no_grad():
         ref_logps = torch.cat([trainer._get_per_token_logps_and_entropies(trainer.ref_model, input_ids[s : s + a.micro_batch],
                                                                            attention_mask[s : s + a.micro_batch], a.completion_tokens)[0]
                                for s in range(0, a.sequences, a.micro_batch)])
     out["reference_seconds"] = time.perf_counter() - started
-    out["reference_peak_mib"] = peak_mib()
+    out["reference_peak_mib"] = status_mib("VmHWM")
     trainer._prepare_inputs = lambda inputs: inputs  # the batch is given: no generation
     trainer.current_gradient_accumulation_steps = a.sequences // a.micro_batch  # set by Trainer's loop per step
-    out["before_update_rss_mib"] = rss_mib()
-    reset_peak()
+    out["before_update_rss_mib"] = status_mib("VmRSS")
+    reset_peak_rss()
     started = time.perf_counter()
     losses = []
     for s in range(0, a.sequences, a.micro_batch):
@@ -192,7 +174,7 @@ def worker_trl(a: argparse.Namespace) -> dict:
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     out["update_seconds"] = time.perf_counter() - started
-    out["update_peak_mib"] = peak_mib()
+    out["update_peak_mib"] = status_mib("VmHWM")
     out["loss"] = sum(losses)
     out["trained_parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return out

@@ -14,7 +14,8 @@ from data.schemas import PROMPTS
 from data.store import read_table
 from rewards import make_reward
 from rewards.pool import shared_pool
-from tasks.generate import fit_prompts, render_prompt, sample
+from tasks.engines import SamplingSettings, engine_for
+from tasks.generate import fit_prompts, render_prompt
 from tasks.model import live_policy
 
 
@@ -32,6 +33,8 @@ def evaluate_policy(
     max_prompt_length: int | None = None,
     prompt_overflow: str = "truncate_left",
     stop: list[str] | tuple[str, ...] = (),
+    engine: str = "hf",
+    engine_options: dict | None = None,
     device: str = "auto",
     dtype: str = "auto",
 ) -> dict:
@@ -43,7 +46,8 @@ def evaluate_policy(
     prompt_ids = [policy.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     kept, prompt_ids, too_long = fit_prompts(prompt_ids, max_prompt_length, prompt_overflow)
     rows = [all_rows[i] for i in kept]
-    samples = sample(policy.model, policy.tokenizer, prompt_ids, 1, max_new_tokens, 1.0, 1.0, batch_size, greedy=True, desc="evaluate", stop=stop)
+    greedy = SamplingSettings(max_new_tokens=max_new_tokens, greedy=True, batch_size=batch_size, with_logprobs=False, stop=tuple(stop))
+    samples = engine_for(engine, policy_path, policy, engine_options).sample(prompt_ids, 1, greedy, desc="evaluate") if rows else []
     completions = policy.tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
     bound = [make_reward(name, (reward_options or {}).get(name)) for name in rewards]
     weights = [rewards[r.name] for r in bound]

@@ -19,41 +19,37 @@ H100, benchmarks/bench_gpu.py), which would make the ratio start away from 1; an
 every step's logits costs B x T x V floats (50 GiB peak for 512 x 128 tokens of a 49k
 vocabulary). The extra forward costs about one decoding step's worth of compute per token.
 
-Log-probs are those of the temperature-scaled distribution softmax(logits / T), as in TRL;
-the update computes its ratio on the same footing. Sampling settings that reshape that
-distribution (top_p, top_k, min_p, repetition_penalty) are therefore accepted only when no
-stored log-prob is used (mu = 1, one mini-batch: the ratio is 1 by construction); the config
-refuses them otherwise (flows/config.py). Stop strings only end a completion early
-(finish_reason "stop") and change no token's probability.
+Log-probs are those of the temperature-scaled distribution softmax(logits / T), before
+top-p truncation, as in TRL; the update computes its ratio on the same footing. Sampling
+settings that reshape the sampled distribution (top_p, top_k, min_p, repetition_penalty) are
+therefore accepted only when no stored old-policy log-prob is used (mu = 1, one mini-batch:
+the ratio is 1 by construction); the config refuses them otherwise (flows/config.py). Stop
+strings only end a completion early (finish_reason "stop") and change no probability.
 
 Prompts longer than `max_prompt_length` tokens (after the chat template) are cut to their
 last tokens or left out (`prompt_overflow`), and counted in the stage's summary.
+
+Whichever engine samples (`engine`: tasks/engines, hf or vllm), it also hands back its own
+log-prob of every token it drew: stored as `sampler_logprobs`, they let the update measure
+(and optionally correct, tasks/objective.py) the train/inference mismatch between the
+sampler's numerics and the trainer's forward pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from data.schemas import GENERATIONS, PROMPTS
 from data.store import read_table, write_table
+from tasks.engines import SamplingSettings, engine_for
 from tasks.logprobs import DEFAULT_CHUNK_TOKENS, batched_completion_logprobs
+from tasks.lora import reference_weights
 from tasks.model import live_policy, load_model, pick_dtype
-from tasks.progress import progress
-
-
-@dataclass
-class Sample:
-    prompt_index: int
-    completion_ids: list[int]  # includes the EOS token when the model stopped by itself
-    finish_reason: str  # "eos" | "stop" (a stop string) | "length"
 
 
 def render_prompt(row: dict, tokenizer, use_chat_template: bool) -> str:
@@ -68,101 +64,6 @@ def render_prompt(row: dict, tokenizer, use_chat_template: bool) -> str:
     if use_chat_template and has_template:
         return tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True)
     return row["prompt"]
-
-
-@torch.no_grad()
-def sample(
-    model,
-    tokenizer,
-    prompt_ids: Sequence[Sequence[int]],
-    num_samples: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    batch_size: int,
-    greedy: bool = False,
-    desc: str = "generate",
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    stop: Sequence[str] = (),
-) -> list[Sample]:
-    """`num_samples` completions of every prompt, `batch_size` sequences per ``generate``.
-    `top_k` 0, `min_p` 0 and `repetition_penalty` 1 are off; a completion that contains one
-    of `stop` ends with the token that completed it."""
-    device = next(model.parameters()).device
-    eos_ids = _eos_ids(model, tokenizer)
-    jobs = [i for i in range(len(prompt_ids)) for _ in range(num_samples)]  # group members adjacent
-    out: list[Sample] = []
-    model.eval()
-    with progress(desc, total=len(jobs)) as bar:
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start : start + batch_size]
-            width = max(len(prompt_ids[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
-                ids[row, width - len(prompt_ids[i]) :] = torch.as_tensor(prompt_ids[i])
-                mask[row, width - len(prompt_ids[i]) :] = 1
-            result = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                do_sample=not greedy,
-                temperature=temperature if not greedy else None,
-                top_p=top_p if not greedy else None,
-                top_k=top_k if top_k and not greedy else None,  # None, not the generation_config's top_k=50
-                min_p=min_p if min_p and not greedy else None,
-                repetition_penalty=repetition_penalty if repetition_penalty != 1.0 else None,
-                stopping_criteria=StoppingCriteriaList([StopStrings(tokenizer, stop, width)]) if stop else None,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos_ids,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new_tokens = result[:, width:].cpu()  # (b, C)
-            for row, i in enumerate(chunk):
-                tokens = new_tokens[row].tolist()
-                end = next((t for t, tok in enumerate(tokens) if tok in eos_ids), None)
-                tokens, reason = tokens if end is None else tokens[: end + 1], "length" if end is None else "eos"
-                at = stop_index(tokenizer, tokens, stop) if stop else None
-                if at is not None and (reason == "length" or at < len(tokens) - 1):
-                    tokens, reason = tokens[: at + 1], "stop"
-                out.append(Sample(i, tokens, reason))
-            bar.advance(len(chunk))
-    return out
-
-
-class StopStrings(StoppingCriteria):
-    """Ends a sequence once its new text contains one of `stop`. transformers' own
-    `stop_strings` needs every token to decode after a letter prefix, which a tokenizer
-    without letters (the tiny model's) fails; this decodes the last few new tokens instead."""
-
-    def __init__(self, tokenizer, stop: Sequence[str], prompt_width: int):
-        self.tokenizer, self.stop, self.width = tokenizer, list(stop), prompt_width
-        self.tail = max(map(len, self.stop)) + 8  # a token is at least one character, special ones none
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:  # (b, T) -> (b,)
-        new = input_ids[:, self.width :][:, -self.tail :].tolist()
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=False)
-        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
-
-
-def stop_index(tokenizer, tokens: Sequence[int], stop: Sequence[str]) -> int | None:
-    """Index of the token with which the decoded `tokens` first contain one of `stop`, or
-    None. Containment only grows with the prefix, so a binary search needs ~log2(C) decodes."""
-    def contains(n: int) -> bool:
-        text = tokenizer.decode(tokens[:n], skip_special_tokens=False)
-        return any(s in text for s in stop)
-
-    if not tokens or not contains(len(tokens)):
-        return None
-    low, high = 1, len(tokens)  # contains(high) holds; find the smallest such prefix
-    while low < high:
-        middle = (low + high) // 2
-        if contains(middle):
-            high = middle
-        else:
-            low = middle + 1
-    return low - 1
 
 
 def fit_prompts(prompt_ids: list[list[int]], max_length: int | None, overflow: str) -> tuple[list[int], list[list[int]], int]:
@@ -205,14 +106,6 @@ def tokenization_loss(tokenizer, texts: Sequence[str]) -> dict:
     return {"prompts": len(texts), "lossy": lossy, "unknown_tokens": unknown, "example": example}
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    # Chat models often end turns with a token other than the tokenizer's EOS (e.g.
-    # <|im_end|>); their generation config lists every stop token.
-    configured = model.generation_config.eos_token_id
-    configured = configured if isinstance(configured, list) else [configured]
-    return sorted({i for i in [tokenizer.eos_token_id, *configured] if i is not None})
-
-
 def generate_completions(
     prompts_path: str | Path,
     out_path: str | Path,
@@ -226,23 +119,28 @@ def generate_completions(
     reference_path: str | None = None,
     use_chat_template: bool = True,
     with_old_logprobs: bool = True,
+    logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    reference_from_base: bool = False,
     top_k: int = 0,
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
     stop: Sequence[str] = (),
     max_prompt_length: int | None = None,
     prompt_overflow: str = "truncate_left",
-    logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     seed: int = 0,
+    engine: str = "hf",
+    engine_options: dict | None = None,
     device: str = "auto",
     dtype: str = "auto",
 ) -> dict:
-    """Sample `group_size` completions per prompt and write the generations artifact.
+    """Sample `group_size` completions per prompt with generation engine `engine`
+    (tasks/engines, built with `engine_options`) and write the generations artifact.
 
     `with_old_logprobs` false leaves ``old_logprobs`` null (the update then takes a single
     step and needs none). `reference_path` set (beta > 0) adds the reference model's
     per-token log-probs; that model is loaded only for this and freed before the stage
-    returns, so the update stage holds the policy alone.
+    returns, so the update stage holds the policy alone. `reference_from_base` (LoRA, beta >
+    0) takes them from the policy's base weights with its adapter disabled instead.
     """
     policy = live_policy(policy_path, device, dtype)
     model, tokenizer = policy.model, policy.tokenizer
@@ -257,9 +155,9 @@ def generate_completions(
     if too_long and prompt_overflow == "truncate_left":  # the text column says what the model saw
         texts = [tokenizer.decode(ids, skip_special_tokens=False) if n > len(ids) else t for ids, n, t in zip(prompt_ids, lengths, texts)]
     rows, texts = [rows[i] for i in kept], [texts[i] for i in kept]
-    torch.manual_seed(seed)
-    samples = sample(model, tokenizer, prompt_ids, group_size, max_new_tokens, temperature, top_p, batch_size,
-                     top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, stop=stop)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size, top_k=top_k,
+                                min_p=min_p, repetition_penalty=repetition_penalty, stop=tuple(stop))
+    samples = engine_for(engine, policy_path, policy, engine_options).sample(prompt_ids, group_size, settings, seed=seed)
     sample_prompts = [prompt_ids[s.prompt_index] for s in samples]
     sample_completions = [s.completion_ids for s in samples]
     old_logprobs = [None] * len(samples)
@@ -268,7 +166,13 @@ def generate_completions(
                                                   logprob_chunk_tokens or None)
 
     ref_logprobs = None
-    if reference_path is not None:
+    if reference_from_base:
+        # LoRA: the reference is the policy's own frozen base weights, adapter disabled;
+        # nothing is loaded.
+        with reference_weights(model):
+            ref_logprobs = batched_completion_logprobs(model, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature,
+                                                       batch_size, logprob_chunk_tokens or None)
+    elif reference_path is not None:
         ref = load_model(reference_path, model.device, pick_dtype(dtype, model.device)).eval()
         ref_logprobs = batched_completion_logprobs(ref, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size,
                                                   logprob_chunk_tokens or None)
@@ -290,6 +194,7 @@ def generate_completions(
             "old_logprobs": old_logprobs,
             "ref_logprobs": ref_logprobs if ref_logprobs is not None else [None] * len(samples),
             "finish_reason": [s.finish_reason for s in samples],
+            "sampler_logprobs": [s.logprobs for s in samples],
         },
         schema=GENERATIONS.schema,
     )

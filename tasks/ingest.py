@@ -31,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 
 from data.schemas import PROMPTS, REJECTED, SchemaError
 from data.sources import InvalidRow, SourceError, normalise_row, prompts_table, read_source, source_label
-from data.store import Manifest, ParquetStreamWriter, iter_batches
+from data.store import DiskFull, Manifest, ParquetStreamWriter, iter_batches
 
 log = logging.getLogger("grpoflow.ingest")
 
@@ -194,7 +194,7 @@ def merge_prompts_task(paths: list[str], out_path: str) -> dict[str, Any]:
 
 
 # Errors that are the same on every attempt: retrying them only delays the message.
-_PERMANENT = (InvalidRow, SourceError, EmptySource, SchemaError)
+_PERMANENT = (InvalidRow, SourceError, EmptySource, SchemaError, DiskFull)
 
 
 def _worth_retrying(task_obj, task_run, state) -> bool:

@@ -127,6 +127,7 @@ def test_run_ends_with_a_short_summary_whose_last_line_is_the_model(tmp_path):
     lines = run_summary(tmp_path, {"iteration": 2, "reward": 0.5, "held_out_accuracy": 0.8, "held_out_accuracy_before": 0.6, "kl": 0.01}, 12.0)
     assert len(lines) <= 6  # not the 40-line JSON dump (--json prints that)
     assert "held-out accuracy: 60.0% -> 80.0% (+20.0 points)" in lines[1]
-    assert lines[-1] == f"  final model: {tmp_path / 'iter-0002' / 'checkpoint'}"
+    assert lines[-1] == f"final model: {tmp_path / 'iter-0002' / 'checkpoint'}"
     (tmp_path / "final").mkdir()
-    assert run_summary(tmp_path, {"iteration": 2}, 1.0)[-1] == f"  final model: {tmp_path / 'final'}"
+    assert run_summary(tmp_path, {"iteration": 2}, 1.0)[-1] == f"final model: {tmp_path / 'final'}"
+    assert run_summary(tmp_path, {"final_model": "/x/final"}, 1.0)[-1] == "final model: /x/final"

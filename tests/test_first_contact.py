@@ -104,11 +104,13 @@ def test_sampling_that_reshapes_the_distribution_is_refused_with_stored_logprobs
     GRPOConfig(stop=["\n"], **steps)  # stop strings change no probability
 
 
-def test_sample_applies_top_k_min_p_repetition_penalty_and_stop(tiny_model_dir):
-    from tasks.generate import sample
+def test_hf_engine_applies_top_k_min_p_repetition_penalty_and_stop(tiny_model_dir):
+    from tasks.engines import SamplingSettings, make_engine
     from tasks.model import live_policy
 
     policy = live_policy(str(tiny_model_dir))
+    engine = make_engine("hf")
+    engine.load(policy.model, policy.tokenizer)
     prompt = [policy.tokenizer("12+34=", add_special_tokens=False)["input_ids"]]
     seen = {}
     original = policy.model.generate
@@ -119,21 +121,41 @@ def test_sample_applies_top_k_min_p_repetition_penalty_and_stop(tiny_model_dir):
 
     policy.model.generate = spy
     try:
-        torch.manual_seed(0)
-        out = sample(policy.model, policy.tokenizer, prompt, 8, 12, 1.0, 1.0, 8, top_k=3, min_p=0.05, repetition_penalty=1.3, stop=["5"])
+        settings = SamplingSettings(max_new_tokens=12, batch_size=8, top_k=3, min_p=0.05, repetition_penalty=1.3, stop=("5",))
+        out = engine.sample(prompt, 8, settings, seed=0)
     finally:
         policy.model.generate = original
     assert (seen["top_k"], seen["min_p"], seen["repetition_penalty"]) == (3, 0.05, 1.3)
     for s in out:
         text = policy.tokenizer.decode(s.completion_ids, skip_special_tokens=True)
+        assert len(s.logprobs) == len(s.completion_ids)
         if s.finish_reason == "stop":
             assert text.endswith("5") and "5" not in text[:-1]
         else:
             assert "5" not in text
 
 
+def test_hf_engine_logprobs_are_of_the_top_k_distribution_sampled(tiny_model_dir):
+    """With top_k the recorded log-probs are of the renormalised top-k distribution: every
+    drawn token has a log-prob above that of the untruncated softmax, and exp sums to 1."""
+    from tasks.engines import SamplingSettings, make_engine
+    from tasks.logprobs import batched_completion_logprobs
+    from tasks.model import live_policy
+
+    policy = live_policy(str(tiny_model_dir))
+    engine = make_engine("hf")
+    engine.load(policy.model, policy.tokenizer)
+    prompt = [policy.tokenizer("12+34=", add_special_tokens=False)["input_ids"]]
+    out = engine.sample(prompt, 6, SamplingSettings(max_new_tokens=4, batch_size=6, top_k=2), seed=0)
+    full = batched_completion_logprobs(policy.model, [prompt[0]] * len(out), [s.completion_ids for s in out], policy.tokenizer.pad_token_id,
+                                       1.0, 6)
+    for s, untruncated in zip(out, full):
+        assert all(a >= b - 1e-5 for a, b in zip(s.logprobs, untruncated))
+        assert any(a > b + 1e-3 for a, b in zip(s.logprobs, untruncated))  # mass of the dropped tokens moved to the kept two
+
+
 def test_stop_index_finds_the_token_that_completes_a_stop_string(tiny_model_dir):
-    from tasks.generate import stop_index
+    from tasks.engines.hf import stop_index
     from tasks.model import load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
@@ -250,7 +272,7 @@ def test_tokenizer_that_loses_characters_is_detected(tiny_model_dir):
         assert tokenization_loss(tok, ["12+34=", "1 + 2 ="])["lossy"] == 0
 
 
-def test_flow_warns_about_lost_characters_and_no_signal_and_counts_long_prompts(tmp_path, tiny_model_dir, prefect_harness, capfd):
+def test_flow_warns_about_lost_characters_and_no_signal_and_counts_long_prompts(tmp_path, tiny_model_dir, prefect_harness, capfd, caplog):
     """One short run of the flow on GSM-like text with the character tokenizer: both warnings
     fire (the random model scores 0 everywhere), the prompt cut is counted, the schedule runs."""
     from flows.train import grpo_train
@@ -262,8 +284,11 @@ def test_flow_warns_about_lost_characters_and_no_signal_and_counts_long_prompts(
                         prompts_per_iteration=2, group_size=2, max_new_tokens=2, beta=0.0, max_prompt_length=1,
                         lr_scheduler="linear", warmup_ratio=0.5, use_chat_template=False)
     assert config.rewards == {"math": 1.0}
-    metrics = grpo_train(config)
-    text = capfd.readouterr().err  # the flow's log (Prefect's console handler)
+    with caplog.at_level(logging.INFO):
+        metrics = grpo_train(config)
+    # The flow's log: on stderr from Prefect's console handler, or in caplog when an earlier
+    # test in the session changed where Prefect's loggers go.
+    text = capfd.readouterr().err + "\n".join(r.getMessage() for r in caplog.records)
     assert "loses characters of 8 of 8 prompts checked" in text and "'Tom has 0 apples" in text
     assert "no learning signal: 2 of 2 groups have zero reward spread" in text
     assert "2 prompts longer than max_prompt_length=1 tokens were truncated from the left" in text
