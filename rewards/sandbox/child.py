@@ -369,7 +369,9 @@ def _candidate_process(config, folders, hidden, namespaced, root_scorer, out_w, 
                 "install Python under a world-readable prefix or allow user namespaces"
             )
         devices = [f"/dev/{d}" for d in isolation.DEVICES]
-        landlock = isolation.landlock(folders, hidden, writable, devices)
+        # With a private root the hidden folders are covered by empty tmpfs already; only
+        # without one must Landlock leave them out (rule by rule: slower, fallback only).
+        landlock = isolation.landlock(folders, [] if namespaced else hidden, writable, devices)
         isolation.drop_capabilities(become=isolation.SANDBOX_ID if namespaced and root_scorer else None)
         isolation.prctl(isolation.PR_SET_NO_NEW_PRIVS, 1)
         isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
