@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install install-dev clean ci
+.PHONY: demo test install install-dev install-tracking clean ci
 
 # Every optional part's install target; CI installs them all so their tests run, not skip.
 OPTIONAL_INSTALLS :=
@@ -36,6 +36,14 @@ demo: install
 
 test: install-dev
 	$(BIN)/python -m pytest
+
+# MLflow tracking, the model registry and TensorBoard event files (flows/tracking.py).
+$(VENV)/.installed-tracking: pyproject.toml $(VENV)/.installed-dev
+	$(BIN)/pip install -q -e '.[tracking]'
+	touch $@
+
+install-tracking: $(VENV)/.installed-tracking
+OPTIONAL_INSTALLS += install-tracking
 
 # What .ci/run does: every optional part installed, then the README's test command with
 # missing optional dependencies turned from skips into failures.
