@@ -353,6 +353,8 @@ def pause_point(label: str) -> None:
         return
     marker = os.environ.get(PAUSE_MARKER_ENV)
     if marker:
-        Path(marker).write_text(label)
+        # Written whole, then renamed: a test that sees the marker must never read it empty.
+        Path(marker + ".tmp").write_text(label)
+        os.replace(marker + ".tmp", marker)
     time.sleep(600)
     raise RuntimeError(f"paused at '{label}' ({PAUSE_AT_ENV}) for 600 s and was not killed")

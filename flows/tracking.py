@@ -63,13 +63,15 @@ def update_state(run_dir: str | Path, key: str, change: Callable[[Any], Any]) ->
 
 def store_uri(value: str) -> str:
     """An MLflow tracking URI from --tracking-uri: URLs (http://, sqlite:///, file:...) as
-    they are; a path to a .db/.sqlite file is a SQLite store, any other path a file store."""
+    they are; a path to a .db/.sqlite file is that SQLite store; any other path is a folder
+    holding one (``<folder>/mlflow.db``; MLflow 3 refuses its old folder-of-files store)."""
     if "://" in value or value.startswith("file:"):
         return value
     path = Path(value).expanduser().resolve()
-    if path.suffix in (".db", ".sqlite", ".sqlite3"):
-        return f"sqlite:///{path}"
-    return path.as_uri()
+    if path.suffix not in (".db", ".sqlite", ".sqlite3"):
+        path = path / "mlflow.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
 
 
 def first_new_iteration(run_dir: Path) -> int:
@@ -199,11 +201,7 @@ class MlflowSink(Sink):
                 tags["prefect.flow_run_id"] = str(flow_run.id)
         except ImportError:
             pass
-        saved = self.run_dir / "config.json"
-        if saved.is_file():
-            for pkg, version in json.loads(saved.read_text()).get("versions", {}).items():
-                tags[f"version.{pkg}"] = str(version)
-        return tags
+        return tags  # the package versions are in the config.json artifact
 
     def _log_params(self, config: GRPOConfig, existing: dict[str, str]) -> None:
         """Params are immutable in MLflow: a setting that changed on a resume is recorded as a

@@ -86,8 +86,7 @@ def test_params_metrics_steps_artifacts_and_a_resumed_run_continues_its_mlflow_r
     from flows.train import grpo_train
     from flows.tracking import param_values, read_state
 
-    run_dir, store, board = tmp_path / "exp-a", tmp_path / "store" / "mlflow.db", tmp_path / "tb"
-    store.parent.mkdir()
+    run_dir, store, board = tmp_path / "exp-a", tmp_path / "store", tmp_path / "tb"  # a folder: a SQLite store inside it
     config = GRPOConfig(**settings(run_dir, tiny_model_dir, data_files, iterations=3, learning_rate=1e-3,
                                    rewards={"tests.test_tracking:shorter_is_better": 1.0}, tracking_uri=str(store), tensorboard=board))
 
@@ -103,7 +102,7 @@ def test_params_metrics_steps_artifacts_and_a_resumed_run_continues_its_mlflow_r
     with pytest.raises(RuntimeError, match="killed on purpose"):
         grpo_train(config)
     monkeypatch.setattr(flows.train, "write_metrics", real)
-    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
     first_id = read_state(run_dir)["mlflow"]["run_id"]
     assert client.get_run(first_id).info.status == "FAILED"
 
@@ -124,9 +123,9 @@ def test_params_metrics_steps_artifacts_and_a_resumed_run_continues_its_mlflow_r
     assert {"reward", "held_out_accuracy", "frac_reward_zero_std", "policy_loss"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(first_id)} | {a.path for a in client.list_artifacts(first_id, "stage_reports")}
     assert {"config.json", "learning_curve.png", "stage_reports/iter-0001.md", "stage_reports/iter-0003.md"} <= artifacts
-    report = Path(mlflow.artifacts.download_artifacts(f"runs:/{first_id}/stage_reports/iter-0002.md", tracking_uri=f"sqlite:///{store}"))
+    report = Path(mlflow.artifacts.download_artifacts(f"runs:/{first_id}/stage_reports/iter-0002.md", tracking_uri=f"sqlite:///{store}/mlflow.db"))
     assert "rewards.parquet" in report.read_text() and "| reward |" in report.read_text()
-    assert (store.parent / "mlflow-artifacts").is_dir()  # beside the database, not in the working folder
+    assert (store / "mlflow-artifacts").is_dir()  # beside the database, not in the working folder
 
     scalars = tensorboard_scalars(board)
     tb_name = lambda name: re.sub(r"[^-/\w.]", "_", name)  # TensorBoard's tag rule (":" of an import-path reward becomes "_")
