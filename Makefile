@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install install-dev install-tracking clean ci
+.PHONY: demo test install install-dev clean ci install-lora install-tracking
 
 # Every optional part's install target; CI installs them all so their tests run, not skip.
 OPTIONAL_INSTALLS :=
@@ -44,6 +44,11 @@ $(VENV)/.installed-tracking: pyproject.toml $(VENV)/.installed-dev
 
 install-tracking: $(VENV)/.installed-tracking
 OPTIONAL_INSTALLS += install-tracking
+
+# LoRA adapters (--lora-rank): peft.
+install-lora: $(VENV)/.installed-dev
+	$(BIN)/pip install -q -e '.[lora]'
+OPTIONAL_INSTALLS += install-lora
 
 # What .ci/run does: every optional part installed, then the README's test command with
 # missing optional dependencies turned from skips into failures.

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rewards import known_rewards, make_reward
+from tasks.lora import LoraSettings
 
 
 class GRPOConfig(BaseModel):
@@ -70,6 +71,15 @@ class GRPOConfig(BaseModel):
     store_old_logprobs: bool = Field(False, description="Compute and store the sampling policy's per-token log-probs (generations' old_logprobs) even when the update does not need them. They are needed, and always stored, when mu > 1 or mini_batches > 1; with one optimiser step per iteration the policy being updated is the one that sampled, so the ratio is 1 by construction and the update uses its own detached log-probs, as TRL does, saving one forward pass per iteration.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations during the backward pass instead of keeping them (transformers' gradient checkpointing): update memory drops from ~layers x tokens x hidden activations to about one hidden state per token per layer, for ~30 percent more update compute. Off suits the tiny demo model; turn it on for real models on small machines (TRL turns it on by default).")
 
+    # --- log-prob chunks -----------------------------------------------------------------
+    logprob_chunk_tokens: int = Field(1024, ge=0, description="Completion positions whose vocabulary logits exist at once when computing log-probs and entropy (update, reference and old-policy forwards): the output head and log-softmax run on chunks of this many positions from the final hidden states, recomputed chunk by chunk in the backward pass, so memory grows with the chunk instead of with batch x completion length x vocabulary. 0 = the whole-logits path (one (batch, tokens, vocabulary) tensor). Models with soft-capped or scaled logits always take the whole-logits path.")
+
+    # --- LoRA -----------------------------------------------------------------------------
+    lora_rank: int = Field(0, ge=0, description="LoRA rank R (peft; make install-lora): train low-rank adapters on the frozen model instead of every weight, so the update holds gradients and AdamW state for the adapters only; the KL reference is the same weights with the adapter disabled (no second copy); checkpoints hold the adapter; final/ holds the merged model. 0 = full fine-tuning. Adapters learn more slowly per step than full weights: raise learning_rate (the tiny demo used 10x, benchmarks/RESULTS.md).")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA scale numerator: the adapter adds (alpha / R) B A x. Default: 2 x lora_rank.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input during the update. 0 keeps the update's log-probs equal to the sampler's (ratio 1 at the first step).")
+    lora_target_modules: str | None = Field(None, description="Comma-separated names of the modules that get adapters (e.g. q_proj,v_proj). Default: every linear layer of the transformer blocks, not the output head (peft's all-linear).")
+
     # --- evaluation, checkpoints, machine ---------------------------------------------------
     eval_every: int = Field(10, ge=0, description="Evaluate on the held-out prompts every this many iterations (and at the start and end); 0 = only start and end.")
     eval_size: int = Field(500, ge=1, description="Held-out problems scored per evaluation (at most the held-out set's size).")
@@ -97,6 +107,13 @@ class GRPOConfig(BaseModel):
     def _estimator_scaling(self) -> GRPOConfig:
         if self.advantage_estimator == "dr_grpo" and self.scale_rewards not in (None, "none"):
             raise ValueError(f"advantage_estimator 'dr_grpo' divides by no std, so scale_rewards must be 'none' (got '{self.scale_rewards}'); use 'grpo' to scale")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_needs_rank(self) -> GRPOConfig:
+        stray = [name for name in ("lora_alpha", "lora_target_modules") if getattr(self, name) is not None] + (["lora_dropout"] if self.lora_dropout else [])
+        if stray and not self.lora_rank:
+            raise ValueError(f"{', '.join(stray)} set but lora_rank is 0 (full fine-tuning); set lora_rank to train adapters")
         return self
 
     @field_validator("rewards")
@@ -144,6 +161,13 @@ class GRPOConfig(BaseModel):
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
         return cls(**(data | overrides))
+
+    def lora_settings(self):
+        """The LoRA settings of the update, or None for full fine-tuning."""
+        if not self.lora_rank:
+            return None
+        targets = tuple(t.strip() for t in self.lora_target_modules.split(",") if t.strip()) if self.lora_target_modules else None
+        return LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, target_modules=targets)
 
     def uses_builtin_data(self) -> bool:
         return self.dataset is None

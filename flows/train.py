@@ -232,9 +232,13 @@ def train_iterations(config: GRPOConfig, iteration_done: Callable[[], None] = la
         max_completion_length=config.max_new_tokens, mask_truncated_completions=config.mask_truncated_completions,
     )
     generate_settings = dict(group_size=config.group_size, max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-                             batch_size=config.generation_batch_size, reference_path=base_model if config.beta > 0 else None,
+                             batch_size=config.generation_batch_size,
+                             # LoRA: the reference is the policy's frozen base, adapter disabled; nothing to load
+                             reference_path=base_model if config.beta > 0 and not config.lora_rank else None,
+                             reference_from_base=config.beta > 0 and bool(config.lora_rank),
                              use_chat_template=config.use_chat_template,
-                             with_old_logprobs=config.store_old_logprobs or needs_old_logprobs(config.mu, config.mini_batches), **machine)
+                             with_old_logprobs=config.store_old_logprobs or needs_old_logprobs(config.mu, config.mini_batches),
+                             logprob_chunk_tokens=config.logprob_chunk_tokens, **machine)
 
     policy = base_model
     metrics: dict = {}
@@ -273,7 +277,8 @@ def train_iterations(config: GRPOConfig, iteration_done: Callable[[], None] = la
                         target_groups=config.prompts_per_iteration, schema_version=ADVANTAGES.version)
         upd = run_stage(manifest, CHECKPOINT, update_task, all_gens, advs, policy, checkpoint, learning_rate=config.learning_rate, loss=loss,
                         mu=config.mu, mini_batches=config.mini_batches, micro_batch_size=config.micro_batch_size,
-                        gradient_checkpointing=config.gradient_checkpointing,
+                        gradient_checkpointing=config.gradient_checkpointing, logprob_chunk_tokens=config.logprob_chunk_tokens,
+                        lora=config.lora_settings(),
                         max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay, save=save, seed=config.seed * 100_003 + it, **machine)
         policy = checkpoint
 

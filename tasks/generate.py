@@ -36,7 +36,8 @@ from prefect.cache_policies import NO_CACHE
 
 from data.schemas import GENERATIONS, PROMPTS
 from data.store import read_table, write_table
-from tasks.logprobs import batched_completion_logprobs
+from tasks.logprobs import DEFAULT_CHUNK_TOKENS, batched_completion_logprobs
+from tasks.lora import reference_weights
 from tasks.model import live_policy, load_model, pick_dtype
 from tasks.progress import progress
 
@@ -132,6 +133,8 @@ def generate_completions(
     reference_path: str | None = None,
     use_chat_template: bool = True,
     with_old_logprobs: bool = True,
+    logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    reference_from_base: bool = False,
     seed: int = 0,
     device: str = "auto",
     dtype: str = "auto",
@@ -141,7 +144,8 @@ def generate_completions(
     `with_old_logprobs` false leaves ``old_logprobs`` null (the update then takes a single
     step and needs none). `reference_path` set (beta > 0) adds the reference model's
     per-token log-probs; that model is loaded only for this and freed before the stage
-    returns, so the update stage holds the policy alone.
+    returns, so the update stage holds the policy alone. `reference_from_base` (LoRA, beta >
+    0) takes them from the policy's base weights with its adapter disabled instead.
     """
     policy = live_policy(policy_path, device, dtype)
     model, tokenizer = policy.model, policy.tokenizer
@@ -154,12 +158,20 @@ def generate_completions(
     sample_completions = [s.completion_ids for s in samples]
     old_logprobs = [None] * len(samples)
     if with_old_logprobs:
-        old_logprobs = batched_completion_logprobs(model, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size)
+        old_logprobs = batched_completion_logprobs(model, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size,
+                                                  logprob_chunk_tokens or None)
 
     ref_logprobs = None
-    if reference_path is not None:
+    if reference_from_base:
+        # LoRA: the reference is the policy's own frozen base weights, adapter disabled;
+        # nothing is loaded.
+        with reference_weights(model):
+            ref_logprobs = batched_completion_logprobs(model, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature,
+                                                       batch_size, logprob_chunk_tokens or None)
+    elif reference_path is not None:
         ref = load_model(reference_path, model.device, pick_dtype(dtype, model.device)).eval()
-        ref_logprobs = batched_completion_logprobs(ref, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size)
+        ref_logprobs = batched_completion_logprobs(ref, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size,
+                                                  logprob_chunk_tokens or None)
         # Free its weights now, without gc.collect(): a full collection of this process's heap
         # (torch, transformers, Prefect) took 0.3-1.4 s per iteration, more than the reference
         # forward itself. Moving the weights to the meta device drops their storage at once.

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from data.store import TMP_PREFIX, pause_point
+from tasks.lora import is_adapter_checkpoint, load_adapted, merged_copy
 
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -105,7 +106,10 @@ def live_policy(path: str | Path, device: str = "auto", dtype: str = "auto") -> 
         dev = pick_device(device)
         _LIVE.clear()  # one policy per process: a run never needs an older one in memory
         gc.collect()
-        _LIVE[key] = LivePolicy(load_model(path, dev, pick_dtype(dtype, dev)), load_tokenizer(path))
+        dt = pick_dtype(dtype, dev)
+        # A LoRA checkpoint holds the adapter only: its base is loaded and the adapter put on it.
+        model = load_adapted(path, lambda base: load_model(base, dev, dt)) if is_adapter_checkpoint(path) else load_model(path, dev, dt)
+        _LIVE[key] = LivePolicy(model, load_tokenizer(path))
     return _LIVE[key]
 
 
@@ -132,13 +136,15 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: str | Pat
     return True
 
 
-def save_checkpoint(policy: LivePolicy, final: str | Path) -> Path:
-    """``save_pretrained`` (safetensors + tokenizer) and the optimiser state, atomically."""
+def save_checkpoint(policy: LivePolicy, final: str | Path, merge_adapter: bool = False) -> Path:
+    """``save_pretrained`` (safetensors + tokenizer) and the optimiser state, atomically. A
+    LoRA policy saves its adapter (what a resume needs), or with `merge_adapter` the merged
+    weights as a plain transformers folder (what a user deploys)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=final.parent))
     try:
-        policy.model.save_pretrained(tmp, safe_serialization=True)
+        (merged_copy(policy.model) if merge_adapter else policy.model).save_pretrained(tmp, safe_serialization=True)
         policy.tokenizer.save_pretrained(tmp)
         if policy.optimizer is not None:
             torch.save(policy.optimizer.state_dict(), tmp / OPTIMIZER_FILE)

@@ -37,7 +37,8 @@ from prefect.cache_policies import NO_CACHE
 
 from data.schemas import ADVANTAGES, GENERATIONS
 from data.store import read_table
-from tasks.logprobs import completion_logprobs, pack
+from tasks.logprobs import DEFAULT_CHUNK_TOKENS, completion_logprobs, pack
+from tasks.lora import LoraSettings, add_adapter, is_adapted, trainable_parameters
 from tasks.model import live_policy, load_optimizer_state, move_live_policy, save_checkpoint
 from tasks.objective import BatchTotals, LossSettings, loss_mask, policy_loss
 from tasks.progress import progress
@@ -153,6 +154,8 @@ def update_policy(
     mini_batches: int = 1,
     micro_batch_size: int = 32,
     gradient_checkpointing: bool = False,
+    logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    lora: LoraSettings | None = None,
     max_grad_norm: float = 1.0,
     weight_decay: float = 0.0,
     save: bool = True,
@@ -166,11 +169,14 @@ def update_policy(
         raise ValueError(f"mu, mini_batches and micro_batch_size must be >= 1 (got {mu}, {mini_batches}, {micro_batch_size})")
     started = time.perf_counter()
     policy = live_policy(policy_path, device, dtype)
+    if lora is not None and not is_adapted(policy.model):
+        # The first LoRA update puts the adapter on the base (B = 0: the policy is unchanged).
+        policy.model = add_adapter(policy.model, lora, policy_path, seed=seed)
     model = policy.model
     if policy.optimizer is None:
-        # AdamW as in DeepSeekMath; state restored when the checkpoint carries it, so a
-        # resumed run continues exactly.
-        policy.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        # AdamW as in DeepSeekMath, over the trainable weights (the adapters' alone with
+        # LoRA); state restored when the checkpoint carries it, so a resumed run continues exactly.
+        policy.optimizer = torch.optim.AdamW(trainable_parameters(model), lr=learning_rate, weight_decay=weight_decay)
         load_optimizer_state(policy.optimizer, policy_path)
     for group in policy.optimizer.param_groups:
         group["lr"] = learning_rate
@@ -202,7 +208,8 @@ def update_policy(
                 for chunk in micro:
                     batch = pack([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk], pad_id, model.device)
                     width = batch.completion_ids.shape[1]
-                    logp, entropy = completion_logprobs(model, batch, loss.temperature, with_entropy=True)  # (b, C)
+                    logp, entropy = completion_logprobs(model, batch, loss.temperature, with_entropy=True,
+                                                         chunk_tokens=logprob_chunk_tokens or None)  # (b, C)
                     stored = [r["old_logprobs"] for r in chunk]
                     old = logp.detach() if None in stored else _pad(stored, width, model.device)  # (b, C)
                     ref = _pad([r["ref_logprobs"] for r in chunk], width, model.device) if loss.beta > 0 else None
