@@ -123,7 +123,8 @@ def register_final_model(sink: MlflowSink, config: GRPOConfig, metrics: dict[str
 
     model_dir = final_model_dir(run_dir, iteration)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no saved model to register (the last iteration's checkpoint is missing)")
+        raise FileNotFoundError(f"{model_dir}: no transformers model to register (a missing checkpoint, or a LoRA adapter "
+                                f"without the run's merged final/ export)")
     artifact_path = f"model-iter-{iteration:04d}"
     for file in sorted(model_dir.iterdir()):
         if file.is_file() and file.name not in LEFT_OUT:
