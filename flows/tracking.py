@@ -112,6 +112,7 @@ class Sink:
 
     name = ""
     setting = ""  # the config field that turns this sink on
+    module = ""  # what it needs installed (the `tracking` extra)
     errors: tuple[type[BaseException], ...] = (OSError,)  # what a failed send raises: retried after the next iteration
 
     @classmethod
@@ -136,19 +137,32 @@ def sink(cls: type[Sink]) -> type[Sink]:
     return cls
 
 
+class MissingExtra(ImportError):
+    """A setting asks for an optional part that is not installed."""
+
+
 def require_tracking(module: str):
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ImportError(f"{module} is not installed: tracking needs the optional part `make install-tracking` "
-                          f"(pip install -e '.[tracking]')") from None
+        raise MissingExtra(f"{module} is not installed: tracking needs the optional part `make install-tracking` "
+                           f"(pip install -e '.[tracking]')") from None
+
+
+def check_installed(config: GRPOConfig) -> None:
+    """Before the flow starts: every sink the config asks for can be imported (found, not loaded)."""
+    import importlib.util
+
+    for cls in SINKS.values():
+        if cls.wanted(config) and importlib.util.find_spec(cls.module) is None:
+            require_tracking(cls.module)  # raises MissingExtra, naming the install
 
 
 @sink
 class MlflowSink(Sink):
-    name, setting = "mlflow", "tracking_uri"
+    name, setting, module = "mlflow", "tracking_uri", "mlflow"
 
     def __init__(self, config: GRPOConfig) -> None:
         require_tracking("mlflow")
@@ -265,7 +279,7 @@ def experiment_id(client, uri: str, name: str) -> str:
 
 @sink
 class TensorBoardSink(Sink):
-    name, setting = "tensorboard", "tensorboard"
+    name, setting, module = "tensorboard", "tensorboard", "tensorboardX"
 
     def __init__(self, config: GRPOConfig) -> None:
         tensorboardX = require_tracking("tensorboardX")

@@ -31,7 +31,7 @@ from data.store import Manifest, atomic_write_json, iteration_dir, read_table, r
 from flows.config import GRPOConfig
 from flows.report import VIEWS
 from flows.resume import CHECKPOINT, PendingUpdates, hold_run_folder, prompt_pool, release_run_folder, resume_point, saved_metrics, start_policy
-from flows.tracking import Tracking
+from flows.tracking import Tracking, check_installed
 from tasks.advantages import advantages_task, informative_groups, refill_prompts_task
 from tasks.evaluate import evaluate_task
 from tasks.generate import generate_task
@@ -103,6 +103,7 @@ def preflight(config: GRPOConfig) -> None:
     for source in (config.dataset, config.eval_dataset):
         if source is not None and (Path(source).expanduser().exists() or source.startswith(("/", ".", "~"))):
             next(read_source(source, split=config.dataset_split), None)  # parses the first row
+    check_installed(config)  # --tracking-uri / --tensorboard without `make install-tracking`
 
 
 def versions() -> dict[str, str]:

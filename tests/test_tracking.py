@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from data import builtin
+from data.store import Manifest
 from flows.config import GRPOConfig
 from tests.conftest import require
 from tests.test_serve import free_port
@@ -243,12 +244,18 @@ def test_two_scheduled_runs_against_a_server_the_worse_one_is_registered_not_pro
         assert not (Path(local) / "optimizer.pt").exists()
 
         # The next scheduled run trains from the champion (iteration 1), not from the wrecked iteration 2 ...
-        assert champion_start(continued_config(run_dir, base)) == str(run_dir / "iter-0001" / "checkpoint")
         assert champion_start(continued_config(run_dir, base | {"train_from": "latest"})) is None
+        champion_checkpoint = str(run_dir / "iter-0001" / "checkpoint")
+        assert champion_start(continued_config(run_dir, base)) == champion_checkpoint
+        grpo_scheduled(str(run_dir), base, iterations=1)
+        third = Manifest(run_dir / "iter-0003").entries()
+        assert third["start-policy"]["policy"] == champion_checkpoint and champion_checkpoint in third["generations.parquet"]["inputs"]
 
         # ... and `grpo inspect` lists the folder's versions and which one is champion.
         shown = inspect_path(run_dir, as_json=True)["registry"]
-        assert [(v["name"], v["version"], v["champion"]) for v in shown] == [("arith", 1, True), ("arith", 2, False)]
+        assert [(v["name"], v["version"]) for v in shown] == [("arith", 1), ("arith", 2), ("arith", 3)]
+        champion_now = client.get_model_version_by_alias("arith", "champion").version
+        assert [v["champion"] for v in shown] == [str(v["version"]) == champion_now for v in shown] and not shown[1]["champion"]
         inspect_path(run_dir)
         out = capsys.readouterr().out
         assert "arith" in out and "champion" in out
