@@ -275,7 +275,11 @@ def drive(a: argparse.Namespace, server) -> dict:
             for other in [s for s in a.sides if not s.startswith("grpoflow")]:
                 print(f"  {ours} / {other}: {base / rep[other]['seconds']['median']:.2f}x the time, "
                       f"{rep[ours]['peak_rss_mib'] / rep[other]['peak_rss_mib']:.2f}x the peak RSS")
-            split = stage_split([rec for res in results[beta][ours] for rec in res["records"]])
+            recs = [rec for res in results[beta][ours] for rec in res["records"]]
+            skipped = sum(r.get("zero_gradient_completions") or 0 for r in recs)
+            print(f"  {ours}: {skipped} of {sum(r.get('trained_completions') or 0 for r in recs)} completions of the timed iterations "
+                  "carried no gradient and were not forwarded in the update")
+            split = stage_split(recs)
             rep[ours]["split"] = split
             print(f"  {ours} split (median seconds per iteration, share of the median iteration):")
             total = split["iteration"]

@@ -42,11 +42,11 @@ LEFT_OUT = {"optimizer.pt"}  # training state, not part of the model a registry 
 
 def final_model_dir(run_dir: str | Path, iteration: int) -> Path:
     """The one place that says where a finished run's model files are: the run's exported
-    ``final/`` folder when it has one, else its last iteration's checkpoint."""
-    final = Path(run_dir) / "final"
-    if (final / "config.json").is_file():
-        return final
-    return iteration_dir(run_dir, iteration) / CHECKPOINT
+    ``final/`` folder (tasks/model.py: weights and tokenizer, a LoRA adapter merged in), else
+    (a folder from before final/ existed) its last iteration's checkpoint."""
+    from tasks.model import final_model_dir as exported  # here: `grpo inspect` imports this module and must not load torch
+
+    return exported(run_dir) or iteration_dir(run_dir, iteration) / CHECKPOINT
 
 
 def heldout_fingerprint(run_dir: str | Path) -> str | None:
