@@ -241,10 +241,11 @@ class MlflowSink(Sink):
         metrics = [Metric(name, value, now, it) for it, name, value in rows]
         for i in range(0, len(metrics), BATCH):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + BATCH])
-        for it in sorted({r[0] for r in rows}):
-            self.client.log_text(self.run_id, iteration_report(self.run_dir, it), f"stage_reports/iter-{it:04d}.md")
         self.sent_through = max(r[0] for r in rows)
         self.sent = set()  # from here on every sent pair is at or before sent_through
+        # After the metrics are marked sent: a report that fails to upload is not worth sending them twice.
+        for it in sorted({r[0] for r in rows}):
+            self.client.log_text(self.run_id, iteration_report(self.run_dir, it), f"stage_reports/iter-{it:04d}.md")
 
     def finish(self, failed: bool) -> None:
         for name in ("config.json", PLOT_NAME):
