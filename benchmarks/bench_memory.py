@@ -97,7 +97,7 @@ def worker_grpoflow(a: argparse.Namespace, gradient_checkpointing: bool, chunk_t
     write_table(pa.table({
         "prompt_id": [str(i // a.group_size) for i in range(n)], "sample_index": [i % a.group_size for i in range(n)],
         "prompt_text": [""] * n, "completion": [""] * n, "prompt_token_ids": prompts, "completion_token_ids": completions,
-        "old_logprobs": [None] * n, "ref_logprobs": ref_logprobs, "finish_reason": ["length"] * n,
+        "old_logprobs": [None] * n, "ref_logprobs": ref_logprobs, "finish_reason": ["length"] * n, "sampler_logprobs": [None] * n,
     }, schema=GENERATIONS.schema), work / "generations.parquet", GENERATIONS)
     write_table(pa.table({
         "prompt_id": [str(i // a.group_size) for i in range(n)], "sample_index": [i % a.group_size for i in range(n)],

@@ -134,11 +134,20 @@ class ValueModel:
 # ----------------------------------------------------------------------------- one run
 
 
+def _hf_engine(model, tok):
+    from tasks.engines.hf import HFEngine
+
+    engine = HFEngine()
+    engine.load(model, tok)
+    return engine
+
+
 def _eval(model, tok, problems, max_new_tokens, reward) -> float:
-    from tasks.generate import sample
+    from tasks.engines import SamplingSettings
 
     ids = [tok(p["prompt"], add_special_tokens=False)["input_ids"] for p in problems]
-    samples = sample(model, tok, ids, 1, max_new_tokens, 1.0, 1.0, 256, greedy=True, desc="evaluate")
+    greedy = SamplingSettings(max_new_tokens=max_new_tokens, greedy=True, batch_size=256, with_logprobs=False)
+    samples = _hf_engine(model, tok).sample(ids, 1, greedy, desc="evaluate")
     texts = tok.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
     return sum(reward(t, p) >= 1.0 for t, p in zip(texts, problems)) / len(problems)
 
@@ -146,7 +155,8 @@ def _eval(model, tok, problems, max_new_tokens, reward) -> float:
 def run_one(a: argparse.Namespace) -> dict:
     import torch
 
-    from tasks.generate import render_prompt, sample
+    from tasks.engines import SamplingSettings
+    from tasks.generate import render_prompt
     from tasks.logprobs import batched_completion_logprobs, completion_logprobs, pack
     from tasks.model import load_model, load_tokenizer
     from tasks.objective import BatchTotals, LossSettings, clipped_surrogate, group_advantages, policy_loss
@@ -172,7 +182,8 @@ def run_one(a: argparse.Namespace) -> dict:
         started = time.perf_counter()
         batch_problems = [rng.choice(problems) for _ in range(a.prompts)]
         prompt_ids = [tok(render_prompt(p, tok, chat), add_special_tokens=False)["input_ids"] for p in batch_problems]
-        samples = sample(policy, tok, prompt_ids, a.group_size, a.max_new_tokens, 1.0, 1.0, a.prompts * a.group_size)
+        samples = _hf_engine(policy, tok).sample(prompt_ids, a.group_size, SamplingSettings(max_new_tokens=a.max_new_tokens,
+                                                 batch_size=a.prompts * a.group_size, with_logprobs=False))
         texts = tok.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
         outcome = torch.tensor([reward(t, batch_problems[s.prompt_index]) for t, s in zip(texts, samples)], dtype=torch.float32)
         prompts = [prompt_ids[s.prompt_index] for s in samples]

@@ -42,6 +42,24 @@ class GRPOConfig(BaseModel):
     generation_batch_size: int = Field(256, ge=1, description="Sequences per generate() call; bounds generation memory.")
     use_chat_template: bool = Field(True, description="Wrap plain-text prompts in the tokenizer's chat template when it has one.")
 
+    # --- generation engine ------------------------------------------------------------------
+    generation_engine: Literal["hf", "vllm"] = Field("hf", description="Who samples the completions: hf (transformers generate on the live policy, exactly reproducible) or vllm (a colocated vLLM engine kept for the whole run, weights synced in place after every update; needs make install-vllm). Reference and old-policy log-probs always come from a transformers forward.")
+    eval_engine: Literal["hf", "vllm"] | None = Field(None, description="Engine of the greedy held-out evaluation. Default: generation_engine.")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vllm on a GPU: fraction of GPU memory vLLM may take (weights + KV cache). 0.3 leaves the rest to the update (policy, gradients, AdamW state) in the same process.")
+    vllm_cpu_kv_cache_gb: float = Field(1.0, gt=0, description="vllm on CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE). 1 GiB holds ~23k tokens of SmolLM2-135M in fp32 (46 KiB per token), plenty for 64 x 256 completions in flight.")
+    mismatch_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = Field("none", description="Train/inference mismatch correction (docs/objective.md): re-weight each token's policy loss by the ratio of the trainer's to the sampler's probability, truncated at mismatch_cap (token_truncate: truncated importance sampling, TIS) or zeroed above it (token_mask); sequence_*: one ratio per completion, the product of its token ratios. none: only measured (metrics sampling/*).")
+    mismatch_cap: float = Field(3.0, ge=1, description="C of the mismatch correction: ratios are capped at (truncate) or dropped above (mask) this value. 3 is TRL's default.")
+
+    @model_validator(mode="after")
+    def _correction_needs_full_distribution(self) -> GRPOConfig:
+        # The ratio pi_old / pi_sampler is an unbiased importance weight only if the sampler
+        # can draw every token pi_old can: truncation (top_p < 1) zeroes some, and the stored
+        # sampler log-probs are of the untruncated distribution, so the weight would be wrong.
+        if self.mismatch_correction != "none" and self.top_p < 1:
+            raise ValueError(f"mismatch_correction '{self.mismatch_correction}' needs the untruncated sampling distribution: "
+                             f"top_p must be 1 (got {self.top_p})")
+        return self
+
     # --- rewards ----------------------------------------------------------------------------
     rewards: dict[str, float] = Field(default_factory=lambda: {"exact_answer": 1.0}, description="Reward functions and their weights (JSON object); the reward is the weighted sum. Names are registered rewards or 'package.module:function'.")
     reward_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Options of each reward (JSON object of objects), e.g. {\"code\": {\"mode\": \"fraction\"}, \"math\": {\"time_limit_s\": 5}}. Unknown options are an error that lists the valid ones. overlong's max_length defaults to max_new_tokens.")
@@ -84,10 +102,26 @@ class GRPOConfig(BaseModel):
     eval_every: int = Field(10, ge=0, description="Evaluate on the held-out prompts every this many iterations (and at the start and end); 0 = only start and end.")
     eval_size: int = Field(500, ge=1, description="Held-out problems scored per evaluation (at most the held-out set's size).")
     save_every: int = Field(1, ge=1, description="Write a checkpoint every this many iterations (and after the last).")
+    # --- run folder: checkpoint rotation (issue 13) --------------------------------------------
+    save_total_limit: int | None = Field(None, ge=1, description="Keep only the newest this many iteration checkpoints (the one a resume starts from is always kept); None keeps all. Only that resumable one keeps its optimiser state (two thirds of a checkpoint), so older ones hold the weights alone. The run's final/ folder is not counted.")
     seed: int = Field(0, description="Seed of prompt sampling, generation and update; a run is reproducible given the same seed and machine.")
     device: str = Field("auto", description="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype: auto = bfloat16 on a GPU that has it, else float32.")
     warmup_steps: int = Field(250, ge=0, description="Supervised warm-up steps of the built-in tiny model (only when no --model is given); 250 leaves it at about 60 percent held-out accuracy, with headroom for GRPO.")
+
+    # --- tracking --------------------------------------------------------------------------
+    tracking_uri: str | None = Field(None, description="MLflow tracking store and model registry (needs `make install-tracking`): a .db/.sqlite file (SQLite), or a folder (a SQLite store inside it, mlflow.db) when given as a path, else an MLflow URI or server URL (http://host:5000). One MLflow run per flow run with every setting as a param and every metric of every iteration (step = iteration); a resumed run continues its MLflow run. Default: off.")
+    experiment: str | None = Field(None, description="MLflow experiment the runs go to. Default: the run folder's name.")
+    tensorboard: Path | None = Field(None, description="Write the same per-iteration metrics as TensorBoard event files into this folder (needs `make install-tracking`). Default: off.")
+    register_as: str | None = Field(None, description="At the end of a run, register its final model as a new version of this MLflow registered model (needs tracking_uri). It gets the `champion` alias only when its promote_on metric is at least the current champion's, measured on the same held-out set.")
+    promote_on: str = Field("held_out_accuracy", description="The final iteration's metric (a metrics.parquet name, higher is better) that decides promotion to champion; it must be measured on the held-out set to be comparable across runs.")
+    train_from: Literal["champion", "latest"] = Field("champion", description="Where a scheduled run (grpo serve) with register_as starts: the registered champion's weights, or the run folder's latest checkpoint even when it was not promoted.")
+
+    @model_validator(mode="after")
+    def _registry_needs_a_store(self) -> GRPOConfig:
+        if self.register_as is not None and self.tracking_uri is None:
+            raise ValueError("register_as needs tracking_uri: the model registry lives in an MLflow store (a folder, a .db file or a server URL)")
+        return self
 
     @model_validator(mode="after")
     def _estimator_scaling(self) -> GRPOConfig:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,19 +27,22 @@ from prefect.cache_policies import NO_CACHE
 
 from data import builtin
 from data.schemas import ADVANTAGES, GENERATIONS, METRICS, PROMPTS, REWARDS, SchemaError
-from data.sources import normalise_row, prompts_table, read_source
-from data.store import Manifest, atomic_write_json, iteration_dir, read_table, remove_stale_temp_files, write_table
+from data.sources import hub_offline, normalise_row, prompts_table, read_source
+from data.store import TMP_PREFIX, Manifest, atomic_write_json, iteration_dir, read_table, remove_stale_temp_files, write_table
 from flows.config import GRPOConfig
 from flows.report import VIEWS
-from flows.resume import CHECKPOINT, PendingUpdates, hold_run_folder, prompt_pool, release_run_folder, resume_point, saved_metrics
+from flows.resume import (CHECKPOINT, PendingUpdates, hold_run_folder, prompt_pool, prune_checkpoints, release_run_folder,
+                          resume_point, saved_metrics, start_policy)
+from flows.tracking import Tracking, check_installed
 from tasks.advantages import advantages_task, informative_groups, refill_prompts_task
+from tasks.engines import check_available
 from tasks.evaluate import evaluate_task
 from tasks.generate import generate_task
 from tasks.ingest import ingest_task
 from tasks.objective import LossSettings
 from tasks.score import score_task
 from tasks.select import select_prompts_task
-from tasks.model import check_model_source
+from tasks.model import FINAL, check_model_source, export_final_model, live_policy
 from tasks.progress import stage_label
 from tasks.tiny_model import ensure_tiny_model
 from tasks.update import needs_old_logprobs, update_task
@@ -85,6 +89,12 @@ def prepare_model_task(config: GRPOConfig) -> str:
     return str(ensure_tiny_model(steps=config.warmup_steps, seed=config.seed))
 
 
+@task(name="export-final-model", cache_policy=NO_CACHE)
+def export_final_task(policy_path: str, run_dir: str, device: str = "auto", dtype: str = "auto") -> dict:
+    """<run_dir>/final/: the last iteration's weights and tokenizer, no optimiser state."""
+    return {"path": str(export_final_model(live_policy(policy_path, device, dtype), run_dir))}
+
+
 @task(name="builtin-prompts", cache_policy=NO_CACHE)
 def write_builtin_prompts_task(out_path: str, held_out: bool, size: int) -> dict:
     rows = builtin.held_out_problems(min(size, builtin.HELD_OUT_SIZE)) if held_out else builtin.all_train_problems()
@@ -95,13 +105,29 @@ def write_builtin_prompts_task(out_path: str, held_out: bool, size: int) -> dict
 
 
 def preflight(config: GRPOConfig) -> None:
-    """The checks that need no Prefect and no model: a missing model folder or dataset file
-    is reported in one line before the flow starts."""
+    """The checks that need no Prefect and no model: a missing model folder or dataset file,
+    a hub dataset that is not cached while the hub is offline, a run folder that cannot be
+    written: each reported in one line before the flow starts."""
     if config.model is not None:
         check_model_source(config.model)
+    for engine in {config.generation_engine, config.eval_engine or config.generation_engine}:
+        check_available(engine)
     for source in (config.dataset, config.eval_dataset):
-        if source is not None and (Path(source).expanduser().exists() or source.startswith(("/", ".", "~"))):
+        local = source is not None and (Path(source).expanduser().exists() or source.startswith(("/", ".", "~")))
+        if local or (source is not None and hub_offline()):  # offline, a hub name reads the local cache only
             next(read_source(source, split=config.dataset_split), None)  # parses the first row
+    check_installed(config)  # --tracking-uri / --tensorboard without `make install-tracking`
+    check_writable(Path(config.run_dir))
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create `run_dir` (and its parents) and a probe file in it, removed at once, so that a
+    read-only disk or folder is an error now, not after the first stage. Raises the OSError
+    (with its file name) that the command line reports in one line."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    probe = run_dir / f"{TMP_PREFIX}probe-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def versions() -> dict[str, str]:
@@ -151,6 +177,17 @@ def write_metrics_table(run_dir: Path, added: int | None = None) -> Path:
     return write_table(pa.concat_tables([table, new]) if table is not None else new, out, METRICS)
 
 
+# The settings each generation engine is built with (tasks/engines), from the config.
+ENGINE_OPTIONS: dict[str, Callable[[GRPOConfig], dict]] = {
+    "hf": lambda config: {},
+    "vllm": lambda config: {"gpu_memory_utilization": config.vllm_gpu_memory_utilization, "cpu_kv_cache_gb": config.vllm_cpu_kv_cache_gb},
+}
+
+
+def engine_settings(config: GRPOConfig, name: str) -> dict:
+    return {"engine": name, "engine_options": ENGINE_OPTIONS[name](config)}
+
+
 def score_settings(config: GRPOConfig) -> dict:
     return dict(rewards=config.rewards, max_error_fraction=config.max_reward_error_fraction, reward_options=config.bound_reward_options(),
                 workers=config.score_workers, chunk_rows=config.score_chunk_rows, worker_memory_mb=config.score_worker_memory_mb)
@@ -188,14 +225,19 @@ def grpo_train(config: GRPOConfig) -> dict:
     hold_run_folder(run_dir)  # before touching anything: another process may be writing here
     PENDING_UPDATES.clear()
     try:
-        return train_iterations(config)
+        # The one place the flow talks to MLflow / TensorBoard (flows/tracking.py): they read
+        # the metrics files this flow writes, after each iteration and at the end.
+        with Tracking(config) as tracking:
+            metrics = train_iterations(config, tracking.iteration_done)
+            return metrics | tracking.register(metrics)
     finally:
         VIEWS.drain()  # the stage artifacts and learning curve of the last iteration too
         release_run_folder(run_dir)
 
 
-def train_iterations(config: GRPOConfig) -> dict:
-    """The body of `grpo_train` (which holds the run folder's lock around it)."""
+def train_iterations(config: GRPOConfig, iteration_done: Callable[[], None] = lambda: None) -> dict:
+    """The body of `grpo_train` (which holds the run folder's lock around it).
+    `iteration_done` is called after each iteration's metrics are written."""
     log = get_run_logger()
     run_dir = Path(config.run_dir)
     remove_stale_temp_files(run_dir)  # leftovers of a killed writer are never artifacts
@@ -219,11 +261,12 @@ def train_iterations(config: GRPOConfig) -> dict:
 
     machine = {"device": config.device, "dtype": config.dtype}
     evaluate = dict(rewards=config.rewards, reward_options=config.bound_reward_options(), max_new_tokens=config.max_new_tokens,
-                    use_chat_template=config.use_chat_template, **machine)
+                    use_chat_template=config.use_chat_template, **engine_settings(config, config.eval_engine or config.generation_engine), **machine)
     loss = LossSettings(
         epsilon_low=config.epsilon, epsilon_high=config.epsilon if config.epsilon_high is None else config.epsilon_high, beta=config.beta,
         temperature=config.temperature, importance_sampling=config.importance_sampling_level, aggregation=config.loss_aggregation,
         max_completion_length=config.max_new_tokens, mask_truncated_completions=config.mask_truncated_completions,
+        mismatch_correction=config.mismatch_correction, mismatch_cap=config.mismatch_cap,
     )
     generate_settings = dict(group_size=config.group_size, max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
                              batch_size=config.generation_batch_size,
@@ -232,7 +275,8 @@ def train_iterations(config: GRPOConfig) -> dict:
                              reference_from_base=config.beta > 0 and bool(config.lora_rank),
                              use_chat_template=config.use_chat_template,
                              with_old_logprobs=config.store_old_logprobs or needs_old_logprobs(config.mu, config.mini_batches),
-                             logprob_chunk_tokens=config.logprob_chunk_tokens, **machine)
+                             logprob_chunk_tokens=config.logprob_chunk_tokens,
+                             **engine_settings(config, config.generation_engine), **machine)
 
     policy = base_model
     metrics: dict = {}
@@ -240,6 +284,7 @@ def train_iterations(config: GRPOConfig) -> dict:
     if eval_path is not None:
         start = run_stage(Manifest(iteration_dir(run_dir, 0)), "eval", evaluate_task, eval_path, policy, **evaluate)
         write_metrics(run_dir, 0, {"iteration": 0, "held_out_accuracy": start["accuracy"]})
+        iteration_done()
         log.info(f"iteration 0: held-out accuracy {start['accuracy']:.1%} (before GRPO, {start['problems']} problems)")
 
     first = 1
@@ -247,6 +292,9 @@ def train_iterations(config: GRPOConfig) -> dict:
     if resumed is not None:
         first, policy, metrics = resumed.iteration + 1, resumed.checkpoint, saved_metrics(run_dir, resumed.iteration)
         log.info(f"resuming after iteration {resumed.iteration}: policy and optimiser state from iter-{resumed.iteration:04d}/{CHECKPOINT}")
+    if first <= config.iterations and (chosen := start_policy(run_dir, first)) is not None:
+        policy = chosen  # a scheduled run told to start from the registered champion (flows/serve.py)
+        log.info(f"iteration {first} starts from {policy}")
     for it in range(first, config.iterations + 1):
         started = time.perf_counter()
         folder = iteration_dir(run_dir, it)
@@ -279,6 +327,11 @@ def train_iterations(config: GRPOConfig) -> dict:
             result = run_stage(manifest, "eval", evaluate_task, eval_path, policy, **evaluate)
             metrics["held_out_accuracy"] = result["accuracy"]
         write_metrics(run_dir, it, metrics)
+        if save:  # after metrics.json: the new checkpoint is the resumable one from now on
+            pruned = prune_checkpoints(run_dir, config.save_total_limit)
+            if pruned["checkpoints"]:
+                log.info(f"removed checkpoints of iterations {', '.join(map(str, pruned['checkpoints']))} (save_total_limit {config.save_total_limit})")
+        iteration_done()
         VIEWS.refresh_learning_curve(run_dir, force="held_out_accuracy" in metrics or it == config.iterations)
         acc = f", held-out accuracy {metrics['held_out_accuracy']:.1%}" if "held_out_accuracy" in metrics else ""
         log.info(f"iteration {it}/{config.iterations}: reward {metrics['reward']:.3f}, kl {upd.get('kl', 0.0):.4f}, "
@@ -287,4 +340,22 @@ def train_iterations(config: GRPOConfig) -> dict:
         before, after = start["accuracy"], metrics["held_out_accuracy"]
         log.info(f"held-out accuracy {before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points) on {start['problems']} problems")
         metrics["held_out_accuracy_before"] = before
+    metrics["final_model"] = export_final(config, policy, machine)
     return metrics
+
+
+def export_final(config: GRPOConfig, policy: str, machine: dict) -> str:
+    """Write <run_dir>/final/ from the last iteration's policy, unless it already holds it
+    (a re-run of a finished folder); recorded in the run folder's manifest by iteration."""
+    run_dir = Path(config.run_dir)
+    manifest = Manifest(run_dir)
+    entry = manifest.entries().get(FINAL, {})
+    if manifest.is_done(FINAL) and entry.get("iteration") == config.iterations and entry.get("policy") == str(policy):
+        return str(run_dir / FINAL)
+    manifest.forget(FINAL)  # a newer policy: the old final/ is no longer the run's result
+    PENDING_UPDATES.catch_up([policy], get_run_logger())
+    with stage_label(FINAL):
+        export_final_task(str(policy), str(run_dir), **machine)
+    manifest.record(FINAL, iteration=config.iterations, policy=str(policy))
+    get_run_logger().info(f"final model (weights and tokenizer, no optimiser state): {run_dir / FINAL}")
+    return str(run_dir / FINAL)

@@ -6,7 +6,13 @@ that path instead of re-reading it from disk. Only a path that no stage of this 
 produced is loaded with ``from_pretrained`` (a local folder or a hub name).
 
 Checkpoints are written atomically: ``save_pretrained`` into a temp folder beside the final
-one, every file fsynced, then one rename. A crash mid-write leaves no ``checkpoint/``.
+one, every file fsynced, then one rename. A crash mid-write leaves no ``checkpoint/``; a
+full disk is found before the write starts (the model's size against the free space) or,
+failing that, reported as `DiskFull` naming the folder, never as torch's zip-writer error.
+
+A run ends with ``<run_dir>/final/``: the trained weights and tokenizer (safetensors, no
+optimiser state), the folder to hand to ``from_pretrained``, vLLM or a model registry.
+`export_final_model` writes it and `final_model_dir` finds it.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from data.store import TMP_PREFIX, pause_point
-from tasks.lora import is_adapter_checkpoint, load_adapted, merged_copy
+from data.store import TMP_PREFIX, check_free_space, disk_full, is_no_space, pause_point
+from tasks.lora import is_adapted, is_adapter_checkpoint, load_adapted, merged_copy
 
 OPTIMIZER_FILE = "optimizer.pt"
+FINAL = "final"  # <run_dir>/final/: the trained model of a run
 
 # Our stages draw their own progress bars; transformers' per-load and per-save bars would
 # interleave with them on every iteration.
@@ -136,17 +143,31 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: str | Pat
     return True
 
 
-def save_checkpoint(policy: LivePolicy, final: str | Path, merge_adapter: bool = False) -> Path:
-    """``save_pretrained`` (safetensors + tokenizer) and the optimiser state, atomically. A
-    LoRA policy saves its adapter (what a resume needs), or with `merge_adapter` the merged
-    weights as a plain transformers folder (what a user deploys)."""
+def checkpoint_bytes(policy: LivePolicy, with_optimizer: bool = True, merge_adapter: bool = False) -> int:
+    """About what `save_checkpoint` writes: the weights (a LoRA adapter alone unless merged),
+    and AdamW's two moments per trained weight when the optimiser state goes with them (the
+    tokenizer's files are negligible)."""
+    params = list(policy.model.parameters())
+    adapter_only = is_adapted(policy.model) and not merge_adapter
+    weights = sum(p.numel() * p.element_size() for p in params if p.requires_grad or not adapter_only)
+    moments = sum(p.numel() * p.element_size() * 2 for p in params if p.requires_grad) if with_optimizer and policy.optimizer else 0
+    return weights + moments
+
+
+def save_checkpoint(policy: LivePolicy, final: str | Path, merge_adapter: bool = False, with_optimizer: bool = True) -> Path:
+    """``save_pretrained`` (safetensors + tokenizer) and, unless `with_optimizer` is false,
+    the optimiser state, atomically. A LoRA policy saves its adapter (what a resume needs),
+    or with `merge_adapter` the merged weights as a plain transformers folder (what a user
+    deploys)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    needed = checkpoint_bytes(policy, with_optimizer, merge_adapter)
+    check_free_space(final, needed)  # say so now, not as a half-written zip file
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=final.parent))
     try:
         (merged_copy(policy.model) if merge_adapter else policy.model).save_pretrained(tmp, safe_serialization=True)
         policy.tokenizer.save_pretrained(tmp)
-        if policy.optimizer is not None:
+        if with_optimizer and policy.optimizer is not None:
             torch.save(policy.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         for file in tmp.iterdir():
             with open(file, "rb") as fh:
@@ -160,7 +181,24 @@ def save_checkpoint(policy: LivePolicy, final: str | Path, merge_adapter: bool =
             os.fsync(fd)
         finally:
             os.close(fd)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_no_space(err):
+            raise disk_full(final, needed) from err
         raise
     return final
+
+
+def export_final_model(policy: LivePolicy, run_dir: str | Path) -> Path:
+    """Write ``<run_dir>/final/``: the policy's weights and tokenizer, without optimiser
+    state (what a user deploys; resuming uses the iterations' checkpoints); a LoRA policy's
+    adapter merged into the base weights, so final/ is a plain transformers folder. Atomic, like a
+    checkpoint: a reader sees the previous final/ or the new one, never half of one."""
+    return save_checkpoint(policy, Path(run_dir) / FINAL, merge_adapter=is_adapted(policy.model), with_optimizer=False)
+
+
+def final_model_dir(run_dir: str | Path) -> Path | None:
+    """The final model of a run folder (``<run_dir>/final``), or None when the run has not
+    finished yet (or was made before final/ existed)."""
+    folder = Path(run_dir) / FINAL
+    return folder if (folder / "config.json").is_file() else None

@@ -10,7 +10,7 @@ Schedule of one iteration (PPO-style, as GRPO's Algorithm 1 with mu inner update
         shuffle the kept completions
         split them into `mini_batches` equal parts   # one optimiser step each
         for each mini-batch:
-            for each micro-batch of `micro_batch_size` completions:
+            for each micro-batch of `micro_batch_size` completions:   # similar lengths (plan_micro_batches)
                 loss share (tasks.objective.policy_loss) -> backward   # gradients accumulate
             clip the gradient norm, optimiser step
 
@@ -21,6 +21,13 @@ policy here is the one that sampled, so pi_old = pi numerically and the update u
 log-probs, detached (ratio exactly 1; the gradient is the same). Memory depends on the
 micro-batch size only (and drops further with gradient checkpointing), not on the number of
 prompts or the group size.
+
+Work that cannot change the step is not done (`plan_micro_batches`): with beta = 0 a
+completion whose advantage is 0 has no gradient, so it is never forwarded (its tokens still
+count in the normalisers), and micro-batches hold completions of similar length, so little
+of a forward is padding. Per micro-batch the host waits for the device only inside the
+objective's statistics; the losses and entropies are summed on the device and read once per
+optimiser step.
 """
 
 from __future__ import annotations
@@ -36,11 +43,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data.schemas import ADVANTAGES, GENERATIONS
-from data.store import read_table
+from data.store import DiskFull, check_free_space, read_table
 from tasks.logprobs import DEFAULT_CHUNK_TOKENS, completion_logprobs, pack
 from tasks.lora import LoraSettings, add_adapter, is_adapted, trainable_parameters
-from tasks.model import live_policy, load_optimizer_state, move_live_policy, save_checkpoint
-from tasks.objective import BatchTotals, LossSettings, loss_mask, policy_loss
+from tasks.model import checkpoint_bytes, live_policy, load_optimizer_state, move_live_policy, save_checkpoint
+from tasks.objective import SPLIT_INVARIANT_AGGREGATIONS, BatchTotals, LossSettings, loss_mask, policy_loss
 from tasks.progress import progress
 
 
@@ -48,7 +55,8 @@ class ArtifactMismatch(ValueError):
     pass
 
 
-_GEN_COLUMNS = ["prompt_id", "sample_index", "prompt_token_ids", "completion_token_ids", "old_logprobs", "ref_logprobs", "finish_reason"]
+_GEN_COLUMNS = ["prompt_id", "sample_index", "prompt_token_ids", "completion_token_ids", "old_logprobs", "ref_logprobs", "finish_reason",
+                "sampler_logprobs"]
 
 
 def read_generations(generations_paths: str | Path | Sequence[str | Path]) -> list[dict]:
@@ -115,6 +123,38 @@ def _pad(values: list[list[float]], width: int, device) -> torch.Tensor:
     return out.to(device)
 
 
+class MismatchSums:
+    """Running sums of `policy_loss`'s train/inference mismatch statistics over the micro-
+    batches of an iteration; `metrics()` gives TRL's names (none when no micro-batch had the
+    sampler's log-probs). Later passes (mu > 1) see the same tokens again, which leaves the
+    means, minima and maxima unchanged."""
+
+    def __init__(self) -> None:
+        self.tokens = self.diff_sum = self.ratio_sum = 0.0
+        self.diff_max, self.ratio_min, self.ratio_max = 0.0, math.inf, -math.inf
+
+    def add(self, stats: dict) -> None:
+        if "mismatch_tokens" not in stats:
+            return
+        self.tokens += stats["mismatch_tokens"]
+        self.diff_sum += stats["logp_diff_sum"]
+        self.ratio_sum += stats["is_ratio_sum"]
+        self.diff_max = max(self.diff_max, stats["logp_diff_max"])
+        self.ratio_min = min(self.ratio_min, stats["is_ratio_min"])
+        self.ratio_max = max(self.ratio_max, stats["is_ratio_max"])
+
+    def metrics(self) -> dict:
+        if not self.tokens:
+            return {}
+        return {
+            "sampling/sampling_logp_difference/mean": self.diff_sum / self.tokens,
+            "sampling/sampling_logp_difference/max": self.diff_max,
+            "sampling/importance_sampling_ratio/min": self.ratio_min,
+            "sampling/importance_sampling_ratio/mean": self.ratio_sum / self.tokens,
+            "sampling/importance_sampling_ratio/max": self.ratio_max,
+        }
+
+
 def needs_old_logprobs(mu: int, mini_batches: int) -> bool:
     """Whether the update needs the sampling policy's stored log-probs: only when it takes
     more than one optimiser step on the same completions (the generate stage asks this too)."""
@@ -140,6 +180,47 @@ def _loss_tokens(row: dict, loss: LossSettings) -> int:
     if loss.mask_truncated_completions and row["finish_reason"] == "length":
         return 0
     return len(row["completion_token_ids"])
+
+
+def zero_gradient(row: dict, loss: LossSettings) -> bool:
+    """Whether a completion provably adds nothing to the gradient: it has no loss token (masked
+    as truncated, or empty), or beta = 0 and its advantage is 0, when its per-token loss is
+    -min(w A, clip(w) A) = 0 whatever the ratio w, and so is its derivative."""
+    return _loss_tokens(row, loss) == 0 or (loss.beta == 0 and row["advantage"] == 0.0)
+
+
+def plan_micro_batches(batch_rows: list[dict], size: int, loss: LossSettings) -> tuple[list[list[dict]], list[dict]]:
+    """The micro-batches (at most `size` completions each) of one optimisation batch, and the
+    completions left out of them because they carry no gradient.
+
+    With an aggregation whose step does not depend on the split (SPLIT_INVARIANT_AGGREGATIONS)
+    the `zero_gradient` completions are left out (the caller still counts their tokens in the
+    batch's normalisers) and the others are sorted by length before being cut, so that each
+    micro-batch pads little: the same step (tested) for fewer tokens through the model. With
+    `bnpo`, whose normaliser is each micro-batch's own token count, the batch is cut in its
+    shuffled order and nothing is left out.
+    """
+    if loss.aggregation not in SPLIT_INVARIANT_AGGREGATIONS:
+        return [batch_rows[s : s + size] for s in range(0, len(batch_rows), size)], []
+    idle = [r for r in batch_rows if zero_gradient(r, loss)]
+    live = [r for r in batch_rows if not zero_gradient(r, loss)]
+    if len(live) > size:  # one micro-batch pads the same in any order
+        live.sort(key=lambda r: (len(r["prompt_token_ids"]) + len(r["completion_token_ids"]), len(r["prompt_token_ids"])))
+    return [live[s : s + size] for s in range(0, len(live), size)], idle
+
+
+def _idle_units(rows: list[dict], loss: LossSettings) -> float:
+    """What completions left out of the forward add to the clip statistics' denominator, as
+    `policy_loss` counts it: their loss tokens (token-level ratios) or one each (sequence-level)."""
+    return float(len(rows)) if loss.importance_sampling == "sequence" else float(sum(_loss_tokens(r, loss) for r in rows))
+
+
+def _zero_gradients(model) -> None:
+    """A step over completions that all carry no gradient: zeros, not None, so AdamW steps (its
+    moments decay) exactly as after a backward pass that produced zeros."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
 
 
 def update_policy(
@@ -180,6 +261,8 @@ def update_policy(
         load_optimizer_state(policy.optimizer, policy_path)
     for group in policy.optimizer.param_groups:
         group["lr"] = learning_rate
+    if save:  # a checkpoint that cannot fit fails now, not after minutes of update
+        check_free_space(out_checkpoint, checkpoint_bytes(policy))
     policy.optimizer.zero_grad(set_to_none=True)  # a retried stage must not add to stale gradients
 
     gens = read_generations(generations_path)
@@ -189,9 +272,15 @@ def update_policy(
     if needs_old_logprobs(mu, mini_batches) and any(r["old_logprobs"] is None for r in rows):
         raise ArtifactMismatch(f"{generations_path}: mu={mu} x mini_batches={mini_batches} optimiser steps need the sampling policy's "
                                "log-probs, but the generations carry none (generated for a single step); generate them again")
+    if loss.mismatch_correction != "none" and any(r["sampler_logprobs"] is None for r in rows):
+        raise ArtifactMismatch(f"{generations_path}: mismatch correction '{loss.mismatch_correction}' needs the sampler's log-probs, "
+                               "but some generations carry none (written before schema version 3); generate them again")
     rng = random.Random(seed)
+    mismatch = MismatchSums()
     pad_id = policy.tokenizer.pad_token_id
-    sums = {"tokens": 0.0, "kl_sum": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_region": 0.0, "clip_units": 0.0, "entropy": 0.0, "seen_tokens": 0.0}
+    sums = {"tokens": 0.0, "kl_sum": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_region": 0.0, "clip_units": 0.0, "seen_tokens": 0.0,
+            "forwarded": 0.0, "forwarded_tokens": 0.0, "idle_completions": 0.0}
+    entropy_sum = torch.zeros((), device=model.device)  # summed on the device, read once at the end
     step_losses: list[float] = []
     grad_norms: list[float] = []
     skipped = 0
@@ -202,9 +291,9 @@ def update_policy(
         for _ in range(mu):
             for mini in split_mini_batches(len(rows), mini_batches, rng):
                 batch_rows = [rows[i] for i in mini]
-                micro = [batch_rows[s : s + micro_batch_size] for s in range(0, len(batch_rows), micro_batch_size)]
+                micro, idle = plan_micro_batches(batch_rows, micro_batch_size, loss)
                 totals = BatchTotals(sequences=len(batch_rows), tokens=sum(_loss_tokens(r, loss) for r in batch_rows), micro_batches=len(micro))
-                step_loss = 0.0
+                step_loss = torch.zeros((), device=model.device)
                 for chunk in micro:
                     batch = pack([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk], pad_id, model.device)
                     width = batch.completion_ids.shape[1]
@@ -216,21 +305,33 @@ def update_policy(
                     adv = torch.tensor([r["advantage"] for r in chunk], dtype=torch.float32, device=model.device)  # (b,)
                     truncated = torch.tensor([r["finish_reason"] == "length" for r in chunk], device=model.device)  # (b,)
                     mask = loss_mask(batch.completion_mask, truncated, loss)  # (b, C)
-                    mb_loss, mb = policy_loss(logp, old, adv, mask, ref, loss, totals)
+                    sampled = [r["sampler_logprobs"] for r in chunk]
+                    sampler = None if None in sampled else _pad(sampled, width, model.device)  # (b, C)
+                    mb_loss, mb = policy_loss(logp, old, adv, mask, ref, loss, totals, sampler)
+                    mismatch.add(mb)
                     mb_loss.backward()
-                    step_loss += mb_loss.item()
+                    step_loss += mb_loss.detach()
                     for key in ("tokens", "kl_sum", "clip_low", "clip_high", "clip_region", "clip_units"):
                         sums[key] += mb[key]
-                    sums["entropy"] += (entropy * mask).sum().item()
-                    sums["seen_tokens"] += batch.attention_mask.sum().item()
+                    entropy_sum += (entropy * mask).sum()
+                    sums["forwarded"] += len(chunk)
+                    sums["forwarded_tokens"] += mb["tokens"]
+                    sums["seen_tokens"] += sum(len(r["prompt_token_ids"]) + len(r["completion_token_ids"]) for r in chunk)
                     bar.advance(len(chunk))
+                if idle:  # their statistics as policy_loss would count them: their tokens, never clipped (A = 0 or no token)
+                    sums["tokens"] += sum(_loss_tokens(r, loss) for r in idle)
+                    sums["clip_units"] += _idle_units(idle, loss)
+                    sums["idle_completions"] += len(idle)
+                    bar.advance(len(idle))
+                if not micro:
+                    _zero_gradients(model)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
                 if math.isfinite(grad_norm):
                     policy.optimizer.step()
                 else:  # one bad batch must not turn every weight into NaN
                     skipped += 1
                 policy.optimizer.zero_grad(set_to_none=True)
-                step_losses.append(step_loss)
+                step_losses.append(step_loss.item())
                 grad_norms.append(grad_norm)
     model.eval()
     if gradient_checkpointing:
@@ -244,7 +345,9 @@ def update_policy(
     units = max(sums["clip_units"], 1.0)
     metrics = {
         "policy_loss": sum(step_losses) / len(step_losses) if step_losses else 0.0,
-        "entropy": sums["entropy"] / tokens,
+        # Over the completions that went through the model (with beta = 0, not those of zero
+        # advantage); NaN when none did.
+        "entropy": entropy_sum.item() / max(sums["forwarded_tokens"], 1.0) if sums["forwarded"] else math.nan,
         "clip_ratio/low_mean": sums["clip_low"] / units,
         "clip_ratio/high_mean": sums["clip_high"] / units,
         "clip_ratio/region_mean": sums["clip_region"] / units,
@@ -252,10 +355,12 @@ def update_policy(
     }
     if loss.beta > 0:
         metrics["kl"] = sums["kl_sum"] / tokens
+    metrics |= mismatch.metrics()
     metrics |= completion_metrics(gens)
     metrics |= {
         "iteration_tokens": sum(len(g["prompt_token_ids"]) + len(g["completion_token_ids"]) for g in gens),
         "update/trained_completions": len(rows),
+        "update/zero_gradient_completions": int(sums["idle_completions"]) // mu,  # never forwarded (plan_micro_batches)
         "update/optimizer_steps": len(step_losses),
         "update/skipped_steps": skipped,
         "update/tokens_per_second": sums["seen_tokens"] / seconds if seconds > 0 else 0.0,
@@ -264,6 +369,11 @@ def update_policy(
     return metrics
 
 
-@task(name="update", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def _worth_retrying(task_obj, task_run, state) -> bool:
+    """A full disk fails the same way again (and a retry would redo the whole update)."""
+    return not isinstance(state.result(raise_on_failure=False), DiskFull)
+
+
+@task(name="update", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, retry_condition_fn=_worth_retrying)
 def update_task(generations_path: str | list[str], advantages_path: str, policy_path: str, out_checkpoint: str, **settings) -> dict:
     return update_policy(generations_path, advantages_path, policy_path, out_checkpoint, **settings)
