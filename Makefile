@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install install-dev clean ci
+.PHONY: demo test install install-dev clean ci install-cluster
 
 # Every optional part's install target; CI installs them all so their tests run, not skip.
 OPTIONAL_INSTALLS :=
@@ -36,6 +36,11 @@ demo: install
 
 test: install-dev
 	$(BIN)/python -m pytest
+
+# The Ray cluster (flows/ray_cluster.py): --cluster auto | ray://host:port.
+install-cluster: $(VENV)/.installed-dev
+	$(BIN)/pip install -q -e '.[cluster]'
+OPTIONAL_INSTALLS += install-cluster
 
 # What .ci/run does: every optional part installed, then the README's test command with
 # missing optional dependencies turned from skips into failures.

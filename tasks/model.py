@@ -88,6 +88,7 @@ class LivePolicy:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     optimizer: torch.optim.Optimizer | None = None
+    trainer: torch.nn.Module | None = None  # the DDP wrapper (FSDP2: the model itself) on N > 1 ranks
 
 
 _LIVE: dict[str, LivePolicy] = {}
@@ -124,24 +125,43 @@ def forget_live_policies() -> None:
     gc.collect()
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: str | Path) -> bool:
+def read_optimizer_state(checkpoint: str | Path) -> dict | None:
+    """The optimiser state saved beside a checkpoint's weights, or None."""
     state_file = Path(checkpoint) / OPTIMIZER_FILE
     if not state_file.exists():
-        return False
-    optimizer.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True))
+        return None
+    return torch.load(state_file, map_location="cpu", weights_only=True)
+
+
+def adopt_weights(new_path: str | Path, state_dict: dict[str, torch.Tensor], skeleton: str | Path | None = None) -> bool:
+    """The update to `new_path` ran in other processes (training ranks): this process's live
+    policy takes its weights and is known as `new_path` from now on. Holding none, `skeleton`
+    (a checkpoint of the same architecture) is loaded first; without one nothing happens."""
+    if not _LIVE:
+        if skeleton is None:
+            return False
+        live_policy(skeleton)
+    (key, policy), = _LIVE.items()
+    policy.model.load_state_dict(state_dict, strict=False)  # a tied weight may be listed under one name only
+    _LIVE.clear()
+    _LIVE[_key(new_path)] = policy
     return True
 
 
-def save_checkpoint(policy: LivePolicy, final: str | Path) -> Path:
-    """``save_pretrained`` (safetensors + tokenizer) and the optimiser state, atomically."""
+def save_checkpoint(policy: LivePolicy, final: str | Path, state_dict: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """``save_pretrained`` (safetensors + tokenizer) and the optimiser state, atomically.
+    `state_dict` / `optimizer_state`: the full weights and optimiser state gathered from
+    sharded ranks (FSDP2), written instead of the policy's own."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=final.parent))
     try:
-        policy.model.save_pretrained(tmp, safe_serialization=True)
+        policy.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         policy.tokenizer.save_pretrained(tmp)
-        if policy.optimizer is not None:
-            torch.save(policy.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        if optimizer_state is None and policy.optimizer is not None:
+            optimizer_state = policy.optimizer.state_dict()
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         for file in tmp.iterdir():
             with open(file, "rb") as fh:
                 os.fsync(fh.fileno())

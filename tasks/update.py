@@ -37,8 +37,10 @@ from prefect.cache_policies import NO_CACHE
 
 from data.schemas import ADVANTAGES, GENERATIONS
 from data.store import read_table
+from tasks.distributed import clip_gradients, deal, full_optimizer_state, full_state_dict, gradient_sync, load_full_optimizer_state
+from tasks.distributed import pick_parallelism, rank_and_world, sum_over_ranks
 from tasks.logprobs import completion_logprobs, pack
-from tasks.model import live_policy, load_optimizer_state, move_live_policy, save_checkpoint
+from tasks.model import live_policy, move_live_policy, read_optimizer_state, save_checkpoint
 from tasks.objective import BatchTotals, LossSettings, loss_mask, policy_loss
 from tasks.progress import progress
 
@@ -159,19 +161,32 @@ def update_policy(
     seed: int = 0,
     device: str = "auto",
     dtype: str = "auto",
+    parallelism: str = "ddp",
 ) -> dict:
     """mu x mini_batches optimiser steps of the GRPO objective over the kept completions;
-    returns the iteration's training metrics (TRL's names)."""
+    returns the iteration's training metrics (TRL's names).
+
+    Inside a torch.distributed process group of N > 1 ranks (every rank calls this with the
+    same arguments) each step's micro-batches are dealt out over the ranks and the model is
+    wrapped by `parallelism` ("ddp" or "fsdp2"): the step is the one-rank step (see
+    tasks/distributed.py). Rank 0 writes the one consolidated checkpoint."""
     if mu < 1 or mini_batches < 1 or micro_batch_size < 1:
         raise ValueError(f"mu, mini_batches and micro_batch_size must be >= 1 (got {mu}, {mini_batches}, {micro_batch_size})")
     started = time.perf_counter()
+    rank, world = rank_and_world()
+    par = pick_parallelism(parallelism)
+    sharded = par.sharded and world > 1
     policy = live_policy(policy_path, device, dtype)
-    model = policy.model
+    if world > 1 and policy.trainer is None:
+        policy.trainer = par.wrap(policy.model)  # FSDP2 shards the model in place
+    model, trainer = policy.model, policy.trainer or policy.model
     if policy.optimizer is None:
         # AdamW as in DeepSeekMath; state restored when the checkpoint carries it, so a
-        # resumed run continues exactly.
+        # resumed run continues exactly (on any number of ranks: one layout for all).
         policy.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-        load_optimizer_state(policy.optimizer, policy_path)
+        state = read_optimizer_state(policy_path)
+        if state is not None:
+            load_full_optimizer_state(model, policy.optimizer, state, sharded)
     for group in policy.optimizer.param_groups:
         group["lr"] = learning_rate
     policy.optimizer.zero_grad(set_to_none=True)  # a retried stage must not add to stale gradients
@@ -199,25 +214,30 @@ def update_policy(
                 micro = [batch_rows[s : s + micro_batch_size] for s in range(0, len(batch_rows), micro_batch_size)]
                 totals = BatchTotals(sequences=len(batch_rows), tokens=sum(_loss_tokens(r, loss) for r in batch_rows), micro_batches=len(micro))
                 step_loss = 0.0
-                for chunk in micro:
-                    batch = pack([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk], pad_id, model.device)
-                    width = batch.completion_ids.shape[1]
-                    logp, entropy = completion_logprobs(model, batch, loss.temperature, with_entropy=True)  # (b, C)
-                    stored = [r["old_logprobs"] for r in chunk]
-                    old = logp.detach() if None in stored else _pad(stored, width, model.device)  # (b, C)
-                    ref = _pad([r["ref_logprobs"] for r in chunk], width, model.device) if loss.beta > 0 else None
-                    adv = torch.tensor([r["advantage"] for r in chunk], dtype=torch.float32, device=model.device)  # (b,)
-                    truncated = torch.tensor([r["finish_reason"] == "length" for r in chunk], device=model.device)  # (b,)
-                    mask = loss_mask(batch.completion_mask, truncated, loss)  # (b, C)
-                    mb_loss, mb = policy_loss(logp, old, adv, mask, ref, loss, totals)
-                    mb_loss.backward()
-                    step_loss += mb_loss.item()
-                    for key in ("tokens", "kl_sum", "clip_low", "clip_high", "clip_region", "clip_units"):
-                        sums[key] += mb[key]
-                    sums["entropy"] += (entropy * mask).sum().item()
-                    sums["seen_tokens"] += batch.attention_mask.sum().item()
-                    bar.advance(len(chunk))
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
+                share = deal(micro, rank, world, even=sharded)
+                for k, (chunk, counts) in enumerate(share):
+                    with gradient_sync(trainer, last=k == len(share) - 1):
+                        batch = pack([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk], pad_id, model.device)
+                        width = batch.completion_ids.shape[1]
+                        logp, entropy = completion_logprobs(trainer, batch, loss.temperature, with_entropy=True)  # (b, C)
+                        stored = [r["old_logprobs"] for r in chunk]
+                        old = logp.detach() if None in stored else _pad(stored, width, model.device)  # (b, C)
+                        ref = _pad([r["ref_logprobs"] for r in chunk], width, model.device) if loss.beta > 0 else None
+                        adv = torch.tensor([r["advantage"] for r in chunk], dtype=torch.float32, device=model.device)  # (b,)
+                        truncated = torch.tensor([r["finish_reason"] == "length" for r in chunk], device=model.device)  # (b,)
+                        mask = loss_mask(batch.completion_mask, truncated, loss)  # (b, C)
+                        mb_loss, mb = policy_loss(logp, old, adv, mask, ref, loss, totals)
+                        # x world: DDP/FSDP2 average the ranks' gradients, the step needs their sum.
+                        (mb_loss * (world if counts else 0.0)).backward()
+                        if not counts:  # a rank without a micro-batch of its own: synchronisation only
+                            continue
+                        step_loss += mb_loss.item()
+                        for key in ("tokens", "kl_sum", "clip_low", "clip_high", "clip_region", "clip_units"):
+                            sums[key] += mb[key]
+                        sums["entropy"] += (entropy * mask).sum().item()
+                        sums["seen_tokens"] += batch.attention_mask.sum().item()
+                        bar.advance(len(chunk))
+                grad_norm = clip_gradients(model, max_grad_norm)
                 if math.isfinite(grad_norm):
                     policy.optimizer.step()
                 else:  # one bad batch must not turn every weight into NaN
@@ -231,7 +251,14 @@ def update_policy(
 
     move_live_policy(policy_path, out_checkpoint)
     if save:
-        save_checkpoint(policy, out_checkpoint)
+        weights = full_state_dict(model, sharded) if sharded else None  # FSDP2: every rank takes part in the gather
+        optimizer_state = full_optimizer_state(model, policy.optimizer, sharded) if sharded else None
+        if rank == 0:
+            save_checkpoint(policy, out_checkpoint, state_dict=weights, optimizer_state=optimizer_state)
+    if world > 1:
+        sums = sum_over_ranks(sums)
+        losses = sum_over_ranks({f"{i:06d}": v for i, v in enumerate(step_losses)})
+        step_losses = [losses[k] for k in sorted(losses)]
     seconds = time.perf_counter() - started
     tokens = max(sums["tokens"], 1.0)
     units = max(sums["clip_units"], 1.0)
