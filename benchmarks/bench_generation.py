@@ -7,7 +7,7 @@ tokens), same torch thread count, interleaved A/B in one process.
 
 Sides:
   bare    model.generate(input_ids, attention_mask, do_sample, max_new_tokens), nothing else
-  sample       grpoflow's `sample()`: the same `generate` call, cut at EOS into samples
+  sample       grpoflow's HF engine `sample()`: the same `generate` call, cut at EOS into samples
   old_forward  the one forward pass the stage runs for the old-policy log-probs of those samples
   stage        the whole generate stage as the default run calls it (mu = 1, one mini-batch:
                no old-policy log-probs needed): read prompts.parquet, render and tokenize,
@@ -53,7 +53,9 @@ def main() -> None:
     from data.schemas import PROMPTS
     from data.sources import normalise_row, prompts_table
     from data.store import write_table
-    from tasks.generate import _eos_ids, generate_completions, render_prompt, sample
+    from tasks.engines import SamplingSettings
+    from tasks.engines.hf import HFEngine, eos_ids
+    from tasks.generate import generate_completions, render_prompt
     from tasks.model import live_policy
 
     a.scratch.mkdir(parents=True, exist_ok=True)
@@ -81,7 +83,7 @@ def main() -> None:
     model.eval()
     texts = [render_prompt(r | {"prompt_id": str(i)}, tok, True) for i, r in enumerate(rows)]
     prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    eos = _eos_ids(model, tok)
+    eos = eos_ids(model, tok)
     width = max(map(len, prompt_ids))
     jobs = [i for i in range(len(prompt_ids)) for _ in range(a.group_size)]
     ids = torch.full((len(jobs), width), tok.pad_token_id, dtype=torch.long)
@@ -90,6 +92,9 @@ def main() -> None:
         ids[row, width - len(prompt_ids[i]) :] = torch.as_tensor(prompt_ids[i])
         mask[row, width - len(prompt_ids[i]) :] = 1
     batch = len(jobs)
+    engine = HFEngine()  # the stage's engine, on the same model object
+    engine.load(model, tok)
+    settings = SamplingSettings(max_new_tokens=a.max_new_tokens, batch_size=batch)
 
     def count(new_tokens: torch.Tensor) -> int:
         total = 0
@@ -106,8 +111,7 @@ def main() -> None:
         return count(out[:, width:])
 
     def sampled(seed: int) -> int:
-        torch.manual_seed(seed)
-        return sum(len(s.completion_ids) for s in sample(model, tok, prompt_ids, a.group_size, a.max_new_tokens, 1.0, 1.0, batch))
+        return sum(len(s.completion_ids) for s in engine.sample(prompt_ids, a.group_size, settings, seed=seed))
 
     out_dir = Path(tempfile.mkdtemp(prefix="gen-", dir=a.scratch))
 
@@ -121,8 +125,7 @@ def main() -> None:
     last: dict = {}
 
     def sampled_keep(seed: int) -> int:
-        torch.manual_seed(seed)
-        last["samples"] = sample(model, tok, prompt_ids, a.group_size, a.max_new_tokens, 1.0, 1.0, batch)
+        last["samples"] = engine.sample(prompt_ids, a.group_size, settings, seed=seed)
         return sum(len(s.completion_ids) for s in last["samples"])
 
     def old_forward(seed: int) -> int:

@@ -101,6 +101,7 @@ def write_iteration(folder: Path, rows: int, group_size: int, seed: int = 0) -> 
                 "old_logprobs": _token_lists(rng, lengths, 0, np.float32),
                 "ref_logprobs": _token_lists(rng, lengths, 0, np.float32),
                 "finish_reason": ["eos"] * n,
+                "sampler_logprobs": pa.nulls(n, pa.list_(pa.float32())),
             }, schema=GENERATIONS.schema))
             # The "previous scoring": right in 90% of the cases, so the comparison has changes to show.
             before = np.where(rng.random(n) < 0.9, right, ~right).astype(np.float64)

@@ -47,6 +47,21 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_rss() -> None:
+    """Reset the kernel's resident-memory high-water mark of this process (Linux >= 4.0), so
+    `status_mib("VmHWM")` afterwards is the peak of what follows alone."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def status_mib(field: str) -> float:
+    """A memory field of /proc/self/status in MiB: VmHWM (peak RSS since the last reset), VmRSS (now)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def summary(values: list[float]) -> dict:
     """Median and spread (min, quartiles, max) of timings; the median is what we compare."""
     values = sorted(values)

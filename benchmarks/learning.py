@@ -88,7 +88,8 @@ def sft_control(model_dir: str, cpu_budget: float, seed: int, lr: float, batch_s
 
     from data import builtin
     from rewards.arithmetic import exact_answer
-    from tasks.generate import sample
+    from tasks.engines import SamplingSettings
+    from tasks.engines.hf import HFEngine
     from tasks.model import load_model, load_tokenizer
     from tasks.tiny_model import _sft_batch
 
@@ -98,8 +99,12 @@ def sft_control(model_dir: str, cpu_budget: float, seed: int, lr: float, batch_s
     held = builtin.held_out_problems()
     held_ids = [tok.encode(p["prompt"]) for p in held]
 
+    engine = HFEngine()
+    engine.load(model, tok)
+    greedy = SamplingSettings(max_new_tokens=8, greedy=True, batch_size=256, with_logprobs=False)
+
     def accuracy() -> float:
-        samples = sample(model, tok, held_ids, 1, 8, 1.0, 1.0, 256, greedy=True, desc="evaluate")
+        samples = engine.sample(held_ids, 1, greedy, desc="evaluate")
         texts = tok.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
         return sum(exact_answer(t, p) for t, p in zip(texts, held)) / len(held)
 

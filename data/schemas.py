@@ -28,6 +28,16 @@ class ArtifactSchema:
     schema: pa.Schema
     # Column-name prefix -> Arrow type, for families of columns such as `reward/<fn>`.
     families: dict[str, pa.DataType] = field(default_factory=dict)
+    # Column -> the version that added it: a file written with an older version lacks it,
+    # still reads, and shows it as all nulls (data.store.read_table).
+    added: dict[str, int] = field(default_factory=dict)
+
+    def absent_columns(self, actual: pa.Schema) -> list[str]:
+        """Declared columns that `actual` lacks because its file predates them."""
+        version = (actual.metadata or {}).get(b"grpoflow.version")
+        if version is None:
+            return []  # a table being written: every column is required
+        return [name for name, since in self.added.items() if int(version) < since and actual.get_field_index(name) < 0]
 
     def metadata(self) -> dict[bytes, bytes]:
         return {b"grpoflow.artifact": self.name.encode(), b"grpoflow.version": str(self.version).encode()}
@@ -74,7 +84,7 @@ PROMPTS = ArtifactSchema(
 
 GENERATIONS = ArtifactSchema(
     name="generations",
-    version=2,  # 2: old_logprobs may be null (not computed when the update takes one step)
+    version=3,  # 2: old_logprobs may be null (not computed when the update takes one step); 3: sampler_logprobs
     schema=pa.schema(
         [
             pa.field("prompt_id", pa.string(), nullable=False),
@@ -90,8 +100,12 @@ GENERATIONS = ArtifactSchema(
             # log pi_ref(o_t | q, o_<t); null when beta = 0 (no reference model is loaded).
             pa.field("ref_logprobs", pa.list_(pa.float32())),
             pa.field("finish_reason", pa.string(), nullable=False),  # "eos" or "length"
+            # The generation engine's own log-prob of each token it drew, of softmax(logits / T)
+            # before truncation (tasks/engines); null in files of version < 3.
+            pa.field("sampler_logprobs", pa.list_(pa.float32())),
         ]
     ),
+    added={"sampler_logprobs": 3},
 )
 
 REWARDS = ArtifactSchema(
@@ -164,8 +178,11 @@ def check_schema(actual: pa.Schema, expected: ArtifactSchema, path: str | Path) 
     when they belong to a declared family (``reward/...``) with the family's type.
     """
     where = f"{path}: {expected.name} artifact"
+    absent = set(expected.absent_columns(actual))
     for want in expected.schema:
         idx = actual.get_field_index(want.name)
+        if idx < 0 and want.name in absent:
+            continue
         if idx < 0:
             raise SchemaError(f"{where}: missing column '{want.name}' ({want.type})")
         got = actual.field(idx)

@@ -279,6 +279,17 @@ def _load_dataset(label: str, path: str, config: str | None, split: str):
         raise SourceError(f"{label}: datasets could not read it ({_root_cause(err)})") from None
     except (ValueError, FileNotFoundError) as err:  # unknown split, no data files, ...
         raise SourceError(f"{label}: {err}") from None
+    except ConnectionError as err:
+        if hub_offline():  # no retry can help: say so, and what to do instead
+            raise SourceError(f"dataset '{label}' is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE / "
+                              "HF_DATASETS_OFFLINE is set): give a local .jsonl/.parquet/.csv file or dataset folder, or load it "
+                              "once where the hub is reachable so that it is cached") from None
+        raise
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off for this process (its own env switches)."""
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def _root_cause(err: BaseException) -> str:

@@ -15,6 +15,7 @@ its manifest entry exists and the file on disk still has that checksum.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -44,15 +45,64 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# --- a full disk, said in one line ------------------------------------------------------
+class DiskFull(OSError):
+    """No space left where an artifact is being written; the message says where, how much
+    the write needs (when known) and how much is free there."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _mib(n: float) -> str:
+    if n < 2**20:
+        return f"{n / 2**10:,.0f} KiB"
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free space on the file system that holds `path` (or its nearest existing parent)."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def disk_full(path: str | Path, needed: int | None, at_least: bool = False) -> DiskFull:
+    need = f"the write needs {'more than' if at_least else 'about'} {_mib(needed)}, " if needed else ""
+    return DiskFull(errno.ENOSPC, f"disk full writing {path}: {need}{_mib(free_bytes(path))} free there; "
+                                  "free some space (or --save-total-limit fewer checkpoints) and re-run to resume")
+
+
+def is_no_space(err: BaseException) -> bool:
+    """ENOSPC, however the writer reports it: an OSError, or the RuntimeError of torch's zip
+    writer (inline_container.cc) and safetensors' "No space left on device" text."""
+    if isinstance(err, DiskFull) or getattr(err, "errno", None) == errno.ENOSPC:
+        return True
+    return isinstance(err, (OSError, RuntimeError)) and ("No space left" in str(err) or "StorageFull" in str(err))
+
+
+def check_free_space(path: str | Path, needed: int) -> None:
+    """Fail before writing `needed` bytes to `path` when its file system has less free."""
+    if free_bytes(path) < needed:
+        raise disk_full(path, needed)
+
+
 @contextlib.contextmanager
-def atomic_path(final: str | Path) -> Iterator[Path]:
+def atomic_path(final: str | Path, expected_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temp path beside `final`; on success fsync it and rename it onto `final`.
 
-    On any exception the temp file is removed and `final` is untouched.
+    On any exception the temp file is removed and `final` is untouched. A full disk is
+    reported as `DiskFull` naming `final` (`expected_bytes`: what the write needs, if known).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=final.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=final.parent)
+    except OSError as err:
+        if is_no_space(err):
+            raise disk_full(final, expected_bytes) from err
+        raise
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -62,13 +112,16 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as err:
+        written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
+        if is_no_space(err) and not isinstance(err, DiskFull):
+            raise disk_full(final, expected_bytes or written or None, at_least=expected_bytes is None) from err
         raise
 
 
 def atomic_write_bytes(final: str | Path, payload: bytes) -> None:
-    with atomic_path(final) as tmp:
+    with atomic_path(final, expected_bytes=len(payload)) as tmp:
         tmp.write_bytes(payload)
 
 
@@ -81,7 +134,7 @@ def write_table(table: pa.Table, final: str | Path, artifact: ArtifactSchema) ->
     final = Path(final)
     check_schema(table.schema, artifact, final)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **artifact.metadata()})
-    with atomic_path(final) as tmp:
+    with atomic_path(final, expected_bytes=table.nbytes) as tmp:  # uncompressed size: an upper bound
         pq.write_table(table, tmp, compression="zstd")
     return final
 
@@ -97,7 +150,11 @@ class ParquetStreamWriter:
         check_schema(self.schema, artifact, self.final)
         self._ctx = atomic_path(self.final)
         self._tmp = self._ctx.__enter__()
-        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        try:
+            self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        except BaseException as err:  # e.g. no space for the header: remove the temp file
+            self._ctx.__exit__(type(err), err, err.__traceback__)
+            raise
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
@@ -108,8 +165,16 @@ class ParquetStreamWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._writer.close()
-        self._ctx.__exit__(exc_type, exc, tb)
+        try:
+            self._writer.close()  # writes the footer: it can fail too (a full disk)
+        except BaseException as err:
+            if exc is None:
+                exc_type, exc, tb = type(err), err, err.__traceback__
+        if exc is None:
+            self._ctx.__exit__(None, None, None)
+            return
+        self._ctx.__exit__(exc_type, exc, tb)  # removes the temp file; raises DiskFull for ENOSPC
+        raise exc
 
 
 def read_table(path: str | Path, artifact: ArtifactSchema, columns: list[str] | None = None) -> pa.Table:
@@ -117,8 +182,20 @@ def read_table(path: str | Path, artifact: ArtifactSchema, columns: list[str] | 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: {artifact.name} artifact not found")
-    check_schema(pq.read_schema(path), artifact, path)
-    return pq.read_table(path, columns=columns)
+    schema = pq.read_schema(path)
+    check_schema(schema, artifact, path)
+    absent = artifact.absent_columns(schema)
+    if not absent:
+        return pq.read_table(path, columns=columns)
+    table = pq.read_table(path, columns=None if columns is None else [c for c in columns if c not in absent])
+    return _with_null_columns(table, artifact, absent if columns is None else [c for c in columns if c in absent])
+
+
+def _with_null_columns(data, artifact: ArtifactSchema, names: list[str]):
+    """A table or record batch of an older file, with the columns added since as nulls."""
+    for name in names:
+        data = data.append_column(artifact.schema.field(name), pa.nulls(data.num_rows, artifact.schema.field(name).type))
+    return data
 
 
 def iter_batches(path: str | Path, artifact: ArtifactSchema, batch_size: int = 4096, columns=None):
@@ -130,7 +207,13 @@ def iter_batches(path: str | Path, artifact: ArtifactSchema, batch_size: int = 4
     # is closed (~85 MB per million generations read), so memory grew with the file.
     pf = pq.ParquetFile(path, pre_buffer=False)
     check_schema(pf.schema_arrow, artifact, path)
-    yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+    absent = artifact.absent_columns(pf.schema_arrow)
+    if not absent:
+        yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+        return
+    wanted = absent if columns is None else [c for c in columns if c in absent]
+    for batch in pf.iter_batches(batch_size=batch_size, columns=None if columns is None else [c for c in columns if c not in absent]):
+        yield _with_null_columns(batch, artifact, wanted)
 
 
 def read_rows_where(path: str | Path, artifact: ArtifactSchema, key: str, values, columns: list[str] | None = None,
@@ -352,7 +435,8 @@ def pause_point(label: str) -> None:
     if not wanted or wanted not in label:
         return
     marker = os.environ.get(PAUSE_MARKER_ENV)
-    if marker:
-        Path(marker).write_text(label)
+    if marker:  # renamed into place: a test that sees the marker can read the label at once
+        Path(marker + ".tmp").write_text(label)
+        os.replace(marker + ".tmp", marker)
     time.sleep(600)
     raise RuntimeError(f"paused at '{label}' ({PAUSE_AT_ENV}) for 600 s and was not killed")

@@ -2,14 +2,20 @@
 (the pydantic model is the single source of that text).
 
 Errors a user can fix (a missing model folder, a dataset row without an answer, an unknown
-config key) print one line naming what and where, and exit with status 2.
+config key, a full disk, a read-only folder, an offline hub, a Prefect API that does not
+answer) print one line naming what and where, and exit with status 2. That line comes first:
+Prefect's own report of the failed run (its traceback) is kept off the console unless
+`grpo --debug` (or GRPOFLOW_DEBUG=1), which also prints the traceback after the line.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import logging
 import os
+import re
 import sys
 import time
 import typing
@@ -27,6 +33,33 @@ def _quiet_offline_defaults() -> None:
     # Each stage logs its own one-line summary; the engine's "Finished in state" lines add nothing.
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+_FAILURE_REPORT = re.compile(r"Finished in state (Failed|Crashed)|Encountered exception|failed with exception|Retry \d+/\d+ will start")
+
+
+class _NoFailureReports(logging.Filter):
+    """Drop Prefect's console report of a failed task or flow run (a traceback of 40-300
+    lines, repeated per retry): the CLI prints the error itself, in one line, or the
+    traceback of a bug. The Prefect API still receives the full report."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("prefect"):
+            return True
+        return not (record.exc_info or _FAILURE_REPORT.search(record.getMessage()))
+
+
+def quiet_failure_reports() -> None:
+    """Install `_NoFailureReports` on Prefect's console handler (call after importing Prefect)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(isinstance(f, _NoFailureReports) for f in handler.filters):
+            handler.addFilter(_NoFailureReports())
+
+
+def _debugging(args: argparse.Namespace | None = None) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("GRPOFLOW_DEBUG") == "1"
 
 
 def _flag_type(annotation):
@@ -72,15 +105,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     from flows.train import grpo_train, preflight  # imported late: Prefect reads its settings at import
 
+    if not _debugging(args):
+        quiet_failure_reports()
     preflight(config)
     print(f"grpo: run folder {config.run_dir}", file=sys.stderr)
     metrics = grpo_train(config)
     print(json.dumps(metrics, indent=2, default=str))
+    print(f"final model: {metrics['final_model']}")  # the last line, always: scripts take it with `tail -1`
     return 0
 
 
 def cmd_rescore(args: argparse.Namespace) -> int:
     from flows.rescore import default_tag, format_comparison, grpo_rescore  # late: Prefect reads its settings at import
+
+    if not _debugging(args):
+        quiet_failure_reports()
 
     tag = args.tag or default_tag()
     results = grpo_rescore(str(args.target), tag, rewards=args.rewards, reward_options=args.reward_options,
@@ -126,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="grpo",
         description="GRPO training as a Prefect pipeline: every stage writes a Parquet artifact you can inspect or re-run.",
     )
+    parser.add_argument("--debug", action="store_true", help="print the traceback (and Prefect's failure reports) after an error's one line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser(
         "run",
@@ -190,11 +230,44 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from data.schemas import SchemaError
     from data.sources import InvalidRow, SourceError
+    from data.store import DiskFull
     from flows.resume import RunFolderBusy
     from rewards.registry import UnknownRewardError
     from tasks.model import ModelLoadError
 
-    return (SchemaError, InvalidRow, SourceError, UnknownRewardError, ModelLoadError, RunFolderBusy, FileNotFoundError, ValueError)
+    return (SchemaError, InvalidRow, SourceError, UnknownRewardError, ModelLoadError, RunFolderBusy, DiskFull, FileNotFoundError, ValueError)
+
+
+def prefect_api_error_line(message: str) -> str | None:
+    """Prefect's two ways of saying it has no API (a RuntimeError each), in one line."""
+    if message.startswith("Failed to reach API at"):
+        url = message.removeprefix("Failed to reach API at").strip()
+        return (f"the Prefect API at {url} (PREFECT_API_URL) does not answer: start it (prefect server start) or unset "
+                "PREFECT_API_URL to run with a temporary local one")
+    if message.startswith("Timed out while attempting to connect to ephemeral Prefect API server"):
+        code = re.search(r"exited with code (-?\d+)", message)
+        how = f"its process exited with code {code.group(1)}" if code else "it did not answer in time"
+        return (f"the temporary Prefect API server did not start ({how}; PREFECT_HOME={os.environ.get('PREFECT_HOME', '~/.prefect')}): "
+                "run `grpo --debug ...` for its output, raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a slow machine, "
+                "or set PREFECT_API_URL to a running server (prefect server start)")
+    return None
+
+
+def user_error_line(err: BaseException) -> str | None:
+    """The one line for an error the user can fix, or None for a bug (which keeps its
+    traceback)."""
+    if isinstance(err, ValidationError):
+        return format_validation_error(err)
+    if isinstance(err, _user_errors()):
+        return str(err)
+    if isinstance(err, RuntimeError) and (line := prefect_api_error_line(str(err))) is not None:
+        return line
+    if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and err.filename:
+        what = "read-only file system" if err.errno == errno.EROFS else "permission denied"
+        return f"cannot write {err.filename}: {what}; give a --run-dir on a writable disk (or fix the folder's permissions)"
+    if isinstance(err, ConnectionError):
+        return f"network: {err}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,15 +275,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ValidationError as err:
-        print(f"grpo: error: {format_validation_error(err)}", file=sys.stderr)
-        return 2
-    except _user_errors() as err:
-        print(f"grpo: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("grpo: interrupted; re-run with the same --run-dir to resume", file=sys.stderr)
         return 130
+    except Exception as err:
+        line = user_error_line(err)
+        if line is None:
+            raise
+        print(f"grpo: error: {line}", file=sys.stderr)
+        if _debugging(args):
+            import traceback
+
+            traceback.print_exception(err)
+        return 2
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rewards import known_rewards, make_reward
+from tasks.lora import LoraSettings
 
 
 class GRPOConfig(BaseModel):
@@ -40,6 +41,24 @@ class GRPOConfig(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1.0 = off).")
     generation_batch_size: int = Field(256, ge=1, description="Sequences per generate() call; bounds generation memory.")
     use_chat_template: bool = Field(True, description="Wrap plain-text prompts in the tokenizer's chat template when it has one.")
+
+    # --- generation engine ------------------------------------------------------------------
+    generation_engine: Literal["hf", "vllm"] = Field("hf", description="Who samples the completions: hf (transformers generate on the live policy, exactly reproducible) or vllm (a colocated vLLM engine kept for the whole run, weights synced in place after every update; needs make install-vllm). Reference and old-policy log-probs always come from a transformers forward.")
+    eval_engine: Literal["hf", "vllm"] | None = Field(None, description="Engine of the greedy held-out evaluation. Default: generation_engine.")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vllm on a GPU: fraction of GPU memory vLLM may take (weights + KV cache). 0.3 leaves the rest to the update (policy, gradients, AdamW state) in the same process.")
+    vllm_cpu_kv_cache_gb: float = Field(1.0, gt=0, description="vllm on CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE). 1 GiB holds ~23k tokens of SmolLM2-135M in fp32 (46 KiB per token), plenty for 64 x 256 completions in flight.")
+    mismatch_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = Field("none", description="Train/inference mismatch correction (docs/objective.md): re-weight each token's policy loss by the ratio of the trainer's to the sampler's probability, truncated at mismatch_cap (token_truncate: truncated importance sampling, TIS) or zeroed above it (token_mask); sequence_*: one ratio per completion, the product of its token ratios. none: only measured (metrics sampling/*).")
+    mismatch_cap: float = Field(3.0, ge=1, description="C of the mismatch correction: ratios are capped at (truncate) or dropped above (mask) this value. 3 is TRL's default.")
+
+    @model_validator(mode="after")
+    def _correction_needs_full_distribution(self) -> GRPOConfig:
+        # The ratio pi_old / pi_sampler is an unbiased importance weight only if the sampler
+        # can draw every token pi_old can: truncation (top_p < 1) zeroes some, and the stored
+        # sampler log-probs are of the untruncated distribution, so the weight would be wrong.
+        if self.mismatch_correction != "none" and self.top_p < 1:
+            raise ValueError(f"mismatch_correction '{self.mismatch_correction}' needs the untruncated sampling distribution: "
+                             f"top_p must be 1 (got {self.top_p})")
+        return self
 
     # --- rewards ----------------------------------------------------------------------------
     rewards: dict[str, float] = Field(default_factory=lambda: {"exact_answer": 1.0}, description="Reward functions and their weights (JSON object); the reward is the weighted sum. Names are registered rewards or 'package.module:function'.")
@@ -70,10 +89,21 @@ class GRPOConfig(BaseModel):
     store_old_logprobs: bool = Field(False, description="Compute and store the sampling policy's per-token log-probs (generations' old_logprobs) even when the update does not need them. They are needed, and always stored, when mu > 1 or mini_batches > 1; with one optimiser step per iteration the policy being updated is the one that sampled, so the ratio is 1 by construction and the update uses its own detached log-probs, as TRL does, saving one forward pass per iteration.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations during the backward pass instead of keeping them (transformers' gradient checkpointing): update memory drops from ~layers x tokens x hidden activations to about one hidden state per token per layer, for ~30 percent more update compute. Off suits the tiny demo model; turn it on for real models on small machines (TRL turns it on by default).")
 
+    # --- log-prob chunks -----------------------------------------------------------------
+    logprob_chunk_tokens: int = Field(1024, ge=0, description="Completion positions whose vocabulary logits exist at once when computing log-probs and entropy (update, reference and old-policy forwards): the output head and log-softmax run on chunks of this many positions from the final hidden states, recomputed chunk by chunk in the backward pass, so memory grows with the chunk instead of with batch x completion length x vocabulary. 0 = the whole-logits path (one (batch, tokens, vocabulary) tensor). Models with soft-capped or scaled logits always take the whole-logits path.")
+
+    # --- LoRA -----------------------------------------------------------------------------
+    lora_rank: int = Field(0, ge=0, description="LoRA rank R (peft; make install-lora): train low-rank adapters on the frozen model instead of every weight, so the update holds gradients and AdamW state for the adapters only; the KL reference is the same weights with the adapter disabled (no second copy); checkpoints hold the adapter; final/ holds the merged model. 0 = full fine-tuning. Adapters learn more slowly per step than full weights: raise learning_rate (the tiny demo used 10x, benchmarks/RESULTS.md).")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA scale numerator: the adapter adds (alpha / R) B A x. Default: 2 x lora_rank.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input during the update. 0 keeps the update's log-probs equal to the sampler's (ratio 1 at the first step).")
+    lora_target_modules: str | None = Field(None, description="Comma-separated names of the modules that get adapters (e.g. q_proj,v_proj). Default: every linear layer of the transformer blocks, not the output head (peft's all-linear).")
+
     # --- evaluation, checkpoints, machine ---------------------------------------------------
     eval_every: int = Field(10, ge=0, description="Evaluate on the held-out prompts every this many iterations (and at the start and end); 0 = only start and end.")
     eval_size: int = Field(500, ge=1, description="Held-out problems scored per evaluation (at most the held-out set's size).")
     save_every: int = Field(1, ge=1, description="Write a checkpoint every this many iterations (and after the last).")
+    # --- run folder: checkpoint rotation (issue 13) --------------------------------------------
+    save_total_limit: int | None = Field(None, ge=1, description="Keep only the newest this many iteration checkpoints (the one a resume starts from is always kept); None keeps all. Only that resumable one keeps its optimiser state (two thirds of a checkpoint), so older ones hold the weights alone. The run's final/ folder is not counted.")
     seed: int = Field(0, description="Seed of prompt sampling, generation and update; a run is reproducible given the same seed and machine.")
     device: str = Field("auto", description="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype: auto = bfloat16 on a GPU that has it, else float32.")
@@ -99,12 +129,22 @@ class GRPOConfig(BaseModel):
     def _workers_need_a_cluster(self) -> GRPOConfig:
         if self.cluster == "local" and (self.training_ranks > 1 or self.generation_workers > 1):
             raise ValueError("training_ranks > 1 or generation_workers > 1 need a Ray cluster: --cluster auto or ray://host:port")
+        if self.cluster != "local" and self.lora_rank:
+            # The workers' weights come from rank 0's state dict, which with peft carries adapter names: not built yet.
+            raise ValueError("lora_rank > 0 runs with --cluster local only (LoRA on a Ray cluster is not supported yet)")
         return self
 
     @model_validator(mode="after")
     def _estimator_scaling(self) -> GRPOConfig:
         if self.advantage_estimator == "dr_grpo" and self.scale_rewards not in (None, "none"):
             raise ValueError(f"advantage_estimator 'dr_grpo' divides by no std, so scale_rewards must be 'none' (got '{self.scale_rewards}'); use 'grpo' to scale")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_needs_rank(self) -> GRPOConfig:
+        stray = [name for name in ("lora_alpha", "lora_target_modules") if getattr(self, name) is not None] + (["lora_dropout"] if self.lora_dropout else [])
+        if stray and not self.lora_rank:
+            raise ValueError(f"{', '.join(stray)} set but lora_rank is 0 (full fine-tuning); set lora_rank to train adapters")
         return self
 
     @field_validator("rewards")
@@ -152,6 +192,13 @@ class GRPOConfig(BaseModel):
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
         return cls(**(data | overrides))
+
+    def lora_settings(self):
+        """The LoRA settings of the update, or None for full fine-tuning."""
+        if not self.lora_rank:
+            return None
+        targets = tuple(t.strip() for t in self.lora_target_modules.split(",") if t.strip()) if self.lora_target_modules else None
+        return LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, target_modules=targets)
 
     def uses_builtin_data(self) -> bool:
         return self.dataset is None

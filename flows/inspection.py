@@ -57,7 +57,7 @@ def stage_state(folder: Path, entries: dict[str, dict], name: str) -> dict[str, 
         # Size, not sha256: inspect must stay instant on big files (the flow checks sha256).
         status = "done" if target.is_file() and target.stat().st_size == entry.get("bytes") else "changed"
     elif kind == "folder":
-        status = "saved" if target.is_dir() else "changed"
+        status = "saved" if target.is_dir() else "removed" if entry.get("removed_at") else "changed"  # removed: save_total_limit
     else:
         status = "in memory" if name == CHECKPOINT else "done"  # an update whose checkpoint was not saved
     return {"status": status, "rows": entry.get("rows"), "seconds": entry.get("seconds")}
@@ -104,7 +104,7 @@ def _cell(state: dict[str, Any]) -> str:
     status = state["status"]
     if status == "missing":
         return "[dim]-[/dim]"
-    colour = {"done": "green", "saved": "green", "in memory": "cyan", "partial": "yellow", "changed": "red"}[status]
+    colour = {"done": "green", "saved": "green", "in memory": "cyan", "partial": "yellow", "changed": "red", "removed": "dim"}[status]
     parts = [f"[{colour}]{status}[/{colour}]"]
     if state["rows"] is not None:
         parts.append(str(state["rows"]))

@@ -129,7 +129,8 @@ class TrainingRank:
         from tasks.distributed import full_state_dict, pick_parallelism, rank_and_world
 
         sharded = pick_parallelism(parallelism).sharded and rank_and_world()[1] > 1
-        return full_state_dict(live_policy(path).model, sharded)
+        policy = live_policy(path)
+        return full_state_dict(policy.model, policy.trainer, sharded)
 
 
 @ray.remote

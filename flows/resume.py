@@ -16,6 +16,10 @@ A run folder is resumed by running the flow on it again (DESIGN.md, "Run directo
   stage that is about to run reads those weights (a later generate, update or eval).
 * **Half-done stages** were never recorded in the manifest, so they run again from their
   inputs; the temp files they left are removed when the flow starts.
+* **Rotation.** Once an iteration is complete, `prune_checkpoints` keeps the newest
+  ``save_total_limit`` checkpoints and removes the optimiser state from all but the newest
+  one: only the checkpoint a resume starts from needs it (1.1 of the 1.6 GB per iteration at
+  135M parameters). The resumable checkpoint is never removed, whatever the limit.
 """
 
 from __future__ import annotations
@@ -23,16 +27,19 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.store import Manifest, iteration_dir
+from data.store import TMP_PREFIX, Manifest, atomic_write_json, iteration_dir
 from tasks.progress import stage_label
 
 CHECKPOINT = "checkpoint"
+OPTIMIZER_FILE = "optimizer.pt"  # tasks.model's name too; not imported: this module must not load torch
 POOL_PREFIX = "prompts-from-"  # dataset/prompts-from-0007.parquet: prompts of iterations 7..
 
 
@@ -61,6 +68,54 @@ def resume_point(run_dir: str | Path, up_to: int) -> ResumePoint | None:
         if entry.get("kind") == "folder" and (folder / CHECKPOINT).is_dir() and (folder / "metrics.json").is_file():
             return ResumePoint(it, str(folder / CHECKPOINT))
     return None
+
+
+def checkpointed_iterations(run_dir: str | Path) -> list[int]:
+    """The iterations whose checkpoint folder is on disk, oldest first."""
+    return [it for it in iteration_numbers(run_dir) if it >= 1 and (iteration_dir(run_dir, it) / CHECKPOINT).is_dir()]
+
+
+def _remove_folder(folder: Path) -> None:
+    # Renamed first, so a kill mid-delete leaves a .tmp-* folder (removed at the next start),
+    # never a half checkpoint under its real name.
+    doomed = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}removed-{folder.name}.", dir=folder.parent))
+    os.replace(folder, doomed / folder.name)
+    shutil.rmtree(doomed)
+
+
+def _mark_removed(folder: Path) -> None:
+    """Note in the manifest that the checkpoint was removed on purpose (grpo inspect shows
+    'removed', not 'changed'); it stays recorded as done, so nothing tries to redo it."""
+    manifest = Manifest(folder)
+    entries = manifest.entries()
+    if CHECKPOINT in entries:
+        entries[CHECKPOINT]["removed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        atomic_write_json(manifest.path, entries)
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int | None) -> dict[str, list[int]]:
+    """Keep the newest `keep` checkpoints (None: all) and the optimiser state of the
+    resumable one only. Checkpoints newer than the resumable one (their iteration not yet
+    complete) are left alone. Returns the iterations whose checkpoint / optimiser state
+    was removed."""
+    resumable = resume_point(run_dir, 10**9)
+    if resumable is None:
+        return {"checkpoints": [], "optimizer_states": []}
+    older = [it for it in checkpointed_iterations(run_dir) if it <= resumable.iteration]
+    kept = older if keep is None else older[-keep:]
+    if resumable.iteration not in kept:  # cannot happen with keep >= 1, but never lose it
+        kept.append(resumable.iteration)
+    removed, stripped = [], []
+    for it in older:
+        folder = iteration_dir(run_dir, it) / CHECKPOINT
+        if it not in kept:
+            _remove_folder(folder)
+            _mark_removed(iteration_dir(run_dir, it))
+            removed.append(it)
+        elif it != resumable.iteration and (folder / OPTIMIZER_FILE).exists():
+            (folder / OPTIMIZER_FILE).unlink()
+            stripped.append(it)
+    return {"checkpoints": removed, "optimizer_states": stripped}
 
 
 def saved_metrics(run_dir: str | Path, iteration: int) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,18 +27,20 @@ from prefect.cache_policies import NO_CACHE
 
 from data import builtin
 from data.schemas import ADVANTAGES, GENERATIONS, METRICS, PROMPTS, REWARDS, SchemaError
-from data.sources import normalise_row, prompts_table, read_source
-from data.store import Manifest, atomic_write_json, iteration_dir, read_table, remove_stale_temp_files, write_table
+from data.sources import hub_offline, normalise_row, prompts_table, read_source
+from data.store import TMP_PREFIX, Manifest, atomic_write_json, iteration_dir, read_table, remove_stale_temp_files, write_table
 from flows.cluster import Stages, stages_for
 from flows.config import GRPOConfig
 from flows.report import VIEWS
-from flows.resume import CHECKPOINT, PendingUpdates, hold_run_folder, prompt_pool, release_run_folder, resume_point, saved_metrics
+from flows.resume import (CHECKPOINT, PendingUpdates, hold_run_folder, prompt_pool, prune_checkpoints, release_run_folder,
+                          resume_point, saved_metrics)
 from tasks.advantages import advantages_task, informative_groups, refill_prompts_task
+from tasks.engines import check_available
 from tasks.evaluate import evaluate_task
 from tasks.ingest import ingest_task
 from tasks.objective import LossSettings
 from tasks.select import select_prompts_task
-from tasks.model import check_model_source
+from tasks.model import FINAL, check_model_source, export_final_model, live_policy
 from tasks.progress import stage_label
 from tasks.tiny_model import ensure_tiny_model
 from tasks.update import needs_old_logprobs
@@ -84,6 +87,12 @@ def prepare_model_task(config: GRPOConfig) -> str:
     return str(ensure_tiny_model(steps=config.warmup_steps, seed=config.seed))
 
 
+@task(name="export-final-model", cache_policy=NO_CACHE)
+def export_final_task(policy_path: str, run_dir: str, device: str = "auto", dtype: str = "auto") -> dict:
+    """<run_dir>/final/: the last iteration's weights and tokenizer, no optimiser state."""
+    return {"path": str(export_final_model(live_policy(policy_path, device, dtype), run_dir))}
+
+
 @task(name="builtin-prompts", cache_policy=NO_CACHE)
 def write_builtin_prompts_task(out_path: str, held_out: bool, size: int) -> dict:
     rows = builtin.held_out_problems(min(size, builtin.HELD_OUT_SIZE)) if held_out else builtin.all_train_problems()
@@ -94,13 +103,28 @@ def write_builtin_prompts_task(out_path: str, held_out: bool, size: int) -> dict
 
 
 def preflight(config: GRPOConfig) -> None:
-    """The checks that need no Prefect and no model: a missing model folder or dataset file
-    is reported in one line before the flow starts."""
+    """The checks that need no Prefect and no model: a missing model folder or dataset file,
+    a hub dataset that is not cached while the hub is offline, a run folder that cannot be
+    written: each reported in one line before the flow starts."""
     if config.model is not None:
         check_model_source(config.model)
+    for engine in {config.generation_engine, config.eval_engine or config.generation_engine}:
+        check_available(engine)
     for source in (config.dataset, config.eval_dataset):
-        if source is not None and (Path(source).expanduser().exists() or source.startswith(("/", ".", "~"))):
+        local = source is not None and (Path(source).expanduser().exists() or source.startswith(("/", ".", "~")))
+        if local or (source is not None and hub_offline()):  # offline, a hub name reads the local cache only
             next(read_source(source, split=config.dataset_split), None)  # parses the first row
+    check_writable(Path(config.run_dir))
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create `run_dir` (and its parents) and a probe file in it, removed at once, so that a
+    read-only disk or folder is an error now, not after the first stage. Raises the OSError
+    (with its file name) that the command line reports in one line."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    probe = run_dir / f"{TMP_PREFIX}probe-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def versions() -> dict[str, str]:
@@ -148,6 +172,17 @@ def write_metrics_table(run_dir: Path, added: int | None = None) -> Path:
     rows = [r for p in (files[-1:] if table is not None else files) for r in _metric_rows(p)]
     new = pa.table({"iteration": [r[0] for r in rows], "name": [r[1] for r in rows], "value": [r[2] for r in rows]}, schema=METRICS.schema)
     return write_table(pa.concat_tables([table, new]) if table is not None else new, out, METRICS)
+
+
+# The settings each generation engine is built with (tasks/engines), from the config.
+ENGINE_OPTIONS: dict[str, Callable[[GRPOConfig], dict]] = {
+    "hf": lambda config: {},
+    "vllm": lambda config: {"gpu_memory_utilization": config.vllm_gpu_memory_utilization, "cpu_kv_cache_gb": config.vllm_cpu_kv_cache_gb},
+}
+
+
+def engine_settings(config: GRPOConfig, name: str) -> dict:
+    return {"engine": name, "engine_options": ENGINE_OPTIONS[name](config)}
 
 
 def score_settings(config: GRPOConfig) -> dict:
@@ -223,16 +258,22 @@ def train_iterations(config: GRPOConfig, stages: Stages) -> dict:
 
     machine = {"device": config.device, "dtype": config.dtype}
     evaluate = dict(rewards=config.rewards, reward_options=config.bound_reward_options(), max_new_tokens=config.max_new_tokens,
-                    use_chat_template=config.use_chat_template, **machine)
+                    use_chat_template=config.use_chat_template, **engine_settings(config, config.eval_engine or config.generation_engine), **machine)
     loss = LossSettings(
         epsilon_low=config.epsilon, epsilon_high=config.epsilon if config.epsilon_high is None else config.epsilon_high, beta=config.beta,
         temperature=config.temperature, importance_sampling=config.importance_sampling_level, aggregation=config.loss_aggregation,
         max_completion_length=config.max_new_tokens, mask_truncated_completions=config.mask_truncated_completions,
+        mismatch_correction=config.mismatch_correction, mismatch_cap=config.mismatch_cap,
     )
     generate_settings = dict(group_size=config.group_size, max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-                             batch_size=config.generation_batch_size, reference_path=base_model if config.beta > 0 else None,
+                             batch_size=config.generation_batch_size,
+                             # LoRA: the reference is the policy's frozen base, adapter disabled; nothing to load
+                             reference_path=base_model if config.beta > 0 and not config.lora_rank else None,
+                             reference_from_base=config.beta > 0 and bool(config.lora_rank),
                              use_chat_template=config.use_chat_template,
-                             with_old_logprobs=config.store_old_logprobs or needs_old_logprobs(config.mu, config.mini_batches), **machine)
+                             with_old_logprobs=config.store_old_logprobs or needs_old_logprobs(config.mu, config.mini_batches),
+                             logprob_chunk_tokens=config.logprob_chunk_tokens,
+                             **engine_settings(config, config.generation_engine), **machine)
 
     policy = base_model
     metrics: dict = {}
@@ -267,7 +308,8 @@ def train_iterations(config: GRPOConfig, stages: Stages) -> dict:
                         target_groups=config.prompts_per_iteration, schema_version=ADVANTAGES.version)
         upd = run_stage(manifest, CHECKPOINT, stages.update, all_gens, advs, policy, checkpoint, learning_rate=config.learning_rate, loss=loss,
                         mu=config.mu, mini_batches=config.mini_batches, micro_batch_size=config.micro_batch_size,
-                        gradient_checkpointing=config.gradient_checkpointing,
+                        gradient_checkpointing=config.gradient_checkpointing, logprob_chunk_tokens=config.logprob_chunk_tokens,
+                        lora=config.lora_settings(),
                         max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay, save=save, seed=config.seed * 100_003 + it, **machine)
         policy = checkpoint
 
@@ -278,6 +320,10 @@ def train_iterations(config: GRPOConfig, stages: Stages) -> dict:
             result = run_stage(manifest, "eval", evaluate_task, eval_path, policy, **evaluate)
             metrics["held_out_accuracy"] = result["accuracy"]
         write_metrics(run_dir, it, metrics)
+        if save:  # after metrics.json: the new checkpoint is the resumable one from now on
+            pruned = prune_checkpoints(run_dir, config.save_total_limit)
+            if pruned["checkpoints"]:
+                log.info(f"removed checkpoints of iterations {', '.join(map(str, pruned['checkpoints']))} (save_total_limit {config.save_total_limit})")
         VIEWS.refresh_learning_curve(run_dir, force="held_out_accuracy" in metrics or it == config.iterations)
         acc = f", held-out accuracy {metrics['held_out_accuracy']:.1%}" if "held_out_accuracy" in metrics else ""
         log.info(f"iteration {it}/{config.iterations}: reward {metrics['reward']:.3f}, kl {upd.get('kl', 0.0):.4f}, "
@@ -286,4 +332,22 @@ def train_iterations(config: GRPOConfig, stages: Stages) -> dict:
         before, after = start["accuracy"], metrics["held_out_accuracy"]
         log.info(f"held-out accuracy {before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points) on {start['problems']} problems")
         metrics["held_out_accuracy_before"] = before
+    metrics["final_model"] = export_final(config, policy, machine)
     return metrics
+
+
+def export_final(config: GRPOConfig, policy: str, machine: dict) -> str:
+    """Write <run_dir>/final/ from the last iteration's policy, unless it already holds it
+    (a re-run of a finished folder); recorded in the run folder's manifest by iteration."""
+    run_dir = Path(config.run_dir)
+    manifest = Manifest(run_dir)
+    entry = manifest.entries().get(FINAL, {})
+    if manifest.is_done(FINAL) and entry.get("iteration") == config.iterations and entry.get("policy") == str(policy):
+        return str(run_dir / FINAL)
+    manifest.forget(FINAL)  # a newer policy: the old final/ is no longer the run's result
+    PENDING_UPDATES.catch_up([policy], get_run_logger())
+    with stage_label(FINAL):
+        export_final_task(str(policy), str(run_dir), **machine)
+    manifest.record(FINAL, iteration=config.iterations, policy=str(policy))
+    get_run_logger().info(f"final model (weights and tokenizer, no optimiser state): {run_dir / FINAL}")
+    return str(run_dir / FINAL)

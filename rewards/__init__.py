@@ -2,6 +2,7 @@
 
 from rewards.registry import (
     BoundReward,
+    Explained,
     RewardFn,
     RewardOptionsError,
     UnknownRewardError,
@@ -21,6 +22,7 @@ from rewards import countdown  # noqa: E402,F401  (registers "countdown")
 
 __all__ = [
     "BoundReward",
+    "Explained",
     "RewardFn",
     "RewardOptionsError",
     "UnknownRewardError",

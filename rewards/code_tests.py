@@ -19,10 +19,15 @@ Three test formats, all run when present:
   each line and trailing blank lines ignored).
 
 Reward: ``all_or_nothing`` (1.0 when every test passes, stopping at the first failure) or
-``fraction`` (passed / total). ``timeout_s`` is the wall-clock budget for all of a
-completion's tests together. The candidate's failures (wrong answer, crash, timeout,
-exit before answering) score 0; failures of the harness or the row (sandbox not working,
-a test that references an undefined helper) raise, so the row gets NaN and the error text.
+``fraction`` (passed / total). ``timeout_s`` is the CPU-time budget of all of a
+completion's tests together (all its processes counted); ``wall_s`` a wall-clock backstop
+for programs that wait instead of computing (default ``2 * timeout_s + 5``): CPU time, not
+the clock, decides, so a correct program is scored correctly however busy the machine is.
+The candidate's failures (wrong answer, a crash such as NameError or a missing import, a
+wrong signature, a timeout, an exit before answering) score 0 and say why (``Explained``:
+the text lands in the row's error column); failures of the harness or the row (sandbox
+not working, a test that references an undefined helper) raise, so the row gets NaN and
+the error text.
 """
 
 from __future__ import annotations
@@ -38,28 +43,40 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from rewards.registry import register
-from rewards.sandbox import Limits, Session, SessionBroken, run_script
+from rewards.registry import Explained, register
+from rewards.sandbox import CandidateError, Isolation, Limits, RunResult, Session, SessionBroken, run_script
 
 _FENCE_ANY = re.compile(r"```[ \t]*([\w+-]*)[ \t]*\n(.*?)```", re.DOTALL)
 
 
-@register("code", time_limit_s=lambda options: options["timeout_s"] + 15.0)
+def _wall_s(options: Mapping[str, Any]) -> float:
+    return options["wall_s"] if options.get("wall_s") else 2 * options["timeout_s"] + 5.0
+
+
+@register("code", time_limit_s=lambda options: _wall_s(options) + 15.0)
 def code_reward(
     completion: str,
     example: Mapping[str, Any],
     *,
     mode: Literal["all_or_nothing", "fraction"] = "all_or_nothing",
     timeout_s: Annotated[float, Field(gt=0)] = 10.0,
+    wall_s: Annotated[float, Field(gt=0)] | None = None,
     memory_mb: Annotated[int, Field(ge=64)] = 1024,
+    namespaces: bool = True,
+    python: str | None = None,
 ) -> float:
-    """Fraction of the row's tests the completion's program passes (or 1/0 all-or-nothing)."""
+    """Fraction of the row's tests the completion's program passes (or 1/0 all-or-nothing).
+
+    `namespaces=False` runs the programs with Landlock and seccomp only (what a kernel
+    without user namespaces gets; for tests of that path); `python` is the interpreter the
+    programs run in (default: the scorer's)."""
     program = extract_program(completion)
     entry_point = example.get("entry_point")
     prompt = example.get("prompt")
     if prompt and entry_point and not defines(program, entry_point):
         program = prompt + program
-    budget = _Budget(time.monotonic() + timeout_s, memory_mb, stop_at_first_failure=mode == "all_or_nothing")
+    wall = _wall_s({"timeout_s": timeout_s, "wall_s": wall_s})
+    budget = _Budget(timeout_s, time.monotonic() + wall, memory_mb, mode == "all_or_nothing", Isolation(namespaces=namespaces, python=python))
     results: list[bool] = []
     if example.get("test") and entry_point:
         results += [_humaneval(program, example["test"], entry_point, prompt, budget)]
@@ -69,9 +86,8 @@ def code_reward(
         results += _stdin_stdout(program, example["io"], budget)
     if not results:
         raise ValueError("the code reward needs 'test' + 'entry_point', 'tests' or 'io' in the row")
-    if budget.stop_at_first_failure:
-        return float(all(results))
-    return sum(results) / len(results)
+    value = float(all(results)) if budget.stop_at_first_failure else sum(results) / len(results)
+    return Explained(value, budget.why) if budget.why and value < 1.0 else value
 
 
 def extract_program(completion: str) -> str:
@@ -95,16 +111,43 @@ def defines(program: str, name: str) -> bool:
 
 
 class _Budget:
-    """The wall-clock budget shared by all tests of one completion."""
+    """The CPU-time and wall-clock budget shared by all tests of one completion, and the
+    first reason a test failed."""
 
-    def __init__(self, deadline: float, memory_mb: int, stop_at_first_failure: bool):
+    def __init__(self, cpu_s: float, deadline: float, memory_mb: int, stop_at_first_failure: bool, isolation: Isolation):
+        self.cpu_left = cpu_s
         self.deadline = deadline
         self.memory_mb = memory_mb
         self.stop_at_first_failure = stop_at_first_failure
+        self.isolation = isolation
+        self.why: str | None = None
+        self._counted: set[int] = set()
 
     def limits(self) -> Limits | None:
         remaining = self.deadline - time.monotonic()
-        return Limits(wall_s=remaining, memory_mb=self.memory_mb) if remaining > 0.05 else None
+        if remaining <= 0.05 or self.cpu_left <= 0.01:
+            self.failed("the program used up its time budget")
+            return None
+        return Limits(wall_s=remaining, cpu_s=self.cpu_left, memory_mb=self.memory_mb)
+
+    def spent(self, run: RunResult | None) -> None:
+        if run is not None and id(run) not in self._counted:  # a closed session reports the same result again
+            self._counted.add(id(run))
+            self.cpu_left -= run.cpu_s
+            if run.limit:
+                self.failed(_LIMIT_TEXT[run.limit])
+
+    def failed(self, why: str) -> None:
+        if self.why is None:
+            self.why = why[:2000]
+
+
+_LIMIT_TEXT = {
+    "cpu": "the program ran past its CPU-time limit",
+    "wall": "the program ran past its wall-clock limit",
+    "memory": "the program ran past its memory limit",
+    "output": "the program wrote more output than allowed",
+}
 
 
 def _humaneval(program: str, test: str, entry_point: str, prompt: str | None, budget: _Budget) -> bool:
@@ -119,21 +162,46 @@ def _humaneval(program: str, test: str, entry_point: str, prompt: str | None, bu
     limits = budget.limits()
     if limits is None:
         return False
-    with Session(program, limits) as session:
-        if not session.ready or entry_point not in session.names:
+    session = Session(program, limits, budget.isolation)
+    try:
+        if not session.ready:
+            budget.failed(_start_failure(session))
+            return False
+        if entry_point not in session.names:
+            budget.failed(f"the program does not define {entry_point}()")
             return False
         candidate = session.function(entry_point)
         trusted[entry_point] = candidate  # tests may call it by name (HumanEval/33 does)
         try:
             check(candidate)
-        except SessionBroken:
+        except (SessionBroken, CandidateError) as err:
+            budget.failed(str(err))
             return False
         except NameError as err:
-            # Only the test code names things here; the candidate cannot cause a NameError.
+            # Only the test code names things here; the candidate's errors arrive as CandidateError.
             raise ValueError(f"the row's test code failed: NameError: {err}") from None
-        except Exception:  # AssertionError, or the candidate's wrong value breaking the test
+        except Exception as err:  # AssertionError, or the candidate's wrong value breaking the test
+            budget.failed(_test_failure(err))
             return False
+        if session.calls == 0:
+            budget.failed("the test never called the program")
         return session.failure is None and session.calls > 0
+    finally:
+        budget.spent(session.close())
+
+
+def _start_failure(session: Session) -> str:
+    """Why a program never got ready: the last line of its traceback, or the limit it hit."""
+    result = session.close()
+    if result.limit:
+        return _LIMIT_TEXT[result.limit]
+    lines = result.stderr.decode(errors="replace").strip().splitlines()
+    return f"the program failed before its functions could be called: {lines[-1][:500]}" if lines else (session.failure or "")
+
+
+def _test_failure(err: Exception) -> str:
+    text = str(err)[:300]
+    return f"a test failed: {type(err).__name__}" + (f": {text}" if text else "")
 
 
 def _assert_list(program: str, tests: Sequence[str], budget: _Budget) -> list[bool]:
@@ -146,29 +214,34 @@ def _assert_list(program: str, tests: Sequence[str], budget: _Budget) -> list[bo
         for case in cases:
             if session is None or session.failure is not None:
                 if session is not None:
-                    session.close()
+                    budget.spent(session.close())
                 limits = budget.limits()
                 if limits is None:
                     break
-                session = Session(program, limits)
+                session = Session(program, limits, budget.isolation)
                 if not session.ready:
+                    budget.failed(_start_failure(session))
                     break  # it fails at start-up; it would again for every test
                 namespace = _trusted_namespace(session, [*setup, *cases])
                 for statement in setup:
                     exec(compile(statement, "<test setup>", "exec"), namespace)
-            results.append(_passes(case, namespace, session))
+            results.append(_passes(case, namespace, session, budget))
             if budget.stop_at_first_failure and not results[-1]:
                 break
     finally:
         if session is not None:
-            session.close()
+            budget.spent(session.close())
     return results + [False] * (len(cases) - len(results))
 
 
-def _passes(case: str, namespace: dict[str, Any], session: Session) -> bool:
+def _passes(case: str, namespace: dict[str, Any], session: Session, budget: _Budget) -> bool:
     try:
         exec(compile(case, "<test>", "exec"), namespace)
-    except (SessionBroken, Exception):  # a failed assert, or the candidate broke the test
+    except (SessionBroken, CandidateError) as err:
+        budget.failed(str(err))
+        return False
+    except Exception as err:  # a failed assert, or the candidate's value broke the test
+        budget.failed(_test_failure(err))
         return False
     return session.failure is None
 
@@ -199,8 +272,15 @@ def _stdin_stdout(program: str, cases: Sequence[Mapping[str, Any]], budget: _Bud
         limits = budget.limits()
         if limits is None:
             break
-        run = run_script(program, stdin=str(case.get("input") or "").encode(), limits=limits)
-        results.append(run.ok and _same_output(run.stdout.decode(errors="replace"), str(case.get("output") or "")))
+        run = run_script(program, stdin=str(case.get("input") or "").encode(), limits=limits, isolation=budget.isolation)
+        budget.spent(run)
+        same = _same_output(run.stdout.decode(errors="replace"), str(case.get("output") or ""))
+        results.append(run.ok and same)
+        if not run.ok and not run.limit:
+            lines = run.stderr.decode(errors="replace").strip().splitlines()
+            budget.failed(f"the program exited with status {run.exit_code}" + (f": {lines[-1][:500]}" if lines else ""))
+        elif not same:
+            budget.failed("the program's output differs from the expected output")
         if budget.stop_at_first_failure and not results[-1]:
             break
     return results + [False] * (len(cases) - len(results))

@@ -16,6 +16,11 @@ what it means, rather than a hand-written parser.
 Guards against a policy that games the checker (each scores 0):
 
 * several ``\\boxed`` answers that are not all equal (hedging: ``\\boxed{1} or \\boxed{2}``);
+* a hedged final statement, whatever the extraction step: two different numbers joined only
+  by hedging words (``69 or 70``, ``69, or maybe 70``, ``\\boxed{69 \\text{ or } 70}``,
+  ``#### 69 or 70``); and, when the gold is a single number, a list of several (``69, 70``,
+  ``69 and 70``, ``69 to 70``). For the last-number step the last number and the one
+  before it are read that way; a computation in between (``3 + 4 = 7``) is no list;
 * an answer longer than ``max_answer_chars`` (a list of every candidate value);
 * numbers too large to evaluate (power towers, ``(10^{100})!``): sympy would compute them
   exactly, in C, for minutes; they are refused before sympy sees them.
@@ -78,8 +83,11 @@ def math_reward(
     distinct = list(dict.fromkeys(_squash(b) for b in boxes))
     if len(distinct) > MAX_DISTINCT_BOXED:
         return 0.0
-    answer = extract_answer(completion, boxed=boxed, gsm8k=gsm8k, answer_is=answer_is, last_number=last_number)
+    rule, answer = _extract(completion, boxed=boxed, gsm8k=gsm8k, answer_is=answer_is, last_number=last_number)
     if answer is None or len(answer) > max_answer_chars:
+        return 0.0
+    single_gold = _NUMBER.fullmatch(_squash(str(gold)).strip("$")) is not None
+    if hedged(completion if rule == "last_number" else answer, single_gold, only_last=rule == "last_number"):
         return 0.0
     if len(distinct) > 1:
         final = _parse_answer(distinct[-1])
@@ -108,15 +116,57 @@ def extract_answer(
     completion: str, *, boxed: bool = True, gsm8k: bool = True, answer_is: bool = True, last_number: bool = True
 ) -> str | None:
     """The final-answer text by the first enabled rule that finds one, or None."""
+    return _extract(completion, boxed=boxed, gsm8k=gsm8k, answer_is=answer_is, last_number=last_number)[1]
+
+
+def _extract(completion: str, *, boxed: bool, gsm8k: bool, answer_is: bool, last_number: bool) -> tuple[str | None, str | None]:
+    """(the rule that found the answer, its text), or (None, None)."""
     if boxed and (boxes := find_boxed(completion)):
-        return boxes[-1].strip()
+        return "boxed", boxes[-1].strip()
     if gsm8k and (hits := _GSM8K.findall(completion)):
-        return _tidy(hits[-1])
+        return "gsm8k", _tidy(hits[-1])
     if answer_is and (hits := _ANSWER_IS.findall(completion)):
-        return _tidy(hits[-1])
+        return "answer_is", _tidy(hits[-1])
     if last_number and (hits := _NUMBER.findall(completion)):
-        return hits[-1].replace(" ", "")
-    return None
+        return "last_number", hits[-1].replace(" ", "")
+    return None, None
+
+
+# Words that join numbers into a hedge ("69 or maybe 70") or, for a single-number gold, into
+# a list of answers ("69 and 70", "69 to 70"); any other word or symbol between two numbers
+# ("3 + 4 = 7", "5 apples give 10") means they are not alternatives.
+_HEDGE_WORDS = frozenset({"or", "either", "maybe", "perhaps", "possibly", "probably", "rather", "else", "otherwise"})
+_LIST_WORDS = frozenset({"and", "to"})
+_TEXT_COMMAND = re.compile(r"\\(?:text|mathrm|textbf|mbox)\s*\{([^{}]*)\}")
+_GAP_FILLER = re.compile(r"[\s,;/&.?!()$~]|\\(?:quad|qquad|[,;: ])")
+
+
+def hedged(text: str, single_gold: bool, only_last: bool = False) -> bool:
+    """Whether `text` offers several different numbers as the answer (see the module doc).
+
+    `only_last`: look at the last two numbers only (the last-number step's final statement).
+    """
+    text = _SPACED_THOUSANDS.sub("", text)  # 1\,000 is one number
+    numbers = list(_NUMBER.finditer(text))
+    pairs = list(zip(numbers, numbers[1:]))[-1:] if only_last else list(zip(numbers, numbers[1:]))
+    for first, second in pairs:
+        if _number_value(first.group()) == _number_value(second.group()):
+            continue
+        gap = _TEXT_COMMAND.sub(r" \1 ", text[first.end() : second.start()]).lower()
+        words = re.findall(r"[a-z]+", gap)
+        if _GAP_FILLER.sub("", re.sub(r"[a-z]+", "", gap)) or len(gap) > 40:
+            continue  # an operator, a unit, a sentence: not a list of alternatives
+        others = [w for w in words if w not in _HEDGE_WORDS | _LIST_WORDS]
+        if any(w in _HEDGE_WORDS for w in words) and len(others) <= 2:  # "69 apples or maybe 70"
+            return True
+        listed = (words and all(w in _LIST_WORDS for w in words)) or (not words and re.search(r"[,;/&]", gap))
+        if single_gold and listed:
+            return True
+    return False
+
+
+def _number_value(text: str) -> str:
+    return text.replace(",", "").replace(" ", "")
 
 
 def answers_match(answer: str, gold: str) -> bool:

@@ -19,6 +19,12 @@ Why processes, and why this small pool of our own:
 
 Results come back in input order while the input is read lazily, so memory stays bounded
 by a window of rows, whatever the number of rows.
+
+What a worker sends back travels as JSON lines, never pickle: a worker runs candidate
+programs' tests, and nothing that such a process writes may be able to run code here when
+read (``_read_message`` only parses numbers and strings). The tasks going out are pickled:
+only this process writes them, into a pipe no candidate can reach (the sandbox hides every
+trusted process, see ``rewards/sandbox``).
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ from __future__ import annotations
 import atexit
 import ctypes
 import importlib
+import json
 import math
 import os
 import resource
+import select
 import signal
 import subprocess
 import sys
@@ -38,10 +46,10 @@ from contextlib import contextmanager
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
-from rewards.registry import BoundReward
+from rewards.registry import BoundReward, Explained
 
 PR_SET_PDEATHSIG = 1
 # Imported by every worker before it reports ready, so that the first math row does not
@@ -82,7 +90,8 @@ class _Worker:
             [sys.executable, "-m", "rewards.pool"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )
         self.send_conn = Connection(os.dup(self.proc.stdin.fileno()), readable=False)
-        self.conn = Connection(os.dup(self.proc.stdout.fileno()), writable=False)
+        self.fd = os.dup(self.proc.stdout.fileno())  # JSON lines from the worker (_read_message)
+        self.buffer = b""
         self.proc.stdin.close()
         self.proc.stdout.close()
         self.send_conn.send((list(rewards), memory_mb))
@@ -96,7 +105,24 @@ class _Worker:
             self.proc.kill()
         self.proc.wait()
         self.send_conn.close()
-        self.conn.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def messages(self) -> list[Any]:
+        """The complete messages that have arrived (call when the pipe is readable).
+
+        Raises EOFError when the worker closed its end. A line that is not a well-formed
+        message raises ``_BadMessage``: the worker is then treated as dead.
+        """
+        chunk = os.read(self.fd, 1 << 16)
+        if not chunk:
+            raise EOFError
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        if len(self.buffer) > _MAX_MESSAGE:
+            raise _BadMessage("a message from the worker exceeded the size limit")
+        return [_read_message(line) for line in lines]
 
 
 class RewardPool:
@@ -212,12 +238,12 @@ class RewardPool:
         now = time.monotonic()
         deadlines = [w.since + self._limit(w.pair) for w in self._pool if w.task is not None]
         timeout = max(0.0, min(deadlines) - now) if deadlines else None
-        by_conn = {w.conn: w for w in self._pool}
-        for conn in wait(list(by_conn), timeout=timeout):
-            worker = by_conn[conn]
+        by_fd = {w.fd: w for w in self._pool}
+        for fd in select.select(list(by_fd), [], [], timeout)[0]:
+            worker = by_fd[fd]
             try:
-                message = conn.recv()
-            except (EOFError, OSError):
+                messages = worker.messages()
+            except (EOFError, OSError, _BadMessage) as err:
                 if not worker.ready:
                     # Dying before it ever worked (a reward module it cannot import): a
                     # replacement would die the same way, forever.
@@ -226,20 +252,25 @@ class RewardPool:
                         "its error output is above"
                     ) from None
                 self.deaths += 1
-                self._replace(worker, queue, results, f"the scoring worker died (exit status {worker.proc.wait()})")
+                if isinstance(err, _BadMessage):
+                    why = f"the scoring worker sent a malformed message ({err}); killed"
+                else:
+                    why = f"the scoring worker died (exit status {worker.proc.wait()})"
+                self._replace(worker, queue, results, why)
                 continue
-            if message == ("ready",):
-                worker.ready = True
-                continue
-            task_id, pair, value, error = message
-            task = worker.task
-            if task is None or task_id != task.id or pair != worker.pair:
-                raise RuntimeError(f"scoring worker out of step: sent {(task_id, pair)}, expected {(task and task.id, worker.pair)}")
-            row, reward = divmod(pair, len(self.rewards))
-            results[task.first_row + row][reward] = Outcome(value, error)
-            worker.pair, worker.since = pair + 1, time.monotonic()
-            if worker.pair == len(task.rows) * len(self.rewards):
-                worker.task = None
+            for message in messages:
+                if message == ["ready"]:
+                    worker.ready = True
+                    continue
+                task_id, pair, value, error = message
+                task = worker.task
+                if task is None or task_id != task.id or pair != worker.pair:
+                    raise RuntimeError(f"scoring worker out of step: sent {(task_id, pair)}, expected {(task and task.id, worker.pair)}")
+                row, reward = divmod(pair, len(self.rewards))
+                results[task.first_row + row][reward] = Outcome(value, error)
+                worker.pair, worker.since = pair + 1, time.monotonic()
+                if worker.pair == len(task.rows) * len(self.rewards):
+                    worker.task = None
         now = time.monotonic()
         for worker in list(self._pool):
             if worker.task is not None and now - worker.since > self._limit(worker.pair):
@@ -274,10 +305,42 @@ class RewardPool:
             queue.appendleft(rest)
 
 
+_MAX_MESSAGE = 1 << 20  # one result line: two numbers and an error text of at most 4000 chars
+
+
+class _BadMessage(ValueError):
+    """A line from a worker that is not a message of the protocol."""
+
+
+def _read_message(line: bytes) -> list[Any]:
+    """``["ready"]`` or ``[task_id, pair, value, error]`` from one JSON line, checked."""
+    try:
+        message = json.loads(line)
+    except (ValueError, RecursionError) as err:
+        raise _BadMessage(f"not JSON: {err}") from None
+    if message == ["ready"]:
+        return message
+    if (
+        isinstance(message, list)
+        and len(message) == 4
+        and all(type(v) is int for v in message[:2])
+        and type(message[2]) in (int, float)
+        and (message[3] is None or type(message[3]) is str)
+    ):
+        return [message[0], message[1], float(message[2]), message[3]]
+    raise _BadMessage(f"unexpected message {line[:200]!r}")
+
+
+def _send_message(fd: int, message: list[Any]) -> None:
+    data = json.dumps(message).encode() + b"\n"  # NaN is written as NaN, which json reads back
+    while data:
+        data = data[os.write(fd, data) :]
+
+
 def _worker_main() -> None:
     """A worker: read the rewards, then tasks, from stdin; send one result per call."""
     inbox = Connection(0, writable=False)
-    outbox = Connection(os.dup(1), readable=False)
+    outbox = os.dup(1)
     os.dup2(2, 1)  # a reward that prints must not write into the result stream
     # Die with the scorer: a worker stuck in a reward would otherwise outlive the run.
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -289,7 +352,7 @@ def _worker_main() -> None:
             importlib.import_module(module)
         except ImportError:
             pass  # only a warm-up: a reward that needs it reports the error on its rows
-    outbox.send(("ready",))
+    _send_message(outbox, ["ready"])
     while True:
         try:
             message = inbox.recv()
@@ -302,17 +365,20 @@ def _worker_main() -> None:
             row, index = divmod(pair, len(rewards))
             completion, key, extra = rows[row]
             example = examples[key] if extra is None else {**examples[key], **extra}
-            outbox.send((task_id, pair, *_apply(rewards[index], completion, example)))
+            _send_message(outbox, [task_id, pair, *_apply(rewards[index], completion, example)])
 
 
 def _apply(reward: BoundReward, completion: str, example: Mapping[str, Any]) -> tuple[float, str | None]:
+    """(value, None); (value, why) for an ``Explained`` value; (NaN, error) when it raised."""
     try:
-        value = float(reward(completion, example))
+        result = reward(completion, example)
+        value = float(result)
     except Exception as err:  # a reward bug costs its row (NaN + text), never the stage
         return math.nan, f"{reward.name}: {type(err).__name__}: {err}"[:4000]
     if not math.isfinite(value):
         return math.nan, f"{reward.name}: returned {value}"
-    return value, None
+    why = result.why if isinstance(result, Explained) else None
+    return value, (f"{reward.name}: {why}"[:4000] if why else None)
 
 
 if __name__ == "__main__":

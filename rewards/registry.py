@@ -18,7 +18,9 @@ the registered default, which may depend on the options (the code reward's limit
 its sandbox budget), unless the config overrides it with the option ``time_limit_s``.
 
 A reward that cannot score a row raises; the score stage records the error text and NaN
-for that row, so an infrastructure failure never becomes a silent 0.
+for that row, so an infrastructure failure never becomes a silent 0. A reward that scores a
+row but wants to say why it paid nothing (the candidate's program crashed) returns an
+``Explained`` value: the number counts as any other, the text lands in the row's error column.
 """
 
 from __future__ import annotations
@@ -38,6 +40,24 @@ TimeLimit = float | Callable[[Mapping[str, Any]], float]
 
 DEFAULT_TIME_LIMIT_S = 10.0
 TIME_LIMIT_OPTION = "time_limit_s"  # accepted by every reward; consumed by the scorer
+
+
+class Explained(float):
+    """A reward value with the reason for it: ``Explained(0.0, "solve() raised NameError: ...")``.
+
+    A plain float everywhere; the scorer records ``why`` in the row's ``error/<fn>`` column
+    beside the value (NaN there means the row could not be scored; a number means it was).
+    """
+
+    why: str
+
+    def __new__(cls, value: float, why: str) -> Explained:
+        self = super().__new__(cls, value)
+        self.why = why
+        return self
+
+    def __reduce__(self):
+        return (Explained, (float(self), self.why))
 
 
 @dataclass(frozen=True)

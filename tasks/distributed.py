@@ -41,32 +41,46 @@ def deal(items: list, rank: int, world: int, even: bool = False) -> list[tuple[o
     return mine + [(items[0], False)] * (length - len(mine))
 
 
+class CompletionLogprobs(torch.nn.Module):
+    """The update's forward (tasks.logprobs.completion_logprobs) as one module call, so that
+    DDP's and FSDP2's hooks run around all of it, whichever path it takes inside (whole
+    logits, or the body and the head called separately, chunk by chunk)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, temperature: float, with_entropy: bool = False, chunk_tokens: int | None = None):
+        from tasks.logprobs import completion_logprobs
+
+        return completion_logprobs(self.model, batch, temperature, with_entropy=with_entropy, chunk_tokens=chunk_tokens)
+
+
 def _ddp(model: torch.nn.Module) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(model.parameters()).device
-    # Every parameter gets a gradient from every micro-batch, so unused-parameter search
-    # (an extra traversal per backward) is not needed.
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Every trainable parameter gets a gradient from every micro-batch, so unused-parameter
+    # search (an extra traversal per backward) is not needed.
+    return DistributedDataParallel(CompletionLogprobs(model), device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _fsdp2(model: torch.nn.Module) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     # One FSDP unit per transformer block (transformers lists their classes in
-    # _no_split_modules), then the root: the embeddings and the head (tied or not) stay in the
-    # root unit, so a tied weight is one parameter.
+    # _no_split_modules), then the root around the whole forward: the embeddings and the head
+    # (tied or not) stay in the root unit, so a tied weight is one parameter.
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in blocks:
             fully_shard(module)
-    fully_shard(model)
-    return model
+    return fully_shard(CompletionLogprobs(model))
 
 
 @dataclass(frozen=True)
 class Parallelism:
-    wrap: Callable[[torch.nn.Module], torch.nn.Module]  # model -> the module to call in training
+    wrap: Callable[[torch.nn.Module], torch.nn.Module]  # model -> the module whose call is the training forward
     sharded: bool  # parameters are DTensor shards (state dicts must be gathered)
 
 
@@ -83,7 +97,7 @@ def pick_parallelism(name: str) -> Parallelism:
 
 
 @contextlib.contextmanager
-def gradient_sync(trainer: torch.nn.Module, last: bool) -> Iterator[None]:
+def gradient_sync(trainer: torch.nn.Module | None, last: bool) -> Iterator[None]:
     """Synchronise gradients across ranks only on the last micro-batch of a step (the others
     accumulate locally): DDP's no_sync, FSDP2's set_requires_gradient_sync."""
     if hasattr(trainer, "no_sync"):  # DDP
@@ -104,29 +118,40 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
     return float(norm.item())
 
 
+def _reduce(values: list[float], op) -> list[float]:
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.cpu().tolist()
+
+
+def max_over_ranks(values: list[float]) -> list[float]:
+    """Each entry's maximum over every rank. No-op on one rank."""
+    return list(values) if rank_and_world()[1] == 1 else _reduce(values, dist.ReduceOp.MAX)
+
+
 def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Each key summed over every rank (float64, in a fixed key order). No-op on one rank."""
     if rank_and_world()[1] == 1:
         return dict(values)
     keys = sorted(values)
-    backend = dist.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(keys, t.cpu().tolist()))
+    return dict(zip(keys, _reduce([values[k] for k in keys], dist.ReduceOp.SUM)))
 
 
-def full_state_dict(model: torch.nn.Module, sharded: bool) -> dict[str, torch.Tensor] | None:
-    """The whole model's weights on CPU, on rank 0 (None elsewhere). With FSDP2 every rank
-    must call it (an all-gather)."""
+def full_state_dict(model: torch.nn.Module, trainer: torch.nn.Module | None, sharded: bool) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on CPU, under the model's own names, on rank 0 (None
+    elsewhere). With FSDP2 (`trainer` the sharded wrapper) every rank must call it (an
+    all-gather)."""
     rank, _ = rank_and_world()
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(trainer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         # A tied weight (lm_head = embeddings) comes back under both names as two tensors; keep
         # the first name only, as save_pretrained does for the one-process model.
         aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+        state = {k.removeprefix("model."): v for k, v in state.items()}  # CompletionLogprobs holds the model as .model
         return {k: v for k, v in state.items() if k not in aliases} if rank == 0 else None
     if rank != 0:
         return None

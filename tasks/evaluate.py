@@ -14,7 +14,8 @@ from data.schemas import PROMPTS
 from data.store import read_table
 from rewards import make_reward
 from rewards.pool import shared_pool
-from tasks.generate import render_prompt, sample
+from tasks.engines import SamplingSettings, engine_for
+from tasks.generate import render_prompt
 from tasks.model import live_policy
 
 
@@ -29,6 +30,8 @@ def evaluate_policy(
     batch_size: int = 256,
     threshold: float = 1.0,
     use_chat_template: bool = True,
+    engine: str = "hf",
+    engine_options: dict | None = None,
     device: str = "auto",
     dtype: str = "auto",
 ) -> dict:
@@ -36,7 +39,8 @@ def evaluate_policy(
     rows = read_table(prompts_path, PROMPTS).to_pylist()
     texts = [render_prompt(r, policy.tokenizer, use_chat_template) for r in rows]
     prompt_ids = [policy.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    samples = sample(policy.model, policy.tokenizer, prompt_ids, 1, max_new_tokens, 1.0, 1.0, batch_size, greedy=True, desc="evaluate")
+    greedy = SamplingSettings(max_new_tokens=max_new_tokens, greedy=True, batch_size=batch_size, with_logprobs=False)
+    samples = engine_for(engine, policy_path, policy, engine_options).sample(prompt_ids, 1, greedy, desc="evaluate")
     completions = policy.tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
     bound = [make_reward(name, (reward_options or {}).get(name)) for name in rewards]
     weights = [rewards[r.name] for r in bound]

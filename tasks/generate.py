@@ -21,31 +21,27 @@ vocabulary). The extra forward costs about one decoding step's worth of compute 
 
 Log-probs are those of the temperature-scaled distribution softmax(logits / T), before
 top-p truncation, as in TRL; the update computes its ratio on the same footing.
+
+Whichever engine samples (`engine`: tasks/engines, hf or vllm), it also hands back its own
+log-prob of every token it drew: stored as `sampler_logprobs`, they let the update measure
+(and optionally correct, tasks/objective.py) the train/inference mismatch between the
+sampler's numerics and the trainer's forward pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data.schemas import GENERATIONS, PROMPTS
 from data.store import read_table, write_table
-from tasks.logprobs import batched_completion_logprobs
+from tasks.engines import SamplingSettings, engine_for
+from tasks.logprobs import DEFAULT_CHUNK_TOKENS, batched_completion_logprobs
+from tasks.lora import reference_weights
 from tasks.model import live_policy, load_model, pick_dtype
-from tasks.progress import progress
-
-
-@dataclass
-class Sample:
-    prompt_index: int
-    completion_ids: list[int]  # includes the EOS token when the model stopped by itself
-    finish_reason: str  # "eos" | "length"
 
 
 def render_prompt(row: dict, tokenizer, use_chat_template: bool) -> str:
@@ -62,63 +58,6 @@ def render_prompt(row: dict, tokenizer, use_chat_template: bool) -> str:
     return row["prompt"]
 
 
-@torch.no_grad()
-def sample(
-    model,
-    tokenizer,
-    prompt_ids: Sequence[Sequence[int]],
-    num_samples: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    batch_size: int,
-    greedy: bool = False,
-    desc: str = "generate",
-) -> list[Sample]:
-    """`num_samples` completions of every prompt, `batch_size` sequences per ``generate``."""
-    device = next(model.parameters()).device
-    eos_ids = _eos_ids(model, tokenizer)
-    jobs = [i for i in range(len(prompt_ids)) for _ in range(num_samples)]  # group members adjacent
-    out: list[Sample] = []
-    model.eval()
-    with progress(desc, total=len(jobs)) as bar:
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start : start + batch_size]
-            width = max(len(prompt_ids[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
-                ids[row, width - len(prompt_ids[i]) :] = torch.as_tensor(prompt_ids[i])
-                mask[row, width - len(prompt_ids[i]) :] = 1
-            result = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                do_sample=not greedy,
-                temperature=temperature if not greedy else None,
-                top_p=top_p if not greedy else None,
-                top_k=None,  # generation_config defaults (top_k=50) would silently truncate sampling
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos_ids,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new_tokens = result[:, width:].cpu()  # (b, C)
-            for row, i in enumerate(chunk):
-                tokens = new_tokens[row].tolist()
-                stop = next((t for t, tok in enumerate(tokens) if tok in eos_ids), None)
-                length = len(tokens) if stop is None else stop + 1
-                out.append(Sample(i, tokens[:length], "length" if stop is None else "eos"))
-            bar.advance(len(chunk))
-    return out
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    # Chat models often end turns with a token other than the tokenizer's EOS (e.g.
-    # <|im_end|>); their generation config lists every stop token.
-    configured = model.generation_config.eos_token_id
-    configured = configured if isinstance(configured, list) else [configured]
-    return sorted({i for i in [tokenizer.eos_token_id, *configured] if i is not None})
-
-
 def generate_completions(
     prompts_path: str | Path,
     out_path: str | Path,
@@ -132,34 +71,48 @@ def generate_completions(
     reference_path: str | None = None,
     use_chat_template: bool = True,
     with_old_logprobs: bool = True,
+    logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    reference_from_base: bool = False,
     seed: int = 0,
+    engine: str = "hf",
+    engine_options: dict | None = None,
     device: str = "auto",
     dtype: str = "auto",
 ) -> dict:
-    """Sample `group_size` completions per prompt and write the generations artifact.
+    """Sample `group_size` completions per prompt with generation engine `engine`
+    (tasks/engines, built with `engine_options`) and write the generations artifact.
 
     `with_old_logprobs` false leaves ``old_logprobs`` null (the update then takes a single
     step and needs none). `reference_path` set (beta > 0) adds the reference model's
     per-token log-probs; that model is loaded only for this and freed before the stage
-    returns, so the update stage holds the policy alone.
+    returns, so the update stage holds the policy alone. `reference_from_base` (LoRA, beta >
+    0) takes them from the policy's base weights with its adapter disabled instead.
     """
     policy = live_policy(policy_path, device, dtype)
     model, tokenizer = policy.model, policy.tokenizer
     rows = read_table(prompts_path, PROMPTS).to_pylist()
     texts = [render_prompt(r, tokenizer, use_chat_template) for r in rows]
     prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    torch.manual_seed(seed)
-    samples = sample(model, tokenizer, prompt_ids, group_size, max_new_tokens, temperature, top_p, batch_size)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
+    samples = engine_for(engine, policy_path, policy, engine_options).sample(prompt_ids, group_size, settings, seed=seed)
     sample_prompts = [prompt_ids[s.prompt_index] for s in samples]
     sample_completions = [s.completion_ids for s in samples]
     old_logprobs = [None] * len(samples)
     if with_old_logprobs:
-        old_logprobs = batched_completion_logprobs(model, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size)
+        old_logprobs = batched_completion_logprobs(model, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size,
+                                                  logprob_chunk_tokens or None)
 
     ref_logprobs = None
-    if reference_path is not None:
+    if reference_from_base:
+        # LoRA: the reference is the policy's own frozen base weights, adapter disabled;
+        # nothing is loaded.
+        with reference_weights(model):
+            ref_logprobs = batched_completion_logprobs(model, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature,
+                                                       batch_size, logprob_chunk_tokens or None)
+    elif reference_path is not None:
         ref = load_model(reference_path, model.device, pick_dtype(dtype, model.device)).eval()
-        ref_logprobs = batched_completion_logprobs(ref, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size)
+        ref_logprobs = batched_completion_logprobs(ref, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size,
+                                                  logprob_chunk_tokens or None)
         # Free its weights now, without gc.collect(): a full collection of this process's heap
         # (torch, transformers, Prefect) took 0.3-1.4 s per iteration, more than the reference
         # forward itself. Moving the weights to the meta device drops their storage at once.
@@ -178,6 +131,7 @@ def generate_completions(
             "old_logprobs": old_logprobs,
             "ref_logprobs": ref_logprobs if ref_logprobs is not None else [None] * len(samples),
             "finish_reason": [s.finish_reason for s in samples],
+            "sampler_logprobs": [s.logprobs for s in samples],
         },
         schema=GENERATIONS.schema,
     )

@@ -30,7 +30,7 @@ from prefect import task
 
 from data.schemas import PROMPTS, REJECTED, SchemaError
 from data.sources import InvalidRow, SourceError, normalise_row, prompts_table, read_source, source_label
-from data.store import Manifest, ParquetStreamWriter
+from data.store import DiskFull, Manifest, ParquetStreamWriter
 
 log = logging.getLogger("grpoflow.ingest")
 
@@ -167,7 +167,7 @@ def _record(out_path: Path, rejected_path: Path | None, summary: dict[str, Any])
 
 
 # Errors that are the same on every attempt: retrying them only delays the message.
-_PERMANENT = (InvalidRow, SourceError, EmptySource, SchemaError)
+_PERMANENT = (InvalidRow, SourceError, EmptySource, SchemaError, DiskFull)
 
 
 def _worth_retrying(task_obj, task_run, state) -> bool:

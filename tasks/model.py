@@ -6,7 +6,13 @@ that path instead of re-reading it from disk. Only a path that no stage of this 
 produced is loaded with ``from_pretrained`` (a local folder or a hub name).
 
 Checkpoints are written atomically: ``save_pretrained`` into a temp folder beside the final
-one, every file fsynced, then one rename. A crash mid-write leaves no ``checkpoint/``.
+one, every file fsynced, then one rename. A crash mid-write leaves no ``checkpoint/``; a
+full disk is found before the write starts (the model's size against the free space) or,
+failing that, reported as `DiskFull` naming the folder, never as torch's zip-writer error.
+
+A run ends with ``<run_dir>/final/``: the trained weights and tokenizer (safetensors, no
+optimiser state), the folder to hand to ``from_pretrained``, vLLM or a model registry.
+`export_final_model` writes it and `final_model_dir` finds it.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from data.store import TMP_PREFIX, pause_point
+from data.store import TMP_PREFIX, check_free_space, disk_full, is_no_space, pause_point
+from tasks.lora import is_adapted, is_adapter_checkpoint, load_adapted, merged_copy
 
 OPTIMIZER_FILE = "optimizer.pt"
+FINAL = "final"  # <run_dir>/final/: the trained model of a run
 
 # Our stages draw their own progress bars; transformers' per-load and per-save bars would
 # interleave with them on every iteration.
@@ -106,7 +114,10 @@ def live_policy(path: str | Path, device: str = "auto", dtype: str = "auto") -> 
         dev = pick_device(device)
         _LIVE.clear()  # one policy per process: a run never needs an older one in memory
         gc.collect()
-        _LIVE[key] = LivePolicy(load_model(path, dev, pick_dtype(dtype, dev)), load_tokenizer(path))
+        dt = pick_dtype(dtype, dev)
+        # A LoRA checkpoint holds the adapter only: its base is loaded and the adapter put on it.
+        model = load_adapted(path, lambda base: load_model(base, dev, dt)) if is_adapter_checkpoint(path) else load_model(path, dev, dt)
+        _LIVE[key] = LivePolicy(model, load_tokenizer(path))
     return _LIVE[key]
 
 
@@ -148,19 +159,36 @@ def adopt_weights(new_path: str | Path, state_dict: dict[str, torch.Tensor], ske
     return True
 
 
-def save_checkpoint(policy: LivePolicy, final: str | Path, state_dict: dict | None = None, optimizer_state: dict | None = None) -> Path:
-    """``save_pretrained`` (safetensors + tokenizer) and the optimiser state, atomically.
-    `state_dict` / `optimizer_state`: the full weights and optimiser state gathered from
-    sharded ranks (FSDP2), written instead of the policy's own."""
+def checkpoint_bytes(policy: LivePolicy, with_optimizer: bool = True, merge_adapter: bool = False) -> int:
+    """About what `save_checkpoint` writes: the weights (a LoRA adapter alone unless merged),
+    and AdamW's two moments per trained weight when the optimiser state goes with them (the
+    tokenizer's files are negligible)."""
+    params = list(policy.model.parameters())
+    adapter_only = is_adapted(policy.model) and not merge_adapter
+    weights = sum(p.numel() * p.element_size() for p in params if p.requires_grad or not adapter_only)
+    moments = sum(p.numel() * p.element_size() * 2 for p in params if p.requires_grad) if with_optimizer and policy.optimizer else 0
+    return weights + moments
+
+
+def save_checkpoint(policy: LivePolicy, final: str | Path, merge_adapter: bool = False, with_optimizer: bool = True,
+                    state_dict: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """``save_pretrained`` (safetensors + tokenizer) and, unless `with_optimizer` is false,
+    the optimiser state, atomically. A LoRA policy saves its adapter (what a resume needs),
+    or with `merge_adapter` the merged weights as a plain transformers folder (what a user
+    deploys). `state_dict` / `optimizer_state`: the whole weights and optimiser state gathered
+    from sharded ranks (FSDP2), written instead of the policy's own (which are shards).
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    needed = checkpoint_bytes(policy, with_optimizer, merge_adapter)
+    check_free_space(final, needed)  # say so now, not as a half-written zip file
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=final.parent))
     try:
-        policy.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        (merged_copy(policy.model) if merge_adapter else policy.model).save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         policy.tokenizer.save_pretrained(tmp)
-        if optimizer_state is None and policy.optimizer is not None:
+        if with_optimizer and optimizer_state is None and policy.optimizer is not None:
             optimizer_state = policy.optimizer.state_dict()
-        if optimizer_state is not None:
+        if with_optimizer and optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         for file in tmp.iterdir():
             with open(file, "rb") as fh:
@@ -174,7 +202,24 @@ def save_checkpoint(policy: LivePolicy, final: str | Path, state_dict: dict | No
             os.fsync(fd)
         finally:
             os.close(fd)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_no_space(err):
+            raise disk_full(final, needed) from err
         raise
     return final
+
+
+def export_final_model(policy: LivePolicy, run_dir: str | Path) -> Path:
+    """Write ``<run_dir>/final/``: the policy's weights and tokenizer, without optimiser
+    state (what a user deploys; resuming uses the iterations' checkpoints); a LoRA policy's
+    adapter merged into the base weights, so final/ is a plain transformers folder. Atomic, like a
+    checkpoint: a reader sees the previous final/ or the new one, never half of one."""
+    return save_checkpoint(policy, Path(run_dir) / FINAL, merge_adapter=is_adapted(policy.model), with_optimizer=False)
+
+
+def final_model_dir(run_dir: str | Path) -> Path | None:
+    """The final model of a run folder (``<run_dir>/final``), or None when the run has not
+    finished yet (or was made before final/ existed)."""
+    folder = Path(run_dir) / FINAL
+    return folder if (folder / "config.json").is_file() else None

@@ -30,6 +30,12 @@ Policy loss (per micro-batch, summed over micro-batches into one optimiser step)
     dapo     sum_{i,t} l_i,t / sum_i |o_i|                   DAPO sec. 3.3: token mean over the whole optimisation batch
     dr_grpo  sum_{i,t} l_i,t / (B * L_max)                   Dr. GRPO sec. 3.2: a constant normaliser
 
+Train/inference mismatch correction (the sampler's kernels are not the trainer's)::
+
+    rho_i,t = pi_old(o_i,t | .) / pi_sampler(o_i,t | .)      pi_sampler: the generation engine's own log-probs
+    l_i,t  <- w_i,t l_i,t  before the KL term, w from MISMATCH_CORRECTIONS:
+    token_truncate min(rho, C) (TIS), token_mask rho 1[rho <= C], sequence_* the same on prod_t rho
+
 Every variant is a small function in a table (name -> function); `pick` turns an unknown
 name into an error that lists the known ones.
 """
@@ -206,9 +212,14 @@ class LossSettings:
     aggregation: str = "grpo"  # "grpo", "bnpo", "dapo", "dr_grpo"
     max_completion_length: int | None = None  # L_max of Dr. GRPO's normaliser B * L_max
     mask_truncated_completions: bool = False  # completions cut by the length limit add no loss
+    mismatch_correction: str = "none"  # train/inference mismatch weights: see MISMATCH_CORRECTIONS
+    mismatch_cap: float = 3.0  # C of the truncated/masked importance weights (TRL's default cap)
 
     def __post_init__(self) -> None:
         pick(IMPORTANCE_SAMPLING, self.importance_sampling, "importance sampling level")
+        pick(MISMATCH_CORRECTIONS, self.mismatch_correction, "mismatch correction")
+        if self.mismatch_cap < 1:
+            raise ValueError(f"mismatch_cap must be >= 1 (got {self.mismatch_cap}): the weights are capped at C")
         pick(AGGREGATIONS, self.aggregation, "loss aggregation")
         if self.aggregation == "dr_grpo" and not (self.max_completion_length and self.max_completion_length > 0):
             raise ValueError("loss aggregation 'dr_grpo' divides by batch size x max_completion_length: set max_completion_length > 0")
@@ -305,6 +316,89 @@ AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, BatchTotals, LossS
 }
 
 
+# ==========================================================================================
+# Train/inference mismatch (the sampler is not exactly the trainer)
+# ==========================================================================================
+#
+# The engine that samples (vLLM, or generate's KV-cache path) computes log pi_sampler with
+# other kernels than the trainer's forward, so pi_sampler != pi_old even at equal weights.
+# The token-level ratio rho_i,t = pi_old(o_i,t) / pi_sampler(o_i,t) (pi_old: the trainer's
+# forward of the sampling weights) re-weights the policy loss toward the trainer's
+# distribution, truncated at C so that rare tokens the sampler under-rates cannot blow up
+# the gradient (truncated importance sampling: Yao et al. 2025, "Your efficient RL framework
+# secretly brings you off-policy RL training"; TRL/verl/OpenRLHF offer it)::
+#
+#     token_truncate      w_i,t = min(rho_i,t, C)
+#     token_mask          w_i,t = rho_i,t if rho_i,t <= C else 0
+#     sequence_truncate   w_i   = min(prod_t rho_i,t, C)                (one weight per completion)
+#     sequence_mask       w_i   = prod_t rho_i,t if it is <= C else 0
+#     l_i,t <- w l_i,t  (policy term only; the KL term is not re-weighted, as in TRL)
+#
+# The weights carry no gradient. docs/objective.md has the derivation.
+
+
+def correction_none(log_rho: torch.Tensor, mask: torch.Tensor, cap: float) -> torch.Tensor | None:
+    return None
+
+
+def correction_token_truncate(log_rho: torch.Tensor, mask: torch.Tensor, cap: float) -> torch.Tensor:
+    """min(rho, C) per token.  (B, C) -> (B, C)"""
+    return torch.exp(log_rho).clamp(max=cap)
+
+
+def correction_token_mask(log_rho: torch.Tensor, mask: torch.Tensor, cap: float) -> torch.Tensor:
+    """rho per token, 0 where rho > C.  (B, C) -> (B, C)"""
+    rho = torch.exp(log_rho)
+    return torch.where(rho > cap, torch.zeros_like(rho), rho)
+
+
+def _sequence_rho(log_rho: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.exp((log_rho * mask).sum(1, keepdim=True))  # (B, 1)
+
+
+def correction_sequence_truncate(log_rho: torch.Tensor, mask: torch.Tensor, cap: float) -> torch.Tensor:
+    """min(prod_t rho_t, C) per completion.  (B, C) -> (B, 1)"""
+    return _sequence_rho(log_rho, mask).clamp(max=cap)
+
+
+def correction_sequence_mask(log_rho: torch.Tensor, mask: torch.Tensor, cap: float) -> torch.Tensor:
+    """prod_t rho_t per completion, 0 where it exceeds C.  (B, C) -> (B, 1)"""
+    rho = _sequence_rho(log_rho, mask)
+    return torch.where(rho > cap, torch.zeros_like(rho), rho)
+
+
+MISMATCH_CORRECTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor | None]] = {
+    "none": correction_none,
+    "token_truncate": correction_token_truncate,
+    "token_mask": correction_token_mask,
+    "sequence_truncate": correction_sequence_truncate,
+    "sequence_mask": correction_sequence_mask,
+}
+
+
+def mismatch_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                     settings: LossSettings) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """The correction's weights ((B, C), (B, 1) or None for `none`) and sums for TRL's
+    metrics: |log pi_old - log pi_sampler| (sum, max) and the ratio as the loss uses it (the
+    weights when a correction is on, else rho itself) per token (min, sum, max)."""
+    with torch.no_grad():
+        log_rho = torch.where(mask > 0, old_logp - sampler_logp, torch.zeros_like(old_logp))  # (B, C)
+        weights = MISMATCH_CORRECTIONS[settings.mismatch_correction](log_rho, mask, settings.mismatch_cap)
+        shown = torch.exp(log_rho) if weights is None else weights.expand_as(log_rho)  # (B, C)
+        on = mask > 0
+        diff = log_rho.abs()[on]
+        ratio = shown[on]
+        stats = {
+            "mismatch_tokens": float(on.sum()),
+            "logp_diff_sum": diff.sum().item(),
+            "logp_diff_max": diff.max().item() if diff.numel() else 0.0,
+            "is_ratio_sum": ratio.sum().item(),
+            "is_ratio_min": ratio.min().item() if ratio.numel() else math.inf,
+            "is_ratio_max": ratio.max().item() if ratio.numel() else -math.inf,
+        }
+    return weights, stats
+
+
 def policy_loss(
     logp: torch.Tensor,  # (B, C) log pi_theta, with grad
     old_logp: torch.Tensor,  # (B, C) log pi_old, from the generations artifact
@@ -313,6 +407,7 @@ def policy_loss(
     ref_logp: torch.Tensor | None,  # (B, C) log pi_ref, or None when beta = 0
     settings: LossSettings,
     totals: BatchTotals,  # of the optimisation batch this micro-batch belongs to
+    sampler_logp: torch.Tensor | None = None,  # (B, C) the engine's own log-probs, or None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """This micro-batch's share of the loss of its optimisation batch (the shares of the
     batch's micro-batches sum to the batch loss), and sums for the metrics.
@@ -326,6 +421,13 @@ def policy_loss(
     ratio = torch.exp(log_w)  # (B, C|1)
     adv = advantages.to(logp.dtype).unsqueeze(1)  # (B, 1)
     per_token = clipped_surrogate(ratio, adv, settings.epsilon_low, settings.epsilon_high).expand_as(logp)  # (B, C)
+    mismatch: dict[str, float] = {}
+    if sampler_logp is not None:
+        weights, mismatch = mismatch_weights(old_logp, sampler_logp, mask, settings)
+        if weights is not None:
+            per_token = per_token * weights  # (B, C)
+    elif settings.mismatch_correction != "none":
+        raise ValueError(f"mismatch correction '{settings.mismatch_correction}' needs the sampler's log-probs")
     kl = None
     if settings.beta > 0:
         if ref_logp is None:
@@ -345,5 +447,5 @@ def policy_loss(
             "clip_high": high.sum().item(),
             "clip_region": torch.maximum(low, high).sum().item(),
             "clip_units": units.sum().item(),
-        }
+        } | mismatch
     return loss, stats

@@ -1,7 +1,9 @@
 """Score stage: generations.parquet + prompts.parquet -> rewards.parquet.
 
 One ``reward/<fn>`` column per reward function, one ``error/<fn>`` column with the error
-text of the rows it could not score (NaN reward there), and the weighted ``reward`` total
+text of the rows it could not score (NaN reward there) or, beside a number, why the row
+scored what it did (the candidate's program crashed: 0 and the traceback's last line), and
+the weighted ``reward`` total
 (NaN when any function failed on the row: the advantages stage leaves such rows out of
 their group's baseline instead of pretending they scored 0).
 
@@ -38,7 +40,7 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from data.schemas import GENERATIONS, PROMPTS, REWARDS
-from data.store import ParquetStreamWriter, iter_batches, read_table
+from data.store import DiskFull, ParquetStreamWriter, iter_batches, read_table
 from rewards import RewardOptionsError, make_reward
 from rewards.pool import shared_pool
 from tasks.progress import progress
@@ -96,7 +98,9 @@ def score_generations(
                 total = sum(w * o.value for w, o in zip(weights, outcomes))
                 chunk.add(prompt_id, sample_index, total, outcomes)
                 for index, outcome in enumerate(outcomes):
-                    if outcome.error is None:
+                    # A value with an error text is scored (the candidate's failure explained);
+                    # only NaN means the row could not be scored.
+                    if not math.isnan(outcome.value):
                         sums[index] += outcome.value
                         counts[index] += 1
                     elif len(error_samples) < 3 and outcome.error not in error_samples:
@@ -284,7 +288,7 @@ def _worth_retrying(task, task_run, state) -> bool:
     error = state.result(raise_on_failure=False)
     # ValueError covers RewardOptionsError and SchemaError; KeyError covers UnknownRewardError
     # and a prompt_id missing from the prompts file.
-    return not isinstance(error, (ValueError, KeyError, FileNotFoundError))
+    return not isinstance(error, (ValueError, KeyError, FileNotFoundError, DiskFull))
 
 
 @task(name="score", retries=2, retry_delay_seconds=1, retry_condition_fn=_worth_retrying)

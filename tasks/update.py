@@ -25,6 +25,7 @@ prompts or the group size.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -36,11 +37,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data.schemas import ADVANTAGES, GENERATIONS
-from data.store import read_table
+from data.store import DiskFull, check_free_space, read_table
 from tasks.distributed import clip_gradients, deal, full_optimizer_state, full_state_dict, gradient_sync, load_full_optimizer_state
-from tasks.distributed import pick_parallelism, rank_and_world, sum_over_ranks
-from tasks.logprobs import completion_logprobs, pack
-from tasks.model import live_policy, move_live_policy, read_optimizer_state, save_checkpoint
+from tasks.distributed import max_over_ranks, pick_parallelism, rank_and_world, sum_over_ranks
+from tasks.logprobs import DEFAULT_CHUNK_TOKENS, completion_logprobs, pack
+from tasks.lora import LoraSettings, add_adapter, is_adapted, trainable_parameters
+from tasks.model import checkpoint_bytes, live_policy, move_live_policy, read_optimizer_state, save_checkpoint
 from tasks.objective import BatchTotals, LossSettings, loss_mask, policy_loss
 from tasks.progress import progress
 
@@ -49,7 +51,8 @@ class ArtifactMismatch(ValueError):
     pass
 
 
-_GEN_COLUMNS = ["prompt_id", "sample_index", "prompt_token_ids", "completion_token_ids", "old_logprobs", "ref_logprobs", "finish_reason"]
+_GEN_COLUMNS = ["prompt_id", "sample_index", "prompt_token_ids", "completion_token_ids", "old_logprobs", "ref_logprobs", "finish_reason",
+                "sampler_logprobs"]
 
 
 def read_generations(generations_paths: str | Path | Sequence[str | Path]) -> list[dict]:
@@ -116,6 +119,44 @@ def _pad(values: list[list[float]], width: int, device) -> torch.Tensor:
     return out.to(device)
 
 
+class MismatchSums:
+    """Running sums of `policy_loss`'s train/inference mismatch statistics over the micro-
+    batches of an iteration; `metrics()` gives TRL's names (none when no micro-batch had the
+    sampler's log-probs). Later passes (mu > 1) see the same tokens again, which leaves the
+    means, minima and maxima unchanged."""
+
+    def __init__(self) -> None:
+        self.tokens = self.diff_sum = self.ratio_sum = 0.0
+        self.diff_max, self.ratio_min, self.ratio_max = 0.0, math.inf, -math.inf
+
+    def add(self, stats: dict) -> None:
+        if "mismatch_tokens" not in stats:
+            return
+        self.tokens += stats["mismatch_tokens"]
+        self.diff_sum += stats["logp_diff_sum"]
+        self.ratio_sum += stats["is_ratio_sum"]
+        self.diff_max = max(self.diff_max, stats["logp_diff_max"])
+        self.ratio_min = min(self.ratio_min, stats["is_ratio_min"])
+        self.ratio_max = max(self.ratio_max, stats["is_ratio_max"])
+
+    def merge_ranks(self) -> None:
+        """Every rank's sums summed and extremes taken (tasks/distributed.py); no-op on one rank."""
+        self.tokens, self.diff_sum, self.ratio_sum = sum_over_ranks({"a": self.tokens, "b": self.diff_sum, "c": self.ratio_sum}).values()
+        self.diff_max, self.ratio_max, low = max_over_ranks([self.diff_max, self.ratio_max, -self.ratio_min])
+        self.ratio_min = -low
+
+    def metrics(self) -> dict:
+        if not self.tokens:
+            return {}
+        return {
+            "sampling/sampling_logp_difference/mean": self.diff_sum / self.tokens,
+            "sampling/sampling_logp_difference/max": self.diff_max,
+            "sampling/importance_sampling_ratio/min": self.ratio_min,
+            "sampling/importance_sampling_ratio/mean": self.ratio_sum / self.tokens,
+            "sampling/importance_sampling_ratio/max": self.ratio_max,
+        }
+
+
 def needs_old_logprobs(mu: int, mini_batches: int) -> bool:
     """Whether the update needs the sampling policy's stored log-probs: only when it takes
     more than one optimiser step on the same completions (the generate stage asks this too)."""
@@ -155,6 +196,8 @@ def update_policy(
     mini_batches: int = 1,
     micro_batch_size: int = 32,
     gradient_checkpointing: bool = False,
+    logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    lora: LoraSettings | None = None,
     max_grad_norm: float = 1.0,
     weight_decay: float = 0.0,
     save: bool = True,
@@ -177,18 +220,26 @@ def update_policy(
     par = pick_parallelism(parallelism)
     sharded = par.sharded and world > 1
     policy = live_policy(policy_path, device, dtype)
+    if lora is not None and not is_adapted(policy.model):
+        # The first LoRA update puts the adapter on the base (B = 0: the policy is unchanged).
+        policy.model = add_adapter(policy.model, lora, policy_path, seed=seed)
     if world > 1 and policy.trainer is None:
         policy.trainer = par.wrap(policy.model)  # FSDP2 shards the model in place
-    model, trainer = policy.model, policy.trainer or policy.model
+    model = policy.model
+    # The training forward: through the DDP/FSDP2 wrapper on N ranks, so their hooks run.
+    forward = policy.trainer if policy.trainer is not None else functools.partial(completion_logprobs, model)
     if policy.optimizer is None:
-        # AdamW as in DeepSeekMath; state restored when the checkpoint carries it, so a
-        # resumed run continues exactly (on any number of ranks: one layout for all).
-        policy.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        # AdamW as in DeepSeekMath, over the trainable weights (the adapters' alone with
+        # LoRA); state restored when the checkpoint carries it, so a resumed run continues
+        # exactly (on any number of ranks: one layout for all).
+        policy.optimizer = torch.optim.AdamW(trainable_parameters(model), lr=learning_rate, weight_decay=weight_decay)
         state = read_optimizer_state(policy_path)
         if state is not None:
-            load_full_optimizer_state(model, policy.optimizer, state, sharded)
+            load_full_optimizer_state(policy.trainer, policy.optimizer, state, sharded)
     for group in policy.optimizer.param_groups:
         group["lr"] = learning_rate
+    if save and rank == 0:  # a checkpoint that cannot fit fails now, not after minutes of update
+        check_free_space(out_checkpoint, checkpoint_bytes(policy))
     policy.optimizer.zero_grad(set_to_none=True)  # a retried stage must not add to stale gradients
 
     gens = read_generations(generations_path)
@@ -198,7 +249,11 @@ def update_policy(
     if needs_old_logprobs(mu, mini_batches) and any(r["old_logprobs"] is None for r in rows):
         raise ArtifactMismatch(f"{generations_path}: mu={mu} x mini_batches={mini_batches} optimiser steps need the sampling policy's "
                                "log-probs, but the generations carry none (generated for a single step); generate them again")
+    if loss.mismatch_correction != "none" and any(r["sampler_logprobs"] is None for r in rows):
+        raise ArtifactMismatch(f"{generations_path}: mismatch correction '{loss.mismatch_correction}' needs the sampler's log-probs, "
+                               "but some generations carry none (written before schema version 3); generate them again")
     rng = random.Random(seed)
+    mismatch = MismatchSums()
     pad_id = policy.tokenizer.pad_token_id
     sums = {"tokens": 0.0, "kl_sum": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_region": 0.0, "clip_units": 0.0, "entropy": 0.0, "seen_tokens": 0.0}
     step_losses: list[float] = []
@@ -216,21 +271,24 @@ def update_policy(
                 step_loss = 0.0
                 share = deal(micro, rank, world, even=sharded)
                 for k, (chunk, counts) in enumerate(share):
-                    with gradient_sync(trainer, last=k == len(share) - 1):
+                    with gradient_sync(policy.trainer, last=k == len(share) - 1):
                         batch = pack([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk], pad_id, model.device)
                         width = batch.completion_ids.shape[1]
-                        logp, entropy = completion_logprobs(trainer, batch, loss.temperature, with_entropy=True)  # (b, C)
+                        logp, entropy = forward(batch, loss.temperature, with_entropy=True, chunk_tokens=logprob_chunk_tokens or None)  # (b, C)
                         stored = [r["old_logprobs"] for r in chunk]
                         old = logp.detach() if None in stored else _pad(stored, width, model.device)  # (b, C)
                         ref = _pad([r["ref_logprobs"] for r in chunk], width, model.device) if loss.beta > 0 else None
                         adv = torch.tensor([r["advantage"] for r in chunk], dtype=torch.float32, device=model.device)  # (b,)
                         truncated = torch.tensor([r["finish_reason"] == "length" for r in chunk], device=model.device)  # (b,)
                         mask = loss_mask(batch.completion_mask, truncated, loss)  # (b, C)
-                        mb_loss, mb = policy_loss(logp, old, adv, mask, ref, loss, totals)
+                        sampled = [r["sampler_logprobs"] for r in chunk]
+                        sampler = None if None in sampled else _pad(sampled, width, model.device)  # (b, C)
+                        mb_loss, mb = policy_loss(logp, old, adv, mask, ref, loss, totals, sampler)
                         # x world: DDP/FSDP2 average the ranks' gradients, the step needs their sum.
                         (mb_loss * (world if counts else 0.0)).backward()
                         if not counts:  # a rank without a micro-batch of its own: synchronisation only
                             continue
+                        mismatch.add(mb)
                         step_loss += mb_loss.item()
                         for key in ("tokens", "kl_sum", "clip_low", "clip_high", "clip_region", "clip_units"):
                             sums[key] += mb[key]
@@ -251,14 +309,15 @@ def update_policy(
 
     move_live_policy(policy_path, out_checkpoint)
     if save:
-        weights = full_state_dict(model, sharded) if sharded else None  # FSDP2: every rank takes part in the gather
-        optimizer_state = full_optimizer_state(model, policy.optimizer, sharded) if sharded else None
+        weights = full_state_dict(model, policy.trainer, sharded) if sharded else None  # FSDP2: every rank takes part in the gather
+        optimizer_state = full_optimizer_state(policy.trainer, policy.optimizer, sharded) if sharded else None
         if rank == 0:
             save_checkpoint(policy, out_checkpoint, state_dict=weights, optimizer_state=optimizer_state)
     if world > 1:
         sums = sum_over_ranks(sums)
         losses = sum_over_ranks({f"{i:06d}": v for i, v in enumerate(step_losses)})
         step_losses = [losses[k] for k in sorted(losses)]
+        mismatch.merge_ranks()
     seconds = time.perf_counter() - started
     tokens = max(sums["tokens"], 1.0)
     units = max(sums["clip_units"], 1.0)
@@ -272,6 +331,7 @@ def update_policy(
     }
     if loss.beta > 0:
         metrics["kl"] = sums["kl_sum"] / tokens
+    metrics |= mismatch.metrics()
     metrics |= completion_metrics(gens)
     metrics |= {
         "iteration_tokens": sum(len(g["prompt_token_ids"]) + len(g["completion_token_ids"]) for g in gens),
@@ -284,6 +344,11 @@ def update_policy(
     return metrics
 
 
-@task(name="update", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def _worth_retrying(task_obj, task_run, state) -> bool:
+    """A full disk fails the same way again (and a retry would redo the whole update)."""
+    return not isinstance(state.result(raise_on_failure=False), DiskFull)
+
+
+@task(name="update", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, retry_condition_fn=_worth_retrying)
 def update_task(generations_path: str | list[str], advantages_path: str, policy_path: str, out_checkpoint: str, **settings) -> dict:
     return update_policy(generations_path, advantages_path, policy_path, out_checkpoint, **settings)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -213,3 +214,60 @@ def test_a_dead_training_rank_fails_the_update_cleanly(ddp_ranks, artifacts):
     with pytest.raises(TrainingRankDied, match="resume from the last checkpoint"):
         _three_steps(artifacts, artifacts["root"] / "dead", "grpo", ddp_ranks)
     assert ddp_ranks.trainers == []  # the whole group is ended; the next update starts a new one
+
+
+def test_a_cluster_run_killed_with_sigkill_resumes_to_the_artifacts_of_an_uninterrupted_one(local_ray, artifacts, tmp_path, prefect_harness):
+    """The flow on the cluster (2 ranks, 2 generation workers), SIGKILLed while writing
+    iteration 2's generations, then run again: the artifacts of a run never interrupted, and
+    the killed flow's actors do not outlive it."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.train import grpo_train
+
+    dataset = tmp_path / "train.jsonl"
+    dataset.write_text("".join(json.dumps(p) + "\n" for p in builtin.train_problems(24, seed=3)))
+    common = dict(model=artifacts["model"], dataset=str(dataset), task="arithmetic", iterations=2, prompts_per_iteration=4, group_size=3,
+                  max_new_tokens=4, micro_batch_size=4, beta=0.04, learning_rate=0.01, seed=7, eval_size=4, score_workers=1,
+                  cluster="auto", training_ranks=2, generation_workers=2, generation_shard_prompts=2)
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    grpo_train(GRPOConfig(run_dir=reference, **common))
+    free_before = ray.available_resources().get("CPU", 0)
+
+    args = [sys.executable, "-m", "flows.cli", "run", "--run-dir", str(crashed)]
+    for key, value in common.items():
+        args += ["--" + key.replace("_", "-"), str(value)]
+    marker = tmp_path / "paused"
+    env = os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value(), "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+                        "GRPOFLOW_PAUSE_MARKER": str(marker), "GRPOFLOW_PAUSE_AT": f"write {crashed}/iter-0002/generations.parquet"}
+    repo = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), f"the run never reached its pause point (status {child.poll()})"
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait(timeout=30)
+    deadline = time.monotonic() + 60  # Ray ends a dead driver's actors: their CPUs come back
+    while ray.available_resources().get("CPU", 0) < free_before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) >= free_before, "the killed flow's actors outlived it"
+
+    env.pop("GRPOFLOW_PAUSE_AT")
+    done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "resuming after iteration 1" in done.stdout + done.stderr
+    for it in (1, 2):
+        ref, got = reference / f"iter-{it:04d}", crashed / f"iter-{it:04d}"
+        for name in ("prompts.parquet", "generations.parquet", "rewards.parquet", "advantages.parquet"):
+            assert (got / name).read_bytes() == (ref / name).read_bytes(), f"iteration {it}: {name} differs"
+        assert _max_diff(load_file(got / "checkpoint" / "model.safetensors"), load_file(ref / "checkpoint" / "model.safetensors")) <= 1e-6

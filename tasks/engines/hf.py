@@ -1,0 +1,132 @@
+"""The transformers engine: ``model.generate`` on the live policy itself (the default).
+
+It samples with the very model the update trains, so `load` keeps a reference (no copy) and
+`sync` has nothing to do for weights that already are that model's. Reproducible exactly:
+the same seed, prompts, settings and machine give the same tokens (``torch.manual_seed``
+before the first batch; batches run in order).
+
+The sampler's log-probs are recorded while generating by a logits processor. transformers
+runs custom processors after its own logits processors (repetition penalty...) and before
+the sampling warpers (temperature, top-k, top-p), so it sees the logits the warpers start
+from: at each step it keeps log softmax(scores / T), (B, V), and gathers the drawn token's
+entry at the next step. Those are the log-probs of the temperature-scaled distribution
+before truncation, the footing the trainer's log-probs stand on. Memory is one (B, V)
+float tensor, not the (B, T, V) of ``output_logits``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Sequence
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from tasks.engines import Engine, Sample, SamplingSettings
+from tasks.progress import progress
+
+
+class _RecordLogprobs(LogitsProcessor):
+    """Records log softmax(scores / T)[token] of each sampled token."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.last: torch.Tensor | None = None  # (B, V) log-probs of the previous step
+        self.steps: list[torch.Tensor] = []  # one (B,) per generated token but the last
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.last is not None:  # input_ids now ends with the token drawn from `last`
+            self.steps.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.last = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, C) log-probs of `new_tokens` (B, C), the tokens generate returned."""
+        steps = list(self.steps)
+        if self.last is not None and len(steps) < new_tokens.shape[1]:
+            steps.append(self.last.gather(-1, new_tokens[:, len(steps) : len(steps) + 1].to(self.last.device)).squeeze(-1))
+        return torch.stack(steps, dim=1).cpu() if steps else torch.zeros((new_tokens.shape[0], 0))
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    # Chat models often end turns with a token other than the tokenizer's EOS (e.g.
+    # <|im_end|>); their generation config lists every stop token.
+    configured = model.generation_config.eos_token_id
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in [tokenizer.eos_token_id, *configured] if i is not None})
+
+
+class HFEngine(Engine):
+    name = "hf"
+    samples_the_live_policy = True
+
+    def __init__(self) -> None:
+        self._model = lambda: None
+        self.tokenizer = None
+
+    def load(self, model, tokenizer) -> None:
+        # A weak reference: the engine outlives stages and must not keep a policy that the
+        # process has dropped (tasks.model frees the old one before loading the next).
+        self._model, self.tokenizer = weakref.ref(model), tokenizer
+
+    @property
+    def model(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the HF engine's policy was freed: load() it again")
+        return model
+
+    def sync(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Weights from elsewhere (a worker process) copied into the model it samples with."""
+        own = self.model.state_dict()
+        with torch.no_grad():
+            for name, tensor in weights:
+                if own[name].data_ptr() != tensor.data_ptr():  # the live policy's own tensors are already in place
+                    own[name].copy_(tensor)
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: Sequence[Sequence[int]], num_samples: int, settings: SamplingSettings,
+               seed: int | None = None, desc: str = "generate") -> list[Sample]:
+        """`settings.batch_size` sequences per ``generate`` call, left-padded."""
+        model, tokenizer = self.model, self.tokenizer
+        if seed is not None:
+            torch.manual_seed(seed)
+        device = next(model.parameters()).device
+        stop_ids = eos_ids(model, tokenizer)
+        greedy = settings.greedy
+        record = settings.with_logprobs and not greedy
+        jobs = [i for i in range(len(prompt_ids)) for _ in range(num_samples)]  # group members adjacent
+        out: list[Sample] = []
+        model.eval()
+        with progress(desc, total=len(jobs)) as bar:
+            for start in range(0, len(jobs), settings.batch_size):
+                chunk = jobs[start : start + settings.batch_size]
+                width = max(len(prompt_ids[i]) for i in chunk)
+                ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
+                    ids[row, width - len(prompt_ids[i]) :] = torch.as_tensor(prompt_ids[i])
+                    mask[row, width - len(prompt_ids[i]) :] = 1
+                recorder = _RecordLogprobs(settings.temperature) if record else None
+                result = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    do_sample=not greedy,
+                    temperature=settings.temperature if not greedy else None,
+                    top_p=settings.top_p if not greedy else None,
+                    top_k=None,  # generation_config defaults (top_k=50) would silently truncate sampling
+                    max_new_tokens=settings.max_new_tokens,
+                    eos_token_id=stop_ids,
+                    pad_token_id=tokenizer.pad_token_id,
+                    logits_processor=LogitsProcessorList([recorder]) if recorder is not None else None,
+                )
+                new_tokens = result[:, width:].cpu()  # (b, C)
+                logprobs = recorder.finish(new_tokens) if recorder is not None else None  # (b, C)
+                for row, i in enumerate(chunk):
+                    tokens = new_tokens[row].tolist()
+                    stop = next((t for t, tok in enumerate(tokens) if tok in stop_ids), None)
+                    length = len(tokens) if stop is None else stop + 1
+                    lp = logprobs[row, :length].tolist() if logprobs is not None else None
+                    out.append(Sample(i, tokens[:length], "length" if stop is None else "eos", lp))
+                bar.advance(len(chunk))
+        return out
