@@ -304,7 +304,9 @@ class RayCluster:
             for r in self.trainers:
                 ray.kill(r)
             self.trainers = []
-            raise TrainingRankDied(f"a training rank failed during the update to {out_checkpoint} ({type(err).__name__}): the process group "
+            cause = getattr(err, "cause", None)  # a rank's own exception (RayTaskError), else the rank died
+            what = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}" if cause else type(err).__name__
+            raise TrainingRankDied(f"a training rank failed during the update to {out_checkpoint} ({what}): the process group "
                                    "is ended; run the same command again to resume from the last checkpoint") from None
         self.weights = (out_checkpoint, refs[0])
         adopt_weights(out_checkpoint, ray.get(refs[0]))
