@@ -412,7 +412,10 @@ def _candidate_process(config, folders, hidden, namespaced, root_scorer, out_w, 
         devices = [f"/dev/{d}" for d in isolation.DEVICES]
         # With a private root the hidden folders are covered by empty tmpfs already; only
         # without one must Landlock leave them out (rule by rule: slower, fallback only).
-        landlock = isolation.landlock(folders, [] if namespaced else hidden, writable, devices)
+        if namespaced and isolation.landlock_abi() < 1:
+            landlock = []  # a kernel without Landlock: the private root alone hides the host
+        else:
+            landlock = isolation.landlock(folders, [] if namespaced else hidden, writable, devices)
         isolation.drop_capabilities(become=isolation.SANDBOX_ID if namespaced and root_scorer else None)
         isolation.prctl(isolation.PR_SET_NO_NEW_PRIVS, 1)
         isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
