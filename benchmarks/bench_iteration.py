@@ -167,7 +167,10 @@ def prepare(a: argparse.Namespace) -> None:
             save_checkpoint(LivePolicy(build_model(len(tok), seed=0), tok), folder)
         a.model_path = str(folder)
         a.dataset = str(common.write_builtin_jsonl(a.scratch / "arith.jsonl"))
-        a.task, a.reward, a.chat_template = "arithmetic", "exact_answer", False
+        # A reward with spread on an untrained model (common.digit_share): with exact_answer
+        # every advantage is 0, and at beta 0 grpoflow's update would forward nothing.
+        a.task, a.chat_template = "arithmetic", False
+        a.reward = a.reward or "common:digit_share"
     elif a.model == "smollm2":
         from smollm2 import smollm2_hf_folder
 

@@ -206,6 +206,10 @@ class BackgroundViews:
         with self._lock:
             self._jobs = [j for j in self._jobs if not j.done()] + [job]
 
+    def submit(self, fn, *args) -> None:
+        """Run `fn(*args)` on the views' thread, after everything submitted before it."""
+        self._submit(fn, *args)
+
     def publish_stage_report(self, folder: str | Path, output: str, summary: dict[str, Any]) -> None:
         """Publish the stage's report in the background, or, while reports have taken more than
         REPORT_BUDGET of the wall time, hold it until the next report or the flow's end."""

@@ -29,23 +29,24 @@ from data import builtin
 from data.schemas import ADVANTAGES, GENERATIONS, METRICS, PROMPTS, REWARDS, SchemaError
 from data.sources import hub_offline, normalise_row, prompts_table, read_source, source_label
 from data.store import TMP_PREFIX, Manifest, atomic_write_json, iteration_dir, read_table, remove_stale_temp_files, write_table
+from flows.cluster import Stages, stages_for
 from flows.config import GRPOConfig
 from flows.report import VIEWS
 from flows.resume import (CHECKPOINT, PendingUpdates, hold_run_folder, prompt_pool, prune_checkpoints, release_run_folder,
-                          resume_point, saved_metrics)
+                          resume_point, saved_metrics, start_policy)
+from flows.tracking import Tracking, check_installed
 from tasks.advantages import advantages_task, informative_groups, refill_prompts_task
 from tasks.engines import check_available
 from tasks.evaluate import evaluate_task
-from tasks.generate import generate_task, render_prompt, tokenization_loss
+from tasks.generate import render_prompt, tokenization_loss
 from tasks.ingest import ingest_task, merge_prompts_task
 from tasks.objective import LossSettings
-from tasks.score import score_task
 from tasks.select import select_prompts_task
 from tasks.model import FINAL, check_model_source, export_final_model, live_policy, load_tokenizer
 from tasks.progress import stage_label
 from tasks.schedule import LRSchedule
 from tasks.tiny_model import ensure_tiny_model
-from tasks.update import needs_old_logprobs, update_task
+from tasks.update import needs_old_logprobs
 
 # Updates of this flow run that were done before a restart and whose weights must be
 # re-created before a stage reads them (flows/resume.py).
@@ -185,6 +186,7 @@ def preflight(config: GRPOConfig) -> None:
         local = source is not None and (Path(source).expanduser().exists() or source.startswith(("/", ".", "~")))
         if local or (source is not None and hub_offline()):  # offline, a hub name reads the local cache only
             next(read_source(source, split=config.dataset_split), None)  # parses the first row
+    check_installed(config)  # --tracking-uri / --tensorboard without `make install-tracking`
     check_writable(Path(config.run_dir))
 
 
@@ -261,7 +263,8 @@ def score_settings(config: GRPOConfig) -> dict:
                 workers=config.score_workers, chunk_rows=config.score_chunk_rows, worker_memory_mb=config.score_worker_memory_mb)
 
 
-def refill_rounds(config: GRPOConfig, manifest: Manifest, it: int, train_path: str, policy: str, generate_settings: dict) -> tuple[list[str], list[str], int]:
+def refill_rounds(config: GRPOConfig, stages: Stages, manifest: Manifest, it: int, train_path: str, policy: str,
+                  generate_settings: dict) -> tuple[list[str], list[str], int]:
     """DAPO dynamic sampling: extra rounds of prompts + generate + score (`prompts-r<k>.parquet`,
     `generations-r<k>.parquet`, `rewards-r<k>.parquet`) while fewer than prompts_per_iteration
     groups have reward spread, at most max_refill_rounds. Returns every round's generations
@@ -276,9 +279,9 @@ def refill_rounds(config: GRPOConfig, manifest: Manifest, it: int, train_path: s
                            seed=f"{config.seed}:{it}:{rounds}", schema_version=PROMPTS.version)
         if picked["prompts"] == 0:  # the dataset has no unused prompt left
             break
-        run_stage(manifest, Path(g).name, generate_task, p, g, policy, **generate_settings | {"seed": (config.seed * 100_003 + it) * 1_000 + rounds},
+        run_stage(manifest, Path(g).name, stages.generate, p, g, policy, **generate_settings | {"seed": (config.seed * 100_003 + it) * 1_000 + rounds},
                   schema_version=GENERATIONS.version)
-        run_stage(manifest, Path(r).name, score_task, g, p, r, **score_settings(config), schema_version=REWARDS.version)
+        run_stage(manifest, Path(r).name, stages.score, g, p, r, **score_settings(config), schema_version=REWARDS.version)
         prompts.append(p)
         gens.append(g)
         rewards.append(r)
@@ -292,15 +295,24 @@ def grpo_train(config: GRPOConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     hold_run_folder(run_dir)  # before touching anything: another process may be writing here
     PENDING_UPDATES.clear()
+    stages = None
     try:
-        return train_iterations(config)
+        stages = stages_for(config)  # where each stage runs (flows/cluster.py): this process, or a Ray cluster
+        # The one place the flow talks to MLflow / TensorBoard (flows/tracking.py): they read
+        # the metrics files this flow writes, after each iteration and at the end.
+        with Tracking(config) as tracking:
+            metrics = train_iterations(config, stages, tracking.iteration_done)
+            return metrics | tracking.register(metrics)
     finally:
+        if stages is not None:
+            stages.close()  # no worker of this run outlives it
         VIEWS.drain()  # the stage artifacts and learning curve of the last iteration too
         release_run_folder(run_dir)
 
 
-def train_iterations(config: GRPOConfig) -> dict:
-    """The body of `grpo_train` (which holds the run folder's lock around it)."""
+def train_iterations(config: GRPOConfig, stages: Stages, iteration_done: Callable[[], None] = lambda: None) -> dict:
+    """The body of `grpo_train` (which holds the run folder's lock around it).
+    `iteration_done` is called after each iteration's metrics are written."""
     log = get_run_logger()
     run_dir = Path(config.run_dir)
     remove_stale_temp_files(run_dir)  # leftovers of a killed writer are never artifacts
@@ -363,6 +375,7 @@ def train_iterations(config: GRPOConfig) -> dict:
     if eval_path is not None:
         start = run_stage(Manifest(iteration_dir(run_dir, 0)), "eval", evaluate_task, eval_path, policy, **evaluate)
         write_metrics(run_dir, 0, {"iteration": 0, "held_out_accuracy": start["accuracy"]})
+        iteration_done()
         log.info(f"iteration 0: held-out accuracy {start['accuracy']:.1%} (before GRPO, {start['problems']} problems)")
 
     first = 1
@@ -370,6 +383,9 @@ def train_iterations(config: GRPOConfig) -> dict:
     if resumed is not None:
         first, policy, metrics = resumed.iteration + 1, resumed.checkpoint, saved_metrics(run_dir, resumed.iteration)
         log.info(f"resuming after iteration {resumed.iteration}: policy and optimiser state from iter-{resumed.iteration:04d}/{CHECKPOINT}")
+    if first <= config.iterations and (chosen := start_policy(run_dir, first)) is not None:
+        policy = chosen  # a scheduled run told to start from the registered champion (flows/serve.py)
+        log.info(f"iteration {first} starts from {policy}")
     for it in range(first, config.iterations + 1):
         started = time.perf_counter()
         folder = iteration_dir(run_dir, it)
@@ -381,10 +397,10 @@ def train_iterations(config: GRPOConfig) -> dict:
         pool, before_pool = prompt_pool(data_manifest, train_path, it)  # scheduled runs add pools of unseen prompts
         run_stage(manifest, "prompts.parquet", select_prompts_task, pool, prompts, iteration=it - before_pool,
                   per_iteration=config.prompts_per_iteration, seed=config.seed, mix=mix, schema_version=PROMPTS.version)
-        gen = run_stage(manifest, "generations.parquet", generate_task, prompts, gens, policy, **generate_settings,
+        gen = run_stage(manifest, "generations.parquet", stages.generate, prompts, gens, policy, **generate_settings,
                         seed=config.seed * 100_003 + it, schema_version=GENERATIONS.version)
-        score = run_stage(manifest, "rewards.parquet", score_task, gens, prompts, rewards, **score_settings(config), schema_version=REWARDS.version)
-        all_gens, all_rewards, rounds = refill_rounds(config, manifest, it, train_path, policy, generate_settings)
+        score = run_stage(manifest, "rewards.parquet", stages.score, gens, prompts, rewards, **score_settings(config), schema_version=REWARDS.version)
+        all_gens, all_rewards, rounds = refill_rounds(config, stages, manifest, it, train_path, policy, generate_settings)
         adv = run_stage(manifest, "advantages.parquet", advantages_task, all_rewards, advs, estimator=config.advantage_estimator,
                         scale_rewards=config.scale_rewards, eps=config.advantage_eps, dynamic_sampling=config.dynamic_sampling,
                         target_groups=config.prompts_per_iteration, schema_version=ADVANTAGES.version)
@@ -395,7 +411,7 @@ def train_iterations(config: GRPOConfig) -> dict:
             done = "truncated from the left" if config.prompt_overflow == "truncate_left" else "skipped"
             warnings.say(log, "prompt-length", f"{folder.name}: {gen.get('prompts/truncated') or gen.get('prompts/skipped')} prompts longer than "
                          f"max_prompt_length={config.max_prompt_length} tokens were {done} (counted in prompts/{done.split()[0]})")
-        upd = run_stage(manifest, CHECKPOINT, update_task, all_gens, advs, policy, checkpoint, learning_rate=config.learning_rate, loss=loss,
+        upd = run_stage(manifest, CHECKPOINT, stages.update, all_gens, advs, policy, checkpoint, learning_rate=config.learning_rate, loss=loss,
                         lr_schedule=lr_schedule, first_step=(it - 1) * steps_per_iteration, mu=config.mu, mini_batches=config.mini_batches,
                         micro_batch_size=config.micro_batch_size, gradient_checkpointing=config.gradient_checkpointing,
                         logprob_chunk_tokens=config.logprob_chunk_tokens, lora=config.lora_settings(),
@@ -413,6 +429,7 @@ def train_iterations(config: GRPOConfig) -> dict:
             pruned = prune_checkpoints(run_dir, config.save_total_limit)
             if pruned["checkpoints"]:
                 log.info(f"removed checkpoints of iterations {', '.join(map(str, pruned['checkpoints']))} (save_total_limit {config.save_total_limit})")
+        iteration_done()
         VIEWS.refresh_learning_curve(run_dir, force="held_out_accuracy" in metrics or it == config.iterations)
         acc = f", held-out accuracy {metrics['held_out_accuracy']:.1%}" if "held_out_accuracy" in metrics else ""
         log.info(f"iteration {it}/{config.iterations}: reward {metrics['reward']:.3f}, kl {upd.get('kl', 0.0):.4f}, "
