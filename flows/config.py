@@ -18,7 +18,50 @@ from rewards import known_rewards, make_reward
 from tasks.lora import LoraSettings
 
 
+# --- which settings a resumed run folder may change (issue 13) -----------------------------
+# The artifacts of a run folder mean what its config.json says: a resume that changed the
+# model, the data, the rewards or the objective would mix two runs in one folder. Only the
+# fields below may differ from the stored ones when a folder is resumed (each with why); the
+# change is logged, appended to config.json's "changes" and recorded in every later
+# iteration's metrics.json ("settings"), so `grpo inspect` shows where it happened. Every
+# other field -- including any field added later that is not listed here -- is
+# meaning-changing: a different value is refused before anything is written.
+MID_RUN_SAFE: dict[str, str] = {
+    "iterations": "how many in total: iterations already done stay as they are",
+    "eval_every": "when the held-out set is scored, not what is scored",
+    "save_every": "when weights are written; unsaved updates are replayed exactly on resume",
+    "save_total_limit": "how many checkpoints are kept on disk",
+    "learning_rate": "the step size of the updates still to come (done updates replay with their own)",
+    "micro_batch_size": "memory only: gradients accumulate to the same step (float rounding aside)",
+    "gradient_checkpointing": "memory only: activations recomputed, same gradients",
+    "logprob_chunk_tokens": "memory only: the same log-probs computed in other chunks",
+    "generation_batch_size": "memory only: how many sequences one generate() call holds",
+    "score_workers": "how many processes score, not how",
+    "score_chunk_rows": "memory only: rows per chunk of the score stage",
+    "score_worker_memory_mb": "a safety cap of the scoring workers",
+    "max_reward_error_fraction": "when a score stage fails, not what it writes",
+    "vllm_gpu_memory_utilization": "memory only: the vLLM engine's share of the GPU",
+    "vllm_cpu_kv_cache_gb": "memory only: the vLLM engine's KV cache on CPU",
+    "device": "where it computes (another device rounds differently, the run's math is the same)",
+}
+NOT_COMPARED = ("run_dir",)  # the folder itself, never a setting of what is in it
+
+
+def may_change_mid_run(field: str) -> bool:
+    """Whether a resumed run folder may take another value of `field` (MID_RUN_SAFE); every
+    field not listed there is meaning-changing, so a new field is refused until listed."""
+    return field in MID_RUN_SAFE or field in NOT_COMPARED
+
+
 class GRPOConfig(BaseModel):
+    """The settings of one run, stored in its folder's config.json.
+
+    Resuming a run folder: every field is meaning-changing (a different value is refused)
+    unless it is listed in MID_RUN_SAFE above with the reason it may change mid-run. A field
+    you add is therefore refused on resume by default; list it there only when artifacts
+    written before and after a change still mean the same thing.
+    """
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # --- where ---------------------------------------------------------------------------
@@ -153,6 +196,11 @@ class GRPOConfig(BaseModel):
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> GRPOConfig:
         """Load YAML or JSON, then apply `overrides` (flags given on the command line)."""
+        return cls(**(cls.settings_file(path) | overrides))
+
+    @staticmethod
+    def settings_file(path: str | Path) -> dict[str, Any]:
+        """The settings in a YAML or JSON file, not yet validated."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file '{path}' does not exist")
@@ -166,7 +214,7 @@ class GRPOConfig(BaseModel):
             data = {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-        return cls(**(data | overrides))
+        return data
 
     def lora_settings(self):
         """The LoRA settings of the update, or None for full fine-tuning."""

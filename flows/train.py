@@ -29,10 +29,10 @@ from data import builtin
 from data.schemas import ADVANTAGES, GENERATIONS, METRICS, PROMPTS, REWARDS, SchemaError
 from data.sources import hub_offline, normalise_row, prompts_table, read_source
 from data.store import TMP_PREFIX, Manifest, atomic_write_json, iteration_dir, read_table, remove_stale_temp_files, write_table
-from flows.config import GRPOConfig
+from flows.config import MID_RUN_SAFE, GRPOConfig
 from flows.report import VIEWS
-from flows.resume import (CHECKPOINT, PendingUpdates, hold_run_folder, prompt_pool, prune_checkpoints, release_run_folder,
-                          resume_point, saved_metrics)
+from flows.resume import (CHECKPOINT, PendingUpdates, completed_iterations, describe_changes, hold_run_folder, prompt_pool,
+                          prune_checkpoints, release_run_folder, resume_point, saved_metrics, setting_changes)
 from tasks.advantages import advantages_task, informative_groups, refill_prompts_task
 from tasks.engines import check_available
 from tasks.evaluate import evaluate_task
@@ -229,12 +229,29 @@ def grpo_train(config: GRPOConfig) -> dict:
         release_run_folder(run_dir)
 
 
+def write_config_record(run_dir: Path, config: GRPOConfig, log) -> None:
+    """config.json: the settings in force, what produced the run, and every mid-run change
+    of a setting (flows.config.MID_RUN_SAFE) with the first iteration it applies to. A
+    meaning-changing difference from the stored settings is refused here too (for callers
+    of the flow that bypass the command line), before config.json is touched."""
+    changes = setting_changes(run_dir, config)
+    path = run_dir / "config.json"
+    history = json.loads(path.read_text()).get("changes", []) if path.is_file() else []
+    if changes:
+        first = completed_iterations(run_dir) + 1
+        history.append({"from_iteration": first, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        "changed": {k: {"stored": old, "given": new} for k, (old, new) in sorted(changes.items())}})
+        log.info(f"settings changed on resume, from iteration {first}: {describe_changes(changes)}")
+    atomic_write_json(path, {"config": config.model_dump(mode="json"), "versions": versions(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                             "changes": history})
+
+
 def train_iterations(config: GRPOConfig) -> dict:
     """The body of `grpo_train` (which holds the run folder's lock around it)."""
     log = get_run_logger()
     run_dir = Path(config.run_dir)
     remove_stale_temp_files(run_dir)  # leftovers of a killed writer are never artifacts
-    atomic_write_json(run_dir / "config.json", {"config": config.model_dump(mode="json"), "versions": versions(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    write_config_record(run_dir, config, log)
     data_dir = run_dir / "dataset"
     data_manifest = Manifest(data_dir)
 
@@ -302,15 +319,21 @@ def train_iterations(config: GRPOConfig) -> dict:
         adv = run_stage(manifest, "advantages.parquet", advantages_task, all_rewards, advs, estimator=config.advantage_estimator,
                         scale_rewards=config.scale_rewards, eps=config.advantage_eps, dynamic_sampling=config.dynamic_sampling,
                         target_groups=config.prompts_per_iteration, schema_version=ADVANTAGES.version)
-        upd = run_stage(manifest, CHECKPOINT, update_task, all_gens, advs, policy, checkpoint, learning_rate=config.learning_rate, loss=loss,
+        # A done update (replayed when its weights were not saved) keeps the learning rate it
+        # ran with, whatever a resume changed since: the replay must give the same weights.
+        lr = manifest.entries().get(CHECKPOINT, {}).get("learning_rate", config.learning_rate) if manifest.is_done(CHECKPOINT) else config.learning_rate
+        upd = run_stage(manifest, CHECKPOINT, update_task, all_gens, advs, policy, checkpoint, learning_rate=lr, loss=loss,
                         mu=config.mu, mini_batches=config.mini_batches, micro_batch_size=config.micro_batch_size,
                         gradient_checkpointing=config.gradient_checkpointing, logprob_chunk_tokens=config.logprob_chunk_tokens,
                         lora=config.lora_settings(),
-                        max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay, save=save, seed=config.seed * 100_003 + it, **machine)
+                        max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay, save=save, seed=config.seed * 100_003 + it,
+                        manifest_extra={"learning_rate": lr}, **machine)
         policy = checkpoint
 
         metrics = {"iteration": it, "reward": score["reward_mean"], **gen, **adv, **upd, "dynamic_sampling/rounds": rounds,
-                   "step_time": time.perf_counter() - started}
+                   "step_time": time.perf_counter() - started,
+                   # The settings that may change on resume, as they were for this iteration (grpo inspect shows changes).
+                   "settings": {k: getattr(config, k) for k in MID_RUN_SAFE} | {"learning_rate": lr}}
         metrics["tokens_per_second"] = upd.get("iteration_tokens", math.nan) / metrics["step_time"]
         if eval_path is not None and (it == config.iterations or (config.eval_every and it % config.eval_every == 0)):
             result = run_stage(manifest, "eval", evaluate_task, eval_path, policy, **evaluate)

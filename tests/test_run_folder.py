@@ -224,3 +224,64 @@ def test_debug_prints_the_traceback_after_the_line(tmp_path, tiny_model_dir, cap
     text = capsys.readouterr().err
     assert code == 2
     assert text.index("grpo: error: ") < text.index("Traceback")
+
+
+# --- resuming with the stored settings ---------------------------------------------------------
+def folder_state(run: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(run)): (p.read_bytes() if p.is_file() else b"", p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))}
+
+
+def test_a_resume_refuses_other_settings_resumes_with_the_stored_ones_and_records_safe_changes(
+        tmp_path, tiny_model_dir, dataset, prefect_harness, capsys):
+    from flows.inspection import run_overview, settings_changes
+
+    run = tmp_path / "run"
+    assert main(small_run_flags(run, tiny_model_dir, dataset, iterations=2)) == 0
+    before = folder_state(run)
+    capsys.readouterr()
+
+    # Flags that change what the artifacts mean: refused, one line each, nothing written.
+    assert main(["run", "--run-dir", str(run), "--group-size", "4", "--temperature", "0.7", "--iterations", "3"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[0].startswith(f"grpo: error: run folder {run} holds a run made with other settings (2 differ)")
+    assert err[1:] == ["  group_size: stored 3, given 4", "  temperature: stored 1.0, given 0.7"]
+    assert folder_state(run) == before
+
+    # Only settings that may change mid-run: the stored model, dataset, rewards and group
+    # size carry on, the changes are logged in config.json and per iteration.
+    assert main(["run", "--run-dir", str(run), "--iterations", "3", "--learning-rate", "0.001"]) == 0
+    third = iteration_dir(run, 3)
+    assert Manifest(third).entries()["generations.parquet"]["rows"] == 4 * 3
+    assert str(iteration_dir(run, 2) / CHECKPOINT) in Manifest(third).entries()["generations.parquet"]["inputs"]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"]["model"] == str(tiny_model_dir) and saved["config"]["rewards"] == {"tests.test_resume:prefers_short": 1.0}
+    assert saved["changes"] == [{"from_iteration": 3, "at": saved["changes"][0]["at"], "changed": {
+        "iterations": {"stored": 2, "given": 3}, "learning_rate": {"stored": 0.01, "given": 0.001}}}]
+    assert json.loads((third / "metrics.json").read_text())["settings"]["learning_rate"] == 0.001
+    assert Manifest(third).entries()[CHECKPOINT]["learning_rate"] == 0.001
+    assert settings_changes(run_overview(run)) == ["iter-0003: settings changed: iterations 2 -> 3, learning_rate 0.01 -> 0.001"]
+
+    # No flags at all: the stored settings, nothing left to do, the same final model.
+    capsys.readouterr()
+    assert main(["run", "--run-dir", str(run)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"final model: {run / 'final'}"
+    assert not iteration_dir(run, 4).exists() and len(json.loads((run / "config.json").read_text())["changes"]) == 1
+
+
+def test_every_setting_changes_what_artifacts_mean_unless_listed_and_iterations_cannot_go_back(tmp_path):
+    from flows.config import MID_RUN_SAFE, GRPOConfig, may_change_mid_run
+    from flows.resume import SettingsMismatch, setting_changes
+
+    assert set(MID_RUN_SAFE) <= set(GRPOConfig.model_fields)
+    assert {"iterations", "eval_every", "save_every", "save_total_limit", "learning_rate"} <= set(MID_RUN_SAFE)
+    assert not may_change_mid_run("a_setting_added_next_year") and not may_change_mid_run("group_size")
+    config = GRPOConfig(run_dir=tmp_path, iterations=2)
+    atomic_write_json(tmp_path / "config.json", {"config": config.model_dump(mode="json")})
+    for it in (1, 2):
+        atomic_write_json(iteration_dir(tmp_path, it) / "metrics.json", {"iteration": it})
+    assert setting_changes(tmp_path, config) == {}
+    with pytest.raises(SettingsMismatch, match="already has 2 complete iterations; --iterations 1 would go back"):
+        setting_changes(tmp_path, config.model_copy(update={"iterations": 1}))
+    (tmp_path / "config.json").write_text('{"config": {"no_such_setting": 1}}')
+    with pytest.raises(SettingsMismatch, match="config.json: its settings are not valid for this grpoflow"):
+        setting_changes(tmp_path, config)
