@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +37,8 @@ from flows.resume import (CHECKPOINT, PendingUpdates, completed_iterations, desc
 from tasks.advantages import advantages_task, informative_groups, refill_prompts_task
 from tasks.engines import check_available
 from tasks.evaluate import evaluate_task
-from tasks.generate import generate_task
+from tasks.footprint import gib, lora_trained_parameters, machine_memory_bytes, model_shape, update_peak_bytes
+from tasks.generate import generate_task, render_prompt
 from tasks.ingest import ingest_task
 from tasks.objective import LossSettings
 from tasks.score import score_task
@@ -229,6 +231,48 @@ def grpo_train(config: GRPOConfig) -> dict:
         release_run_folder(run_dir)
 
 
+def longest_prompt_tokens(prompts_path: str, tokenizer, use_chat_template: bool, candidates: int = 16) -> int:
+    """Tokens of the longest prompt, as the model sees it (chat template included): the
+    `candidates` longest by characters are tokenized, not the whole file."""
+    table = read_table(prompts_path, PROMPTS, columns=["prompt_id", "prompt", "messages"]).to_pylist()
+    rows = sorted(table, key=lambda r: len(r["prompt"] or json.dumps(r["messages"])), reverse=True)[:candidates]
+    return max((len(tokenizer(render_prompt(r, tokenizer, use_chat_template), add_special_tokens=False)["input_ids"]) for r in rows), default=0)
+
+
+def print_start_block(config: GRPOConfig, base_model: str, data_manifest: Manifest, eval_path: str | None) -> None:
+    """The few lines a run prints before its first stage: what is trained on what, the key
+    settings, and the update's estimated peak memory against the machine's (a warning when
+    it does not fit)."""
+    from tasks.model import load_tokenizer, pick_device, pick_dtype
+
+    entries = data_manifest.entries()
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    shape = model_shape(base_model)
+    prompt_tokens = longest_prompt_tokens(str(data_manifest.folder / "prompts.parquet"), load_tokenizer(base_model), config.use_chat_template)
+    trained = lora_trained_parameters(shape, config.lora_rank) if config.lora_rank else None
+    peak = update_peak_bytes(shape, micro_batch=config.micro_batch_size, sequence=prompt_tokens + config.max_new_tokens,
+                             completion=config.max_new_tokens, dtype_bytes=dtype.itemsize, checkpointing=config.gradient_checkpointing,
+                             logprob_chunk_tokens=config.logprob_chunk_tokens, trained_parameters=trained)
+    have, what = machine_memory_bytes(str(device))
+    held_out = f", {entries['eval.parquet']['rows']:,} held-out" if eval_path is not None and "eval.parquet" in entries else ", no held-out set"
+    keep = "all kept" if config.save_total_limit is None else f"newest {config.save_total_limit} kept"
+    lines = [
+        f"model     {config.model or 'built-in tiny model'} ({shape.parameters / 1e6:,.1f}M parameters{', LoRA rank ' + str(config.lora_rank) if config.lora_rank else ''}, "
+        f"{str(dtype).removeprefix('torch.')} on {device})",
+        f"data      {entries.get('prompts.parquet', {}).get('rows', 0):,} training prompts{held_out}; longest prompt {prompt_tokens} tokens",
+        f"rewards   {', '.join(f'{name} x{weight:g}' for name, weight in config.rewards.items())}",
+        f"settings  {config.iterations} iterations x {config.prompts_per_iteration} prompts x {config.group_size} completions, "
+        f"{config.max_new_tokens} new tokens, lr {config.learning_rate:g}, micro-batch {config.micro_batch_size}, "
+        f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, checkpoint every {config.save_every} ({keep})",
+        f"memory    update peak ~{gib(peak)} (estimated) of {gib(have)} {what}",
+    ]
+    print("\n".join(f"grpo: {line}" for line in lines), file=sys.stderr)
+    if peak > have:
+        print(f"grpo: warning: the update's estimated peak ({gib(peak)}) exceeds this machine's {what} ({gib(have)}): lower "
+              "--micro-batch-size, turn on --gradient-checkpointing or shorten --max-new-tokens", file=sys.stderr)
+
+
 def write_config_record(run_dir: Path, config: GRPOConfig, log) -> None:
     """config.json: the settings in force, what produced the run, and every mid-run change
     of a setting (flows.config.MID_RUN_SAFE) with the first iteration it applies to. A
@@ -269,6 +313,7 @@ def train_iterations(config: GRPOConfig) -> dict:
             run_stage(data_manifest, "eval.parquet", ingest_task, config.eval_dataset, eval_path, split=config.dataset_split,
                       task=config.task, skip_invalid=config.skip_invalid, limit=config.eval_size)
 
+    print_start_block(config, base_model, data_manifest, eval_path)
     machine = {"device": config.device, "dtype": config.dtype}
     evaluate = dict(rewards=config.rewards, reward_options=config.bound_reward_options(), max_new_tokens=config.max_new_tokens,
                     use_chat_template=config.use_chat_template, **engine_settings(config, config.eval_engine or config.generation_engine), **machine)

@@ -76,17 +76,27 @@ def test_rotation_keeps_the_newest_n_and_only_the_resumable_one_has_optimiser_st
 
 
 # --- the final model -------------------------------------------------------------------------
-def test_final_model_loads_has_no_optimiser_state_and_is_the_last_line(tmp_path, tiny_model_dir, dataset, prefect_harness, capsys):
+def test_final_model_loads_has_no_optimiser_state_and_is_the_last_line(tmp_path, tiny_model_dir, dataset, prefect_harness, capsys, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tasks.model import final_model_dir
 
+    import flows.train
+
     run = tmp_path / "run"
     assert final_model_dir(run) is None
+    monkeypatch.setattr(flows.train, "machine_memory_bytes", lambda device: (2**29, "RAM"))  # a 0.5 GiB machine
     assert main(small_run_flags(run, tiny_model_dir, dataset, save_total_limit=2)) == 0
-    out = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
     assert out[-1] == f"final model: {run / 'final'}"
+    # The start block: what is trained on what, the key settings, the memory estimate.
+    assert f"grpo: model     {tiny_model_dir} (1.0M parameters, float32 on cpu)" in captured.err
+    assert "grpo: data      40 training prompts, no held-out set; longest prompt " in captured.err
+    assert "grpo: settings  3 iterations x 4 prompts x 3 completions, 4 new tokens, lr 0.01, micro-batch 12, gradient checkpointing on" in captured.err
+    assert "grpo: memory    update peak ~0.8 GiB (estimated) of 0.5 GiB RAM" in captured.err
+    assert "grpo: warning: the update's estimated peak (0.8 GiB) exceeds this machine's RAM (0.5 GiB)" in captured.err
     final = final_model_dir(run)
     assert final == run / "final"
     assert sorted(p.name for p in final.iterdir() if p.name.endswith((".safetensors", ".pt", ".bin"))) == ["model.safetensors"]
@@ -285,3 +295,32 @@ def test_every_setting_changes_what_artifacts_mean_unless_listed_and_iterations_
     (tmp_path / "config.json").write_text('{"config": {"no_such_setting": 1}}')
     with pytest.raises(SettingsMismatch, match="config.json: its settings are not valid for this grpoflow"):
         setting_changes(tmp_path, config)
+
+
+# --- defaults that fit the model ----------------------------------------------------------------
+def test_a_given_model_gets_real_model_defaults_and_explicit_settings_win():
+    from flows.config import REAL_MODEL_DEFAULTS, GRPOConfig
+
+    demo, real = GRPOConfig(), GRPOConfig(model="some/model")
+    for name, value in REAL_MODEL_DEFAULTS.items():
+        assert getattr(real, name) == value != getattr(demo, name), name
+        assert f"with --model the default is" in GRPOConfig.model_fields[name].description.lower()
+    assert GRPOConfig(model="some/model", learning_rate=0.01, gradient_checkpointing=False).learning_rate == 0.01
+    assert GRPOConfig(model="some/model", gradient_checkpointing=False).gradient_checkpointing is False
+    # A stored config sets every field: reading it back changes nothing.
+    stored = GRPOConfig(model="some/model", micro_batch_size=64).model_dump(mode="json")
+    assert GRPOConfig(**stored).micro_batch_size == 64
+
+
+def test_update_memory_estimate_matches_the_smollm2_measurements():
+    from tasks.footprint import ModelShape, update_peak_bytes
+
+    smollm2 = ModelShape(parameters=134_515_008, layers=30, hidden=576, intermediate=1536, heads=9, vocab=49152)
+    measured = {False: 5565, True: 3333}  # MiB, benchmarks/RESULTS.md section 6 (micro-batch 8, 217-token rows, fp32)
+    for checkpointing, mib in measured.items():
+        estimate = update_peak_bytes(smollm2, micro_batch=8, sequence=217, completion=32, dtype_bytes=4,
+                                     checkpointing=checkpointing, logprob_chunk_tokens=1024) / 2**20
+        assert abs(estimate - mib) / mib < 0.1, (checkpointing, estimate)
+    # Micro-batch 64 was OOM-killed at 20.4 GiB: the estimate says it does not fit in that.
+    assert update_peak_bytes(smollm2, micro_batch=64, sequence=217, completion=32, dtype_bytes=4, checkpointing=False,
+                             logprob_chunk_tokens=1024) > 20.4 * 2**30
