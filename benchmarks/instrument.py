@@ -96,7 +96,10 @@ def record_iterations(sink: list[dict]) -> None:
         now = time.perf_counter()
         if not last:  # the first iteration counts from its own start, not the flow's (model prep, ingest)
             last.append(now - metrics.get("step_time", 0.0))
-        sink.append({"iteration": iteration, "wall": now - last[0], "step_time": metrics.get("step_time"), "timers": take()})
+        sink.append({"iteration": iteration, "wall": now - last[0], "step_time": metrics.get("step_time"), "timers": take(),
+                     # with beta 0, completions of zero advantage are never forwarded (tasks/update.py)
+                     "zero_gradient_completions": metrics.get("update/zero_gradient_completions"),
+                     "trained_completions": metrics.get("update/trained_completions")})
         last[0] = now
 
     train.write_metrics = write_metrics

@@ -100,8 +100,9 @@ GENERATIONS = ArtifactSchema(
             # log pi_ref(o_t | q, o_<t); null when beta = 0 (no reference model is loaded).
             pa.field("ref_logprobs", pa.list_(pa.float32())),
             pa.field("finish_reason", pa.string(), nullable=False),  # "eos" or "length"
-            # The generation engine's own log-prob of each token it drew, of softmax(logits / T)
-            # before truncation (tasks/engines); null in files of version < 3.
+            # The generation engine's own log-prob of each token it drew, under the distribution
+            # it drew from: softmax(logits / T), renormalised over the nucleus when top_p < 1
+            # (tasks/engines); null in files of version < 3 and for greedy decoding.
             pa.field("sampler_logprobs", pa.list_(pa.float32())),
         ]
     ),

@@ -155,7 +155,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if run_dir is None:
         raise ValueError("grpo serve needs --run-dir: the run folder every scheduled run continues")
     settings = (GRPOConfig.from_file(args.config).model_dump(mode="json", exclude_unset=True) if args.config else {}) | overrides
-    GRPOConfig(**settings)  # invalid settings fail now, not at 3 a.m.
+    from flows.tracking import check_installed
+
+    check_installed(GRPOConfig(**settings))  # invalid settings, or tracking without its extra, fail now, not at 3 a.m.
     if not os.environ.get("PREFECT_API_URL"):
         print("grpo: warning: PREFECT_API_URL is not set; runs can only be triggered from this process. "
               "Start a server (prefect server start) and set PREFECT_API_URL to trigger runs from elsewhere.", file=sys.stderr)
@@ -236,10 +238,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data.sources import InvalidRow, SourceError
     from data.store import DiskFull
     from flows.resume import RunFolderBusy
+    from flows.tracking import MissingExtra
     from rewards.registry import UnknownRewardError
     from tasks.model import ModelLoadError
 
-    return (SchemaError, InvalidRow, SourceError, UnknownRewardError, ModelLoadError, RunFolderBusy, DiskFull, FileNotFoundError, ValueError)
+    return (SchemaError, InvalidRow, SourceError, UnknownRewardError, ModelLoadError, RunFolderBusy, DiskFull, MissingExtra, FileNotFoundError, ValueError)
 
 
 def prefect_api_error_line(message: str) -> str | None:

@@ -164,6 +164,20 @@ class GRPOConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype: auto = bfloat16 on a GPU that has it, else float32.")
     warmup_steps: int = Field(250, ge=0, description="Supervised warm-up steps of the built-in tiny model (only when no --model is given); 250 leaves it at about 60 percent held-out accuracy, with headroom for GRPO.")
 
+    # --- tracking --------------------------------------------------------------------------
+    tracking_uri: str | None = Field(None, description="MLflow tracking store and model registry (needs `make install-tracking`): a .db/.sqlite file (SQLite), or a folder (a SQLite store inside it, mlflow.db) when given as a path, else an MLflow URI or server URL (http://host:5000). One MLflow run per flow run with every setting as a param and every metric of every iteration (step = iteration); a resumed run continues its MLflow run. Default: off.")
+    experiment: str | None = Field(None, description="MLflow experiment the runs go to. Default: the run folder's name.")
+    tensorboard: Path | None = Field(None, description="Write the same per-iteration metrics as TensorBoard event files into this folder (needs `make install-tracking`). Default: off.")
+    register_as: str | None = Field(None, description="At the end of a run, register its final model as a new version of this MLflow registered model (needs tracking_uri). It gets the `champion` alias only when its promote_on metric is at least the current champion's, measured on the same held-out set.")
+    promote_on: str = Field("held_out_accuracy", description="The final iteration's metric (a metrics.parquet name, higher is better) that decides promotion to champion; it must be measured on the held-out set to be comparable across runs.")
+    train_from: Literal["champion", "latest"] = Field("champion", description="Where a scheduled run (grpo serve) with register_as starts: the registered champion's weights, or the run folder's latest checkpoint even when it was not promoted.")
+
+    @model_validator(mode="after")
+    def _registry_needs_a_store(self) -> GRPOConfig:
+        if self.register_as is not None and self.tracking_uri is None:
+            raise ValueError("register_as needs tracking_uri: the model registry lives in an MLflow store (a folder, a .db file or a server URL)")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _real_model_defaults(cls, data: Any) -> Any:

@@ -161,6 +161,31 @@ def render_run(run_dir: str | Path, console) -> None:
         console.print(f"learning curve: {plot}")
 
 
+def registry_versions(run_dir: Path) -> list[dict[str, Any]]:
+    """The model versions this run folder registered (flows/registry.py), if it registered any."""
+    if not (run_dir / "tracking.json").is_file():
+        return []
+    from flows.registry import registered_versions  # here: only a tracked folder pays for these imports
+
+    return registered_versions(run_dir)
+
+
+def render_registry(versions: list[dict[str, Any]], console) -> None:
+    from rich.table import Table
+
+    if not versions:
+        return
+    table = Table(title="registered models", title_justify="left")
+    for title in ("model", "version", "iteration", "metric", "value", "held-out set", "champion", "gate"):
+        table.add_column(title, overflow="fold")
+    for v in versions:
+        table.add_row(v["name"], str(v["version"]), str(v["iteration"]), v["metric"], _num(v["value"], ".4g"), (v["heldout_sha256"] or "none")[:12],
+                      "[green]champion[/green]" if v["champion"] else "", v["reason"])
+    console.print(table)
+    if any(v["champion_source"] != "registry" for v in versions):
+        console.print("[yellow]registry not reachable (or mlflow not installed): champion as decided at registration[/yellow]")
+
+
 # --- one artifact ---------------------------------------------------------------------------
 def artifact_kind(path: Path) -> tuple[str, str | None]:
     """(artifact name, re-scoring tag or None): from the file's schema metadata, else from
@@ -375,9 +400,11 @@ def inspect_path(
     if target.is_dir():
         if not (target / "config.json").exists() and not any(target.glob(f"iter-*/{MANIFEST}")):
             raise FileNotFoundError(f"{target}: not a run folder (no config.json and no iter-*/ folders)")
+        registry = registry_versions(target)
         if console is not None:
             render_run(target, console)
-        return {"run_dir": str(target), "iterations": run_overview(target)}
+            render_registry(registry, console)
+        return {"run_dir": str(target), "iterations": run_overview(target), **({"registry": registry} if registry else {})}
 
     kind, file_tag = artifact_kind(target)
     if kind not in ARTIFACTS:

@@ -40,6 +40,7 @@ from data.store import Manifest, iter_aligned, iter_batches, read_rows_where, re
 from flows.config import GRPOConfig
 from flows.resume import iteration_numbers
 from flows.report import VIEWS
+from flows.tracking import STATE_FILE, log_rescoring
 from flows.train import run_stage, score_settings
 from tasks.advantages import advantages_task
 from tasks.score import score_task
@@ -272,9 +273,13 @@ def grpo_rescore(target: str, tag: str, rewards: dict[str, float] | None = None,
     check_tag(targets, tag, dict(config.rewards))
 
     try:
-        return rescore_targets(targets, tag, config)
+        results = rescore_targets(targets, tag, config)
     finally:
         VIEWS.drain()  # the stage artifacts published in the background
+    run_dir = targets[0].folder.parent
+    if (run_dir / STATE_FILE).is_file():
+        log_rescoring(run_dir, tag, dict(config.rewards), results)  # a tracked folder's re-scoring goes to its experiment
+    return results
 
 
 def rescore_targets(targets: list[Target], tag: str, config: GRPOConfig) -> list[dict]:

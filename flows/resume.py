@@ -75,6 +75,25 @@ def resume_point(run_dir: str | Path, up_to: int) -> ResumePoint | None:
     return None
 
 
+START_POLICY = "start-policy"  # manifest entry: the policy an iteration started from, when not the previous one's
+
+
+def record_start_policy(run_dir: str | Path, iteration: int, policy: str) -> bool:
+    """Make `iteration` start from `policy` instead of the previous iteration's checkpoint,
+    unless it has started already (then it keeps what it started from: a resume continues
+    the same run). Recorded in its manifest, so every later resume starts it the same way."""
+    manifest = Manifest(iteration_dir(run_dir, iteration))
+    if manifest.entries():
+        return False
+    manifest.record(START_POLICY, policy=str(policy))
+    return True
+
+
+def start_policy(run_dir: str | Path, iteration: int) -> str | None:
+    """The policy recorded by `record_start_policy` for `iteration`, if any."""
+    return Manifest(iteration_dir(run_dir, iteration)).entries().get(START_POLICY, {}).get("policy")
+
+
 def checkpointed_iterations(run_dir: str | Path) -> list[int]:
     """The iterations whose checkpoint folder is on disk, oldest first."""
     return [it for it in iteration_numbers(run_dir) if it >= 1 and (iteration_dir(run_dir, it) / CHECKPOINT).is_dir()]

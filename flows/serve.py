@@ -12,7 +12,11 @@ serves a Prefect deployment (``flow.serve``) of the `grpo_scheduled` flow. Each 
 3. runs the training flow up to iteration L + `iterations` (fewer when the unseen prompts
    do not fill that many iterations; none, and says so, when they fill not even one). The
    training flow starts from the latest checkpoint in the folder (flows/resume.py) and the
-   new iterations draw their prompts from the new file.
+   new iterations draw their prompts from the new file. With ``--register-as`` (and
+   ``train_from`` "champion", the default) iteration L+1 starts from the registered
+   champion instead when the latest checkpoint is not the champion (an un-promoted run is
+   not trained on), and each run's final model goes through the promotion gate
+   (flows/registry.py).
 
 A run that dies half-way is finished by the next one: the same resume rules as `grpo run`.
 The deployment runs one flow run at a time (two runs must never write one folder; the
@@ -28,7 +32,8 @@ from prefect import flow, get_run_logger
 
 from data.store import Manifest, iteration_dir
 from flows.config import GRPOConfig
-from flows.resume import completed_iterations, pool_name, resume_point, stored_settings
+from flows.registry import champion_start
+from flows.resume import completed_iterations, iteration_numbers, pool_name, record_start_policy, resume_point, stored_settings
 from flows.train import grpo_train, run_stage, write_builtin_prompts_task
 from tasks.fresh_prompts import unseen_prompts_task
 from tasks.ingest import ingest_task
@@ -99,6 +104,9 @@ def continue_run(run_dir: str | Path, settings: dict[str, Any] | None, iteration
         return {"iterations_added": 0, "last_iteration": last, "unseen_prompts": unseen}
     resumed = resume_point(folder, last)
     start = f"iter-{resumed.iteration:04d}/checkpoint" if resumed else (config.model or "the built-in tiny model")
+    champion = champion_start(config)
+    if champion is not None and champion != (resumed.checkpoint if resumed else None) and record_start_policy(folder, last + 1, champion):
+        start = f"the champion of {config.register_as} ({champion}), not {start}"
     log.info(f"adding iterations {last + 1}..{last + new} on {unseen} unseen prompts, starting from {start}")
     metrics = grpo_train(config.model_copy(update={"iterations": last + new}))
     return {"iterations_added": new, "last_iteration": last + new, "unseen_prompts": unseen, **metrics}

@@ -33,7 +33,8 @@ from data.store import TMP_PREFIX, Manifest, atomic_write_json, iteration_dir, r
 from flows.config import MID_RUN_SAFE, GRPOConfig
 from flows.report import VIEWS
 from flows.resume import (CHECKPOINT, PendingUpdates, completed_iterations, describe_changes, hold_run_folder, prompt_pool,
-                          prune_checkpoints, release_run_folder, resume_point, saved_metrics, setting_changes)
+                          prune_checkpoints, release_run_folder, resume_point, saved_metrics, setting_changes, start_policy)
+from flows.tracking import Tracking, check_installed
 from tasks.advantages import advantages_task, informative_groups, refill_prompts_task
 from tasks.engines import check_available
 from tasks.evaluate import evaluate_task
@@ -117,6 +118,7 @@ def preflight(config: GRPOConfig) -> None:
         local = source is not None and (Path(source).expanduser().exists() or source.startswith(("/", ".", "~")))
         if local or (source is not None and hub_offline()):  # offline, a hub name reads the local cache only
             next(read_source(source, split=config.dataset_split), None)  # parses the first row
+    check_installed(config)  # --tracking-uri / --tensorboard without `make install-tracking`
     check_writable(Path(config.run_dir))
 
 
@@ -225,7 +227,11 @@ def grpo_train(config: GRPOConfig) -> dict:
     hold_run_folder(run_dir)  # before touching anything: another process may be writing here
     PENDING_UPDATES.clear()
     try:
-        return train_iterations(config)
+        # The one place the flow talks to MLflow / TensorBoard (flows/tracking.py): they read
+        # the metrics files this flow writes, after each iteration and at the end.
+        with Tracking(config) as tracking:
+            metrics = train_iterations(config, tracking.iteration_done)
+            return metrics | tracking.register(metrics)
     finally:
         VIEWS.drain()  # the stage artifacts and learning curve of the last iteration too
         release_run_folder(run_dir)
@@ -290,8 +296,9 @@ def write_config_record(run_dir: Path, config: GRPOConfig, log) -> None:
                              "changes": history})
 
 
-def train_iterations(config: GRPOConfig) -> dict:
-    """The body of `grpo_train` (which holds the run folder's lock around it)."""
+def train_iterations(config: GRPOConfig, iteration_done: Callable[[], None] = lambda: None) -> dict:
+    """The body of `grpo_train` (which holds the run folder's lock around it).
+    `iteration_done` is called after each iteration's metrics are written."""
     log = get_run_logger()
     run_dir = Path(config.run_dir)
     remove_stale_temp_files(run_dir)  # leftovers of a killed writer are never artifacts
@@ -339,6 +346,7 @@ def train_iterations(config: GRPOConfig) -> dict:
     if eval_path is not None:
         start = run_stage(Manifest(iteration_dir(run_dir, 0)), "eval", evaluate_task, eval_path, policy, **evaluate)
         write_metrics(run_dir, 0, {"iteration": 0, "held_out_accuracy": start["accuracy"]})
+        iteration_done()
         log.info(f"iteration 0: held-out accuracy {start['accuracy']:.1%} (before GRPO, {start['problems']} problems)")
 
     first = 1
@@ -346,6 +354,9 @@ def train_iterations(config: GRPOConfig) -> dict:
     if resumed is not None:
         first, policy, metrics = resumed.iteration + 1, resumed.checkpoint, saved_metrics(run_dir, resumed.iteration)
         log.info(f"resuming after iteration {resumed.iteration}: policy and optimiser state from iter-{resumed.iteration:04d}/{CHECKPOINT}")
+    if first <= config.iterations and (chosen := start_policy(run_dir, first)) is not None:
+        policy = chosen  # a scheduled run told to start from the registered champion (flows/serve.py)
+        log.info(f"iteration {first} starts from {policy}")
     for it in range(first, config.iterations + 1):
         started = time.perf_counter()
         folder = iteration_dir(run_dir, it)
@@ -388,6 +399,7 @@ def train_iterations(config: GRPOConfig) -> dict:
             pruned = prune_checkpoints(run_dir, config.save_total_limit)
             if pruned["checkpoints"]:
                 log.info(f"removed checkpoints of iterations {', '.join(map(str, pruned['checkpoints']))} (save_total_limit {config.save_total_limit})")
+        iteration_done()
         VIEWS.refresh_learning_curve(run_dir, force="held_out_accuracy" in metrics or it == config.iterations)
         acc = f", held-out accuracy {metrics['held_out_accuracy']:.1%}" if "held_out_accuracy" in metrics else ""
         log.info(f"iteration {it}/{config.iterations}: reward {metrics['reward']:.3f}, kl {upd.get('kl', 0.0):.4f}, "

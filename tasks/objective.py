@@ -314,6 +314,10 @@ AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, BatchTotals, LossS
     "dapo": aggregate_dapo,
     "dr_grpo": aggregate_dr_grpo,
 }
+# Aggregations whose batch loss is a sum of per-completion terms over normalisers of the whole
+# optimisation batch (B, its token count, B * L_max): how its completions are split into
+# micro-batches does not change the step. `bnpo` normalises per micro-batch, so it does.
+SPLIT_INVARIANT_AGGREGATIONS = frozenset({"grpo", "dapo", "dr_grpo"})
 
 
 # ==========================================================================================

@@ -10,7 +10,7 @@ Schedule of one iteration (PPO-style, as GRPO's Algorithm 1 with mu inner update
         shuffle the kept completions
         split them into `mini_batches` equal parts   # one optimiser step each
         for each mini-batch:
-            for each micro-batch of `micro_batch_size` completions:
+            for each micro-batch of `micro_batch_size` completions:   # similar lengths (plan_micro_batches)
                 loss share (tasks.objective.policy_loss) -> backward   # gradients accumulate
             clip the gradient norm, optimiser step
 
@@ -21,6 +21,13 @@ policy here is the one that sampled, so pi_old = pi numerically and the update u
 log-probs, detached (ratio exactly 1; the gradient is the same). Memory depends on the
 micro-batch size only (and drops further with gradient checkpointing), not on the number of
 prompts or the group size.
+
+Work that cannot change the step is not done (`plan_micro_batches`): with beta = 0 a
+completion whose advantage is 0 has no gradient, so it is never forwarded (its tokens still
+count in the normalisers), and micro-batches hold completions of similar length, so little
+of a forward is padding. Per micro-batch the host waits for the device only inside the
+objective's statistics; the losses and entropies are summed on the device and read once per
+optimiser step.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from data.store import DiskFull, check_free_space, read_table
 from tasks.logprobs import DEFAULT_CHUNK_TOKENS, completion_logprobs, pack
 from tasks.lora import LoraSettings, add_adapter, is_adapted, trainable_parameters
 from tasks.model import checkpoint_bytes, live_policy, load_optimizer_state, move_live_policy, save_checkpoint
-from tasks.objective import BatchTotals, LossSettings, loss_mask, policy_loss
+from tasks.objective import SPLIT_INVARIANT_AGGREGATIONS, BatchTotals, LossSettings, loss_mask, policy_loss
 from tasks.progress import progress
 
 
@@ -175,6 +182,47 @@ def _loss_tokens(row: dict, loss: LossSettings) -> int:
     return len(row["completion_token_ids"])
 
 
+def zero_gradient(row: dict, loss: LossSettings) -> bool:
+    """Whether a completion provably adds nothing to the gradient: it has no loss token (masked
+    as truncated, or empty), or beta = 0 and its advantage is 0, when its per-token loss is
+    -min(w A, clip(w) A) = 0 whatever the ratio w, and so is its derivative."""
+    return _loss_tokens(row, loss) == 0 or (loss.beta == 0 and row["advantage"] == 0.0)
+
+
+def plan_micro_batches(batch_rows: list[dict], size: int, loss: LossSettings) -> tuple[list[list[dict]], list[dict]]:
+    """The micro-batches (at most `size` completions each) of one optimisation batch, and the
+    completions left out of them because they carry no gradient.
+
+    With an aggregation whose step does not depend on the split (SPLIT_INVARIANT_AGGREGATIONS)
+    the `zero_gradient` completions are left out (the caller still counts their tokens in the
+    batch's normalisers) and the others are sorted by length before being cut, so that each
+    micro-batch pads little: the same step (tested) for fewer tokens through the model. With
+    `bnpo`, whose normaliser is each micro-batch's own token count, the batch is cut in its
+    shuffled order and nothing is left out.
+    """
+    if loss.aggregation not in SPLIT_INVARIANT_AGGREGATIONS:
+        return [batch_rows[s : s + size] for s in range(0, len(batch_rows), size)], []
+    idle = [r for r in batch_rows if zero_gradient(r, loss)]
+    live = [r for r in batch_rows if not zero_gradient(r, loss)]
+    if len(live) > size:  # one micro-batch pads the same in any order
+        live.sort(key=lambda r: (len(r["prompt_token_ids"]) + len(r["completion_token_ids"]), len(r["prompt_token_ids"])))
+    return [live[s : s + size] for s in range(0, len(live), size)], idle
+
+
+def _idle_units(rows: list[dict], loss: LossSettings) -> float:
+    """What completions left out of the forward add to the clip statistics' denominator, as
+    `policy_loss` counts it: their loss tokens (token-level ratios) or one each (sequence-level)."""
+    return float(len(rows)) if loss.importance_sampling == "sequence" else float(sum(_loss_tokens(r, loss) for r in rows))
+
+
+def _zero_gradients(model) -> None:
+    """A step over completions that all carry no gradient: zeros, not None, so AdamW steps (its
+    moments decay) exactly as after a backward pass that produced zeros."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+
+
 def update_policy(
     generations_path: str | Path | Sequence[str | Path],
     advantages_path: str | Path,
@@ -230,7 +278,9 @@ def update_policy(
     rng = random.Random(seed)
     mismatch = MismatchSums()
     pad_id = policy.tokenizer.pad_token_id
-    sums = {"tokens": 0.0, "kl_sum": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_region": 0.0, "clip_units": 0.0, "entropy": 0.0, "seen_tokens": 0.0}
+    sums = {"tokens": 0.0, "kl_sum": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_region": 0.0, "clip_units": 0.0, "seen_tokens": 0.0,
+            "forwarded": 0.0, "forwarded_tokens": 0.0, "idle_completions": 0.0}
+    entropy_sum = torch.zeros((), device=model.device)  # summed on the device, read once at the end
     step_losses: list[float] = []
     grad_norms: list[float] = []
     skipped = 0
@@ -241,9 +291,9 @@ def update_policy(
         for _ in range(mu):
             for mini in split_mini_batches(len(rows), mini_batches, rng):
                 batch_rows = [rows[i] for i in mini]
-                micro = [batch_rows[s : s + micro_batch_size] for s in range(0, len(batch_rows), micro_batch_size)]
+                micro, idle = plan_micro_batches(batch_rows, micro_batch_size, loss)
                 totals = BatchTotals(sequences=len(batch_rows), tokens=sum(_loss_tokens(r, loss) for r in batch_rows), micro_batches=len(micro))
-                step_loss = 0.0
+                step_loss = torch.zeros((), device=model.device)
                 for chunk in micro:
                     batch = pack([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk], pad_id, model.device)
                     width = batch.completion_ids.shape[1]
@@ -260,19 +310,28 @@ def update_policy(
                     mb_loss, mb = policy_loss(logp, old, adv, mask, ref, loss, totals, sampler)
                     mismatch.add(mb)
                     mb_loss.backward()
-                    step_loss += mb_loss.item()
+                    step_loss += mb_loss.detach()
                     for key in ("tokens", "kl_sum", "clip_low", "clip_high", "clip_region", "clip_units"):
                         sums[key] += mb[key]
-                    sums["entropy"] += (entropy * mask).sum().item()
-                    sums["seen_tokens"] += batch.attention_mask.sum().item()
+                    entropy_sum += (entropy * mask).sum()
+                    sums["forwarded"] += len(chunk)
+                    sums["forwarded_tokens"] += mb["tokens"]
+                    sums["seen_tokens"] += sum(len(r["prompt_token_ids"]) + len(r["completion_token_ids"]) for r in chunk)
                     bar.advance(len(chunk))
+                if idle:  # their statistics as policy_loss would count them: their tokens, never clipped (A = 0 or no token)
+                    sums["tokens"] += sum(_loss_tokens(r, loss) for r in idle)
+                    sums["clip_units"] += _idle_units(idle, loss)
+                    sums["idle_completions"] += len(idle)
+                    bar.advance(len(idle))
+                if not micro:
+                    _zero_gradients(model)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
                 if math.isfinite(grad_norm):
                     policy.optimizer.step()
                 else:  # one bad batch must not turn every weight into NaN
                     skipped += 1
                 policy.optimizer.zero_grad(set_to_none=True)
-                step_losses.append(step_loss)
+                step_losses.append(step_loss.item())
                 grad_norms.append(grad_norm)
     model.eval()
     if gradient_checkpointing:
@@ -286,7 +345,9 @@ def update_policy(
     units = max(sums["clip_units"], 1.0)
     metrics = {
         "policy_loss": sum(step_losses) / len(step_losses) if step_losses else 0.0,
-        "entropy": sums["entropy"] / tokens,
+        # Over the completions that went through the model (with beta = 0, not those of zero
+        # advantage); NaN when none did.
+        "entropy": entropy_sum.item() / max(sums["forwarded_tokens"], 1.0) if sums["forwarded"] else math.nan,
         "clip_ratio/low_mean": sums["clip_low"] / units,
         "clip_ratio/high_mean": sums["clip_high"] / units,
         "clip_ratio/region_mean": sums["clip_region"] / units,
@@ -299,6 +360,7 @@ def update_policy(
     metrics |= {
         "iteration_tokens": sum(len(g["prompt_token_ids"]) + len(g["completion_token_ids"]) for g in gens),
         "update/trained_completions": len(rows),
+        "update/zero_gradient_completions": int(sums["idle_completions"]) // mu,  # never forwarded (plan_micro_batches)
         "update/optimizer_steps": len(step_losses),
         "update/skipped_steps": skipped,
         "update/tokens_per_second": sums["seen_tokens"] / seconds if seconds > 0 else 0.0,

@@ -39,7 +39,7 @@ from rewards import make_reward  # noqa: E402
 from rewards.pool import RewardPool  # noqa: E402
 
 BUDGET_S = 1.0  # the code reward's timeout_s (CPU seconds) for these programs
-WALL_S = 2 * BUDGET_S + 5.0  # its wall-clock backstop (the reward's default)
+WALL_S = 3.0  # its wall-clock backstop (shorter than the default: the sleepers set the suite's time)
 UNPRIVILEGED_UID = 23456  # the throw-away scorer user of the unprivileged run (no passwd entry needed)
 FALLBACK_PYTHON = "/usr/bin/python3"  # a root scorer without namespaces needs one `nobody` can read
 
@@ -268,6 +268,8 @@ def attacks(c: Canaries) -> list[Attack]:
         Attack(6, "huge_reply", "def solve():\n    return 'x' * (64 << 20)\n", "def check(candidate):\n    assert candidate() == 'x'\n"),
         Attack(6, "deeply_nested_reply", "def solve():\n    v = 1\n    for _ in range(5000):\n        v = [v]\n    return v\n",
                "def check(candidate):\n    assert candidate() == 1\n"),
+        Attack(6, "many_large_replies", "def solve(i):\n    return list(range(100_000))\n",
+               "def check(candidate):\n    for i in range(400):\n        assert candidate(i) != [-1]\n    assert False\n"),
         Attack(6, "huge_int_reply", "import sys\nsys.set_int_max_str_digits(0)\ndef solve():\n    return 10 ** 100000\n",
                "def check(candidate):\n    assert candidate() > 0 and candidate() == 1\n"),
         # 7. candidate bugs: 0 with a reason, never NaN
@@ -311,7 +313,7 @@ def run_suite(namespaces: bool, workers: int = 6) -> list[str]:
     """Score every attack as this process's user; the list of what was not contained."""
     c = make_canaries()
     try:
-        options = {"timeout_s": BUDGET_S, "namespaces": namespaces}
+        options = {"timeout_s": BUDGET_S, "wall_s": WALL_S, "namespaces": namespaces}
         if not namespaces and os.geteuid() == 0:
             options["python"] = FALLBACK_PYTHON  # `nobody` cannot read an interpreter under /root
         code = make_reward("code", options)

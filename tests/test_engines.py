@@ -91,6 +91,24 @@ def test_engine_contract(engine_name, tiny_model_dir):
             seq.append(tok)
 
 
+def test_with_top_p_the_sampler_logprobs_are_of_the_nucleus(engine_name, tiny_model_dir):
+    """top_p < 1: every engine records the log-prob under the renormalised nucleus it drew
+    from (what it really sampled), and never draws outside it."""
+    from transformers import TopPLogitsWarper
+
+    policy = live_policy(str(tiny_model_dir), "cpu", "float32")
+    engine = engine_for(engine_name, str(tiny_model_dir), policy)
+    prompts = _prompts(policy.tokenizer)
+    nucleus = TopPLogitsWarper(top_p=0.6)
+    for s in engine.sample(prompts, 3, SamplingSettings(max_new_tokens=5, temperature=0.9, top_p=0.6), seed=4):
+        seq = prompts[s.prompt_index] + s.completion_ids
+        with torch.no_grad():
+            logits = policy.model(torch.tensor([seq])).logits[0, len(prompts[s.prompt_index]) - 1 : -1].float() / 0.9  # (C, V)
+        want = torch.log_softmax(nucleus(None, logits), -1).gather(-1, torch.tensor(s.completion_ids).unsqueeze(-1)).squeeze(-1)
+        assert torch.isfinite(want).all()  # inside the nucleus
+        assert s.logprobs == pytest.approx(want.tolist(), abs=TOLERANCE[engine_name])
+
+
 def test_engine_follows_the_updated_policy(engine_name, tiny_model_dir):
     """After the live policy changes (a new path for the same model object, as the update
     stage leaves it), `engine_for` syncs the engine: greedy output follows the new weights."""

@@ -156,6 +156,36 @@ def test_learning_curve_redraws_are_rate_limited_but_forced_ones_always_happen(r
     assert drawn == [run, run, run]
 
 
+def test_stage_reports_over_budget_wait_and_the_latest_of_each_stage_is_published(run, monkeypatch):
+    import prefect.context
+
+    import flows.report
+
+    published = []
+
+    def slow_report(folder, output, summary):
+        time.sleep(0.01)  # reports this slow may take at most REPORT_BUDGET of the wall time
+        published.append((output, summary["n"]))
+
+    monkeypatch.setattr(flows.report, "publish_stage_report", slow_report)
+    monkeypatch.setattr(prefect.context.FlowRunContext, "get", classmethod(lambda cls: object()))  # as inside a flow run
+    views = flows.report.BackgroundViews()
+    folder = run / "iter-0001"
+    views.publish_stage_report(folder, "rewards.parquet", {"n": 1})
+    views.drain()
+    for n, output in [(2, "rewards.parquet"), (3, "rewards.parquet"), (4, "advantages.parquet")]:
+        views.publish_stage_report(folder, output, {"n": n})  # over budget: held, the newer replacing the older
+    time.sleep(0.1)
+    assert published == [("rewards.parquet", 1)]
+    views.drain()  # the flow's end publishes what is held
+    assert published == [("rewards.parquet", 1), ("rewards.parquet", 3), ("advantages.parquet", 4)]
+    time.sleep(0.08 / flows.report.REPORT_BUDGET)  # 3 x 0.01 s of reports: back under budget, published at once
+    views.publish_stage_report(folder, "rewards.parquet", {"n": 5})
+    time.sleep(0.2)
+    assert published[-1] == ("rewards.parquet", 5)
+    views.drain()
+
+
 def test_progress_bars_only_on_a_terminal(monkeypatch):
     from tasks.progress import bars_enabled, progress, stage_label
 

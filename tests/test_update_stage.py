@@ -294,3 +294,121 @@ def test_gradient_checkpointing_gives_the_same_step(artifacts, monkeypatch):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
     assert checkpointed["policy_loss"] == pytest.approx(plain["policy_loss"], abs=1e-6)
     assert not _checkpointing(live_policy(str(artifacts["root"] / "out")).model)  # off again: the live policy goes on to generate
+
+
+def _advantages_with_flat_groups(artifacts, tmp_path, flat_every: int = 2, group: int = 4) -> str:
+    """The fixture's generations with rewards equal within every `flat_every`-th group (their
+    advantages are exactly 0) and spread in the others."""
+    gens = read_table(artifacts[group][0], GENERATIONS, columns=["prompt_id", "sample_index"])
+    order = list(dict.fromkeys(gens["prompt_id"].to_pylist()))
+    rewards = [1.0 if order.index(pid) % flat_every == 0 else float(k % 3) for pid, k in
+               zip(gens["prompt_id"].to_pylist(), gens["sample_index"].to_pylist())]
+    table = pa.table({"prompt_id": gens["prompt_id"], "sample_index": gens["sample_index"], "reward": rewards}, schema=REWARDS.schema)
+    write_table(table, tmp_path / "rewards.parquet", REWARDS)
+    compute_advantages(tmp_path / "rewards.parquet", tmp_path / "advantages.parquet")
+    return str(tmp_path / "advantages.parquet")
+
+
+def _weights_at(path) -> list[torch.Tensor]:
+    weights = [p.detach().clone() for p in live_policy(str(path)).model.parameters()]
+    forget_live_policies()
+    return weights
+
+
+def _forward_rows(monkeypatch) -> list[int]:
+    rows = []
+    original = tasks.update.completion_logprobs
+    monkeypatch.setattr(tasks.update, "completion_logprobs", lambda model, batch, *a, **k: rows.append(batch.input_ids.shape[0]) or original(model, batch, *a, **k))
+    return rows
+
+
+@pytest.mark.parametrize("schedule", [dict(aggregation="grpo"), dict(aggregation="dapo", mu=2, mini_batches=2), dict(aggregation="dr_grpo", level="sequence")])
+def test_with_beta_0_zero_advantage_completions_are_not_forwarded_and_the_step_is_the_same(artifacts, tmp_path, monkeypatch, schedule):
+    schedule = dict(schedule)
+    loss = LossSettings(beta=0.0, aggregation=schedule.pop("aggregation"), importance_sampling=schedule.pop("level", "token"), max_completion_length=5)
+    adv = _advantages_with_flat_groups(artifacts, tmp_path)
+    zero = sum(a == 0.0 for a in read_table(adv, ADVANTAGES)["advantage"].to_pylist())
+    assert zero == 12  # 3 of the 6 groups are flat
+
+    def update(skip: bool) -> tuple[dict, list[torch.Tensor], list[int], list[list[torch.Tensor]]]:
+        if not skip:
+            monkeypatch.setattr(tasks.update, "zero_gradient", lambda row, loss: False)
+        rows, grads = _forward_rows(monkeypatch), capture_gradients(monkeypatch)
+        metrics = update_policy(artifacts[4][0], adv, artifacts["model"], str(tmp_path / "out"), learning_rate=1e-4, loss=loss,
+                                micro_batch_size=5, save=False, seed=3, device="cpu", **schedule)
+        monkeypatch.undo()
+        return metrics, _weights_at(tmp_path / "out"), rows, grads
+
+    skipped, skipped_weights, skipped_rows, skipped_grads = update(skip=True)
+    full, full_weights, full_rows, full_grads = update(skip=False)
+    passes = schedule.get("mu", 1)
+    assert sum(full_rows) == 24 * passes and sum(skipped_rows) == 12 * passes  # the flat groups never went through the model
+    assert skipped["update/zero_gradient_completions"] == 12 and full["update/zero_gradient_completions"] == 0
+    for a, b in zip([g for step in skipped_grads for g in step], [g for step in full_grads for g in step]):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)  # the same gradient at every step
+    start = [p.detach() for p in load_model(artifacts["model"], torch.device("cpu"), torch.float32).parameters()]
+    assert max(float((a - b).abs().max()) for a, b in zip(full_weights, start)) > 5e-5  # the step is a real one...
+    # ...and the same to 1e-6 without the zero-advantage completions. (Adam divides by the root
+    # of the squared gradient, so float noise of ~1e-9 in a near-zero gradient entry moves that
+    # weight by up to ~lr: any change of summation order, micro-batching included, does that.)
+    for a, b in zip(skipped_weights, full_weights):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    for name in ("policy_loss", "grad_norm", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert skipped[name] == pytest.approx(full[name], abs=1e-6), name
+
+
+def test_a_step_with_nothing_to_forward_still_moves_adam_as_zero_gradients_do(artifacts, tmp_path, monkeypatch):
+    """Every completion of zero advantage (beta 0): no forward at all, and AdamW's step from
+    its moments is the one that zero gradients from a backward pass give."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    spread = _advantages_with_flat_groups(artifacts, tmp_path, flat_every=1000)  # only the first group flat
+    all_flat = _advantages_with_flat_groups(artifacts, flat, flat_every=1)
+    settings = dict(learning_rate=1e-3, loss=LossSettings(beta=0.0), micro_batch_size=8, save=False, device="cpu")
+
+    def two_steps(skip: bool) -> tuple[dict, list[torch.Tensor], list[int]]:
+        update_policy(artifacts[4][0], spread, artifacts["model"], str(tmp_path / "one"), **settings)  # gives AdamW moments
+        if not skip:
+            monkeypatch.setattr(tasks.update, "zero_gradient", lambda row, loss: False)
+        rows = _forward_rows(monkeypatch)
+        before = [p.detach().clone() for p in live_policy(str(tmp_path / "one")).model.parameters()]
+        metrics = update_policy(artifacts[4][0], all_flat, str(tmp_path / "one"), str(tmp_path / "out"), **settings)
+        monkeypatch.undo()
+        after = _weights_at(tmp_path / "out")
+        assert any(not torch.equal(a, b) for a, b in zip(before, after))  # momentum alone moves the weights
+        return metrics, after, rows
+
+    skipped, skipped_weights, skipped_rows = two_steps(skip=True)
+    full, full_weights, full_rows = two_steps(skip=False)
+    assert skipped_rows == [] and sum(full_rows) == 24
+    for a, b in zip(skipped_weights, full_weights):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    assert skipped["grad_norm"] == full["grad_norm"] == 0.0 and skipped["update/optimizer_steps"] == 1
+    assert skipped["update/zero_gradient_completions"] == 24 and skipped["entropy"] != skipped["entropy"]  # NaN: nothing forwarded
+
+
+def test_micro_batches_hold_completions_of_similar_length(artifacts, monkeypatch):
+    """Sorted by length before being cut: fewer padded positions than the shuffled order, the
+    same step (test_micro_batches_accumulate_to_the_full_batch_gradient); bnpo keeps the order."""
+    shapes = []
+    original = tasks.update.completion_logprobs
+    monkeypatch.setattr(tasks.update, "completion_logprobs", lambda model, batch, *a, **k: shapes.append(tuple(batch.input_ids.shape)) or original(model, batch, *a, **k))
+    rows = load_training_rows(*artifacts[8])
+    lengths = {len(r["prompt_token_ids"]) + len(r["completion_token_ids"]) for r in rows}
+    assert len(lengths) > 3  # the fixture's completions and prompts do vary in length
+    run(artifacts, group=8, micro_batch_size=6, loss=LossSettings(beta=0.04, aggregation="grpo"))
+    sorted_cells = sum(b * w for b, w in shapes)
+    shapes.clear()
+    forget_live_policies()
+    run(artifacts, group=8, micro_batch_size=6, loss=LossSettings(beta=0.04, aggregation="bnpo"))
+    shuffled_cells = sum(b * w for b, w in shapes)
+    assert sum(b for b, _ in shapes) == 48 and sorted_cells < shuffled_cells
+
+
+def test_bnpo_micro_batches_are_cut_in_the_shuffled_order_with_every_completion():
+    loss = LossSettings(beta=0.0, aggregation="bnpo")
+    rows = [{"prompt_token_ids": [1] * n, "completion_token_ids": [2] * (6 - n), "finish_reason": "eos", "advantage": float(n % 2)} for n in range(6)]
+    micro, idle = tasks.update.plan_micro_batches(rows, 4, loss)
+    assert micro == [rows[:4], rows[4:]] and idle == []  # its normaliser is each micro-batch's own token count
+    micro, idle = tasks.update.plan_micro_batches(rows, 4, LossSettings(beta=0.0))
+    assert idle == [rows[0], rows[2], rows[4]] and micro == [[rows[1], rows[3], rows[5]]]

@@ -56,8 +56,14 @@ What it does NOT protect against (read before trusting it with more than RL rewa
   page cache of the read-only system files (``mincore``/``cachestat`` are denied, timing a
   read is not) can carry a few bits between concurrently running programs.
 * **Readable system files**: everything in ``/usr``, ``/etc``, ``/lib`` and the interpreter's
-  prefix that the sandbox user may read is readable (not the run folder, the checkout or
-  the virtual environment). Do not keep secrets there.
+  standard library that the sandbox user may read is readable (not the run folder, the
+  checkout, the virtual environment or the interpreter's own site-packages). Do not keep
+  secrets there. Without user namespaces, names and metadata of other files can be
+  probed with ``stat`` (Landlock restricts opening, not looking up).
+* **The checker's own work on returned values**: a result is at most 1 MiB and a session's
+  results 4 MiB, refused when deeper than 100 levels or built of colliding hashes; what
+  the test code then does with a value (a backtracking regex over a returned string) is
+  the test's own cost, bounded only by the scoring worker's time limit (NaN when passed).
 * **CPU fairness relies on the scheduler's autogroups** (one group per session, on by
   default on most distributions); where they are off or the scorer sits in a cgroup with
   its own CPU controller, a program's processes compete one by one, and only the CPU-time
@@ -67,7 +73,8 @@ What it does NOT protect against (read before trusting it with more than RL rewa
   on Landlock before ABI 6 (Linux 6.12) signals and abstract Unix sockets are not scoped:
   a candidate of a non-root scorer could then signal the scorer's processes. Without
   Landlock and without user namespaces the sandbox refuses to run (a SandboxError: the row
-  gets NaN, not a verdict). Without libseccomp/pyseccomp it refuses too.
+  gets NaN, not a verdict); with namespaces and no Landlock it runs without it. Without
+  libseccomp/pyseccomp it refuses to run.
 * **Not hidden from the program**: its own source, the arguments the test sends it, and
   the fact that it is being called again (which reveals that the previous answer passed).
 """

@@ -84,23 +84,62 @@ def zygote(sock_fd: int, site_folders: list[str]) -> None:
             return
         if not message:
             return  # the scorer is gone
+        # A root scorer's supervisor needs two-line id maps, which only a process outside its
+        # new user namespace may write: this one, asked over a pipe (no helper process).
+        ask_r, ask_w = os.pipe()
+        done_r, done_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             try:
                 sock.close()
-                code = _supervise(fds)
+                os.close(ask_r)
+                os.close(done_w)
+                code = _supervise(fds, lambda ids: _ask_for_maps(ask_w, done_r, ids))
             except BaseException:  # the scorer sees a missing result and reports it
                 import traceback
 
                 traceback.print_exc()
                 code = 1
             os._exit(code)
-        for fd in fds:
+        for fd in (*fds, ask_w, done_r):
             os.close(fd)
+        _write_maps_when_asked(pid, ask_r, done_w)
         sock.sendall(struct.pack("!q", pid))
 
 
-def _supervise(fds: list[int]) -> int:
+def _ask_for_maps(ask_w: int, done_r: int, ids: tuple[int, int] | None) -> bool:
+    """Supervisor side: ask the zygote to map inside 0 -> host 0 and 65534 -> `ids`."""
+    os.write(ask_w, (f"{ids[0]} {ids[1]}" if ids else "none").encode() + b"\n")
+    os.close(ask_w)
+    answer = os.read(done_r, 1)
+    os.close(done_r)
+    return answer == b"1"
+
+
+def _write_maps_when_asked(pid: int, ask_r: int, done_w: int) -> None:
+    """Zygote side: write the maps of supervisor `pid` if it asks (only a root scorer's does)."""
+    ok = False
+    try:
+        if os.geteuid() == 0 and select.select([ask_r], [], [], 10.0)[0]:
+            request = os.read(ask_r, 100).decode().split()
+            if len(request) == 2:
+                uid, gid = (int(v) for v in request)
+                for name, inside in (("uid_map", uid), ("gid_map", gid)):
+                    with open(f"/proc/{pid}/{name}", "w") as fh:
+                        fh.write(f"0 0 1\n{isolation.SANDBOX_ID} {inside} 1")
+                ok = True
+    except (OSError, ValueError):
+        pass  # the supervisor reports that its namespace could not be set up
+    finally:
+        try:
+            os.write(done_w, b"1" if ok else b"0")
+        except OSError:
+            pass
+        os.close(ask_r)
+        os.close(done_w)
+
+
+def _supervise(fds: list[int], ask_for_maps) -> int:
     """One program: place the received descriptors, then supervise the run."""
     os.setsid()  # its own session and process group (and scheduler autogroup)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -116,7 +155,7 @@ def _supervise(fds: list[int]) -> int:
         os.close(fd)
     if call_fds:
         config["req_fd"], config["resp_fd"] = REQ_FD, RESP_FD
-    run(config)
+    run(config, ask_for_maps)
     return 0
 
 
@@ -128,7 +167,7 @@ def _dup_high(fd: int) -> int:
     return high
 
 
-def run(config: dict) -> None:
+def run(config: dict, ask_for_maps) -> None:
     """Supervise one program as `config` describes; write the outcome to stdout."""
     started = time.monotonic()
     isolation.prctl(isolation.PR_SET_CHILD_SUBREAPER, 1)
@@ -143,7 +182,9 @@ def run(config: dict) -> None:
         folders = isolation.exposed_folders(python_paths)
         hidden = isolation.hidden_folders(folders, python_paths)
         if config["namespaces"]:
-            in_force, refused = isolation.enter_namespaces(root_scorer, config["uid"], config["gid"])
+            in_force, refused = isolation.enter_namespaces(root_scorer, config["uid"], config["gid"], ask_for_maps)
+        elif root_scorer:
+            ask_for_maps(None)
         if root_scorer and not in_force:
             isolation.drop_to(config["uid"], config["gid"])
         if isinstance(_FILTER, str):
@@ -369,7 +410,12 @@ def _candidate_process(config, folders, hidden, namespaced, root_scorer, out_w, 
                 "install Python under a world-readable prefix or allow user namespaces"
             )
         devices = [f"/dev/{d}" for d in isolation.DEVICES]
-        landlock = isolation.landlock(folders, hidden, writable, devices)
+        # With a private root the hidden folders are covered by empty tmpfs already; only
+        # without one must Landlock leave them out (rule by rule: slower, fallback only).
+        if namespaced and isolation.landlock_abi() < 1:
+            landlock = []  # a kernel without Landlock: the private root alone hides the host
+        else:
+            landlock = isolation.landlock(folders, [] if namespaced else hidden, writable, devices)
         isolation.drop_capabilities(become=isolation.SANDBOX_ID if namespaced and root_scorer else None)
         isolation.prctl(isolation.PR_SET_NO_NEW_PRIVS, 1)
         isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)

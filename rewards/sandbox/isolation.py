@@ -91,48 +91,25 @@ def drop_to(uid: int, gid: int) -> None:
     prctl(PR_SET_DUMPABLE, 1)
 
 
-def enter_namespaces(root_scorer: bool, uid: int, gid: int) -> tuple[list[str], str | None]:
+def enter_namespaces(root_scorer: bool, uid: int, gid: int, ask_for_maps) -> tuple[list[str], str | None]:
     """Enter new user, PID, network, IPC, UTS and cgroup namespaces.
 
     Inside, ``SANDBOX_ID`` (65534) is the candidate's identity: the scorer's own user for a
     non-root scorer, host `uid`/`gid` for a root one (whose supervisor stays root inside,
     without any capability outside, to build the private root; the candidate switches to
-    65534 before its code runs). Returns (names in force, None), or ([], why) when the
+    65534 before its code runs); its two-line id maps need CAP_SETUID outside the new
+    namespace, so `ask_for_maps((uid, gid))` has the zygote write them (``ask_for_maps(None)``:
+    none needed). Returns (names in force, None), or ([], why) when the
     kernel refuses user namespaces (nothing changed: the caller goes on with Landlock alone).
     """
     host_uid, host_gid = os.geteuid(), os.getegid()
     if root_scorer:
-        # Two-line maps need CAP_SETUID in the parent namespace, which this process loses
-        # by entering the new one: a helper forked before writes them.
         os.setgroups([])
-        go_r, go_w = os.pipe()
-        done_r, done_w = os.pipe()
-        helper = os.fork()
-        if helper == 0:
-            code = 1
-            try:
-                os.close(go_w)
-                if os.read(go_r, 1) == b"1":
-                    target = os.getppid()
-                    for path, text in (("uid_map", f"0 0 1\n{SANDBOX_ID} {uid} 1"), ("gid_map", f"0 0 1\n{SANDBOX_ID} {gid} 1")):
-                        with open(f"/proc/{target}/{path}", "w") as fh:
-                            fh.write(text)
-                    code = 0
-            finally:
-                os.write(done_w, b"0" if code == 0 else b"1")
-                os._exit(code)
-        os.close(go_r)
-        os.close(done_w)
-        refused = _libc.unshare(CLONE_NEWUSER)
-        errno = ctypes.get_errno()
-        os.write(go_w, b"1" if refused == 0 else b"0")
-        os.close(go_w)
-        written = os.read(done_r, 1) == b"0"
-        os.close(done_r)
-        os.waitpid(helper, 0)
-        if refused != 0:
+        if _libc.unshare(CLONE_NEWUSER) != 0:
+            errno = ctypes.get_errno()
+            ask_for_maps(None)
             return [], f"user namespaces refused: {os.strerror(errno)}"
-        if not written:
+        if not ask_for_maps((uid, gid)):
             raise OSError("could not write the user namespace's id maps")
     else:
         if _libc.unshare(CLONE_NEWUSER) != 0:

@@ -35,6 +35,9 @@ _CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 # Start-up, clean-up and the result hand-over, on top of the candidate's own wall clock.
 _SUPERVISOR_GRACE_S = 10.0
 MAX_REPLY_BYTES = 1 << 20  # one function result from the candidate
+# All replies of one session together: decoding and comparing them is the trusted side's
+# time (about 0.2 s per MiB here), which no candidate may stretch past the worker's limit.
+MAX_SESSION_REPLY_BYTES = 4 << 20
 # The zygote starts with -S (site processing costs more than the rest of its start-up); it
 # gets the site-packages folders as plain paths instead (for pyseccomp), without .pth hooks.
 _SITE_PACKAGES = [p for p in sys.path if p.endswith("-packages") and os.path.isdir(p)]
@@ -135,6 +138,7 @@ class Session:
             os.close(resp_w)
         self.deadline = self._run.deadline
         self._buffer = b""
+        self._received = 0
         self.failure: str | None = None
         self.names: list[str] = []
         self.calls = 0
@@ -186,13 +190,15 @@ class Session:
         raise SessionBroken(self.failure)
 
     def close(self) -> RunResult:
-        """End the session (the program sees EOF and exits); return the run's outcome."""
+        """End the session (the program sees EOF and exits); return the run's outcome.
+
+        Both pipes close first: a program blocked writing a reply nobody reads any more gets
+        EPIPE and ends, instead of holding its sandbox until the wall clock runs out.
+        """
         if self.result is None:
             os.close(self._req_w)
-            try:
-                self.result = _collect(self._run)
-            finally:
-                os.close(self._resp_r)
+            os.close(self._resp_r)
+            self.result = _collect(self._run)
         return self.result
 
     def __enter__(self) -> Session:
@@ -219,6 +225,10 @@ class Session:
                 self._fail("the program exited before answering")
                 return None
             self._buffer += chunk
+            self._received += len(chunk)
+            if self._received > MAX_SESSION_REPLY_BYTES:
+                self._fail(f"the replies exceeded {MAX_SESSION_REPLY_BYTES} bytes in total")
+                return None
             if len(self._buffer) > MAX_REPLY_BYTES:
                 self._fail(f"a reply exceeded {MAX_REPLY_BYTES} bytes")
                 return None

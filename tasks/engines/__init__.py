@@ -10,8 +10,8 @@ One small interface, several implementations, picked by name from `ENGINES`::
 
 `Sample.logprobs` are the sampler's own per-token log-probs of the tokens it drew (the
 `sampler_logprobs` column of generations.parquet): log of the distribution it actually drew
-from, i.e. softmax(processed logits), which is softmax(logits / T) when no option truncates
-or reshapes the distribution (top_p = 1, no top-k...). The update compares them with the
+from, softmax(logits / T) renormalised over the nucleus when top_p < 1 (so with top_p = 1
+they stand on the trainer's footing, and every engine means the same thing by them). The update compares them with the
 trainer's own log-probs (the train/inference mismatch metric and its correction,
 tasks/objective.py).
 

@@ -8,9 +8,10 @@ before the first batch; batches run in order).
 The sampler's log-probs are recorded while generating by a logits processor. transformers
 runs custom processors after its own logits processors (repetition penalty...) and before
 the sampling warpers (temperature, top-k, top-p), so it sees the logits the warpers start
-from: at each step it keeps log softmax(scores / T), (B, V), and gathers the drawn token's
-entry at the next step. Those are the log-probs of the temperature-scaled distribution
-before truncation, the footing the trainer's log-probs stand on. Memory is one (B, V)
+from: at each step it keeps the log-probs of the distribution generate then samples from,
+log softmax(top_p(scores / T)), (B, V), and gathers the drawn token's entry at the next
+step (as vLLM's "processed_logprobs"). With top_p = 1 they are those of softmax(logits / T),
+the footing the trainer's log-probs stand on. Memory is one (B, V)
 float tensor, not the (B, T, V) of ``output_logits``.
 """
 
@@ -20,24 +21,29 @@ import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from tasks.engines import Engine, Sample, SamplingSettings
 from tasks.progress import progress
 
 
 class _RecordLogprobs(LogitsProcessor):
-    """Records log softmax(scores / T)[token] of each sampled token."""
+    """Records the log-prob of each sampled token under the distribution it was drawn from:
+    log softmax(top_p(scores / T))[token], top-p applied by transformers' own warper."""
 
-    def __init__(self, temperature: float):
+    def __init__(self, temperature: float, top_p: float):
         self.temperature = temperature
+        self.truncate = TopPLogitsWarper(top_p=top_p) if top_p < 1 else None
         self.last: torch.Tensor | None = None  # (B, V) log-probs of the previous step
         self.steps: list[torch.Tensor] = []  # one (B,) per generated token but the last
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.last is not None:  # input_ids now ends with the token drawn from `last`
             self.steps.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        self.last = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        scaled = scores.float() / self.temperature  # (B, V)
+        if self.truncate is not None:
+            scaled = self.truncate(input_ids, scaled)  # -inf outside the nucleus
+        self.last = torch.log_softmax(scaled, dim=-1)
         return scores
 
     def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
@@ -107,7 +113,7 @@ class HFEngine(Engine):
                 for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
                     ids[row, width - len(prompt_ids[i]) :] = torch.as_tensor(prompt_ids[i])
                     mask[row, width - len(prompt_ids[i]) :] = 1
-                recorder = _RecordLogprobs(settings.temperature) if record else None
+                recorder = _RecordLogprobs(settings.temperature, settings.top_p) if record else None
                 result = model.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
