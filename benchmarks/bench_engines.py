@@ -89,9 +89,15 @@ def main() -> None:
         ids[row, width - len(prompt_ids[i]) :] = torch.as_tensor(prompt_ids[i])
         mask[row, width - len(prompt_ids[i]) :] = 1
     started = time.perf_counter()
-    llm = engine_for("vllm", str(model_path), policy).llm  # built once, as in a flow run
+    engine = engine_for("vllm", str(model_path), policy)  # built once, as in a flow run
+    llm = engine.llm
     build_seconds = time.perf_counter() - started
     set_threads(a.threads)
+    sync_seconds = []
+    for _ in range(3):  # the in-place weight sync after each update (the same weights here)
+        t0 = time.perf_counter()
+        engine.sync(model.state_dict().items())
+        sync_seconds.append(time.perf_counter() - t0)
 
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -138,9 +144,11 @@ def main() -> None:
                 rates[name].append(n / seconds)
         loads.append(os.getloadavg()[0])
     print(f"engines benchmark: model {a.model}, {len(jobs)} sequences ({a.prompts} prompts x {a.group_size}), up to {a.max_new_tokens} new "
-          f"tokens, {a.threads} torch thread(s), {a.reps} interleaved reps (+1 warm-up); vLLM engine built in {build_seconds:.1f}s; "
+          f"tokens, {a.threads} torch thread(s), {a.reps} interleaved reps (+1 warm-up); vLLM engine built in {build_seconds:.1f}s, "
+          f"weight sync {', '.join(f'{x:.2f}' for x in sync_seconds)}s; "
           f"1-min load average per rep {', '.join(f'{x:.1f}' for x in loads)}")
     report = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(a).items()}, "loads": loads, "build_seconds": build_seconds,
+              "sync_seconds": sync_seconds,
               "sides": {}}
     for name in sides:
         report["sides"][name] = {"tokens_per_second": summary(rates[name])}

@@ -164,6 +164,31 @@ class GRPOConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype: auto = bfloat16 on a GPU that has it, else float32.")
     warmup_steps: int = Field(250, ge=0, description="Supervised warm-up steps of the built-in tiny model (only when no --model is given); 250 leaves it at about 60 percent held-out accuracy, with headroom for GRPO.")
 
+    # --- cluster ---------------------------------------------------------------------------
+    cluster: str = Field("local", description="Where the stages run: local (this process, the default), auto (the Ray cluster this machine belongs to, e.g. after `ray start --head`) or ray://host:port (a Ray cluster's client address). A Ray cluster needs `make install-cluster` and a run folder on storage every node can see.")
+    training_ranks: int = Field(1, ge=1, description="With a Ray cluster: ranks (Ray actors in one torch.distributed process group: gloo on CPU, NCCL on GPUs) that run the update; each optimiser step's micro-batches are dealt over them and the step is the same as on one rank.")
+    parallelism: Literal["ddp", "fsdp2"] = Field("ddp", description="With training_ranks > 1: ddp (every rank holds the whole model; for models that fit one device) or fsdp2 (torch fully_shard: parameters, gradients and optimiser state sharded over the ranks).")
+    generation_workers: int = Field(1, ge=1, description="With a Ray cluster: long-lived generation workers (Ray actors, each holding the policy) over which an iteration's prompt shards are dealt.")
+    generation_shard_prompts: int = Field(8, ge=1, description="With a Ray cluster: prompts per generation shard, the unit dealt to workers; each shard has a seed of its own, so the generations are the same whatever the number of workers.")
+    cpus_per_worker: float = Field(1, gt=0, description="With a Ray cluster: CPUs Ray reserves for each training rank and each generation worker (also its torch thread count).")
+    gpus_per_worker: float = Field(0, ge=0, description="With a Ray cluster: GPUs Ray reserves for each training rank and each generation worker (0 on CPU-only clusters).")
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster_address(cls, value: str) -> str:
+        if value in ("local", "auto") or (value.startswith("ray://") and ":" in value.removeprefix("ray://")):
+            return value
+        raise ValueError(f"cluster must be local, auto or ray://host:port (got '{value}')")
+
+    @model_validator(mode="after")
+    def _workers_need_a_cluster(self) -> GRPOConfig:
+        if self.cluster == "local" and (self.training_ranks > 1 or self.generation_workers > 1):
+            raise ValueError("training_ranks > 1 or generation_workers > 1 need a Ray cluster: --cluster auto or ray://host:port")
+        if self.cluster != "local" and self.lora_rank:
+            # The workers' weights come from rank 0's state dict, which with peft carries adapter names: not built yet.
+            raise ValueError("lora_rank > 0 runs with --cluster local only (LoRA on a Ray cluster is not supported yet)")
+        return self
+
     # --- tracking --------------------------------------------------------------------------
     tracking_uri: str | None = Field(None, description="MLflow tracking store and model registry (needs `make install-tracking`): a .db/.sqlite file (SQLite), or a folder (a SQLite store inside it, mlflow.db) when given as a path, else an MLflow URI or server URL (http://host:5000). One MLflow run per flow run with every setting as a param and every metric of every iteration (step = iteration); a resumed run continues its MLflow run. Default: off.")
     experiment: str | None = Field(None, description="MLflow experiment the runs go to. Default: the run folder's name.")

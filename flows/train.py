@@ -30,6 +30,7 @@ from data import builtin
 from data.schemas import ADVANTAGES, GENERATIONS, METRICS, PROMPTS, REWARDS, SchemaError
 from data.sources import hub_offline, normalise_row, prompts_table, read_source
 from data.store import TMP_PREFIX, Manifest, atomic_write_json, iteration_dir, read_table, remove_stale_temp_files, write_table
+from flows.cluster import Stages, stages_for
 from flows.config import MID_RUN_SAFE, GRPOConfig
 from flows.report import VIEWS
 from flows.resume import (CHECKPOINT, PendingUpdates, completed_iterations, describe_changes, hold_run_folder, prompt_pool,
@@ -39,15 +40,14 @@ from tasks.advantages import advantages_task, informative_groups, refill_prompts
 from tasks.engines import check_available
 from tasks.evaluate import evaluate_task
 from tasks.footprint import gib, lora_trained_parameters, machine_memory_bytes, model_shape, update_peak_bytes
-from tasks.generate import generate_task, render_prompt
+from tasks.generate import render_prompt
 from tasks.ingest import ingest_task
 from tasks.objective import LossSettings
-from tasks.score import score_task
 from tasks.select import select_prompts_task
 from tasks.model import FINAL, check_model_source, export_final_model, live_policy
 from tasks.progress import stage_label
 from tasks.tiny_model import ensure_tiny_model
-from tasks.update import needs_old_logprobs, update_task
+from tasks.update import needs_old_logprobs
 
 # Updates of this flow run that were done before a restart and whose weights must be
 # re-created before a stage reads them (flows/resume.py).
@@ -195,7 +195,8 @@ def score_settings(config: GRPOConfig) -> dict:
                 workers=config.score_workers, chunk_rows=config.score_chunk_rows, worker_memory_mb=config.score_worker_memory_mb)
 
 
-def refill_rounds(config: GRPOConfig, manifest: Manifest, it: int, train_path: str, policy: str, generate_settings: dict) -> tuple[list[str], list[str], int]:
+def refill_rounds(config: GRPOConfig, stages: Stages, manifest: Manifest, it: int, train_path: str, policy: str,
+                  generate_settings: dict) -> tuple[list[str], list[str], int]:
     """DAPO dynamic sampling: extra rounds of prompts + generate + score (`prompts-r<k>.parquet`,
     `generations-r<k>.parquet`, `rewards-r<k>.parquet`) while fewer than prompts_per_iteration
     groups have reward spread, at most max_refill_rounds. Returns every round's generations
@@ -210,9 +211,9 @@ def refill_rounds(config: GRPOConfig, manifest: Manifest, it: int, train_path: s
                            seed=f"{config.seed}:{it}:{rounds}", schema_version=PROMPTS.version)
         if picked["prompts"] == 0:  # the dataset has no unused prompt left
             break
-        run_stage(manifest, Path(g).name, generate_task, p, g, policy, **generate_settings | {"seed": (config.seed * 100_003 + it) * 1_000 + rounds},
+        run_stage(manifest, Path(g).name, stages.generate, p, g, policy, **generate_settings | {"seed": (config.seed * 100_003 + it) * 1_000 + rounds},
                   schema_version=GENERATIONS.version)
-        run_stage(manifest, Path(r).name, score_task, g, p, r, **score_settings(config), schema_version=REWARDS.version)
+        run_stage(manifest, Path(r).name, stages.score, g, p, r, **score_settings(config), schema_version=REWARDS.version)
         prompts.append(p)
         gens.append(g)
         rewards.append(r)
@@ -226,13 +227,17 @@ def grpo_train(config: GRPOConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     hold_run_folder(run_dir)  # before touching anything: another process may be writing here
     PENDING_UPDATES.clear()
+    stages = None
     try:
+        stages = stages_for(config)  # where each stage runs (flows/cluster.py): this process, or a Ray cluster
         # The one place the flow talks to MLflow / TensorBoard (flows/tracking.py): they read
         # the metrics files this flow writes, after each iteration and at the end.
         with Tracking(config) as tracking:
-            metrics = train_iterations(config, tracking.iteration_done)
+            metrics = train_iterations(config, stages, tracking.iteration_done)
             return metrics | tracking.register(metrics)
     finally:
+        if stages is not None:
+            stages.close()  # no worker of this run outlives it
         VIEWS.drain()  # the stage artifacts and learning curve of the last iteration too
         release_run_folder(run_dir)
 
@@ -296,7 +301,7 @@ def write_config_record(run_dir: Path, config: GRPOConfig, log) -> None:
                              "changes": history})
 
 
-def train_iterations(config: GRPOConfig, iteration_done: Callable[[], None] = lambda: None) -> dict:
+def train_iterations(config: GRPOConfig, stages: Stages, iteration_done: Callable[[], None] = lambda: None) -> dict:
     """The body of `grpo_train` (which holds the run folder's lock around it).
     `iteration_done` is called after each iteration's metrics are written."""
     log = get_run_logger()
@@ -368,17 +373,17 @@ def train_iterations(config: GRPOConfig, iteration_done: Callable[[], None] = la
         pool, before_pool = prompt_pool(data_manifest, train_path, it)  # scheduled runs add pools of unseen prompts
         run_stage(manifest, "prompts.parquet", select_prompts_task, pool, prompts, iteration=it - before_pool,
                   per_iteration=config.prompts_per_iteration, seed=config.seed, schema_version=PROMPTS.version)
-        gen = run_stage(manifest, "generations.parquet", generate_task, prompts, gens, policy, **generate_settings,
+        gen = run_stage(manifest, "generations.parquet", stages.generate, prompts, gens, policy, **generate_settings,
                         seed=config.seed * 100_003 + it, schema_version=GENERATIONS.version)
-        score = run_stage(manifest, "rewards.parquet", score_task, gens, prompts, rewards, **score_settings(config), schema_version=REWARDS.version)
-        all_gens, all_rewards, rounds = refill_rounds(config, manifest, it, train_path, policy, generate_settings)
+        score = run_stage(manifest, "rewards.parquet", stages.score, gens, prompts, rewards, **score_settings(config), schema_version=REWARDS.version)
+        all_gens, all_rewards, rounds = refill_rounds(config, stages, manifest, it, train_path, policy, generate_settings)
         adv = run_stage(manifest, "advantages.parquet", advantages_task, all_rewards, advs, estimator=config.advantage_estimator,
                         scale_rewards=config.scale_rewards, eps=config.advantage_eps, dynamic_sampling=config.dynamic_sampling,
                         target_groups=config.prompts_per_iteration, schema_version=ADVANTAGES.version)
         # A done update (replayed when its weights were not saved) keeps the learning rate it
         # ran with, whatever a resume changed since: the replay must give the same weights.
         lr = manifest.entries().get(CHECKPOINT, {}).get("learning_rate", config.learning_rate) if manifest.is_done(CHECKPOINT) else config.learning_rate
-        upd = run_stage(manifest, CHECKPOINT, update_task, all_gens, advs, policy, checkpoint, learning_rate=lr, loss=loss,
+        upd = run_stage(manifest, CHECKPOINT, stages.update, all_gens, advs, policy, checkpoint, learning_rate=lr, loss=loss,
                         mu=config.mu, mini_batches=config.mini_batches, micro_batch_size=config.micro_batch_size,
                         gradient_checkpointing=config.gradient_checkpointing, logprob_chunk_tokens=config.logprob_chunk_tokens,
                         lora=config.lora_settings(),

@@ -309,6 +309,9 @@ def _marked_processes(marker: str) -> set[int]:
     return found - {os.getpid()}
 
 
+SCORED: list[str] = []  # "<mode>: <attack>" for every program scored, for the caller to count
+
+
 def run_suite(namespaces: bool, workers: int = 6) -> list[str]:
     """Score every attack as this process's user; the list of what was not contained."""
     c = make_canaries()
@@ -327,6 +330,7 @@ def run_suite(namespaces: bool, workers: int = 6) -> list[str]:
                 chosen = [a for a in suite if a.phase == phase]
                 outcomes = pool.score([(a.program, {"test": a.test, "entry_point": "solve"}) for a in chosen])
                 for attack, (outcome,) in zip(chosen, outcomes):
+                    SCORED.append(f"{label}: {attack.name}")
                     if math.isnan(outcome.value) or outcome.value != 0.0:
                         failures.append(f"[{label}] class {attack.kind} {attack.name}: scored {outcome.value} ({outcome.error})")
             follow_up = pool.score([(CORRECT_ADD, {"test": ADD_TEST, "entry_point": "solve"})] * workers)
@@ -430,7 +434,8 @@ def main(argv: list[str]) -> int:
         failures += run_suite(namespaces=False)
     if "--humaneval" in argv:
         failures += humaneval_failures()
-    print(json.dumps({"uid": os.geteuid(), "failures": failures}))
+        SCORED.append("humaneval")
+    print(json.dumps({"uid": os.geteuid(), "failures": failures, "scored": SCORED}))
     return 0
 
 

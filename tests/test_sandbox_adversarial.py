@@ -44,6 +44,10 @@ def test_attacks_are_contained_as_an_unprivileged_scorer():
     report = json.loads(out.strip().splitlines()[-1])
     assert report["uid"] == adversarial.UNPRIVILEGED_UID
     assert not report["failures"], "\n".join(report["failures"])
+    canaries = adversarial.make_canaries()
+    per_suite = len(adversarial.attacks(canaries))
+    adversarial.remove_canaries(canaries)
+    assert len(report["scored"]) == 2 * per_suite + 1  # both suites ran every program, and HumanEval
 
 
 HOGS = {

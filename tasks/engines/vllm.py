@@ -14,9 +14,10 @@ Life cycle
 - ``sync(weights)``: ``collective_rpc`` runs the worker's ``reload_weights`` on the tensors
   themselves (same process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here unless the user
   set it), 0.02-0.25 s on the tiny model. vLLM's loader skips ``lm_head.weight`` of a model
-  with tied embeddings and its CPU backend repacks weights, so after a reload the output
-  head kept the OLD embedding (log-probs off by 14-22 nats): `sync` re-ties it by copying
-  the reloaded input embedding into the head whenever the two are distinct tensors.
+  with tied embeddings, and its CPU backend runs the head through a kernel holding its own
+  packed copy of the weight, so after a reload the head kept the OLD embedding (log-probs
+  off by 14-22 nats): `sync` makes the head's weight the reloaded embedding again and
+  rebuilds that kernel (tests/test_engines_vllm.py checks it against a transformers forward).
 - memory: on a GPU ``gpu_memory_utilization`` (the fraction of GPU memory vLLM takes for
   weights and KV cache; the rest is the update's); on CPU ``kv_cache_memory_bytes`` from
   `cpu_kv_cache_gb`.
@@ -32,8 +33,8 @@ Reproducibility (tests/test_engines_vllm.py states it as tests): per-request see
 (``SamplingParams(seed=...)``) fail on the CPU backend ("CPU Generator does not use
 offset"), so the engine re-seeds its sampler's generator (torch's global one, in this
 process) with the stage's seed before every ``generate``. Then the same weights, prompts,
-settings, seed, machine and thread count give the same completions, in the same or a fresh
-engine. Not reproducible: a prompt's completions depend on every other request of the call
+settings, seed, machine and thread count give the same completions (tested within one
+engine; a resumed run builds a new one, which re-seeds the same way). Not reproducible: a prompt's completions depend on every other request of the call
 (the random stream is shared by the batch), and nothing matches the HF engine's draws.
 """
 
