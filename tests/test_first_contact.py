@@ -295,7 +295,7 @@ def test_flow_warns_about_lost_characters_and_no_signal_and_counts_long_prompts(
     assert "prompts over max_prompt_length=1: 4 truncated, 0 skipped" in text
     saved = [json.loads((iteration_dir(tmp_path / "run", it) / "metrics.json").read_text()) for it in (1, 2)]
     assert [m["prompts/truncated"] for m in saved] == [2, 2]
-    assert [m["learning_rate"] for m in saved] == [0.0, pytest.approx(5e-5)]  # warm-up step 0, then step 1 of 2
+    assert [m["learning_rate"] for m in saved] == [0.0, pytest.approx(config.learning_rate)]  # warm-up step 0, then step 1 of 2
     assert metrics["iteration"] == 2
 
 
