@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install install-dev install-vllm clean ci install-lora install-tracking
+.PHONY: demo test install install-dev install-vllm clean ci install-lora install-cluster install-tracking
 
 # Every optional part's install target; CI installs them all so their tests run, not skip.
 OPTIONAL_INSTALLS :=
@@ -69,6 +69,11 @@ OPTIONAL_INSTALLS += install-vllm
 install-lora: $(VENV)/.installed-dev
 	$(BIN)/pip install -q -e '.[lora]'
 OPTIONAL_INSTALLS += install-lora
+
+# The Ray cluster (flows/ray_cluster.py): --cluster auto | ray://host:port.
+install-cluster: $(VENV)/.installed-dev
+	$(BIN)/pip install -q -e '.[cluster]'
+OPTIONAL_INSTALLS += install-cluster
 
 # What .ci/run does: every optional part installed, then the README's test command with
 # missing optional dependencies turned from skips into failures.

@@ -86,11 +86,15 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> GRPOConfig:
-    overrides = {k: v for k, v in vars(args).items() if k in GRPOConfig.model_fields}
-    config = GRPOConfig.from_file(args.config, **overrides) if args.config else GRPOConfig(**overrides)
-    if config.run_dir is None:
-        config.run_dir = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    return config
+    """Defaults < --config file < flags; for a run folder that has a config.json, the stored
+    settings take the place of the defaults, and a flag that would change what its artifacts
+    mean is refused (flows.resume.setting_changes) before anything is written."""
+    from flows.resume import resumed_config
+
+    given = (GRPOConfig.settings_file(args.config) if args.config else {}) | {k: v for k, v in vars(args).items() if k in GRPOConfig.model_fields}
+    if given.get("run_dir") is None:
+        given["run_dir"] = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    return resumed_config(given)
 
 
 def format_validation_error(err: ValidationError) -> str:

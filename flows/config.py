@@ -18,7 +18,62 @@ from rewards import known_rewards, make_reward
 from tasks.lora import LoraSettings
 
 
+# --- which settings a resumed run folder may change (issue 13) -----------------------------
+# The artifacts of a run folder mean what its config.json says: a resume that changed the
+# model, the data, the rewards or the objective would mix two runs in one folder. Only the
+# fields below may differ from the stored ones when a folder is resumed (each with why); the
+# change is logged, appended to config.json's "changes" and recorded in every later
+# iteration's metrics.json ("settings"), so `grpo inspect` shows where it happened. Every
+# other field -- including any field added later that is not listed here -- is
+# meaning-changing: a different value is refused before anything is written.
+MID_RUN_SAFE: dict[str, str] = {
+    "iterations": "how many in total: iterations already done stay as they are",
+    "eval_every": "when the held-out set is scored, not what is scored",
+    "save_every": "when weights are written; unsaved updates are replayed exactly on resume",
+    "save_total_limit": "how many checkpoints are kept on disk",
+    "learning_rate": "the step size of the updates still to come (done updates replay with their own)",
+    "micro_batch_size": "memory only: gradients accumulate to the same step (float rounding aside)",
+    "gradient_checkpointing": "memory only: activations recomputed, same gradients",
+    "logprob_chunk_tokens": "memory only: the same log-probs computed in other chunks",
+    "generation_batch_size": "memory only: how many sequences one generate() call holds",
+    "score_workers": "how many processes score, not how",
+    "score_chunk_rows": "memory only: rows per chunk of the score stage",
+    "score_worker_memory_mb": "a safety cap of the scoring workers",
+    "max_reward_error_fraction": "when a score stage fails, not what it writes",
+    "vllm_gpu_memory_utilization": "memory only: the vLLM engine's share of the GPU",
+    "vllm_cpu_kv_cache_gb": "memory only: the vLLM engine's KV cache on CPU",
+    "device": "where it computes (another device rounds differently, the run's math is the same)",
+}
+# --- defaults for a real model (issue 13) ----------------------------------------------------
+# The field defaults suit the built-in 1M-parameter demo. When --model is given, these apply
+# instead to every field not set explicitly (flags and config files always win); the reason
+# for each is in the field's description. Measured on SmolLM2-135M, benchmarks/RESULTS.md.
+REAL_MODEL_DEFAULTS: dict[str, Any] = {
+    "max_new_tokens": 256,
+    "learning_rate": 1e-6,
+    "micro_batch_size": 8,
+    "gradient_checkpointing": True,
+    "save_total_limit": 3,
+}
+
+NOT_COMPARED = ("run_dir",)  # the folder itself, never a setting of what is in it
+
+
+def may_change_mid_run(field: str) -> bool:
+    """Whether a resumed run folder may take another value of `field` (MID_RUN_SAFE); every
+    field not listed there is meaning-changing, so a new field is refused until listed."""
+    return field in MID_RUN_SAFE or field in NOT_COMPARED
+
+
 class GRPOConfig(BaseModel):
+    """The settings of one run, stored in its folder's config.json.
+
+    Resuming a run folder: every field is meaning-changing (a different value is refused)
+    unless it is listed in MID_RUN_SAFE above with the reason it may change mid-run. A field
+    you add is therefore refused on resume by default; list it there only when artifacts
+    written before and after a change still mean the same thing.
+    """
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # --- where ---------------------------------------------------------------------------
@@ -36,7 +91,7 @@ class GRPOConfig(BaseModel):
     group_size: int = Field(8, ge=2, description="Completions per prompt (G): the group whose mean and std are the baseline.")
 
     # --- sampling ---------------------------------------------------------------------------
-    max_new_tokens: int = Field(8, ge=1, description="Completion length limit in tokens; longer completions are cut (finish_reason 'length').")
+    max_new_tokens: int = Field(8, ge=1, description="Completion length limit in tokens; longer completions are cut (finish_reason 'length'). 8 fits the demo's 2-digit sums; with --model the default is 256 (TRL's max_completion_length): a worked math answer needs room, and 8 tokens cut every completion of a real model.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs everywhere are of softmax(logits / temperature).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1.0 = off).")
     generation_batch_size: int = Field(256, ge=1, description="Sequences per generate() call; bounds generation memory.")
@@ -69,7 +124,7 @@ class GRPOConfig(BaseModel):
     score_worker_memory_mb: int | None = Field(4096, ge=64, description="Address-space cap of each scoring worker in MiB, so a reward that blows up cannot take the machine down (None: no cap).")
 
     # --- objective --------------------------------------------------------------------------
-    learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate. 5e-5 suits the 1M-parameter demo model (1e-4 peaks then drifts, 3e-4 collapses it; benchmarks/RESULTS.md); real models want ~1e-6.")
+    learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate. 5e-5 suits the 1M-parameter demo model (1e-4 peaks then drifts, 3e-4 collapses it; benchmarks/RESULTS.md); with --model the default is 1e-6 (TRL's default; DeepSeekMath used 1e-6): full fine-tuning of a pretrained model at 5e-5 drifts away from it within a few iterations.")
     beta: float = Field(0.04, ge=0, description="Weight of the k3 KL penalty to the reference (initial) model; 0 loads no reference model at all.")
     epsilon: float = Field(0.2, gt=0, lt=1, description="Lower clip range: the ratio pi/pi_old is clipped below at 1 - epsilon (PPO and DeepSeekMath use 0.2).")
     epsilon_high: float | None = Field(None, gt=0, description="Upper clip range: the ratio is clipped above at 1 + epsilon_high. Default: epsilon (symmetric, as DeepSeekMath); DAPO's clip-higher uses 0.28, GSPO ~4e-4 with sequence-level ratios.")
@@ -83,11 +138,11 @@ class GRPOConfig(BaseModel):
     max_refill_rounds: int = Field(0, ge=0, description="With dynamic_sampling: at most this many extra rounds of prompts_per_iteration new prompts (generate + score) per iteration until prompts_per_iteration groups have reward spread; 0 = never refill.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient norm clip.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0: the KL term already keeps the policy near the reference).")
-    micro_batch_size: int = Field(64, ge=1, description="Completions per forward/backward in the update; bounds update memory (gradients accumulate: the step is the same). 64 suits the 1M-parameter demo; SmolLM2-135M on CPU ran out of memory at 64 (20 GiB) and peaked at 5.6 GiB with 8.")
+    micro_batch_size: int = Field(64, ge=1, description="Completions per forward/backward in the update; bounds update memory (gradients accumulate: the step is the same). 64 suits the 1M-parameter demo; SmolLM2-135M on CPU ran out of memory at 64 (20 GiB) and peaked at 5.6 GiB with 8, so with --model the default is 8.")
     mini_batches: int = Field(1, ge=1, description="Optimiser steps per pass over an iteration's completions: they are split into this many equal mini-batches (TRL steps_per_generation). 1 = one step, the on-policy GRPO of DeepSeekMath.")
     mu: int = Field(1, ge=1, description="Passes (GRPO's mu, TRL num_iterations, verl ppo_epochs) over the same completions per iteration; the ratio uses the stored sampling log-probs. 1 = on-policy, DeepSeekMath's default.")
     store_old_logprobs: bool = Field(False, description="Compute and store the sampling policy's per-token log-probs (generations' old_logprobs) even when the update does not need them. They are needed, and always stored, when mu > 1 or mini_batches > 1; with one optimiser step per iteration the policy being updated is the one that sampled, so the ratio is 1 by construction and the update uses its own detached log-probs, as TRL does, saving one forward pass per iteration.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations during the backward pass instead of keeping them (transformers' gradient checkpointing): update memory drops from ~layers x tokens x hidden activations to about one hidden state per token per layer, for ~30 percent more update compute. Off suits the tiny demo model; turn it on for real models on small machines (TRL turns it on by default).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations during the backward pass instead of keeping them (transformers' gradient checkpointing): update memory drops from ~layers x tokens x hidden activations to about one hidden state per token per layer, for ~30 percent more update compute. Off suits the tiny demo model; with --model the default is on (as TRL's): SmolLM2-135M's update peaked at 3.3 GiB with it against 5.6 GiB without (micro-batch 8, benchmarks/RESULTS.md).")
 
     # --- log-prob chunks -----------------------------------------------------------------
     logprob_chunk_tokens: int = Field(1024, ge=0, description="Completion positions whose vocabulary logits exist at once when computing log-probs and entropy (update, reference and old-policy forwards): the output head and log-softmax run on chunks of this many positions from the final hidden states, recomputed chunk by chunk in the backward pass, so memory grows with the chunk instead of with batch x completion length x vocabulary. 0 = the whole-logits path (one (batch, tokens, vocabulary) tensor). Models with soft-capped or scaled logits always take the whole-logits path.")
@@ -103,11 +158,36 @@ class GRPOConfig(BaseModel):
     eval_size: int = Field(500, ge=1, description="Held-out problems scored per evaluation (at most the held-out set's size).")
     save_every: int = Field(1, ge=1, description="Write a checkpoint every this many iterations (and after the last).")
     # --- run folder: checkpoint rotation (issue 13) --------------------------------------------
-    save_total_limit: int | None = Field(None, ge=1, description="Keep only the newest this many iteration checkpoints (the one a resume starts from is always kept); None keeps all. Only that resumable one keeps its optimiser state (two thirds of a checkpoint), so older ones hold the weights alone. The run's final/ folder is not counted.")
+    save_total_limit: int | None = Field(None, ge=1, description="Keep only the newest this many iteration checkpoints (the one a resume starts from is always kept); None keeps all. Only that resumable one keeps its optimiser state (two thirds of a checkpoint), so older ones hold the weights alone. The run's final/ folder is not counted. With --model the default is 3: a checkpoint of a 135M-parameter model is 0.54 GB of weights (1.6 GB with AdamW state), so keeping every iteration's fills a disk in a day.")
     seed: int = Field(0, description="Seed of prompt sampling, generation and update; a run is reproducible given the same seed and machine.")
     device: str = Field("auto", description="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Model dtype: auto = bfloat16 on a GPU that has it, else float32.")
     warmup_steps: int = Field(250, ge=0, description="Supervised warm-up steps of the built-in tiny model (only when no --model is given); 250 leaves it at about 60 percent held-out accuracy, with headroom for GRPO.")
+
+    # --- cluster ---------------------------------------------------------------------------
+    cluster: str = Field("local", description="Where the stages run: local (this process, the default), auto (the Ray cluster this machine belongs to, e.g. after `ray start --head`) or ray://host:port (a Ray cluster's client address). A Ray cluster needs `make install-cluster` and a run folder on storage every node can see.")
+    training_ranks: int = Field(1, ge=1, description="With a Ray cluster: ranks (Ray actors in one torch.distributed process group: gloo on CPU, NCCL on GPUs) that run the update; each optimiser step's micro-batches are dealt over them and the step is the same as on one rank.")
+    parallelism: Literal["ddp", "fsdp2"] = Field("ddp", description="With training_ranks > 1: ddp (every rank holds the whole model; for models that fit one device) or fsdp2 (torch fully_shard: parameters, gradients and optimiser state sharded over the ranks).")
+    generation_workers: int = Field(1, ge=1, description="With a Ray cluster: long-lived generation workers (Ray actors, each holding the policy) over which an iteration's prompt shards are dealt.")
+    generation_shard_prompts: int = Field(8, ge=1, description="With a Ray cluster: prompts per generation shard, the unit dealt to workers; each shard has a seed of its own, so the generations are the same whatever the number of workers.")
+    cpus_per_worker: float = Field(1, gt=0, description="With a Ray cluster: CPUs Ray reserves for each training rank and each generation worker (also its torch thread count).")
+    gpus_per_worker: float = Field(0, ge=0, description="With a Ray cluster: GPUs Ray reserves for each training rank and each generation worker (0 on CPU-only clusters).")
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster_address(cls, value: str) -> str:
+        if value in ("local", "auto") or (value.startswith("ray://") and ":" in value.removeprefix("ray://")):
+            return value
+        raise ValueError(f"cluster must be local, auto or ray://host:port (got '{value}')")
+
+    @model_validator(mode="after")
+    def _workers_need_a_cluster(self) -> GRPOConfig:
+        if self.cluster == "local" and (self.training_ranks > 1 or self.generation_workers > 1):
+            raise ValueError("training_ranks > 1 or generation_workers > 1 need a Ray cluster: --cluster auto or ray://host:port")
+        if self.cluster != "local" and self.lora_rank:
+            # The workers' weights come from rank 0's state dict, which with peft carries adapter names: not built yet.
+            raise ValueError("lora_rank > 0 runs with --cluster local only (LoRA on a Ray cluster is not supported yet)")
+        return self
 
     # --- tracking --------------------------------------------------------------------------
     tracking_uri: str | None = Field(None, description="MLflow tracking store and model registry (needs `make install-tracking`): a .db/.sqlite file (SQLite), or a folder (a SQLite store inside it, mlflow.db) when given as a path, else an MLflow URI or server URL (http://host:5000). One MLflow run per flow run with every setting as a param and every metric of every iteration (step = iteration); a resumed run continues its MLflow run. Default: off.")
@@ -122,6 +202,14 @@ class GRPOConfig(BaseModel):
         if self.register_as is not None and self.tracking_uri is None:
             raise ValueError("register_as needs tracking_uri: the model registry lives in an MLflow store (a folder, a .db file or a server URL)")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _real_model_defaults(cls, data: Any) -> Any:
+        # Only fields the caller did not set; a stored config.json sets every field.
+        if isinstance(data, dict) and data.get("model") is not None:
+            return REAL_MODEL_DEFAULTS | data
+        return data
 
     @model_validator(mode="after")
     def _estimator_scaling(self) -> GRPOConfig:
@@ -167,6 +255,11 @@ class GRPOConfig(BaseModel):
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> GRPOConfig:
         """Load YAML or JSON, then apply `overrides` (flags given on the command line)."""
+        return cls(**(cls.settings_file(path) | overrides))
+
+    @staticmethod
+    def settings_file(path: str | Path) -> dict[str, Any]:
+        """The settings in a YAML or JSON file, not yet validated."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file '{path}' does not exist")
@@ -180,7 +273,7 @@ class GRPOConfig(BaseModel):
             data = {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-        return cls(**(data | overrides))
+        return data
 
     def lora_settings(self):
         """The LoRA settings of the update, or None for full fine-tuning."""

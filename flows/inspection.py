@@ -91,6 +91,7 @@ def run_overview(run_dir: str | Path) -> list[dict[str, Any]]:
         record["held_out_accuracy"] = metrics.get("held_out_accuracy", summary["eval"].get("accuracy"))
         record["kl"] = metrics.get("kl", summary[CHECKPOINT].get("kl"))
         record["frac_reward_zero_std"] = metrics.get("frac_reward_zero_std", summary["advantages.parquet"].get("frac_reward_zero_std"))
+        record["settings"] = metrics.get("settings", {})  # those that may change on resume, as they were here
         record["rescored"] = {
             name.removeprefix("rewards@").removesuffix(".parquet"): _mean_std(folder / name)[0]
             for name in sorted(entries)
@@ -117,6 +118,20 @@ def _num(value, fmt: str) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
 
+def settings_changes(overview: list[dict[str, Any]]) -> list[str]:
+    """One line per iteration whose settings (those a resume may change) differ from the
+    iteration before it: "iter-0004: settings changed: learning_rate 0.01 -> 0.001"."""
+    lines, before = [], None
+    for r in overview:
+        now = r.get("settings") or {}
+        if before is not None and now:
+            changed = [f"{k} {before.get(k)} -> {v}" for k, v in sorted(now.items()) if k in before and before[k] != v]
+            if changed:
+                lines.append(f"iter-{r['iteration']:04d}: settings changed: {', '.join(changed)}")
+        before = now or before
+    return lines
+
+
 def render_run(run_dir: str | Path, console) -> None:
     from rich.table import Table
 
@@ -135,6 +150,8 @@ def render_run(run_dir: str | Path, console) -> None:
             _num(r["held_out_accuracy"], ".1%"), _num(r["kl"], ".4f"), _num(r["frac_reward_zero_std"], ".2f"),
         )
     console.print(table)
+    for line in settings_changes(overview):
+        console.print(line)
     for r in overview:
         if r["rescored"]:
             shown = ", ".join(f"@{tag} {mean:.3f}" for tag, mean in r["rescored"].items())

@@ -16,6 +16,11 @@ A run folder is resumed by running the flow on it again (DESIGN.md, "Run directo
   stage that is about to run reads those weights (a later generate, update or eval).
 * **Half-done stages** were never recorded in the manifest, so they run again from their
   inputs; the temp files they left are removed when the flow starts.
+* **Settings.** A folder is resumed with its stored settings (config.json). A different
+  value of a setting that changes what the artifacts mean is refused before anything is
+  written (`SettingsMismatch`, one line per setting, stored vs given); the settings listed
+  in flows.config.MID_RUN_SAFE may change, and each change is kept in config.json's
+  "changes" with the first iteration it applies to.
 * **Rotation.** Once an iteration is complete, `prune_checkpoints` keeps the newest
   ``save_total_limit`` checkpoints and removes the optimiser state from all but the newest
   one: only the checkpoint a resume starts from needs it (1.1 of the 1.6 GB per iteration at
@@ -140,6 +145,91 @@ def prune_checkpoints(run_dir: str | Path, keep: int | None) -> dict[str, list[i
 def saved_metrics(run_dir: str | Path, iteration: int) -> dict:
     path = iteration_dir(run_dir, iteration) / "metrics.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# --- settings of a resumed folder ----------------------------------------------------------
+class SettingsMismatch(ValueError):
+    pass
+
+
+def stored_settings(run_dir: str | Path) -> dict[str, Any]:
+    """The settings in `run_dir`'s config.json ({} for a new folder)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SettingsMismatch(f"{path}: not valid JSON ({err}); it holds the settings of this run folder") from None
+    return dict(saved.get("config", saved))
+
+
+def completed_iterations(run_dir: str | Path) -> int:
+    """The highest iteration with its metrics.json written (0 for a new folder)."""
+    done = [it for it in iteration_numbers(run_dir) if it >= 1 and (iteration_dir(run_dir, it) / "metrics.json").is_file()]
+    return max(done, default=0)
+
+
+def _same(name: str, old: Any, new: Any) -> bool:
+    if old == new:
+        return True
+    # One local folder or file named two ways ("./m" and "/abs/m") is the same setting.
+    if name in ("model", "dataset", "eval_dataset") and isinstance(old, str) and isinstance(new, str):
+        a, b = Path(old).expanduser(), Path(new).expanduser()
+        return a.exists() and b.exists() and a.resolve() == b.resolve()
+    return False
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list, str)) else str(value)
+
+
+def setting_changes(run_dir: str | Path, config) -> dict[str, tuple[Any, Any]]:
+    """The settings of `config` that differ from `run_dir`'s stored ones, as (stored, given);
+    refuses (SettingsMismatch) when any of them may not change mid-run, or when fewer
+    iterations are asked for than are already done. {} for a new folder."""
+    from flows.config import GRPOConfig, may_change_mid_run
+
+    stored = stored_settings(run_dir)
+    if not stored:
+        return {}
+    try:
+        before = GRPOConfig(**stored).model_dump(mode="json")
+    except ValueError as err:  # pydantic's ValidationError is a ValueError
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()) if hasattr(err, "errors") else str(err)
+        raise SettingsMismatch(f"{Path(run_dir) / 'config.json'}: its settings are not valid for this grpoflow ({detail}); "
+                               "resume it with the grpoflow version that wrote it, or start a new --run-dir") from None
+    after = config.model_dump(mode="json")
+    changes = {k: (before.get(k), after[k]) for k in after if not _same(k, before.get(k), after[k]) and k != "run_dir"}
+    refused = {k: v for k, v in changes.items() if not may_change_mid_run(k)}
+    if refused:
+        lines = [f"run folder {run_dir} holds a run made with other settings ({len(refused)} differ); a resume may not change what "
+                 "its artifacts mean: drop these flags to resume, or give a new --run-dir"]
+        lines += [f"  {k}: stored {_shown(old)}, given {_shown(new)}" for k, (old, new) in sorted(refused.items())]
+        raise SettingsMismatch("\n".join(lines))
+    done = completed_iterations(run_dir)
+    if config.iterations < done:
+        raise SettingsMismatch(f"run folder {run_dir} already has {done} complete iterations; --iterations {config.iterations} "
+                               f"would go back (give {done} or more)")
+    return changes
+
+
+def resumed_config(given: dict[str, Any]):
+    """The config of a run: `given` (flags and --config file) on top of the stored settings
+    of its run folder when it has some, checked by `setting_changes` before anything is
+    written."""
+    from flows.config import GRPOConfig
+
+    run_dir = given.get("run_dir")
+    stored = stored_settings(run_dir) if run_dir is not None else {}
+    config = GRPOConfig(**(stored | given))
+    if stored:
+        setting_changes(run_dir, config)
+    return config
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{k} {_shown(old)} -> {_shown(new)}" for k, (old, new) in sorted(changes.items()))
 
 
 # --- replay ------------------------------------------------------------------------------

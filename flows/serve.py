@@ -25,7 +25,6 @@ folder's lock also refuses a second writer).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +33,12 @@ from prefect import flow, get_run_logger
 from data.store import Manifest, iteration_dir
 from flows.config import GRPOConfig
 from flows.registry import champion_start
-from flows.resume import iteration_numbers, pool_name, record_start_policy, resume_point
+from flows.resume import completed_iterations, iteration_numbers, pool_name, record_start_policy, resume_point, stored_settings
 from flows.train import grpo_train, run_stage, write_builtin_prompts_task
 from tasks.fresh_prompts import unseen_prompts_task
 from tasks.ingest import ingest_task
 
 FLOW_NAME = "grpo-scheduled"
-
-
-def stored_settings(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return {}
-    saved = json.loads(path.read_text())
-    return dict(saved.get("config", saved))
 
 
 def continued_config(run_dir: str | Path, settings: dict[str, Any] | None) -> GRPOConfig:
@@ -58,8 +49,7 @@ def continued_config(run_dir: str | Path, settings: dict[str, Any] | None) -> GR
 
 def last_complete_iteration(run_dir: str | Path) -> int:
     """The highest iteration with its metrics.json written (0 for a new folder)."""
-    done = [it for it in iteration_numbers(run_dir) if it >= 1 and (iteration_dir(run_dir, it) / "metrics.json").is_file()]
-    return max(done, default=0)
+    return completed_iterations(run_dir)
 
 
 def write_candidates(config: GRPOConfig, out_path: str) -> dict:

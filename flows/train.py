@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,23 +30,24 @@ from data import builtin
 from data.schemas import ADVANTAGES, GENERATIONS, METRICS, PROMPTS, REWARDS, SchemaError
 from data.sources import hub_offline, normalise_row, prompts_table, read_source
 from data.store import TMP_PREFIX, Manifest, atomic_write_json, iteration_dir, read_table, remove_stale_temp_files, write_table
-from flows.config import GRPOConfig
+from flows.cluster import Stages, stages_for
+from flows.config import MID_RUN_SAFE, GRPOConfig
 from flows.report import VIEWS
-from flows.resume import (CHECKPOINT, PendingUpdates, hold_run_folder, prompt_pool, prune_checkpoints, release_run_folder,
-                          resume_point, saved_metrics, start_policy)
+from flows.resume import (CHECKPOINT, PendingUpdates, completed_iterations, describe_changes, hold_run_folder, prompt_pool,
+                          prune_checkpoints, release_run_folder, resume_point, saved_metrics, setting_changes, start_policy)
 from flows.tracking import Tracking, check_installed
 from tasks.advantages import advantages_task, informative_groups, refill_prompts_task
 from tasks.engines import check_available
 from tasks.evaluate import evaluate_task
-from tasks.generate import generate_task
+from tasks.footprint import gib, lora_trained_parameters, machine_memory_bytes, model_shape, update_peak_bytes
+from tasks.generate import render_prompt
 from tasks.ingest import ingest_task
 from tasks.objective import LossSettings
-from tasks.score import score_task
 from tasks.select import select_prompts_task
 from tasks.model import FINAL, check_model_source, export_final_model, live_policy
 from tasks.progress import stage_label
 from tasks.tiny_model import ensure_tiny_model
-from tasks.update import needs_old_logprobs, update_task
+from tasks.update import needs_old_logprobs
 
 # Updates of this flow run that were done before a restart and whose weights must be
 # re-created before a stage reads them (flows/resume.py).
@@ -193,7 +195,8 @@ def score_settings(config: GRPOConfig) -> dict:
                 workers=config.score_workers, chunk_rows=config.score_chunk_rows, worker_memory_mb=config.score_worker_memory_mb)
 
 
-def refill_rounds(config: GRPOConfig, manifest: Manifest, it: int, train_path: str, policy: str, generate_settings: dict) -> tuple[list[str], list[str], int]:
+def refill_rounds(config: GRPOConfig, stages: Stages, manifest: Manifest, it: int, train_path: str, policy: str,
+                  generate_settings: dict) -> tuple[list[str], list[str], int]:
     """DAPO dynamic sampling: extra rounds of prompts + generate + score (`prompts-r<k>.parquet`,
     `generations-r<k>.parquet`, `rewards-r<k>.parquet`) while fewer than prompts_per_iteration
     groups have reward spread, at most max_refill_rounds. Returns every round's generations
@@ -208,9 +211,9 @@ def refill_rounds(config: GRPOConfig, manifest: Manifest, it: int, train_path: s
                            seed=f"{config.seed}:{it}:{rounds}", schema_version=PROMPTS.version)
         if picked["prompts"] == 0:  # the dataset has no unused prompt left
             break
-        run_stage(manifest, Path(g).name, generate_task, p, g, policy, **generate_settings | {"seed": (config.seed * 100_003 + it) * 1_000 + rounds},
+        run_stage(manifest, Path(g).name, stages.generate, p, g, policy, **generate_settings | {"seed": (config.seed * 100_003 + it) * 1_000 + rounds},
                   schema_version=GENERATIONS.version)
-        run_stage(manifest, Path(r).name, score_task, g, p, r, **score_settings(config), schema_version=REWARDS.version)
+        run_stage(manifest, Path(r).name, stages.score, g, p, r, **score_settings(config), schema_version=REWARDS.version)
         prompts.append(p)
         gens.append(g)
         rewards.append(r)
@@ -224,24 +227,87 @@ def grpo_train(config: GRPOConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     hold_run_folder(run_dir)  # before touching anything: another process may be writing here
     PENDING_UPDATES.clear()
+    stages = None
     try:
+        stages = stages_for(config)  # where each stage runs (flows/cluster.py): this process, or a Ray cluster
         # The one place the flow talks to MLflow / TensorBoard (flows/tracking.py): they read
         # the metrics files this flow writes, after each iteration and at the end.
         with Tracking(config) as tracking:
-            metrics = train_iterations(config, tracking.iteration_done)
+            metrics = train_iterations(config, stages, tracking.iteration_done)
             return metrics | tracking.register(metrics)
     finally:
+        if stages is not None:
+            stages.close()  # no worker of this run outlives it
         VIEWS.drain()  # the stage artifacts and learning curve of the last iteration too
         release_run_folder(run_dir)
 
 
-def train_iterations(config: GRPOConfig, iteration_done: Callable[[], None] = lambda: None) -> dict:
+def longest_prompt_tokens(prompts_path: str, tokenizer, use_chat_template: bool, candidates: int = 16) -> int:
+    """Tokens of the longest prompt, as the model sees it (chat template included): the
+    `candidates` longest by characters are tokenized, not the whole file."""
+    table = read_table(prompts_path, PROMPTS, columns=["prompt_id", "prompt", "messages"]).to_pylist()
+    rows = sorted(table, key=lambda r: len(r["prompt"] or json.dumps(r["messages"])), reverse=True)[:candidates]
+    return max((len(tokenizer(render_prompt(r, tokenizer, use_chat_template), add_special_tokens=False)["input_ids"]) for r in rows), default=0)
+
+
+def print_start_block(config: GRPOConfig, base_model: str, data_manifest: Manifest, eval_path: str | None) -> None:
+    """The few lines a run prints before its first stage: what is trained on what, the key
+    settings, and the update's estimated peak memory against the machine's (a warning when
+    it does not fit)."""
+    from tasks.model import load_tokenizer, pick_device, pick_dtype
+
+    entries = data_manifest.entries()
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    shape = model_shape(base_model)
+    prompt_tokens = longest_prompt_tokens(str(data_manifest.folder / "prompts.parquet"), load_tokenizer(base_model), config.use_chat_template)
+    trained = lora_trained_parameters(shape, config.lora_rank) if config.lora_rank else None
+    peak = update_peak_bytes(shape, micro_batch=config.micro_batch_size, sequence=prompt_tokens + config.max_new_tokens,
+                             completion=config.max_new_tokens, dtype_bytes=dtype.itemsize, checkpointing=config.gradient_checkpointing,
+                             logprob_chunk_tokens=config.logprob_chunk_tokens, trained_parameters=trained)
+    have, what = machine_memory_bytes(str(device))
+    held_out = f", {entries['eval.parquet']['rows']:,} held-out" if eval_path is not None and "eval.parquet" in entries else ", no held-out set"
+    keep = "all kept" if config.save_total_limit is None else f"newest {config.save_total_limit} kept"
+    lines = [
+        f"model     {config.model or 'built-in tiny model'} ({shape.parameters / 1e6:,.1f}M parameters{', LoRA rank ' + str(config.lora_rank) if config.lora_rank else ''}, "
+        f"{str(dtype).removeprefix('torch.')} on {device})",
+        f"data      {entries.get('prompts.parquet', {}).get('rows', 0):,} training prompts{held_out}; longest prompt {prompt_tokens} tokens",
+        f"rewards   {', '.join(f'{name} x{weight:g}' for name, weight in config.rewards.items())}",
+        f"settings  {config.iterations} iterations x {config.prompts_per_iteration} prompts x {config.group_size} completions, "
+        f"{config.max_new_tokens} new tokens, lr {config.learning_rate:g}, micro-batch {config.micro_batch_size}, "
+        f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, checkpoint every {config.save_every} ({keep})",
+        f"memory    update peak ~{gib(peak)} (estimated) of {gib(have)} {what}",
+    ]
+    print("\n".join(f"grpo: {line}" for line in lines), file=sys.stderr)
+    if peak > have:
+        print(f"grpo: warning: the update's estimated peak ({gib(peak)}) exceeds this machine's {what} ({gib(have)}): lower "
+              "--micro-batch-size, turn on --gradient-checkpointing or shorten --max-new-tokens", file=sys.stderr)
+
+
+def write_config_record(run_dir: Path, config: GRPOConfig, log) -> None:
+    """config.json: the settings in force, what produced the run, and every mid-run change
+    of a setting (flows.config.MID_RUN_SAFE) with the first iteration it applies to. A
+    meaning-changing difference from the stored settings is refused here too (for callers
+    of the flow that bypass the command line), before config.json is touched."""
+    changes = setting_changes(run_dir, config)
+    path = run_dir / "config.json"
+    history = json.loads(path.read_text()).get("changes", []) if path.is_file() else []
+    if changes:
+        first = completed_iterations(run_dir) + 1
+        history.append({"from_iteration": first, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        "changed": {k: {"stored": old, "given": new} for k, (old, new) in sorted(changes.items())}})
+        log.info(f"settings changed on resume, from iteration {first}: {describe_changes(changes)}")
+    atomic_write_json(path, {"config": config.model_dump(mode="json"), "versions": versions(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                             "changes": history})
+
+
+def train_iterations(config: GRPOConfig, stages: Stages, iteration_done: Callable[[], None] = lambda: None) -> dict:
     """The body of `grpo_train` (which holds the run folder's lock around it).
     `iteration_done` is called after each iteration's metrics are written."""
     log = get_run_logger()
     run_dir = Path(config.run_dir)
     remove_stale_temp_files(run_dir)  # leftovers of a killed writer are never artifacts
-    atomic_write_json(run_dir / "config.json", {"config": config.model_dump(mode="json"), "versions": versions(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    write_config_record(run_dir, config, log)
     data_dir = run_dir / "dataset"
     data_manifest = Manifest(data_dir)
 
@@ -259,6 +325,7 @@ def train_iterations(config: GRPOConfig, iteration_done: Callable[[], None] = la
             run_stage(data_manifest, "eval.parquet", ingest_task, config.eval_dataset, eval_path, split=config.dataset_split,
                       task=config.task, skip_invalid=config.skip_invalid, limit=config.eval_size)
 
+    print_start_block(config, base_model, data_manifest, eval_path)
     machine = {"device": config.device, "dtype": config.dtype}
     evaluate = dict(rewards=config.rewards, reward_options=config.bound_reward_options(), max_new_tokens=config.max_new_tokens,
                     use_chat_template=config.use_chat_template, **engine_settings(config, config.eval_engine or config.generation_engine), **machine)
@@ -306,22 +373,28 @@ def train_iterations(config: GRPOConfig, iteration_done: Callable[[], None] = la
         pool, before_pool = prompt_pool(data_manifest, train_path, it)  # scheduled runs add pools of unseen prompts
         run_stage(manifest, "prompts.parquet", select_prompts_task, pool, prompts, iteration=it - before_pool,
                   per_iteration=config.prompts_per_iteration, seed=config.seed, schema_version=PROMPTS.version)
-        gen = run_stage(manifest, "generations.parquet", generate_task, prompts, gens, policy, **generate_settings,
+        gen = run_stage(manifest, "generations.parquet", stages.generate, prompts, gens, policy, **generate_settings,
                         seed=config.seed * 100_003 + it, schema_version=GENERATIONS.version)
-        score = run_stage(manifest, "rewards.parquet", score_task, gens, prompts, rewards, **score_settings(config), schema_version=REWARDS.version)
-        all_gens, all_rewards, rounds = refill_rounds(config, manifest, it, train_path, policy, generate_settings)
+        score = run_stage(manifest, "rewards.parquet", stages.score, gens, prompts, rewards, **score_settings(config), schema_version=REWARDS.version)
+        all_gens, all_rewards, rounds = refill_rounds(config, stages, manifest, it, train_path, policy, generate_settings)
         adv = run_stage(manifest, "advantages.parquet", advantages_task, all_rewards, advs, estimator=config.advantage_estimator,
                         scale_rewards=config.scale_rewards, eps=config.advantage_eps, dynamic_sampling=config.dynamic_sampling,
                         target_groups=config.prompts_per_iteration, schema_version=ADVANTAGES.version)
-        upd = run_stage(manifest, CHECKPOINT, update_task, all_gens, advs, policy, checkpoint, learning_rate=config.learning_rate, loss=loss,
+        # A done update (replayed when its weights were not saved) keeps the learning rate it
+        # ran with, whatever a resume changed since: the replay must give the same weights.
+        lr = manifest.entries().get(CHECKPOINT, {}).get("learning_rate", config.learning_rate) if manifest.is_done(CHECKPOINT) else config.learning_rate
+        upd = run_stage(manifest, CHECKPOINT, stages.update, all_gens, advs, policy, checkpoint, learning_rate=lr, loss=loss,
                         mu=config.mu, mini_batches=config.mini_batches, micro_batch_size=config.micro_batch_size,
                         gradient_checkpointing=config.gradient_checkpointing, logprob_chunk_tokens=config.logprob_chunk_tokens,
                         lora=config.lora_settings(),
-                        max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay, save=save, seed=config.seed * 100_003 + it, **machine)
+                        max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay, save=save, seed=config.seed * 100_003 + it,
+                        manifest_extra={"learning_rate": lr}, **machine)
         policy = checkpoint
 
         metrics = {"iteration": it, "reward": score["reward_mean"], **gen, **adv, **upd, "dynamic_sampling/rounds": rounds,
-                   "step_time": time.perf_counter() - started}
+                   "step_time": time.perf_counter() - started,
+                   # The settings that may change on resume, as they were for this iteration (grpo inspect shows changes).
+                   "settings": {k: getattr(config, k) for k in MID_RUN_SAFE} | {"learning_rate": lr}}
         metrics["tokens_per_second"] = upd.get("iteration_tokens", math.nan) / metrics["step_time"]
         if eval_path is not None and (it == config.iterations or (config.eval_every and it % config.eval_every == 0)):
             result = run_stage(manifest, "eval", evaluate_task, eval_path, policy, **evaluate)

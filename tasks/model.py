@@ -96,6 +96,7 @@ class LivePolicy:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     optimizer: torch.optim.Optimizer | None = None
+    trainer: torch.nn.Module | None = None  # the DDP wrapper (FSDP2: the model itself) on N > 1 ranks
 
 
 _LIVE: dict[str, LivePolicy] = {}
@@ -135,11 +136,26 @@ def forget_live_policies() -> None:
     gc.collect()
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: str | Path) -> bool:
+def read_optimizer_state(checkpoint: str | Path) -> dict | None:
+    """The optimiser state saved beside a checkpoint's weights, or None."""
     state_file = Path(checkpoint) / OPTIMIZER_FILE
     if not state_file.exists():
-        return False
-    optimizer.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True))
+        return None
+    return torch.load(state_file, map_location="cpu", weights_only=True)
+
+
+def adopt_weights(new_path: str | Path, state_dict: dict[str, torch.Tensor], skeleton: str | Path | None = None) -> bool:
+    """The update to `new_path` ran in other processes (training ranks): this process's live
+    policy takes its weights and is known as `new_path` from now on. Holding none, `skeleton`
+    (a checkpoint of the same architecture) is loaded first; without one nothing happens."""
+    if not _LIVE:
+        if skeleton is None:
+            return False
+        live_policy(skeleton)
+    (key, policy), = _LIVE.items()
+    policy.model.load_state_dict(state_dict, strict=False)  # a tied weight may be listed under one name only
+    _LIVE.clear()
+    _LIVE[_key(new_path)] = policy
     return True
 
 
@@ -154,21 +170,26 @@ def checkpoint_bytes(policy: LivePolicy, with_optimizer: bool = True, merge_adap
     return weights + moments
 
 
-def save_checkpoint(policy: LivePolicy, final: str | Path, merge_adapter: bool = False, with_optimizer: bool = True) -> Path:
+def save_checkpoint(policy: LivePolicy, final: str | Path, merge_adapter: bool = False, with_optimizer: bool = True,
+                    state_dict: dict | None = None, optimizer_state: dict | None = None) -> Path:
     """``save_pretrained`` (safetensors + tokenizer) and, unless `with_optimizer` is false,
     the optimiser state, atomically. A LoRA policy saves its adapter (what a resume needs),
     or with `merge_adapter` the merged weights as a plain transformers folder (what a user
-    deploys)."""
+    deploys). `state_dict` / `optimizer_state`: the whole weights and optimiser state gathered
+    from sharded ranks (FSDP2), written instead of the policy's own (which are shards).
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     needed = checkpoint_bytes(policy, with_optimizer, merge_adapter)
     check_free_space(final, needed)  # say so now, not as a half-written zip file
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=final.parent))
     try:
-        (merged_copy(policy.model) if merge_adapter else policy.model).save_pretrained(tmp, safe_serialization=True)
+        (merged_copy(policy.model) if merge_adapter else policy.model).save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         policy.tokenizer.save_pretrained(tmp)
-        if with_optimizer and policy.optimizer is not None:
-            torch.save(policy.optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        if with_optimizer and optimizer_state is None and policy.optimizer is not None:
+            optimizer_state = policy.optimizer.state_dict()
+        if with_optimizer and optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         for file in tmp.iterdir():
             with open(file, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -32,6 +32,7 @@ optimiser step.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -44,9 +45,11 @@ from prefect.cache_policies import NO_CACHE
 
 from data.schemas import ADVANTAGES, GENERATIONS
 from data.store import DiskFull, check_free_space, read_table
+from tasks.distributed import clip_gradients, deal, full_optimizer_state, full_state_dict, gradient_sync, load_full_optimizer_state
+from tasks.distributed import max_over_ranks, pick_parallelism, rank_and_world, sum_over_ranks
 from tasks.logprobs import DEFAULT_CHUNK_TOKENS, completion_logprobs, pack
 from tasks.lora import LoraSettings, add_adapter, is_adapted, trainable_parameters
-from tasks.model import checkpoint_bytes, live_policy, load_optimizer_state, move_live_policy, save_checkpoint
+from tasks.model import checkpoint_bytes, live_policy, move_live_policy, read_optimizer_state, save_checkpoint
 from tasks.objective import SPLIT_INVARIANT_AGGREGATIONS, BatchTotals, LossSettings, loss_mask, policy_loss
 from tasks.progress import progress
 
@@ -142,6 +145,12 @@ class MismatchSums:
         self.diff_max = max(self.diff_max, stats["logp_diff_max"])
         self.ratio_min = min(self.ratio_min, stats["is_ratio_min"])
         self.ratio_max = max(self.ratio_max, stats["is_ratio_max"])
+
+    def merge_ranks(self) -> None:
+        """Every rank's sums summed and extremes taken (tasks/distributed.py); no-op on one rank."""
+        self.tokens, self.diff_sum, self.ratio_sum = sum_over_ranks({"a": self.tokens, "b": self.diff_sum, "c": self.ratio_sum}).values()
+        self.diff_max, self.ratio_max, low = max_over_ranks([self.diff_max, self.ratio_max, -self.ratio_min])
+        self.ratio_min = -low
 
     def metrics(self) -> dict:
         if not self.tokens:
@@ -243,25 +252,41 @@ def update_policy(
     seed: int = 0,
     device: str = "auto",
     dtype: str = "auto",
+    parallelism: str = "ddp",
 ) -> dict:
     """mu x mini_batches optimiser steps of the GRPO objective over the kept completions;
-    returns the iteration's training metrics (TRL's names)."""
+    returns the iteration's training metrics (TRL's names).
+
+    Inside a torch.distributed process group of N > 1 ranks (every rank calls this with the
+    same arguments) each step's micro-batches are dealt out over the ranks and the model is
+    wrapped by `parallelism` ("ddp" or "fsdp2"): the step is the one-rank step (see
+    tasks/distributed.py). Rank 0 writes the one consolidated checkpoint."""
     if mu < 1 or mini_batches < 1 or micro_batch_size < 1:
         raise ValueError(f"mu, mini_batches and micro_batch_size must be >= 1 (got {mu}, {mini_batches}, {micro_batch_size})")
     started = time.perf_counter()
+    rank, world = rank_and_world()
+    par = pick_parallelism(parallelism)
+    sharded = par.sharded and world > 1
     policy = live_policy(policy_path, device, dtype)
     if lora is not None and not is_adapted(policy.model):
         # The first LoRA update puts the adapter on the base (B = 0: the policy is unchanged).
         policy.model = add_adapter(policy.model, lora, policy_path, seed=seed)
+    if world > 1 and policy.trainer is None:
+        policy.trainer = par.wrap(policy.model)  # FSDP2 shards the model in place
     model = policy.model
+    # The training forward: through the DDP/FSDP2 wrapper on N ranks, so their hooks run.
+    forward = policy.trainer if policy.trainer is not None else functools.partial(completion_logprobs, model)
     if policy.optimizer is None:
         # AdamW as in DeepSeekMath, over the trainable weights (the adapters' alone with
-        # LoRA); state restored when the checkpoint carries it, so a resumed run continues exactly.
+        # LoRA); state restored when the checkpoint carries it, so a resumed run continues
+        # exactly (on any number of ranks: one layout for all).
         policy.optimizer = torch.optim.AdamW(trainable_parameters(model), lr=learning_rate, weight_decay=weight_decay)
-        load_optimizer_state(policy.optimizer, policy_path)
+        state = read_optimizer_state(policy_path)
+        if state is not None:
+            load_full_optimizer_state(policy.trainer, policy.optimizer, state, sharded)
     for group in policy.optimizer.param_groups:
         group["lr"] = learning_rate
-    if save:  # a checkpoint that cannot fit fails now, not after minutes of update
+    if save and rank == 0:  # a checkpoint that cannot fit fails now, not after minutes of update
         check_free_space(out_checkpoint, checkpoint_bytes(policy))
     policy.optimizer.zero_grad(set_to_none=True)  # a retried stage must not add to stale gradients
 
@@ -294,38 +319,42 @@ def update_policy(
                 micro, idle = plan_micro_batches(batch_rows, micro_batch_size, loss)
                 totals = BatchTotals(sequences=len(batch_rows), tokens=sum(_loss_tokens(r, loss) for r in batch_rows), micro_batches=len(micro))
                 step_loss = torch.zeros((), device=model.device)
-                for chunk in micro:
-                    batch = pack([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk], pad_id, model.device)
-                    width = batch.completion_ids.shape[1]
-                    logp, entropy = completion_logprobs(model, batch, loss.temperature, with_entropy=True,
-                                                         chunk_tokens=logprob_chunk_tokens or None)  # (b, C)
-                    stored = [r["old_logprobs"] for r in chunk]
-                    old = logp.detach() if None in stored else _pad(stored, width, model.device)  # (b, C)
-                    ref = _pad([r["ref_logprobs"] for r in chunk], width, model.device) if loss.beta > 0 else None
-                    adv = torch.tensor([r["advantage"] for r in chunk], dtype=torch.float32, device=model.device)  # (b,)
-                    truncated = torch.tensor([r["finish_reason"] == "length" for r in chunk], device=model.device)  # (b,)
-                    mask = loss_mask(batch.completion_mask, truncated, loss)  # (b, C)
-                    sampled = [r["sampler_logprobs"] for r in chunk]
-                    sampler = None if None in sampled else _pad(sampled, width, model.device)  # (b, C)
-                    mb_loss, mb = policy_loss(logp, old, adv, mask, ref, loss, totals, sampler)
-                    mismatch.add(mb)
-                    mb_loss.backward()
-                    step_loss += mb_loss.detach()
-                    for key in ("tokens", "kl_sum", "clip_low", "clip_high", "clip_region", "clip_units"):
-                        sums[key] += mb[key]
-                    entropy_sum += (entropy * mask).sum()
-                    sums["forwarded"] += len(chunk)
-                    sums["forwarded_tokens"] += mb["tokens"]
-                    sums["seen_tokens"] += sum(len(r["prompt_token_ids"]) + len(r["completion_token_ids"]) for r in chunk)
-                    bar.advance(len(chunk))
-                if idle:  # their statistics as policy_loss would count them: their tokens, never clipped (A = 0 or no token)
+                share = deal(micro, rank, world, even=sharded) if micro else []
+                for k, (chunk, counts) in enumerate(share):
+                    with gradient_sync(policy.trainer, last=k == len(share) - 1):
+                        batch = pack([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk], pad_id, model.device)
+                        width = batch.completion_ids.shape[1]
+                        logp, entropy = forward(batch, loss.temperature, with_entropy=True, chunk_tokens=logprob_chunk_tokens or None)  # (b, C)
+                        stored = [r["old_logprobs"] for r in chunk]
+                        old = logp.detach() if None in stored else _pad(stored, width, model.device)  # (b, C)
+                        ref = _pad([r["ref_logprobs"] for r in chunk], width, model.device) if loss.beta > 0 else None
+                        adv = torch.tensor([r["advantage"] for r in chunk], dtype=torch.float32, device=model.device)  # (b,)
+                        truncated = torch.tensor([r["finish_reason"] == "length" for r in chunk], device=model.device)  # (b,)
+                        mask = loss_mask(batch.completion_mask, truncated, loss)  # (b, C)
+                        sampled = [r["sampler_logprobs"] for r in chunk]
+                        sampler = None if None in sampled else _pad(sampled, width, model.device)  # (b, C)
+                        mb_loss, mb = policy_loss(logp, old, adv, mask, ref, loss, totals, sampler)
+                        # x world: DDP/FSDP2 average the ranks' gradients, the step needs their sum.
+                        (mb_loss * (world if counts else 0.0)).backward()
+                        if not counts:  # a rank without a micro-batch of its own: synchronisation only
+                            continue
+                        mismatch.add(mb)
+                        step_loss += mb_loss.detach()
+                        for key in ("tokens", "kl_sum", "clip_low", "clip_high", "clip_region", "clip_units"):
+                            sums[key] += mb[key]
+                        entropy_sum += (entropy * mask).sum()
+                        sums["forwarded"] += len(chunk)
+                        sums["forwarded_tokens"] += mb["tokens"]
+                        sums["seen_tokens"] += sum(len(r["prompt_token_ids"]) + len(r["completion_token_ids"]) for r in chunk)
+                        bar.advance(len(chunk))
+                if idle and rank == 0:  # their statistics as policy_loss would count them: their tokens, never clipped (A = 0 or no token)
                     sums["tokens"] += sum(_loss_tokens(r, loss) for r in idle)
                     sums["clip_units"] += _idle_units(idle, loss)
                     sums["idle_completions"] += len(idle)
                     bar.advance(len(idle))
                 if not micro:
                     _zero_gradients(model)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()
+                grad_norm = clip_gradients(model, max_grad_norm)
                 if math.isfinite(grad_norm):
                     policy.optimizer.step()
                 else:  # one bad batch must not turn every weight into NaN
@@ -339,7 +368,16 @@ def update_policy(
 
     move_live_policy(policy_path, out_checkpoint)
     if save:
-        save_checkpoint(policy, out_checkpoint)
+        weights = full_state_dict(model, policy.trainer, sharded) if sharded else None  # FSDP2: every rank takes part in the gather
+        optimizer_state = full_optimizer_state(policy.trainer, policy.optimizer, sharded) if sharded else None
+        if rank == 0:
+            save_checkpoint(policy, out_checkpoint, state_dict=weights, optimizer_state=optimizer_state)
+    if world > 1:  # every rank's share of the sums (the idle completions' were counted on rank 0 only)
+        sums = sum_over_ranks(sums | {"entropy_sum": entropy_sum.item()})
+        entropy_sum = torch.tensor(sums.pop("entropy_sum"))
+        losses = sum_over_ranks({f"{i:06d}": v for i, v in enumerate(step_losses)})
+        step_losses = [losses[k] for k in sorted(losses)]
+        mismatch.merge_ranks()
     seconds = time.perf_counter() - started
     tokens = max(sums["tokens"], 1.0)
     units = max(sums["clip_units"], 1.0)

@@ -50,6 +50,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def save_tiny_qwen2(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide random Qwen2 (tied embeddings) with the char-level tokenizer, on disk:
+    small enough that an update step takes milliseconds."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tasks.model import LivePolicy, save_checkpoint
+    from tasks.tiny_model import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)
+    return save_checkpoint(LivePolicy(Qwen2ForCausalLM(config), tokenizer), folder)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect API for the whole session (starting one costs ~10 s)."""

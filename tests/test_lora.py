@@ -174,3 +174,5 @@ def test_a_lora_run_of_the_flow_loads_no_reference_and_checkpoints_adapters(tmp_
     for it in (1, 2):
         checkpoint = tmp_path / "run" / f"iter-{it:04d}" / "checkpoint"
         assert is_adapter_checkpoint(checkpoint) and not (checkpoint / "model.safetensors").exists()
+    final = tmp_path / "run" / "final"  # the merged model, loadable with plain transformers
+    assert not is_adapter_checkpoint(final) and not is_adapted(AutoModelForCausalLM.from_pretrained(final))

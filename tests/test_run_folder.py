@@ -76,17 +76,27 @@ def test_rotation_keeps_the_newest_n_and_only_the_resumable_one_has_optimiser_st
 
 
 # --- the final model -------------------------------------------------------------------------
-def test_final_model_loads_has_no_optimiser_state_and_is_the_last_line(tmp_path, tiny_model_dir, dataset, prefect_harness, capsys):
+def test_final_model_loads_has_no_optimiser_state_and_is_the_last_line(tmp_path, tiny_model_dir, dataset, prefect_harness, capsys, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tasks.model import final_model_dir
 
+    import flows.train
+
     run = tmp_path / "run"
     assert final_model_dir(run) is None
+    monkeypatch.setattr(flows.train, "machine_memory_bytes", lambda device: (2**29, "RAM"))  # a 0.5 GiB machine
     assert main(small_run_flags(run, tiny_model_dir, dataset, save_total_limit=2)) == 0
-    out = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
     assert out[-1] == f"final model: {run / 'final'}"
+    # The start block: what is trained on what, the key settings, the memory estimate.
+    assert f"grpo: model     {tiny_model_dir} (1.0M parameters, float32 on cpu)" in captured.err
+    assert "grpo: data      40 training prompts, no held-out set; longest prompt " in captured.err
+    assert "grpo: settings  3 iterations x 4 prompts x 3 completions, 4 new tokens, lr 0.01, micro-batch 12, gradient checkpointing on" in captured.err
+    assert "grpo: memory    update peak ~0.8 GiB (estimated) of 0.5 GiB RAM" in captured.err
+    assert "grpo: warning: the update's estimated peak (0.8 GiB) exceeds this machine's RAM (0.5 GiB)" in captured.err
     final = final_model_dir(run)
     assert final == run / "final"
     assert sorted(p.name for p in final.iterdir() if p.name.endswith((".safetensors", ".pt", ".bin"))) == ["model.safetensors"]
@@ -224,3 +234,93 @@ def test_debug_prints_the_traceback_after_the_line(tmp_path, tiny_model_dir, cap
     text = capsys.readouterr().err
     assert code == 2
     assert text.index("grpo: error: ") < text.index("Traceback")
+
+
+# --- resuming with the stored settings ---------------------------------------------------------
+def folder_state(run: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(run)): (p.read_bytes() if p.is_file() else b"", p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))}
+
+
+def test_a_resume_refuses_other_settings_resumes_with_the_stored_ones_and_records_safe_changes(
+        tmp_path, tiny_model_dir, dataset, prefect_harness, capsys):
+    from flows.inspection import run_overview, settings_changes
+
+    run = tmp_path / "run"
+    assert main(small_run_flags(run, tiny_model_dir, dataset, iterations=2)) == 0
+    before = folder_state(run)
+    capsys.readouterr()
+
+    # Flags that change what the artifacts mean: refused, one line each, nothing written.
+    assert main(["run", "--run-dir", str(run), "--group-size", "4", "--temperature", "0.7", "--iterations", "3"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[0].startswith(f"grpo: error: run folder {run} holds a run made with other settings (2 differ)")
+    assert err[1:] == ["  group_size: stored 3, given 4", "  temperature: stored 1.0, given 0.7"]
+    assert folder_state(run) == before
+
+    # Only settings that may change mid-run: the stored model, dataset, rewards and group
+    # size carry on, the changes are logged in config.json and per iteration.
+    assert main(["run", "--run-dir", str(run), "--iterations", "3", "--learning-rate", "0.001"]) == 0
+    third = iteration_dir(run, 3)
+    assert Manifest(third).entries()["generations.parquet"]["rows"] == 4 * 3
+    assert str(iteration_dir(run, 2) / CHECKPOINT) in Manifest(third).entries()["generations.parquet"]["inputs"]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"]["model"] == str(tiny_model_dir) and saved["config"]["rewards"] == {"tests.test_resume:prefers_short": 1.0}
+    assert saved["changes"] == [{"from_iteration": 3, "at": saved["changes"][0]["at"], "changed": {
+        "iterations": {"stored": 2, "given": 3}, "learning_rate": {"stored": 0.01, "given": 0.001}}}]
+    assert json.loads((third / "metrics.json").read_text())["settings"]["learning_rate"] == 0.001
+    assert Manifest(third).entries()[CHECKPOINT]["learning_rate"] == 0.001
+    assert settings_changes(run_overview(run)) == ["iter-0003: settings changed: iterations 2 -> 3, learning_rate 0.01 -> 0.001"]
+
+    # No flags at all: the stored settings, nothing left to do, the same final model.
+    capsys.readouterr()
+    assert main(["run", "--run-dir", str(run)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"final model: {run / 'final'}"
+    assert not iteration_dir(run, 4).exists() and len(json.loads((run / "config.json").read_text())["changes"]) == 1
+
+
+def test_every_setting_changes_what_artifacts_mean_unless_listed_and_iterations_cannot_go_back(tmp_path):
+    from flows.config import MID_RUN_SAFE, GRPOConfig, may_change_mid_run
+    from flows.resume import SettingsMismatch, setting_changes
+
+    assert set(MID_RUN_SAFE) <= set(GRPOConfig.model_fields)
+    assert {"iterations", "eval_every", "save_every", "save_total_limit", "learning_rate"} <= set(MID_RUN_SAFE)
+    assert not may_change_mid_run("a_setting_added_next_year") and not may_change_mid_run("group_size")
+    config = GRPOConfig(run_dir=tmp_path, iterations=2)
+    atomic_write_json(tmp_path / "config.json", {"config": config.model_dump(mode="json")})
+    for it in (1, 2):
+        atomic_write_json(iteration_dir(tmp_path, it) / "metrics.json", {"iteration": it})
+    assert setting_changes(tmp_path, config) == {}
+    with pytest.raises(SettingsMismatch, match="already has 2 complete iterations; --iterations 1 would go back"):
+        setting_changes(tmp_path, config.model_copy(update={"iterations": 1}))
+    (tmp_path / "config.json").write_text('{"config": {"no_such_setting": 1}}')
+    with pytest.raises(SettingsMismatch, match="config.json: its settings are not valid for this grpoflow"):
+        setting_changes(tmp_path, config)
+
+
+# --- defaults that fit the model ----------------------------------------------------------------
+def test_a_given_model_gets_real_model_defaults_and_explicit_settings_win():
+    from flows.config import REAL_MODEL_DEFAULTS, GRPOConfig
+
+    demo, real = GRPOConfig(), GRPOConfig(model="some/model")
+    for name, value in REAL_MODEL_DEFAULTS.items():
+        assert getattr(real, name) == value != getattr(demo, name), name
+        assert f"with --model the default is" in GRPOConfig.model_fields[name].description.lower()
+    assert GRPOConfig(model="some/model", learning_rate=0.01, gradient_checkpointing=False).learning_rate == 0.01
+    assert GRPOConfig(model="some/model", gradient_checkpointing=False).gradient_checkpointing is False
+    # A stored config sets every field: reading it back changes nothing.
+    stored = GRPOConfig(model="some/model", micro_batch_size=64).model_dump(mode="json")
+    assert GRPOConfig(**stored).micro_batch_size == 64
+
+
+def test_update_memory_estimate_matches_the_smollm2_measurements():
+    from tasks.footprint import ModelShape, update_peak_bytes
+
+    smollm2 = ModelShape(parameters=134_515_008, layers=30, hidden=576, intermediate=1536, heads=9, vocab=49152)
+    measured = {False: 5565, True: 3333}  # MiB, benchmarks/RESULTS.md section 6 (micro-batch 8, 217-token rows, fp32)
+    for checkpointing, mib in measured.items():
+        estimate = update_peak_bytes(smollm2, micro_batch=8, sequence=217, completion=32, dtype_bytes=4,
+                                     checkpointing=checkpointing, logprob_chunk_tokens=1024) / 2**20
+        assert abs(estimate - mib) / mib < 0.1, (checkpointing, estimate)
+    # Micro-batch 64 was OOM-killed at 20.4 GiB: the estimate says it does not fit in that.
+    assert update_peak_bytes(smollm2, micro_batch=64, sequence=217, completion=32, dtype_bytes=4, checkpointing=False,
+                             logprob_chunk_tokens=1024) > 20.4 * 2**30

@@ -14,7 +14,7 @@ os.environ.setdefault("GRPOFLOW_PROGRESS", "0")
 import pyarrow as pa
 import pytest
 import torch
-from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedModel
 
 import tasks.model
 import tasks.update
@@ -25,9 +25,9 @@ from data.store import read_table, write_table
 from tasks.advantages import compute_advantages
 from tasks.generate import generate_completions
 from tasks.logprobs import completion_logprobs, pack
-from tasks.model import LivePolicy, forget_live_policies, live_policy, load_model, save_checkpoint
+from tasks.model import forget_live_policies, live_policy, load_model
 from tasks.objective import BatchTotals, LossSettings, policy_loss
-from tasks.tiny_model import build_tokenizer
+from tests.conftest import save_tiny_qwen2
 from tasks.update import ArtifactMismatch, load_training_rows, split_mini_batches, update_policy
 
 PRACTITIONER_METRICS = {"policy_loss", "kl", "entropy", "grad_norm", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
@@ -62,12 +62,7 @@ def artifacts(tmp_path_factory):
     """A tiny model on disk; 6 prompts x 4 completions (and x 8) with reference log-probs;
     random rewards with spread; their advantages."""
     root = tmp_path_factory.mktemp("update")
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)
-    model_dir = root / "model"
-    save_checkpoint(LivePolicy(Qwen2ForCausalLM(config), tokenizer), model_dir)
+    model_dir = save_tiny_qwen2(root / "model")
     prompts = root / "prompts.parquet"
     rows = [normalise_row(p, data_source="t", row=i) for i, p in enumerate(builtin.train_problems(6, seed=5))]
     write_table(prompts_table(rows), prompts, PROMPTS)
