@@ -198,8 +198,12 @@ def test_hub_names_pass_name_config_and_split_to_load_dataset(monkeypatch):
 
 
 def test_hub_network_errors_are_not_wrapped(monkeypatch):
-    """A transient hub failure must stay a ConnectionError, so the task's retries see it."""
+    """A transient hub failure must stay a ConnectionError, so the task's retries see it.
+    (Offline, no retry can help: that is a one-line SourceError, tests/test_run_folder.py.)"""
     import datasets
+
+    for switch in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # conftest sets them; this is the online case
+        monkeypatch.delenv(switch, raising=False)
 
     def unreachable(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub")
