@@ -35,7 +35,7 @@ PARTS = [
     ("tasks.update", "save_checkpoint", "checkpoint_write"),
     ("tasks.generate", "load_model", "model_load"),  # the reference model, when beta > 0
     ("tasks.model", "load_model", "model_load"),  # the policy, when not held in memory
-    ("tasks.generate", "sample", "generate_sampling"),
+    ("tasks.engines.hf", "HFEngine.sample", "generate_sampling"),  # the engine's sampling, behind the generate stage
     ("tasks.generate", "batched_completion_logprobs", "logprob_forwards"),  # old policy, and reference when beta > 0
 ]
 
@@ -55,10 +55,13 @@ def _timed(fn, label: str):
 
 def install() -> None:
     for module_name, attr, label in STAGES + PARTS:
-        module = importlib.import_module(module_name)
-        fn = getattr(module, attr)
+        owner = importlib.import_module(module_name)
+        *path, attr = attr.split(".")  # "Class.method" times a method on its class
+        for name in path:
+            owner = getattr(owner, name)
+        fn = getattr(owner, attr)
         if not getattr(fn, "__timed__", False):
-            setattr(module, attr, _timed(fn, label))
+            setattr(owner, attr, _timed(fn, label))
     # The score stage streams its output through this writer.
     from data.store import Manifest, ParquetStreamWriter
 
