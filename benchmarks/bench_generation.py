@@ -55,7 +55,7 @@ def main() -> None:
     from data.store import write_table
     from tasks.engines import SamplingSettings
     from tasks.engines.hf import HFEngine, eos_ids
-    from tasks.generate import generate_completions, render_prompt
+    from tasks.generate import generate_completions
     from tasks.model import live_policy
 
     a.scratch.mkdir(parents=True, exist_ok=True)
@@ -81,16 +81,9 @@ def main() -> None:
     policy = live_policy(str(model_path), "cpu", "float32")  # the stage finds this very object
     model, tok = policy.model, policy.tokenizer
     model.eval()
-    texts = [render_prompt(r | {"prompt_id": str(i)}, tok, True) for i, r in enumerate(rows)]
-    prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    prompt_ids, jobs, ids, mask = common.bare_generate_inputs(rows, tok, a.group_size)
+    width = ids.shape[1]
     eos = eos_ids(model, tok)
-    width = max(map(len, prompt_ids))
-    jobs = [i for i in range(len(prompt_ids)) for _ in range(a.group_size)]
-    ids = torch.full((len(jobs), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, i in enumerate(jobs):
-        ids[row, width - len(prompt_ids[i]) :] = torch.as_tensor(prompt_ids[i])
-        mask[row, width - len(prompt_ids[i]) :] = 1
     batch = len(jobs)
     engine = HFEngine()  # the stage's engine, on the same model object
     engine.load(model, tok)

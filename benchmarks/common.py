@@ -266,3 +266,23 @@ class PrefectServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self.log.close()
+
+
+def bare_generate_inputs(rows: list[dict], tok, group_size: int):
+    """What a bare `model.generate` baseline feeds the model: every prompt rendered as the
+    generate stage renders it, repeated group_size times, left-padded into one batch.
+    Returns (prompt_ids, jobs: the prompt index of each row, ids (B, P), mask (B, P))."""
+    import torch
+
+    from tasks.generate import render_prompt
+
+    texts = [render_prompt(r | {"prompt_id": str(i)}, tok, True) for i, r in enumerate(rows)]
+    prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, prompt_ids))
+    jobs = [i for i in range(len(prompt_ids)) for _ in range(group_size)]
+    ids = torch.full((len(jobs), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, i in enumerate(jobs):
+        ids[row, width - len(prompt_ids[i]) :] = torch.as_tensor(prompt_ids[i])
+        mask[row, width - len(prompt_ids[i]) :] = 1
+    return prompt_ids, jobs, ids, mask
