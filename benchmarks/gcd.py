@@ -11,9 +11,12 @@ problems are drawn with another seed, and any whose pair of numbers also occurs 
 training file is dropped. Reward: the registered `math` reward (the completion's last
 number, \\boxed{} or "the answer is" compared by value with the gold), weight 1.
 
-About 61% of random pairs are coprime (6 / pi^2), so "always answer 1" is a strong shortcut:
-after the run the base model and the final checkpoint are evaluated again on the held-out
-set, split into gcd = 1 and gcd > 1, with the fraction of answers that are "1".
+Small answers dominate reasoning-gym's gcd problems (measured in the files this script writes:
+training 32% gcd 2, 21% gcd 1, 13% gcd 3; held-out 41% / 21% / 13%), so "always answer 2" scores
+41% held-out without computing anything. The split evaluation after the run scores the base
+model and the last checkpoint by gold answer (1, 2, 3 or more), with the share of answers that
+are 1 and 2 and the constant-answer baseline, so that a learned shortcut is not mistaken for
+learning gcd.
 
 Writes benchmarks/out/gcd/summary.json and docs/gcd_curve.png (reward per iteration and
 held-out accuracy against wall minutes, one PNG).
@@ -73,8 +76,11 @@ RECIPE = {
 
 
 def held_out_split(model_dir: str, held: Path, max_new_tokens: int) -> dict:
-    """Greedy accuracy of `model_dir` on the held-out file, split by gcd = 1 / gcd > 1, and the
-    fraction of answers that are 1 (the shortcut)."""
+    """Greedy accuracy of `model_dir` on the held-out file, split by the gold answer (1, 2,
+    3 or more), the share of answers that are 1 and 2, and what always answering the most
+    common gcd would score: the shortcuts a policy can learn instead of computing a gcd."""
+    from collections import Counter
+
     from data.sources import normalise_row, read_source
     from rewards import make_reward
     from tasks.engines import SamplingSettings, engine_for
@@ -88,20 +94,24 @@ def held_out_split(model_dir: str, held: Path, max_new_tokens: int) -> dict:
     texts = policy.tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
     reward = make_reward("math", None)
     solved = [reward(t, r) >= 1.0 for t, r in zip(texts, rows)]
-    last = [re.findall(r"-?\d+", t) for t in texts]
-    ones = [r for r in range(len(rows)) if rows[r]["answer"] == "1"]
-    more = [r for r in range(len(rows)) if rows[r]["answer"] != "1"]
+    last = [(re.findall(r"-?\d+", t) or [None])[-1] for t in texts]
+    classes = {"gcd_1": lambda a: a == "1", "gcd_2": lambda a: a == "2", "gcd_3_or_more": lambda a: a not in ("1", "2")}
+    split = {}
+    for name, member in classes.items():
+        chosen = [i for i, r in enumerate(rows) if member(r["answer"])]
+        split[f"accuracy_{name}"] = sum(solved[i] for i in chosen) / max(len(chosen), 1)
+        split[f"share_{name}"] = len(chosen) / len(rows)
+    (common_answer, count), = Counter(r["answer"] for r in rows).most_common(1)
     return {
-        "accuracy": sum(solved) / len(rows),
-        "accuracy_gcd_1": sum(solved[i] for i in ones) / max(len(ones), 1),
-        "accuracy_gcd_gt_1": sum(solved[i] for i in more) / max(len(more), 1),
-        "problems": len(rows), "gcd_1_share": len(ones) / len(rows),
-        "answers_1": sum(bool(x) and x[-1] == "1" for x in last) / len(rows),
+        "accuracy": sum(solved) / len(rows), **split, "problems": len(rows),
+        "answers_1": sum(x == "1" for x in last) / len(rows), "answers_2": sum(x == "2" for x in last) / len(rows),
+        "distinct_answers": len(set(last)),
+        f"constant_answer_{common_answer}_accuracy": count / len(rows),
         "mean_completion_tokens": sum(len(s.completion_ids) for s in samples) / len(samples),
     }
 
 
-def plot(points: list[dict], path: Path, title: str) -> None:
+def plot(points: list[dict], path: Path, title: str, constant: tuple[str, float] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,6 +122,8 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     acc = [(p["minutes"], p["held_out_accuracy"]) for p in points if p.get("held_out_accuracy") is not None]
     ax.plot([m for m, _ in rew], [r for _, r in rew], "o-", color="tab:blue", alpha=0.6, label="training reward (mean of the iteration's samples)")
     ax.plot([m for m, _ in acc], [a for _, a in acc], "s-", color="tab:red", lw=2, label="held-out greedy accuracy")
+    if constant is not None:  # what answering the most common gcd every time scores
+        ax.axhline(constant[1], color="grey", ls="--", lw=1, label=f"always answering {constant[0]} (held-out)")
     ax.set_xlabel("wall minutes (generation, scoring, update and evaluations, 2 shared CPU cores)")
     ax.set_ylabel("fraction correct")
     ax.set_ylim(0, 1)
@@ -130,12 +142,27 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="recipe overrides, key=JSON value")
     p.add_argument("--run-dir", type=Path, default=None)
     p.add_argument("--skip-split", action="store_true", help="no before/after split evaluation")
+    p.add_argument("--split-only", type=Path, default=None, metavar="RUN_DIR",
+                   help="only the split evaluation of the base model and RUN_DIR's last checkpoint, into its summary")
+    p.add_argument("--started", type=float, default=None, help="with --split-only: when the run started (epoch seconds)")
     a = p.parse_args()
     from smollm2 import smollm2_hf_folder
 
     model = smollm2_hf_folder(ROOT / "benchmarks" / "out" / "smollm2-135m-instruct")
     train, held = write_gcd_jsonl(OUT / "gcd-train.jsonl", OUT / "gcd-held.jsonl", 4000, 128)
     recipe = RECIPE | {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
+    if a.split_only:
+        summary = json.loads((OUT / "summary.json").read_text()) if (OUT / "summary.json").exists() else {}
+        if summary.get("run_dir") != str(a.split_only):  # the run's own summary was not written (the driver was stopped)
+            if a.started is None:
+                raise SystemExit(f"{OUT / 'summary.json'} is not {a.split_only}'s: give --started (the run's start, epoch seconds)")
+            finished = max(m.stat().st_mtime for m in a.split_only.glob("iter-*/metrics.json"))
+            summary = summarise(a.split_only, a.started, finished - a.started, recipe, a.seed, [None, None, None])
+        summary["split"] = split_evaluation(str(model), a.split_only, held, recipe["max_new_tokens"])
+        (OUT / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        plot_summary(summary, held)
+        print(json.dumps(summary["split"], indent=2))
+        return
     run_dir = a.run_dir or OUT / f"run-seed{a.seed}-{time.strftime('%H%M')}"
     config = recipe | {"run_dir": str(run_dir), "model": str(model), "dataset": str(train), "eval_dataset": str(held), "seed": a.seed,
                        "iterations": a.iterations}
@@ -168,6 +195,21 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             child.kill()
     wall = time.time() - started
+    summary = summarise(run_dir, started, wall, recipe, a.seed, load_before)
+    accs = [p for p in summary["points"] if p.get("held_out_accuracy") is not None]
+    if accs and len(accs) > 1:
+        plot_summary(summary, held)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("points", "machine")}, indent=2, default=str))
+    if not a.skip_split:
+        summary["split"] = split_evaluation(str(model), run_dir, held, recipe["max_new_tokens"])
+        (OUT / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        print(json.dumps(summary["split"], indent=2))
+
+
+def summarise(run_dir: Path, started: float, wall: float, recipe: dict, seed: int, load_before) -> dict:
+    """The run folder's per-iteration metrics as points against wall minutes from `started`."""
     points = []
     for m in sorted(run_dir.glob("iter-*/metrics.json")):
         metrics = json.loads(m.read_text())
@@ -175,28 +217,35 @@ def main() -> None:
                        "held_out_accuracy": metrics.get("held_out_accuracy"),
                        **{k: v for k, v in metrics.items() if k.startswith("sampling/") or k in ("step_time", "completions/mean_length")}})
     accs = [p for p in points if p.get("held_out_accuracy") is not None]
-    summary = {"recipe": recipe, "seed": a.seed, "wall_minutes": wall / 60, "iterations_done": len(points) - 1, "points": points,
-               "before": accs[0]["held_out_accuracy"] if accs else None, "after": accs[-1]["held_out_accuracy"] if accs else None,
-               "best": max((p["held_out_accuracy"] for p in accs), default=None),
-               "load_before": load_before, "load_after": os.getloadavg(), "machine": machine_info(), "run_dir": str(run_dir)}
-    if accs and len(accs) > 1:
-        title = (f"SmolLM2-135M-Instruct, reasoning-gym gcd, vLLM engine, seed {a.seed}: held-out {summary['before']:.1%} -> "
-                 f"{summary['after']:.1%} in {wall / 60:.0f} min (load {load_before[0]:.1f}-{os.getloadavg()[0]:.1f})")
-        plot(points, ROOT / "docs" / "gcd_curve.png", title)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("points", "machine")}, indent=2, default=str))
-    if not a.skip_split:
-        import glob
+    return {"recipe": recipe, "seed": seed, "wall_minutes": wall / 60, "iterations_done": len(points) - 1, "points": points,
+            "before": accs[0]["held_out_accuracy"] if accs else None, "after": accs[-1]["held_out_accuracy"] if accs else None,
+            "best": max((p["held_out_accuracy"] for p in accs), default=None),
+            "load_before": load_before, "load_after": os.getloadavg(), "machine": machine_info(), "run_dir": str(run_dir)}
 
-        last = sorted(glob.glob(str(run_dir / "iter-*" / "checkpoint")))
-        split = {"before": held_out_split(str(model), held, recipe["max_new_tokens"])}
-        if last:
-            split["after"] = held_out_split(last[-1], held, recipe["max_new_tokens"])
-        summary["split"] = split
-        (OUT / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        print(json.dumps(split, indent=2))
 
+def plot_summary(summary: dict, held: Path) -> None:
+    load = "" if summary["load_before"][0] is None else f" (load {summary['load_before'][0]:.1f}-{summary['load_after'][0]:.1f})"
+    title = (f"SmolLM2-135M-Instruct, reasoning-gym gcd, vLLM engine, seed {summary['seed']}: held-out {summary['before']:.1%} -> "
+             f"{summary['after']:.1%} in {summary['wall_minutes']:.0f} min{load}")
+    plot(summary["points"], ROOT / "docs" / "gcd_curve.png", title, constant_answer(held))
+
+
+def constant_answer(held: Path) -> tuple[str, float]:
+    """The held-out file's most common gold answer and the accuracy of always giving it."""
+    from collections import Counter
+
+    answers = [json.loads(line)["answer"] for line in held.read_text().splitlines() if line.strip()]
+    (answer, count), = Counter(answers).most_common(1)
+    return answer, count / len(answers)
+
+
+def split_evaluation(model: str, run_dir: Path, held: Path, max_new_tokens: int) -> dict:
+    """`held_out_split` of the base model and of the run's last checkpoint."""
+    split = {"before": held_out_split(model, held, max_new_tokens)}
+    last = [run_dir / "final"] if (run_dir / "final" / "config.json").exists() else sorted(run_dir.glob("iter-*/checkpoint"))[-1:]
+    if last:  # the run's final model, else (a stopped run) its newest checkpoint
+        split["after"] = held_out_split(str(last[-1]), held, max_new_tokens) | {"checkpoint": str(last[-1])}
+    return split
 
 if __name__ == "__main__":
     main()
