@@ -81,19 +81,21 @@ def main() -> None:
     prompt_ids, jobs, ids, mask = common.bare_generate_inputs(rows, tok, a.group_size)
     width = ids.shape[1]
     stops = eos_ids(model, tok)
-    started = time.perf_counter()
-    engine = engine_for("vllm", str(model_path), policy)  # built once, as in a flow run
-    llm = engine.llm
-    build_seconds = time.perf_counter() - started
+    # vLLM's CPU worker pins this process's OpenMP threads when it starts (and then refuses
+    # torch.set_num_threads), which could handicap the HF sides measured beside it. Checked:
+    # `--sides hf_generate stage_hf` builds no engine, and HF ran at 102 tok/s there against
+    # 105-109 beside vLLM (SmolLM2, 2 threads), so the interleaved comparison is fair.
+    build_seconds, sync_seconds, llm = 0.0, [], None
+    if {"vllm_bare", "stage_vllm"} & set(a.sides):
+        started = time.perf_counter()
+        engine = engine_for("vllm", str(model_path), policy)  # built once, as in a flow run
+        llm = engine.llm
+        build_seconds = time.perf_counter() - started
+        for _ in range(3):  # the in-place weight sync after each update (the same weights here)
+            t0 = time.perf_counter()
+            engine.sync(model.state_dict().items())
+            sync_seconds.append(time.perf_counter() - t0)
     set_threads(a.threads)
-    sync_seconds = []
-    for _ in range(3):  # the in-place weight sync after each update (the same weights here)
-        t0 = time.perf_counter()
-        engine.sync(model.state_dict().items())
-        sync_seconds.append(time.perf_counter() - t0)
-
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     def count(new_tokens: torch.Tensor) -> int:
         total = 0
@@ -109,9 +111,12 @@ def main() -> None:
                              max_new_tokens=a.max_new_tokens, eos_token_id=stops, pad_token_id=tok.pad_token_id)
         return count(out[:, width:])
 
-    bare_params = SamplingParams(n=a.group_size, temperature=1.0, top_k=0, max_tokens=a.max_new_tokens, stop_token_ids=stops, detokenize=False)
-
     def vllm_bare(seed: int) -> int:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        bare_params = SamplingParams(n=a.group_size, temperature=1.0, top_k=0, max_tokens=a.max_new_tokens, stop_token_ids=stops,
+                                     detokenize=False)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], bare_params, use_tqdm=False)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
