@@ -49,7 +49,7 @@ from data.store import PAUSE_AT_ENV, PAUSE_MARKER_ENV, TMP_PREFIX, read_table, w
 from flows.cluster import Stages
 from tasks.generate import generate_completions
 from tasks.model import adopt_weights, live_policy
-from tasks.score import TooManyRewardErrors, _worth_retrying, score_generations
+from tasks.score import TooManyRewardErrors, score_failure_is_transient, score_generations
 from tasks.update import update_policy
 
 # What the workers need of the flow process's environment (offline hub, caches, progress bars).
@@ -147,7 +147,8 @@ class GenerationWorker:
         adopt_weights(path, weights, skeleton=skeleton)
 
     def generate(self, prompts_path: str, out_path: str, policy_path: str, **settings: Any) -> dict:
-        return generate_completions(prompts_path, out_path, policy_path, **settings)
+        # This process never trains, so it keeps the reference model between shards and iterations.
+        return generate_completions(prompts_path, out_path, policy_path, **settings | {"keep_reference": True})
 
 
 @ray.remote(max_retries=0)
@@ -186,7 +187,7 @@ class RayCluster:
         def generate(prompts_path: str, out_path: str, policy_path: str, **settings: Any) -> dict:
             return self.generate(prompts_path, out_path, policy_path, **settings)
 
-        @task(name="score", retries=2, retry_delay_seconds=1, retry_condition_fn=_worth_retrying, cache_policy=NO_CACHE)
+        @task(name="score", retries=2, retry_delay_seconds=1, retry_condition_fn=score_failure_is_transient, cache_policy=NO_CACHE)
         def score(generations_path: str, prompts_path: str, out_path: str, **settings: Any) -> dict:
             return self.score(generations_path, prompts_path, out_path, **settings)
 

@@ -106,6 +106,10 @@ def tokenization_loss(tokenizer, texts: Sequence[str]) -> dict:
     return {"prompts": len(texts), "lossy": lossy, "unknown_tokens": unknown, "example": example}
 
 
+# reference path -> the reference model a `keep_reference` call left loaded
+_KEPT_REFERENCES: dict[str, object] = {}
+
+
 def generate_completions(
     prompts_path: str | Path,
     out_path: str | Path,
@@ -121,6 +125,7 @@ def generate_completions(
     with_old_logprobs: bool = True,
     logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     reference_from_base: bool = False,
+    keep_reference: bool = False,
     top_k: int = 0,
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
@@ -141,6 +146,9 @@ def generate_completions(
     per-token log-probs; that model is loaded only for this and freed before the stage
     returns, so the update stage holds the policy alone. `reference_from_base` (LoRA, beta >
     0) takes them from the policy's base weights with its adapter disabled instead.
+    `keep_reference` keeps the reference model in this process for the next call instead: for
+    a process that never runs the update (a Ray generation worker), where reloading it for every
+    shard of every iteration is pure cost.
     """
     policy = live_policy(policy_path, device, dtype)
     model, tokenizer = policy.model, policy.tokenizer
@@ -173,13 +181,17 @@ def generate_completions(
             ref_logprobs = batched_completion_logprobs(model, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature,
                                                        batch_size, logprob_chunk_tokens or None)
     elif reference_path is not None:
-        ref = load_model(reference_path, model.device, pick_dtype(dtype, model.device)).eval()
+        ref = _KEPT_REFERENCES.get(reference_path) or load_model(reference_path, model.device, pick_dtype(dtype, model.device)).eval()
         ref_logprobs = batched_completion_logprobs(ref, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size,
                                                   logprob_chunk_tokens or None)
-        # Free its weights now, without gc.collect(): a full collection of this process's heap
-        # (torch, transformers, Prefect) took 0.3-1.4 s per iteration, more than the reference
-        # forward itself. Moving the weights to the meta device drops their storage at once.
-        ref.to("meta")
+        if keep_reference:
+            _KEPT_REFERENCES.clear()  # one reference per process, like the live policy
+            _KEPT_REFERENCES[reference_path] = ref
+        else:
+            # Free its weights now, without gc.collect(): a full collection of this process's heap
+            # (torch, transformers, Prefect) took 0.3-1.4 s per iteration, more than the reference
+            # forward itself. Moving the weights to the meta device drops their storage at once.
+            ref.to("meta")
         del ref
 
     completions = tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)

@@ -283,15 +283,16 @@ class _Chunk:
         return pa.table(columns, schema=schema)
 
 
-def _worth_retrying(task, task_run, state) -> bool:
-    """Retry only what may be transient: a wrong config or file fails the same way again."""
+def score_failure_is_transient(task, task_run, state) -> bool:
+    """Retry only what may be transient: a wrong config or file fails the same way again (shared
+    by the Ray cluster's score task, flows/ray_cluster.py)."""
     error = state.result(raise_on_failure=False)
     # ValueError covers RewardOptionsError and SchemaError; KeyError covers UnknownRewardError
     # and a prompt_id missing from the prompts file.
     return not isinstance(error, (ValueError, KeyError, FileNotFoundError, DiskFull))
 
 
-@task(name="score", retries=2, retry_delay_seconds=1, retry_condition_fn=_worth_retrying)
+@task(name="score", retries=2, retry_delay_seconds=1, retry_condition_fn=score_failure_is_transient)
 def score_task(
     generations_path: str,
     prompts_path: str,

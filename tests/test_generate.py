@@ -94,3 +94,23 @@ def test_chat_prompts_need_a_template_and_plain_ones_pass_through(tiny_model_dir
         assert render_prompt({"prompt_id": "x", "prompt": "1+2=", "messages": None}, tokenizer, False) == "1+2="
     finally:
         tokenizer.chat_template = None
+
+
+def test_a_kept_reference_is_loaded_once_and_gives_the_same_log_probs(tmp_path, prompts_path, tiny_model_dir, monkeypatch):
+    """A process that never trains (a Ray generation worker) keeps the reference model between
+    calls: one load for any number of stages, and the artifact is the one a fresh load writes."""
+    import tasks.generate as generate
+
+    loads = []
+    real_load = generate.load_model
+    monkeypatch.setattr(generate, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    monkeypatch.setattr(generate, "_KEPT_REFERENCES", {})
+    fresh, kept = tmp_path / "fresh.parquet", [tmp_path / f"kept{i}.parquet" for i in range(3)]
+    settings = dict(group_size=2, max_new_tokens=4, reference_path=str(tiny_model_dir), seed=5)
+    generate_completions(prompts_path, fresh, str(tiny_model_dir), **settings)
+    assert len(loads) == 1
+    for out in kept:
+        generate_completions(prompts_path, out, str(tiny_model_dir), keep_reference=True, **settings)
+    assert len(loads) == 2  # the first kept call loads, the next two reuse it
+    for out in kept:
+        assert read_table(out, GENERATIONS).equals(read_table(fresh, GENERATIONS))

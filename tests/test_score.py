@@ -14,7 +14,7 @@ from prefect.states import Failed
 from data.schemas import GENERATIONS, PROMPTS, REWARDS
 from data.store import read_table, write_table
 from rewards import RewardOptionsError, UnknownRewardError
-from tasks.score import TooManyRewardErrors, _worth_retrying, score_generations, score_task
+from tasks.score import TooManyRewardErrors, score_failure_is_transient, score_generations, score_task
 
 
 HANG = "test_score_rewards:hang_on_request"
@@ -191,9 +191,9 @@ def test_the_prefect_task_wraps_the_function_and_retries_only_transient_failures
         str(math_run / "generations.parquet"), str(math_run / "prompts.parquet"), str(math_run / "t.parquet"), {"math": 1.0}
     )
     assert summary["rows"] == 20
-    assert not _worth_retrying(None, None, Failed(data=RewardOptionsError("bad option")))
-    assert not _worth_retrying(None, None, Failed(data=KeyError("prompt_id")))
-    assert _worth_retrying(None, None, Failed(data=TooManyRewardErrors("sandbox down")))
+    assert not score_failure_is_transient(None, None, Failed(data=RewardOptionsError("bad option")))
+    assert not score_failure_is_transient(None, None, Failed(data=KeyError("prompt_id")))
+    assert score_failure_is_transient(None, None, Failed(data=TooManyRewardErrors("sandbox down")))
 
 
 def test_prompts_are_read_in_step_with_the_generations_not_held_whole(tmp_path, arrow_peak):

@@ -143,6 +143,7 @@ class Session:
         self.names: list[str] = []
         self.calls = 0
         self.result: RunResult | None = None
+        self._close_error: SandboxError | None = None
         reply = self._receive()
         if reply is not None:
             if type(reply) is list and len(reply) == 2 and reply[0] == "ready" and type(reply[1]) is list:
@@ -195,10 +196,16 @@ class Session:
         Both pipes close first: a program blocked writing a reply nobody reads any more gets
         EPIPE and ends, instead of holding its sandbox until the wall clock runs out.
         """
+        if self._close_error is not None:  # a second close (a `finally`) must not hide the first one's error
+            raise self._close_error
         if self.result is None:
             os.close(self._req_w)
             os.close(self._resp_r)
-            self.result = _collect(self._run)
+            try:
+                self.result = _collect(self._run)
+            except SandboxError as err:
+                self._close_error = err
+                raise
         return self.result
 
     def __enter__(self) -> Session:
