@@ -372,6 +372,16 @@ def write_config_record(run_dir: Path, config: GRPOConfig, log) -> None:
                              "changes": history})
 
 
+def loss_settings(config: GRPOConfig) -> LossSettings:
+    """The objective's settings of a run (also what benchmarks/bench_update.py replays)."""
+    return LossSettings(
+        epsilon_low=config.epsilon, epsilon_high=config.epsilon if config.epsilon_high is None else config.epsilon_high, beta=config.beta,
+        temperature=config.temperature, importance_sampling=config.importance_sampling_level, aggregation=config.loss_aggregation,
+        max_completion_length=config.max_new_tokens, mask_truncated_completions=config.mask_truncated_completions,
+        mismatch_correction=config.mismatch_correction, mismatch_cap=config.mismatch_cap,
+    )
+
+
 def train_iterations(config: GRPOConfig, stages: Stages, iteration_done: Callable[[], None] = lambda: None) -> dict:
     """The body of `grpo_train` (which holds the run folder's lock around it).
     `iteration_done` is called after each iteration's metrics are written."""
@@ -409,12 +419,7 @@ def train_iterations(config: GRPOConfig, stages: Stages, iteration_done: Callabl
     evaluate = dict(rewards=config.rewards, reward_options=config.bound_reward_options(), max_new_tokens=config.max_new_tokens,
                     use_chat_template=config.use_chat_template, **prompt_limit, **engine_settings(config, config.eval_engine or config.generation_engine),
                     **machine)
-    loss = LossSettings(
-        epsilon_low=config.epsilon, epsilon_high=config.epsilon if config.epsilon_high is None else config.epsilon_high, beta=config.beta,
-        temperature=config.temperature, importance_sampling=config.importance_sampling_level, aggregation=config.loss_aggregation,
-        max_completion_length=config.max_new_tokens, mask_truncated_completions=config.mask_truncated_completions,
-        mismatch_correction=config.mismatch_correction, mismatch_cap=config.mismatch_cap,
-    )
+    loss = loss_settings(config)
     generate_settings = dict(group_size=config.group_size, max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
                              batch_size=config.generation_batch_size,
                              # LoRA: the reference is the policy's frozen base, adapter disabled; nothing to load
