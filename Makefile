@@ -34,8 +34,13 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(BIN)/grpo run
 
+# Two pytest workers on these 2-core machines: most of the slow tests wait on child processes
+# (a killed and resumed `grpo run`, a Prefect API, Ray actors, vLLM), so a second worker
+# fills the idle core. --dist loadfile keeps each test file (and its module-scoped Ray
+# cluster or vLLM engine) on one worker. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: install-dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # MLflow tracking, the model registry and TensorBoard event files (flows/tracking.py).
 $(VENV)/.installed-tracking: pyproject.toml $(VENV)/.installed-dev
