@@ -10,6 +10,7 @@ Sides, each in fresh processes, interleaved round by round so they share the mac
   grpoflow   `grpo_train` (the flow) with stage timers (benchmarks/instrument.py); its default,
              gradient checkpointing off
   grpoflow-gc  the same with `gradient_checkpointing` on (for real models on small machines)
+  grpoflow-vllm  the default side with `generation_engine` vllm (needs the vLLM extra)
   trl        GRPOTrainer with TRL's defaults where we did not equalise: gradient checkpointing ON
   trl-nogc   the same with gradient checkpointing off
 Both sides run the update in micro-batches of --micro-batch completions with gradient
@@ -36,13 +37,13 @@ import common  # noqa: F401  (sets the offline/quiet environment and sys.path)
 from common import ROOT, fmt, machine_info, peak_rss_mib, set_threads, summary
 
 PYTHON = sys.executable
-SIDES = ["grpoflow", "grpoflow-gc", "trl", "trl-nogc", "floor"]
+SIDES = ["grpoflow", "grpoflow-gc", "grpoflow-vllm", "trl", "trl-nogc", "floor"]
 
 
 # ----------------------------------------------------------------------------- workers
 
 
-def worker_grpoflow(a: argparse.Namespace, gradient_checkpointing: bool) -> dict:
+def worker_grpoflow(a: argparse.Namespace, gradient_checkpointing: bool, engine: str = "hf") -> dict:
     import instrument
 
     from flows.config import GRPOConfig
@@ -56,7 +57,8 @@ def worker_grpoflow(a: argparse.Namespace, gradient_checkpointing: bool) -> dict
     config = GRPOConfig(run_dir=run_dir, model=a.model_path, dataset=a.dataset, task=a.task, rewards={a.reward: 1.0},
                         iterations=a.iterations, prompts_per_iteration=a.prompts, group_size=a.group_size, max_new_tokens=a.max_new_tokens,
                         learning_rate=a.lr, beta=a.beta, micro_batch_size=a.micro_batch, generation_batch_size=a.prompts * a.group_size,
-                        save_every=a.save_every, seed=a.seed, use_chat_template=a.chat_template, gradient_checkpointing=gradient_checkpointing)
+                        save_every=a.save_every, seed=a.seed, use_chat_template=a.chat_template, gradient_checkpointing=gradient_checkpointing,
+                        generation_engine=engine)
     started = time.perf_counter()
     grpo_train(config)
     flow_seconds = time.perf_counter() - started
@@ -232,7 +234,8 @@ def main() -> None:
     if a.worker:
         set_threads(a.threads)
         a.beta = a.beta_one
-        workers = {"grpoflow": lambda: worker_grpoflow(a, False), "grpoflow-gc": lambda: worker_grpoflow(a, True), "floor": lambda: worker_floor(a),
+        workers = {"grpoflow": lambda: worker_grpoflow(a, False), "grpoflow-gc": lambda: worker_grpoflow(a, True),
+                   "grpoflow-vllm": lambda: worker_grpoflow(a, False, "vllm"), "floor": lambda: worker_floor(a),
                    "trl": lambda: worker_trl(a, True), "trl-nogc": lambda: worker_trl(a, False)}
         result = workers[a.worker]()
         a.worker_out.write_text(json.dumps(result))
