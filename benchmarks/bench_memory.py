@@ -22,7 +22,7 @@ included:
              model prepared by accelerate) then the AdamW step)
 
 Sides:
-  grpoflow          update stage defaults: chunked log-probs (logprob_chunk_tokens 1024), no gradient checkpointing
+  grpoflow          update stage defaults: chunked log-probs (logprob_chunk_tokens --chunk-tokens, 1024), no gradient checkpointing
   grpoflow-gc       the same with gradient checkpointing (TRL's default)
   grpoflow-whole    whole-logits path (logprob_chunk_tokens 0), no gradient checkpointing
   grpoflow-whole-gc whole-logits path with gradient checkpointing
@@ -184,7 +184,8 @@ def run_worker(side: str, a: argparse.Namespace) -> dict:
     out = a.scratch / f"{side}-{time.time_ns()}.json"
     cmd = [PYTHON, __file__, "--worker", side, "--worker-out", str(out), "--model-path", a.model_path, "--dataset", a.dataset,
            "--completion-tokens", str(a.completion_tokens), "--sequences", str(a.sequences), "--group-size", str(a.group_size),
-           "--micro-batch", str(a.micro_batch), "--lora-rank", str(a.lora_rank), "--threads", str(a.threads), "--scratch", str(a.scratch)]
+           "--micro-batch", str(a.micro_batch), "--lora-rank", str(a.lora_rank), "--chunk-tokens", str(a.chunk_tokens),
+           "--threads", str(a.threads), "--scratch", str(a.scratch)]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -200,6 +201,8 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=2)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--chunk-tokens", type=int, default=1024,
+                   help="logprob_chunk_tokens of the chunked sides (the product's default: 1024); the -whole sides use 0")
     p.add_argument("--sides", default="grpoflow,grpoflow-gc,grpoflow-whole,grpoflow-whole-gc,trl")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -216,7 +219,7 @@ def main() -> None:
         if side == "trl":
             result = worker_trl(a)
         else:
-            result = worker_grpoflow(a, gradient_checkpointing=side.endswith("-gc"), chunk_tokens=0 if "whole" in side else 1024,
+            result = worker_grpoflow(a, gradient_checkpointing=side.endswith("-gc"), chunk_tokens=0 if "whole" in side else a.chunk_tokens,
                                      lora_rank=a.lora_rank if "lora" in side else 0)
         a.worker_out.write_text(json.dumps(result))
         return
@@ -237,7 +240,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown sides {unknown}; known: {', '.join(SIDES)}")
     print(f"model {a.model_path}; {a.sequences} completions x {a.completion_tokens} tokens, micro-batch {a.micro_batch}, beta {BETA}, "
-          f"{a.threads} thread(s)")
+          f"{a.threads} thread(s), log-prob chunks of {a.chunk_tokens} positions")
     results = {}
     for side in sides:
         results[side] = run_worker(side, a) | {"load_average_after": os.getloadavg()}

@@ -41,7 +41,9 @@ Reported per run: mean reward per iteration, held-out greedy accuracy at the sta
 --eval-every iterations and the end, seconds per iteration (median), and the update's peak RSS
 (the kernel's high-water mark reset before the update phase: weights, gradients, optimiser
 states, activations; for PPO both networks). A run *collapsed* when its held-out accuracy at
-each of the last two evaluations is below its start. Nothing here is asserted by a test.
+each of the last two evaluations is below its start; its *fall* is the largest drop of held-out
+accuracy from its best so far. Across seeds: the spread of the reward curves and of each run's
+reward gain. `--summarize summary-tiny.json` prints that again. Nothing here is asserted by a test.
 """
 
 from __future__ import annotations
@@ -285,6 +287,78 @@ def collapsed(evals: dict) -> bool:
     return len(points) >= 3 and all(x < points[0] for x in points[-2:])
 
 
+def drawdown(evals: dict) -> float:
+    """The largest fall of held-out accuracy from its best so far: a run that learns and then
+    unlearns shows it even when it ends above its start (which `collapsed` would miss)."""
+    best, worst_fall = 0.0, 0.0
+    for k in sorted(evals, key=int):
+        best = max(best, evals[k])
+        worst_fall = max(worst_fall, best - evals[k])
+    return worst_fall
+
+
+def summarize(results: list[dict], algorithms: list[str]) -> None:
+    """Per algorithm, across seeds. The seeds' warmed-up models start at different accuracies,
+    so the spread of the raw reward curves mostly measures where each seed started; the spread
+    of each run's gain (mean reward of its last 5 iterations less its first 5) is the part the
+    algorithm decides."""
+    for algorithm in algorithms:
+        rs = [r for r in results if r["algorithm"] == algorithm]
+        if not rs:
+            continue
+        curves = list(zip(*[r["rewards"] for r in rs]))  # per iteration, across seeds
+        spread = [statistics.pstdev(c) for c in curves] if len(rs) > 1 else [0.0]
+        reward_gains = [statistics.mean(r["rewards"][-5:]) - statistics.mean(r["rewards"][:5]) for r in rs]
+        gains = [r["evals"][max(r["evals"], key=int)] - r["evals"]["0"] for r in rs if r["evals"]]
+        falls = [drawdown(r["evals"]) for r in rs if r["evals"]]
+        print(f"{algorithm:4s}: {len(rs)} runs; s/it median {statistics.median(x for r in rs for x in r['seconds']):.2f}; "
+              f"update peak median {statistics.median(max(r['update_peak_mib']) for r in rs):.0f} MiB "
+              f"(+{statistics.median(max(p - b for p, b in zip(r['update_peak_mib'], r['before_update_mib'])) for r in rs):.0f}"
+              f" over the RSS before it); reward spread across seeds (std per iteration) mean {statistics.mean(spread):.3f} "
+              f"max {max(spread):.3f}; reward gain (last 5 - first 5) mean {statistics.mean(reward_gains):+.3f} "
+              f"std {statistics.pstdev(reward_gains):.3f}; held-out gain {' '.join(f'{g:+.3f}' for g in gains)}; "
+              f"largest held-out fall from its best {' '.join(f'{x:.3f}' for x in falls)}; "
+              f"collapsed {sum(collapsed(r['evals']) for r in rs)}")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Every run's reward curve and held-out curve, seeds as thin lines, one colour per algorithm:
+    a run that unlearns shows as a line falling away from its seed's other line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"grpo": "tab:blue", "ppo": "tab:orange"}
+    fig, (reward_ax, held_out_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for algorithm in dict.fromkeys(r["algorithm"] for r in results):
+        colour = colours.get(algorithm, "tab:gray")
+        # One iteration's mean reward over 16 x 8 completions is noisy: a 5-iteration running
+        # mean per seed, then the seeds' mean as the line and their min-max as the band.
+        smoothed = [[statistics.mean(r["rewards"][max(0, i - 4):i + 1]) for i in range(len(r["rewards"]))]
+                    for r in results if r["algorithm"] == algorithm]
+        per_iteration = list(zip(*smoothed))
+        its = range(1, len(per_iteration) + 1)
+        reward_ax.plot(its, [statistics.mean(c) for c in per_iteration], color=colour, lw=1.5,
+                       label=f"{algorithm}: mean of {len(smoothed)} seeds")
+        reward_ax.fill_between(its, [min(c) for c in per_iteration], [max(c) for c in per_iteration], color=colour,
+                               alpha=0.2, label=f"{algorithm}: min-max over seeds")
+    for r in results:
+        its = sorted(r["evals"], key=int)
+        held_out_ax.plot([int(i) for i in its], [r["evals"][i] for i in its], "o-", ms=3, lw=1, alpha=0.7,
+                         color=colours.get(r["algorithm"], "tab:gray"), label=f"{r['algorithm']} seed {r['seed']}")
+    reward_ax.legend(fontsize=7)
+    reward_ax.set(xlabel="iteration", ylabel="mean training reward (5-iteration running mean)", title="training reward")
+    held_out_ax.set(xlabel="iteration", ylabel="held-out greedy accuracy", title="held-out accuracy")
+    for ax in (reward_ax, held_out_ax):
+        ax.grid(alpha=0.3)
+    held_out_ax.legend(fontsize=7, ncol=2)
+    fig.suptitle("tiny default task: GRPO (no critic) vs PPO (policy-sized critic, GAE), same seeds", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"plot: {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
@@ -300,11 +374,19 @@ def main() -> None:
     p.add_argument("--eval-size", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "ppo")
+    p.add_argument("--summarize", type=Path, help="print the summary of a saved summary-*.json again and exit")
+    p.add_argument("--plot", type=Path, help="also draw every run's reward and held-out curves into this PNG")
     p.add_argument("--worker", action="store_true")
     p.add_argument("--algorithm")
     p.add_argument("--seed", type=int)
     p.add_argument("--worker-out", type=Path)
     a = p.parse_args()
+    if a.summarize:
+        saved = json.loads(a.summarize.read_text())
+        summarize(saved["results"], saved["args"]["algorithms"].split(","))
+        if a.plot:
+            plot(saved["results"], a.plot)
+        return
     if a.worker:
         set_threads(a.threads)
         a.worker_out.write_text(json.dumps(run_one(a)))
@@ -331,18 +413,9 @@ def main() -> None:
                   f"{statistics.mean(r['rewards'][-5:]):.3f}, held-out {evals}, collapsed {collapsed(r['evals'])}, "
                   f"load {' '.join(f'{x:.2f}' for x in r['load_average_after'])}", flush=True)
     print()
-    for algorithm in a.algorithms.split(","):
-        rs = [r for r in results if r["algorithm"] == algorithm]
-        if not rs:
-            continue
-        curves = list(zip(*[r["rewards"] for r in rs]))  # per iteration, across seeds
-        spread = [statistics.pstdev(c) for c in curves] if len(rs) > 1 else [0.0]
-        gains = [r["evals"][max(r["evals"], key=int)] - r["evals"]["0"] for r in rs if r["evals"]]
-        print(f"{algorithm:4s}: {len(rs)} runs; s/it median {statistics.median(x for r in rs for x in r['seconds']):.2f}; "
-              f"update peak median {statistics.median(max(r['update_peak_mib']) for r in rs):.0f} MiB "
-              f"(+{statistics.median(max(p - b for p, b in zip(r['update_peak_mib'], r['before_update_mib'])) for r in rs):.0f} over the RSS before it); "
-              f"reward spread across seeds (std per iteration) mean {statistics.mean(spread):.3f} max {max(spread):.3f}; "
-              f"held-out gain {' '.join(f'{g:+.3f}' for g in gains)}; collapsed {sum(collapsed(r['evals']) for r in rs)}")
+    summarize(results, a.algorithms.split(","))
+    if a.plot:
+        plot(results, a.plot)
     (a.out / f"summary-{a.model}.json").write_text(json.dumps({"machine": machine_info(), "args": {k: str(v) for k, v in vars(a).items()},
                                                                "results": results}, indent=1))
 
