@@ -22,7 +22,7 @@ included:
              model prepared by accelerate) then the AdamW step)
 
 Sides:
-  grpoflow          update stage defaults: chunked log-probs (logprob_chunk_tokens --chunk-tokens, 1024), no gradient checkpointing
+  grpoflow          update stage defaults: chunked log-probs (logprob_chunk_tokens --chunk-tokens, default 256), no gradient checkpointing
   grpoflow-gc       the same with gradient checkpointing (TRL's default)
   grpoflow-whole    whole-logits path (logprob_chunk_tokens 0), no gradient checkpointing
   grpoflow-whole-gc whole-logits path with gradient checkpointing
@@ -201,8 +201,8 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=2)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--chunk-tokens", type=int, default=1024,
-                   help="logprob_chunk_tokens of the chunked sides (the product's default: 1024); the -whole sides use 0")
+    p.add_argument("--chunk-tokens", type=int, default=256,
+                   help="logprob_chunk_tokens of the chunked sides (the product's default: 256); the -whole sides use 0")
     p.add_argument("--sides", default="grpoflow,grpoflow-gc,grpoflow-whole,grpoflow-whole-gc,trl")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

@@ -73,7 +73,12 @@ def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 # take the whole-logits path, which is right for any model.
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mistral", "mixtral", "phi3", "olmo2", "smollm3"})
 
-DEFAULT_CHUNK_TOKENS = 1024
+# 256 positions: at SmolLM2-135M (49k vocabulary) with 2 x 1,024-token completions the
+# reference forward's peak went 1,462 -> 1,119 MiB from 1,024, and the update's (LoRA, with
+# an allocator that returns freed memory) 2,159 -> 1,433 MiB, at the same time per update
+# (benchmarks/RESULTS.md section 10). A chunk's head matmul (256 x hidden x vocabulary) is
+# still large enough to keep the cores busy.
+DEFAULT_CHUNK_TOKENS = 256
 
 
 def causal_lm(model):

@@ -94,3 +94,13 @@ def test_a_model_with_scaled_logits_takes_the_whole_logits_path():
         got = completion_logprobs(model, batch, 1.0, chunk_tokens=2)
     real = batch.completion_mask > 0
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
+
+
+def test_the_config_default_chunk_is_the_stages_default():
+    """`grpo run` without --logprob-chunk-tokens and a stage function called directly (tests,
+    benchmarks, a Ray worker) must cut log-probs into the same chunks: flows/config.py keeps
+    its own literal so that `grpo --help` does not import torch."""
+    from flows.config import GRPOConfig
+    from tasks.logprobs import DEFAULT_CHUNK_TOKENS
+
+    assert GRPOConfig.model_fields["logprob_chunk_tokens"].default == DEFAULT_CHUNK_TOKENS
