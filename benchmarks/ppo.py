@@ -322,8 +322,9 @@ def summarize(results: list[dict], algorithms: list[str]) -> None:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    """Every run's reward curve and held-out curve, seeds as thin lines, one colour per algorithm:
-    a run that unlearns shows as a line falling away from its seed's other line."""
+    """Left: each algorithm's training reward, the seeds' mean with their min-max band. Right:
+    every run's held-out curve, one colour per algorithm: a run that unlearns shows as a line
+    falling away from its seed's other line."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -181,7 +181,9 @@ def generate_completions(
             ref_logprobs = batched_completion_logprobs(model, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature,
                                                        batch_size, logprob_chunk_tokens or None)
     elif reference_path is not None:
-        ref = _KEPT_REFERENCES.get(reference_path) or load_model(reference_path, model.device, pick_dtype(dtype, model.device)).eval()
+        ref = _KEPT_REFERENCES.get(reference_path) if keep_reference else None
+        if ref is None:
+            ref = load_model(reference_path, model.device, pick_dtype(dtype, model.device)).eval()
         ref_logprobs = batched_completion_logprobs(ref, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size,
                                                   logprob_chunk_tokens or None)
         if keep_reference:

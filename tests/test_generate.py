@@ -112,5 +112,9 @@ def test_a_kept_reference_is_loaded_once_and_gives_the_same_log_probs(tmp_path, 
     for out in kept:
         generate_completions(prompts_path, out, str(tiny_model_dir), keep_reference=True, **settings)
     assert len(loads) == 2  # the first kept call loads, the next two reuse it
-    for out in kept:
+    # A call that does not keep loads and frees its own copy, leaving the kept one usable.
+    generate_completions(prompts_path, tmp_path / "again.parquet", str(tiny_model_dir), **settings)
+    generate_completions(prompts_path, kept[0], str(tiny_model_dir), keep_reference=True, **settings)
+    assert len(loads) == 3
+    for out in [*kept, tmp_path / "again.parquet"]:
         assert read_table(out, GENERATIONS).equals(read_table(fresh, GENERATIONS))
