@@ -32,7 +32,11 @@ PARTS = [
     *[(m, "read_table", "parquet_io") for m in ("tasks.select", "tasks.generate", "tasks.score", "tasks.advantages", "tasks.update", "tasks.evaluate")],
     *[(m, "write_table", "parquet_io") for m in ("tasks.select", "tasks.generate", "tasks.advantages")],
     ("tasks.score", "iter_batches", "parquet_io"),
-    ("tasks.update", "save_checkpoint", "checkpoint_write"),
+    ("tasks.update", "save_checkpoint", "checkpoint_write"),  # written by the update itself (a Ray rank, or no background writer)
+    # The local flow's checkpoints are written on a background thread (tasks.model.save_in_background):
+    # their time overlaps the next iteration; what the update waits for them is on the critical path.
+    ("tasks.model", "save_checkpoint", "checkpoint_write_background"),
+    ("tasks.update", "wait_for_saves", "checkpoint_wait"),
     ("tasks.generate", "load_model", "model_load"),  # the reference model, when beta > 0
     ("tasks.model", "load_model", "model_load"),  # the policy, when not held in memory
     ("tasks.engines.hf", "HFEngine.sample", "generate_sampling"),  # the engine's sampling, behind the generate stage

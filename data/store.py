@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -182,12 +183,14 @@ def read_table(path: str | Path, artifact: ArtifactSchema, columns: list[str] | 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: {artifact.name} artifact not found")
-    schema = pq.read_schema(path)
-    check_schema(schema, artifact, path)
-    absent = artifact.absent_columns(schema)
-    if not absent:
-        return pq.read_table(path, columns=columns)
-    table = pq.read_table(path, columns=None if columns is None else [c for c in columns if c not in absent])
+    # One open file for the schema check and the read (pq.read_table opens it again through
+    # the dataset layer): 2.0 against 4.0 ms for a generations file of the tiny benchmark.
+    with pq.ParquetFile(path) as parquet:
+        check_schema(parquet.schema_arrow, artifact, path)
+        absent = artifact.absent_columns(parquet.schema_arrow)
+        if not absent:
+            return parquet.read(columns=columns)
+        table = parquet.read(columns=None if columns is None else [c for c in columns if c not in absent])
     return _with_null_columns(table, artifact, absent if columns is None else [c for c in columns if c in absent])
 
 
@@ -241,6 +244,11 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# Manifests are read, changed and rewritten whole; the flow's thread and the checkpoint writer's
+# (a background save records its folder when it lands) may do so in the same folder at once.
+_MANIFEST_LOCK = threading.RLock()
+
+
 class Manifest:
     """``_manifest.json`` of one folder: what was completed there, with checksums."""
 
@@ -269,10 +277,27 @@ class Manifest:
                 entry["rows"] = pq.read_metadata(target).num_rows
         if schema_version is not None:
             entry["schema_version"] = schema_version
-        entries = self.entries()
-        entries[name] = entry
-        atomic_write_json(self.path, entries)
+        with _MANIFEST_LOCK:
+            entries = self.entries()
+            entries[name] = entry
+            atomic_write_json(self.path, entries)
         return entry
+
+    def refresh(self, name: str, **fields: Any) -> dict[str, Any]:
+        """Record `name` again as it is on disk now (a folder that has landed since), keeping
+        what its entry said about the work and adding `fields`."""
+        with _MANIFEST_LOCK:
+            entry = self.entries().get(name, {})
+            kept = {k: v for k, v in entry.items() if k not in ("done_at", "kind", "bytes", "sha256", "rows", "schema_version")}
+            return self.record(name, schema_version=entry.get("schema_version"), **(kept | fields))
+
+    def annotate(self, name: str, **fields: Any) -> None:
+        """Add `fields` to the recorded entry of `name` (nothing if it has none)."""
+        with _MANIFEST_LOCK:
+            entries = self.entries()
+            if name in entries:
+                entries[name].update(fields)
+                atomic_write_json(self.path, entries)
 
     def is_done(self, name: str) -> bool:
         """True when `name` is recorded and, for a file, its checksum still matches."""
@@ -287,9 +312,10 @@ class Manifest:
         return target.is_file() and target.stat().st_size == entry["bytes"] and sha256_file(target) == entry["sha256"]
 
     def forget(self, name: str) -> None:
-        entries = self.entries()
-        if entries.pop(name, None) is not None:
-            atomic_write_json(self.path, entries)
+        with _MANIFEST_LOCK:
+            entries = self.entries()
+            if entries.pop(name, None) is not None:
+                atomic_write_json(self.path, entries)
 
 
 def iteration_dir(run_dir: str | Path, iteration: int) -> Path:

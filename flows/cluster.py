@@ -25,10 +25,13 @@ class Stages:
     score: Callable[..., dict]  # score_task's
     update: Callable[..., dict]  # update_task's
     close: Callable[[], None] = field(default=lambda: None)  # ends every process the cluster started
+    # The update's checkpoint is written on a thread of this process while the next iteration
+    # runs (tasks.model.save_in_background): only where the flow process holds the policy.
+    saves_in_background: bool = False
 
 
 def _local(config) -> Stages:
-    return Stages(generate_task, score_task, update_task)
+    return Stages(generate_task, score_task, update_task, saves_in_background=True)
 
 
 def _ray(config) -> Stages:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.store import TMP_PREFIX, Manifest, atomic_write_json, iteration_dir
+from data.store import TMP_PREFIX, Manifest, iteration_dir
 from tasks.progress import stage_label
 
 CHECKPOINT = "checkpoint"
@@ -110,11 +110,7 @@ def _remove_folder(folder: Path) -> None:
 def _mark_removed(folder: Path) -> None:
     """Note in the manifest that the checkpoint was removed on purpose (grpo inspect shows
     'removed', not 'changed'); it stays recorded as done, so nothing tries to redo it."""
-    manifest = Manifest(folder)
-    entries = manifest.entries()
-    if CHECKPOINT in entries:
-        entries[CHECKPOINT]["removed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        atomic_write_json(manifest.path, entries)
+    Manifest(folder).annotate(CHECKPOINT, removed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int | None) -> dict[str, list[int]]:

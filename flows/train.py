@@ -13,7 +13,9 @@ publishes a Prefect artifact; each iteration refreshes the run's learning-curve 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import math
 import os
 import sys
@@ -45,7 +47,7 @@ from tasks.generate import render_prompt, tokenization_loss
 from tasks.ingest import ingest_task, merge_prompts_task
 from tasks.objective import LossSettings
 from tasks.select import select_prompts_task
-from tasks.model import FINAL, check_model_source, export_final_model, live_policy, load_tokenizer
+from tasks.model import FINAL, check_model_source, export_final_model, live_policy, load_tokenizer, after_save, wait_for_saves
 from tasks.progress import stage_label
 from tasks.schedule import LRSchedule
 from tasks.tiny_model import ensure_tiny_model
@@ -69,7 +71,7 @@ def run_stage(manifest: Manifest, output: str, stage: Callable[..., dict], *args
     if manifest.is_done(output):
         entry = manifest.entries()[output]
         if output == CHECKPOINT and entry.get("kind") != "folder":
-            PENDING_UPDATES.defer(manifest.folder / output, where, lambda: stage(*args, **kwargs))
+            PENDING_UPDATES.defer(manifest.folder / output, where, lambda: (stage(*args, **kwargs), record_when_saved(manifest, output, log)))
         log.info(f"{where}: done already, skipped")
         return entry.get("summary", {})
     PENDING_UPDATES.catch_up([*args, *kwargs.values()], log)
@@ -79,9 +81,27 @@ def run_stage(manifest: Manifest, output: str, stage: Callable[..., dict], *args
     seconds = time.perf_counter() - started
     inputs = [str(a) for a in args if isinstance(a, (str, Path))]
     manifest.record(output, schema_version=schema_version, summary=summary, seconds=round(seconds, 3), inputs=inputs, **(manifest_extra or {}))
+    if output == CHECKPOINT:
+        record_when_saved(manifest, output, log)
     VIEWS.publish_stage_report(manifest.folder, output, summary)
     log.info(stage_line(where, summary, seconds))
     return summary
+
+
+def record_when_saved(manifest: Manifest, output: str, log) -> None:
+    """A checkpoint that the update left to the background writer (tasks.model.save_in_background)
+    is recorded as a folder once it is on disk. Until then its entry is a "result", as for an
+    iteration that save_every does not save: a process killed before the write lands resumes
+    by replaying that update from its stored artifacts (flows/resume.py), and saves it again."""
+    where = f"{manifest.folder.name}/{output}"
+
+    def landed() -> None:
+        try:
+            manifest.refresh(output, saved_in_background=True)
+        except OSError as err:  # the entry stays a "result": a resume replays the update; nothing is lost
+            log.warning(f"{where}: written, but its manifest entry could not be updated ({err})")
+
+    after_save(manifest.folder / output, landed)
 
 
 STAGE_LINE_LIMIT = 120  # characters of a stage's log line; the rest of its summary is in metrics.json and the manifest
@@ -307,10 +327,26 @@ def grpo_train(config: GRPOConfig) -> dict:
             metrics = train_iterations(config, stages, tracking.iteration_done)
             return metrics | tracking.register(metrics)
     finally:
+        settle_background_saves()  # no writer of this run outlives it either (the folder's lock is released below)
         if stages is not None:
             stages.close()  # no worker of this run outlives it
         VIEWS.drain()  # the stage artifacts and learning curve of the last iteration too
         release_run_folder(run_dir)
+
+
+def rotate_checkpoints(run_dir: Path, keep: int | None, log) -> None:
+    pruned = prune_checkpoints(run_dir, keep)
+    if pruned["checkpoints"]:
+        log.info(f"removed checkpoints of iterations {', '.join(map(str, pruned['checkpoints']))} (save_total_limit {keep})")
+
+
+def settle_background_saves() -> None:
+    """Wait for a checkpoint still being written when the flow fails; its own failure is
+    logged, never raised over the error that stopped the flow."""
+    try:
+        wait_for_saves()
+    except Exception as err:  # noqa: BLE001 - already failing: say it, keep the first error
+        logging.getLogger("grpoflow").error(str(err))
 
 
 def longest_prompt_tokens(prompts_path: str, tokenizer, use_chat_template: bool, candidates: int = 16) -> int:
@@ -488,6 +524,7 @@ def train_iterations(config: GRPOConfig, stages: Stages, iteration_done: Callabl
                         gradient_checkpointing=config.gradient_checkpointing, logprob_chunk_tokens=config.logprob_chunk_tokens,
                         lora=config.lora_settings(),
                         max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay, save=save, seed=config.seed * 100_003 + it,
+                        background_save=stages.saves_in_background,
                         manifest_extra={"learning_rate": lr}, **machine)
         policy = checkpoint
 
@@ -500,10 +537,10 @@ def train_iterations(config: GRPOConfig, stages: Stages, iteration_done: Callabl
             result = run_stage(manifest, "eval", evaluate_task, eval_path, policy, **evaluate)
             metrics["held_out_accuracy"] = result["accuracy"]
         write_metrics(run_dir, it, metrics)
-        if save:  # after metrics.json: the new checkpoint is the resumable one from now on
-            pruned = prune_checkpoints(run_dir, config.save_total_limit)
-            if pruned["checkpoints"]:
-                log.info(f"removed checkpoints of iterations {', '.join(map(str, pruned['checkpoints']))} (save_total_limit {config.save_total_limit})")
+        if save:  # after metrics.json: the new checkpoint is the resumable one once it has landed
+            rotate = functools.partial(rotate_checkpoints, run_dir, config.save_total_limit, log)
+            if not after_save(checkpoint, rotate):  # on the writer's thread after the write, if it writes in the background
+                rotate()
         iteration_done()
         VIEWS.refresh_learning_curve(run_dir, force="held_out_accuracy" in metrics or it == config.iterations)
         acc = f", held-out accuracy {metrics['held_out_accuracy']:.1%}" if "held_out_accuracy" in metrics else ""
@@ -513,6 +550,9 @@ def train_iterations(config: GRPOConfig, stages: Stages, iteration_done: Callabl
         before, after = start["accuracy"], metrics["held_out_accuracy"]
         log.info(f"held-out accuracy {before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points) on {start['problems']} problems")
         metrics["held_out_accuracy_before"] = before
+    wait_for_saves()  # the last checkpoint is on disk (and recorded) before the run says it is done
+    if first <= config.iterations:  # the rotation that the last checkpoint, written in the background, has not had yet
+        rotate_checkpoints(run_dir, config.save_total_limit, log)
     if any(too_long.values()):
         log.info(f"prompts over max_prompt_length={config.max_prompt_length}: {too_long['prompts/truncated']} truncated, "
                  f"{too_long['prompts/skipped']} skipped, over iterations {first}-{config.iterations}")

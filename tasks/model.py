@@ -10,6 +10,11 @@ one, every file fsynced, then one rename. A crash mid-write leaves no ``checkpoi
 full disk is found before the write starts (the model's size against the free space) or,
 failing that, reported as `DiskFull` naming the folder, never as torch's zip-writer error.
 
+A checkpoint can also be written in the background (`save_in_background`, the local flow's
+default): the weights it writes are the live policy's, which nothing changes until the next
+update, so that update (`update_policy` calls `wait_for_saves` first) and the end of the flow
+are the only places that wait for it. A failed write is raised there, naming the folder.
+
 A run ends with ``<run_dir>/final/``: the trained weights and tokenizer (safetensors, no
 optimiser state), the folder to hand to ``from_pretrained``, vLLM or a model registry.
 `export_final_model` writes it and `final_model_dir` finds it.
@@ -17,10 +22,13 @@ optimiser state), the folder to hand to ``from_pretrained``, vLLM or a model reg
 
 from __future__ import annotations
 
+import contextvars
 import gc
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from data.store import TMP_PREFIX, check_free_space, disk_full, is_no_space, pause_point
+from data.store import TMP_PREFIX, DiskFull, check_free_space, disk_full, is_no_space, pause_point
 from tasks.lora import is_adapted, is_adapter_checkpoint, load_adapted, merged_copy
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -208,6 +216,56 @@ def save_checkpoint(policy: LivePolicy, final: str | Path, merge_adapter: bool =
             raise disk_full(final, needed) from err
         raise
     return final
+
+
+class CheckpointNotSaved(RuntimeError):
+    """A checkpoint written in the background failed (other than a full disk, which stays `DiskFull`)."""
+
+
+# One writer thread: a write is pure I/O on weights that stay in memory, so it overlaps the
+# next iteration's generation (fsync and safetensors' serialisation release the GIL).
+_SAVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpoflow-checkpoint")
+_PENDING: list[tuple[str, Future]] = []  # (checkpoint path, a job for it) in submission order, not yet waited for
+
+
+def save_in_background(policy: LivePolicy, final: str | Path) -> Future:
+    """`save_checkpoint(policy, final)` on the writer thread; returns its future. The caller
+    must not change the policy's weights or optimiser state until `wait_for_saves` returns."""
+    wait_for_saves()
+    future = _SAVER.submit(contextvars.copy_context().run, save_checkpoint, policy, final)
+    _PENDING.append((_key(final), future))
+    return future
+
+
+def after_save(path: str | Path, then: Callable[[], None]) -> bool:
+    """Run `then` on the writer thread once the background write of `path` has landed (not if
+    it failed); `wait_for_saves` waits for it too. False when no write of `path` is pending."""
+    writes = [f for k, f in _PENDING if k == _key(path)]
+    if not writes:
+        return False
+
+    def job() -> None:
+        if writes[0].exception() is None:  # done: the one writer thread runs jobs in order
+            then()
+
+    _PENDING.append((_key(path), _SAVER.submit(contextvars.copy_context().run, job)))
+    return True
+
+
+def wait_for_saves() -> None:
+    """Block until the background checkpoint writes (and what runs after them) are done;
+    raise a failed write: `DiskFull` as it is, anything else as `CheckpointNotSaved`
+    naming the folder."""
+    while _PENDING:
+        path, future = _PENDING.pop(0)
+        try:
+            future.result()
+        except DiskFull:
+            _PENDING.clear()  # what ran after it did nothing
+            raise
+        except Exception as err:  # noqa: BLE001 - any failure of the write is reported the same way
+            _PENDING.clear()
+            raise CheckpointNotSaved(f"{path}: the checkpoint written in the background failed: {type(err).__name__}: {err}") from err
 
 
 def export_final_model(policy: LivePolicy, run_dir: str | Path) -> Path:

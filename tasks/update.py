@@ -49,7 +49,8 @@ from tasks.distributed import clip_gradients, deal, full_optimizer_state, full_s
 from tasks.distributed import max_over_ranks, pick_parallelism, rank_and_world, sum_over_ranks
 from tasks.logprobs import DEFAULT_CHUNK_TOKENS, completion_logprobs, pack
 from tasks.lora import LoraSettings, add_adapter, is_adapted, trainable_parameters
-from tasks.model import checkpoint_bytes, live_policy, move_live_policy, read_optimizer_state, save_checkpoint
+from tasks.model import (CheckpointNotSaved, checkpoint_bytes, live_policy, move_live_policy, read_optimizer_state, save_checkpoint,
+                         save_in_background, wait_for_saves)
 from tasks.objective import SPLIT_INVARIANT_AGGREGATIONS, BatchTotals, LossSettings, loss_mask, policy_loss
 from tasks.progress import progress
 from tasks.schedule import LRSchedule
@@ -252,6 +253,7 @@ def update_policy(
     max_grad_norm: float = 1.0,
     weight_decay: float = 0.0,
     save: bool = True,
+    background_save: bool = False,
     seed: int = 0,
     device: str = "auto",
     dtype: str = "auto",
@@ -266,10 +268,15 @@ def update_policy(
     Inside a torch.distributed process group of N > 1 ranks (every rank calls this with the
     same arguments) each step's micro-batches are dealt out over the ranks and the model is
     wrapped by `parallelism` ("ddp" or "fsdp2"): the step is the one-rank step (see
-    tasks/distributed.py). Rank 0 writes the one consolidated checkpoint."""
+    tasks/distributed.py). Rank 0 writes the one consolidated checkpoint.
+
+    `background_save` (one process only): the checkpoint is written on a background thread
+    (tasks.model.save_in_background) and this returns before it is on disk; the next update
+    waits for it before it changes a weight."""
     if mu < 1 or mini_batches < 1 or micro_batch_size < 1:
         raise ValueError(f"mu, mini_batches and micro_batch_size must be >= 1 (got {mu}, {mini_batches}, {micro_batch_size})")
     started = time.perf_counter()
+    wait_for_saves()  # the previous checkpoint, written in the background from these very weights
     rank, world = rank_and_world()
     par = pick_parallelism(parallelism)
     sharded = par.sharded and world > 1
@@ -379,7 +386,9 @@ def update_policy(
     if save:
         weights = full_state_dict(model, policy.trainer, sharded) if sharded else None  # FSDP2: every rank takes part in the gather
         optimizer_state = full_optimizer_state(policy.trainer, policy.optimizer, sharded) if sharded else None
-        if rank == 0:
+        if rank == 0 and background_save and world == 1:
+            save_in_background(policy, out_checkpoint)
+        elif rank == 0:
             save_checkpoint(policy, out_checkpoint, state_dict=weights, optimizer_state=optimizer_state)
     if world > 1:  # every rank's share of the sums (the idle completions' were counted on rank 0 only)
         sums = sum_over_ranks(sums | {"entropy_sum": entropy_sum.item()})
@@ -418,8 +427,9 @@ def update_policy(
 
 
 def _worth_retrying(task_obj, task_run, state) -> bool:
-    """A full disk fails the same way again (and a retry would redo the whole update)."""
-    return not isinstance(state.result(raise_on_failure=False), DiskFull)
+    """A full disk fails the same way again (and a retry would redo the whole update); a failed
+    background write of the previous checkpoint is reported, not hidden by a retry."""
+    return not isinstance(state.result(raise_on_failure=False), (DiskFull, CheckpointNotSaved))
 
 
 @task(name="update", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, retry_condition_fn=_worth_retrying)
