@@ -11,6 +11,8 @@ Sides, each in fresh processes, interleaved round by round so they share the mac
              gradient checkpointing off
   grpoflow-gc  the same with `gradient_checkpointing` on (for real models on small machines)
   grpoflow-vllm  the default side with `generation_engine` vllm (needs the vLLM extra)
+  grpoflow-sync  the default side with every checkpoint written by the update itself (no
+             background writes, tasks.model.save_in_background, whatever the checkpoint's size)
   trl        GRPOTrainer with TRL's defaults where we did not equalise: gradient checkpointing ON
   trl-nogc   the same with gradient checkpointing off
 Both sides run the update in micro-batches of --micro-batch completions with gradient
@@ -24,6 +26,7 @@ spread of seconds per iteration, peak RSS per process, grpoflow's split across s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -37,16 +40,22 @@ import common  # noqa: F401  (sets the offline/quiet environment and sys.path)
 from common import ROOT, fmt, machine_info, peak_rss_mib, set_threads, summary
 
 PYTHON = sys.executable
-SIDES = ["grpoflow", "grpoflow-gc", "grpoflow-vllm", "trl", "trl-nogc", "floor"]
+SIDES = ["grpoflow", "grpoflow-gc", "grpoflow-vllm", "grpoflow-sync", "trl", "trl-nogc", "floor"]
 
 
 # ----------------------------------------------------------------------------- workers
 
 
-def worker_grpoflow(a: argparse.Namespace, gradient_checkpointing: bool, engine: str = "hf") -> dict:
+def worker_grpoflow(a: argparse.Namespace, gradient_checkpointing: bool, engine: str = "hf", background_save: bool = True) -> dict:
     import instrument
 
+
+    import flows.cluster
     from flows.config import GRPOConfig
+
+    if not background_save:  # the local stages, with the update writing its own checkpoint
+        local = flows.cluster.CLUSTERS["local"]
+        flows.cluster.CLUSTERS["local"] = lambda config: dataclasses.replace(local(config), saves_in_background=False)
 
     instrument.install()
     records: list[dict] = []
@@ -236,6 +245,7 @@ def main() -> None:
         a.beta = a.beta_one
         workers = {"grpoflow": lambda: worker_grpoflow(a, False), "grpoflow-gc": lambda: worker_grpoflow(a, True),
                    "grpoflow-vllm": lambda: worker_grpoflow(a, False, "vllm"), "floor": lambda: worker_floor(a),
+                   "grpoflow-sync": lambda: worker_grpoflow(a, False, background_save=False),
                    "trl": lambda: worker_trl(a, True), "trl-nogc": lambda: worker_trl(a, False)}
         result = workers[a.worker]()
         a.worker_out.write_text(json.dumps(result))

@@ -222,8 +222,13 @@ class CheckpointNotSaved(RuntimeError):
     """A checkpoint written in the background failed (other than a full disk, which stays `DiskFull`)."""
 
 
-# One writer thread: a write is pure I/O on weights that stay in memory, so it overlaps the
-# next iteration's generation (fsync and safetensors' serialisation release the GIL).
+# One writer thread: a write is I/O on weights that stay in memory, so it can overlap the next
+# iteration's generation. It pays only where that generation runs long kernels that release
+# the GIL: at SmolLM2-135M (1.6 GB checkpoint) the 5.5-7.1 s write overlapped whole (the next
+# update never waited); with the 1M-parameter demo (12 MB) the writer's pickling and fsyncs
+# slowed the Python-bound stages beside it more than the 0.08 s write costs (benchmarks/RESULTS.md
+# section 4). Smaller checkpoints are written by the update itself.
+BACKGROUND_SAVE_MIN_BYTES = 256 * 2**20
 _SAVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpoflow-checkpoint")
 _PENDING: list[tuple[str, Future]] = []  # (checkpoint path, a job for it) in submission order, not yet waited for
 

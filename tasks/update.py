@@ -48,6 +48,7 @@ from data.store import DiskFull, check_free_space, read_table
 from tasks.distributed import clip_gradients, deal, full_optimizer_state, full_state_dict, gradient_sync, load_full_optimizer_state
 from tasks.distributed import max_over_ranks, pick_parallelism, rank_and_world, sum_over_ranks
 from tasks.logprobs import DEFAULT_CHUNK_TOKENS, completion_logprobs, pack
+import tasks.model as tasks_model
 from tasks.lora import LoraSettings, add_adapter, is_adapted, trainable_parameters
 from tasks.model import (CheckpointNotSaved, checkpoint_bytes, live_policy, move_live_policy, read_optimizer_state, save_checkpoint,
                          save_in_background, wait_for_saves)
@@ -270,9 +271,9 @@ def update_policy(
     wrapped by `parallelism` ("ddp" or "fsdp2"): the step is the one-rank step (see
     tasks/distributed.py). Rank 0 writes the one consolidated checkpoint.
 
-    `background_save` (one process only): the checkpoint is written on a background thread
-    (tasks.model.save_in_background) and this returns before it is on disk; the next update
-    waits for it before it changes a weight."""
+    `background_save` (one process only): a checkpoint of at least BACKGROUND_SAVE_MIN_BYTES is
+    written on a background thread (tasks.model.save_in_background) and this returns before it
+    is on disk; the next update waits for it before it changes a weight."""
     if mu < 1 or mini_batches < 1 or micro_batch_size < 1:
         raise ValueError(f"mu, mini_batches and micro_batch_size must be >= 1 (got {mu}, {mini_batches}, {micro_batch_size})")
     started = time.perf_counter()
@@ -386,7 +387,7 @@ def update_policy(
     if save:
         weights = full_state_dict(model, policy.trainer, sharded) if sharded else None  # FSDP2: every rank takes part in the gather
         optimizer_state = full_optimizer_state(policy.trainer, policy.optimizer, sharded) if sharded else None
-        if rank == 0 and background_save and world == 1:
+        if rank == 0 and background_save and world == 1 and checkpoint_bytes(policy) >= tasks_model.BACKGROUND_SAVE_MIN_BYTES:
             save_in_background(policy, out_checkpoint)
         elif rank == 0:
             save_checkpoint(policy, out_checkpoint, state_dict=weights, optimizer_state=optimizer_state)

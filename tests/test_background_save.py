@@ -21,7 +21,8 @@ from tests.test_update_stage import _one_thread, artifacts  # noqa: F401  (modul
 
 
 @pytest.fixture(autouse=True)
-def _fresh():
+def _fresh(monkeypatch):
+    monkeypatch.setattr(tasks.model, "BACKGROUND_SAVE_MIN_BYTES", 0)  # the tiny model's checkpoint is below the real threshold
     forget_live_policies()
     yield
     try:
@@ -95,3 +96,12 @@ def test_a_failed_background_write_is_raised_by_the_next_update_naming_the_folde
         update_policy(gens, advs, str(tmp_path / "ck1"), str(tmp_path / "ck2"), **settings)
     assert not (tmp_path / "ck1").exists() and not (tmp_path / "ck2").exists()
     wait_for_saves()  # reported once: nothing is left pending
+
+
+def test_a_small_checkpoint_is_written_by_the_update_itself(artifacts, tmp_path):
+    gens, advs = artifacts[4]
+    tasks.model.BACKGROUND_SAVE_MIN_BYTES = 2**40  # (monkeypatched to 0 above; restored after the test)
+    update_policy(gens, advs, artifacts["model"], str(tmp_path / "ck1"), learning_rate=1e-2, loss=LossSettings(beta=0.04),
+                  micro_batch_size=64, seed=3, device="cpu", background_save=True)
+    assert (tmp_path / "ck1" / "model.safetensors").is_file()
+    assert not tasks.model.after_save(tmp_path / "ck1", lambda: None)  # nothing was left to a writer
