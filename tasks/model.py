@@ -228,7 +228,8 @@ class CheckpointNotSaved(RuntimeError):
 # update never waited); with the 1M-parameter demo (12 MB) the writer's pickling and fsyncs
 # slowed the Python-bound stages beside it more than the 0.08 s write costs (benchmarks/RESULTS.md
 # section 4). Smaller checkpoints are written by the update itself.
-BACKGROUND_SAVE_MIN_BYTES = 256 * 2**20
+# GRPOFLOW_BACKGROUND_SAVE_MIN_BYTES overrides it (the resume test writes the tiny model's in the background).
+BACKGROUND_SAVE_MIN_BYTES = int(os.environ.get("GRPOFLOW_BACKGROUND_SAVE_MIN_BYTES", 256 * 2**20))
 _SAVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpoflow-checkpoint")
 _PENDING: list[tuple[str, Future]] = []  # (checkpoint path, a job for it) in submission order, not yet waited for
 

@@ -59,7 +59,8 @@ class Child:
 
     def __init__(self, args: list[str], log: Path, pause_at: str | None, api_url: str):
         self.marker = log.with_suffix(".paused")
-        env = os.environ | {"PREFECT_API_URL": api_url, "GRPOFLOW_PAUSE_MARKER": str(self.marker)}
+        # The tiny model's checkpoint written as a real model's is: on the background writer.
+        env = os.environ | {"PREFECT_API_URL": api_url, "GRPOFLOW_PAUSE_MARKER": str(self.marker), "GRPOFLOW_BACKGROUND_SAVE_MIN_BYTES": "0"}
         env.pop("GRPOFLOW_PAUSE_AT", None)
         if pause_at is not None:
             env["GRPOFLOW_PAUSE_AT"] = pause_at
