@@ -10,8 +10,8 @@ one, every file fsynced, then one rename. A crash mid-write leaves no ``checkpoi
 full disk is found before the write starts (the model's size against the free space) or,
 failing that, reported as `DiskFull` naming the folder, never as torch's zip-writer error.
 
-A checkpoint can also be written in the background (`save_in_background`, the local flow's
-default): the weights it writes are the live policy's, which nothing changes until the next
+A checkpoint can also be written in the background (`save_in_background`: the local flow's
+way for checkpoints of BACKGROUND_SAVE_MIN_BYTES and more): the weights it writes are the live policy's, which nothing changes until the next
 update, so that update (`update_policy` calls `wait_for_saves` first) and the end of the flow
 are the only places that wait for it. A failed write is raised there, naming the folder.
 
