@@ -335,7 +335,14 @@ def grpo_train(config: GRPOConfig) -> dict:
 
 
 def rotate_checkpoints(run_dir: Path, keep: int | None, log) -> None:
-    pruned = prune_checkpoints(run_dir, keep)
+    """Remove checkpoints beyond `keep`. A failure only warns: the checkpoints are all still
+    there and the next save tries again. Raised on the background writer's thread it would
+    read, at the next update, as if the new checkpoint had not been written."""
+    try:
+        pruned = prune_checkpoints(run_dir, keep)
+    except OSError as err:
+        log.warning(f"{run_dir}: old checkpoints could not be removed ({err}); the next save tries again")
+        return
     if pruned["checkpoints"]:
         log.info(f"removed checkpoints of iterations {', '.join(map(str, pruned['checkpoints']))} (save_total_limit {keep})")
 

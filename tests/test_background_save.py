@@ -105,3 +105,26 @@ def test_a_small_checkpoint_is_written_by_the_update_itself(artifacts, tmp_path)
                   micro_batch_size=64, seed=3, device="cpu", background_save=True)
     assert (tmp_path / "ck1" / "model.safetensors").is_file()
     assert not tasks.model.after_save(tmp_path / "ck1", lambda: None)  # nothing was left to a writer
+
+
+def test_a_failed_rotation_after_a_background_write_warns_and_the_next_update_goes_on(artifacts, tmp_path, monkeypatch):
+    import functools
+    import logging
+
+    import flows.train
+
+    def no_permission(run_dir, keep):
+        raise PermissionError(13, "Permission denied", str(run_dir))
+
+    monkeypatch.setattr(flows.train, "prune_checkpoints", no_permission)
+    log = logging.getLogger("test-rotation")
+    warnings: list[str] = []
+    monkeypatch.setattr(log, "warning", warnings.append)
+    gens, advs = artifacts[4]
+    settings = dict(learning_rate=1e-2, loss=LossSettings(beta=0.04), micro_batch_size=64, seed=3, device="cpu", background_save=True)
+    update_policy(gens, advs, artifacts["model"], str(tmp_path / "ck1"), **settings)
+    assert tasks.model.after_save(tmp_path / "ck1", functools.partial(flows.train.rotate_checkpoints, tmp_path, 1, log))
+    update_policy(gens, advs, str(tmp_path / "ck1"), str(tmp_path / "ck2"), **settings)  # the checkpoint landed: no CheckpointNotSaved
+    wait_for_saves()
+    assert (tmp_path / "ck2" / "model.safetensors").is_file()
+    assert len(warnings) == 1 and "could not be removed" in warnings[0] and "Permission denied" in warnings[0]
