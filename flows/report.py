@@ -183,22 +183,6 @@ def plot_learning_curve(run_dir: str | Path) -> Path | None:
     return out
 
 
-def warm_up_plotting() -> None:
-    """Import matplotlib and draw one empty figure, so the first learning curve pays no
-    one-off cost. Run on the views' thread when a training flow starts: the import and the
-    font set-up took ~1 s of CPU, which, done at the first refresh, held the GIL against
-    the second iteration (2.38 s against 1.5-1.6 s for the iterations after it)."""
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(1, 1), dpi=10)
-    FigureCanvasAgg(fig)
-    fig.add_subplot().set_title("warm-up")
-    fig.savefig(io.BytesIO(), format="png")
-
-
 # --- building the views off the flow's thread ------------------------------------------------------
 class BackgroundViews:
     """Runs the view builders above on one background thread, in submission order, so an

@@ -35,7 +35,7 @@ from data.sources import hub_offline, normalise_row, prompts_table, read_source,
 from data.store import TMP_PREFIX, Manifest, atomic_write_json, iteration_dir, read_table, remove_stale_temp_files, write_table
 from flows.cluster import Stages, stages_for
 from flows.config import MID_RUN_SAFE, GRPOConfig
-from flows.report import VIEWS, warm_up_plotting
+from flows.report import VIEWS
 from flows.resume import (CHECKPOINT, PendingUpdates, completed_iterations, describe_changes, hold_run_folder, prompt_pool,
                           prune_checkpoints, release_run_folder, resume_point, saved_metrics, setting_changes, start_policy)
 from flows.tracking import Tracking, check_installed
@@ -318,7 +318,6 @@ def grpo_train(config: GRPOConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     hold_run_folder(run_dir)  # before touching anything: another process may be writing here
     PENDING_UPDATES.clear()
-    VIEWS.submit(warm_up_plotting)  # while the model loads, not at the first learning curve
     stages = None
     try:
         stages = stages_for(config)  # where each stage runs (flows/cluster.py): this process, or a Ray cluster
