@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import common  # noqa: F401  (sets the offline/quiet environment and sys.path)
 from common import fmt, set_threads, summary
+from data.store import _fsync_dir as fsync  # opens read-only and fsyncs: a file as well as a folder
 
 
 # SmolLM2-135M's architecture (its config.json on the Hub; benchmarks/smollm2.py converts the same model).
@@ -49,14 +49,6 @@ def adamw_state(shapes: list[tuple[int, ...]]) -> dict:
     state = {i: {"step": torch.tensor(5.0), "exp_avg": torch.randn(s), "exp_avg_sq": torch.rand(s)} for i, s in enumerate(shapes)}
     groups = [{"lr": 5e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False, "params": list(range(len(shapes)))}]
     return {"state": state, "param_groups": groups}
-
-
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_torch(state: dict, path: Path) -> None:
