@@ -133,7 +133,7 @@ def worker_floor(a: argparse.Namespace) -> dict:
     tok = load_tokenizer(a.model_path)
     rows = _prompt_rows(a)
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr)
-    times = []
+    times, parts = [], []
     for it in range(a.iterations):
         batch_rows = rows[it * a.prompts : (it + 1) * a.prompts]
         texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True)
@@ -146,19 +146,23 @@ def worker_floor(a: argparse.Namespace) -> dict:
         with torch.no_grad():
             out = policy.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=None,
                                   max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id)
+        sampled = time.perf_counter()
         prompts = [[t for t, m in zip(r.tolist(), mr.tolist()) if m] for r, mr in zip(ids, mask)]
         comps = [c.tolist() for c in out[:, ids.shape[1]:]]
         batch = pack(prompts, comps, tok.pad_token_id, torch.device("cpu"))
         if ref is not None:
             with torch.no_grad():
                 completion_logprobs(ref, batch, 1.0)
+        updating = time.perf_counter()
         policy.train()
         logp = completion_logprobs(policy, batch, 1.0)
         ((logp * batch.completion_mask).sum() / batch.completion_mask.sum()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - started)
-    return {"iterations": times, "peak_rss_mib": peak_rss_mib()}
+        ended = time.perf_counter()
+        times.append(ended - started)
+        parts.append({"sampling": sampled - started, "reference": updating - sampled, "update": ended - updating})
+    return {"iterations": times, "parts": parts, "peak_rss_mib": peak_rss_mib()}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -269,8 +273,9 @@ def drive(a: argparse.Namespace, server) -> dict:
                 started = time.perf_counter()
                 res = run_worker(side, a, beta)
                 res["iterations"] = res["iterations"][a.warmup:]
-                if "records" in res:
-                    res["records"] = res["records"][a.warmup:]
+                for key in ("records", "parts"):
+                    if key in res:
+                        res[key] = res[key][a.warmup:]
                 results[beta][side].append(res)
                 print(f"  round {r + 1} beta {beta:g} {side:9s} median {statistics.median(res['iterations']):.3f}s/it  "
                       f"peak RSS {res['peak_rss_mib']:.0f} MiB  ({time.perf_counter() - started:.0f}s)", flush=True)
@@ -302,6 +307,10 @@ def drive(a: argparse.Namespace, server) -> dict:
             for k, v in split.items():
                 if k != "iteration":
                     print(f"    {k:20s} {v:.3f}s  {100 * v / total:5.1f}%")
+        for side in [s for s in a.sides if s == "floor"]:
+            parts = [p for res in results[beta][side] for p in res["parts"]]
+            rep[side]["split"] = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+            print("  floor split (median seconds per iteration): " + ", ".join(f"{k} {v:.3f}s" for k, v in rep[side]["split"].items()))
         report["betas"][str(beta)] = rep
     report["prefect_server_rss_mib"] = server.rss_mib()
     print(f"\nPrefect API server (one for all workers): {report['prefect_server_rss_mib']:.0f} MiB resident")
