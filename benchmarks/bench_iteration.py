@@ -13,6 +13,8 @@ Sides, each in fresh processes, interleaved round by round so they share the mac
   grpoflow-vllm  the default side with `generation_engine` vllm (needs the vLLM extra)
   grpoflow-sync  the default side with every checkpoint written by the update itself (no
              background writes, tasks.model.save_in_background, whatever the checkpoint's size)
+  grpoflow-reload  the default side with the reference model reloaded by every generate stage
+             (as before 2026-12-05; by default one of at most tasks.generate.KEEP_REFERENCE_MAX_BYTES stays loaded)
   trl        GRPOTrainer with TRL's defaults where we did not equalise: gradient checkpointing ON
   trl-nogc   the same with gradient checkpointing off
 Both sides run the update in micro-batches of --micro-batch completions with gradient
@@ -40,15 +42,20 @@ import common  # noqa: F401  (sets the offline/quiet environment and sys.path)
 from common import ROOT, fmt, machine_info, peak_rss_mib, set_threads, summary
 
 PYTHON = sys.executable
-SIDES = ["grpoflow", "grpoflow-gc", "grpoflow-vllm", "grpoflow-sync", "trl", "trl-nogc", "floor"]
+SIDES = ["grpoflow", "grpoflow-gc", "grpoflow-vllm", "grpoflow-sync", "grpoflow-reload", "trl", "trl-nogc", "floor"]
 
 
 # ----------------------------------------------------------------------------- workers
 
 
-def worker_grpoflow(a: argparse.Namespace, gradient_checkpointing: bool, engine: str = "hf", background_save: bool = True) -> dict:
+def worker_grpoflow(a: argparse.Namespace, gradient_checkpointing: bool, engine: str = "hf", background_save: bool = True,
+                    keep_small_reference: bool = True) -> dict:
     import instrument
 
+    if not keep_small_reference:
+        import tasks.generate
+
+        tasks.generate.KEEP_REFERENCE_MAX_BYTES = -1  # no reference is small enough: reloaded every iteration
 
     import flows.cluster
     from flows.config import GRPOConfig
@@ -250,6 +257,7 @@ def main() -> None:
         workers = {"grpoflow": lambda: worker_grpoflow(a, False), "grpoflow-gc": lambda: worker_grpoflow(a, True),
                    "grpoflow-vllm": lambda: worker_grpoflow(a, False, "vllm"), "floor": lambda: worker_floor(a),
                    "grpoflow-sync": lambda: worker_grpoflow(a, False, background_save=False),
+                   "grpoflow-reload": lambda: worker_grpoflow(a, False, keep_small_reference=False),
                    "trl": lambda: worker_trl(a, True), "trl-nogc": lambda: worker_trl(a, False)}
         result = workers[a.worker]()
         a.worker_out.write_text(json.dumps(result))

@@ -106,8 +106,36 @@ def tokenization_loss(tokenizer, texts: Sequence[str]) -> dict:
     return {"prompts": len(texts), "lossy": lossy, "unknown_tokens": unknown, "example": example}
 
 
-# reference path -> the reference model a `keep_reference` call left loaded
-_KEPT_REFERENCES: dict[str, object] = {}
+# (reference path, its weight files' sizes and times) -> the reference model a call left loaded
+_KEPT_REFERENCES: dict[tuple, object] = {}
+
+# A reference model whose weight files take at most this many bytes stays loaded between
+# generate stages, even in the process that trains: at that size a reload costs its fixed
+# part (from_pretrained's config and module set-up: 0.056 s, 2.9% of a tiny-model iteration
+# at beta 0.04, benchmarks/RESULTS.md section 4) and keeping it costs under 10% of the
+# ~700 MiB the flow process holds anyway. A larger one is reloaded every iteration so that the
+# update holds the policy alone (at SmolLM2-135M, 540 MB: the margin under TRL's peak RSS).
+KEEP_REFERENCE_MAX_BYTES = 64 * 2**20
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def _weight_files(reference_path: str) -> tuple | None:
+    """(name, size, mtime) of a local model folder's weight files, or None (a hub name, or
+    no folder): what identifies the weights a kept reference was loaded from."""
+    folder = Path(reference_path).expanduser()
+    if not folder.is_dir():
+        return None
+    stats = [(p.name, p.stat()) for p in sorted(folder.iterdir()) if p.suffix in _WEIGHT_SUFFIXES and p.is_file()]
+    return tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats) or None
+
+
+def keeps_reference(reference_path: str, keep_reference: bool | None) -> tuple | None:
+    """The key to keep the reference under, or None when it is loaded and freed each call:
+    `keep_reference` True keeps any reference, False none, None (the default) a small local one."""
+    files = _weight_files(reference_path)
+    if keep_reference is False or (keep_reference is None and (files is None or sum(f[1] for f in files) > KEEP_REFERENCE_MAX_BYTES)):
+        return None
+    return (reference_path, files)
 
 
 def generate_completions(
@@ -125,7 +153,7 @@ def generate_completions(
     with_old_logprobs: bool = True,
     logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     reference_from_base: bool = False,
-    keep_reference: bool = False,
+    keep_reference: bool | None = None,
     top_k: int = 0,
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
@@ -146,9 +174,10 @@ def generate_completions(
     per-token log-probs; that model is loaded only for this and freed before the stage
     returns, so the update stage holds the policy alone. `reference_from_base` (LoRA, beta >
     0) takes them from the policy's base weights with its adapter disabled instead.
-    `keep_reference` keeps the reference model in this process for the next call instead: for
-    a process that never runs the update (a Ray generation worker), where reloading it for every
-    shard of every iteration is pure cost.
+    `keep_reference` True keeps the reference model in this process for the next call instead:
+    for a process that never runs the update (a Ray generation worker), where reloading it for
+    every shard of every iteration is pure cost; None (the default) keeps it only when its
+    weights are small (KEEP_REFERENCE_MAX_BYTES); False never.
     """
     policy = live_policy(policy_path, device, dtype)
     model, tokenizer = policy.model, policy.tokenizer
@@ -181,14 +210,17 @@ def generate_completions(
             ref_logprobs = batched_completion_logprobs(model, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature,
                                                        batch_size, logprob_chunk_tokens or None)
     elif reference_path is not None:
-        ref = _KEPT_REFERENCES.get(reference_path) if keep_reference else None
+        ref_dtype = pick_dtype(dtype, model.device)
+        key = keeps_reference(reference_path, keep_reference)
+        key = (*key, str(model.device), str(ref_dtype)) if key is not None else None
+        ref = _KEPT_REFERENCES.get(key) if key is not None else None
         if ref is None:
-            ref = load_model(reference_path, model.device, pick_dtype(dtype, model.device)).eval()
+            ref = load_model(reference_path, model.device, ref_dtype).eval()
         ref_logprobs = batched_completion_logprobs(ref, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size,
                                                   logprob_chunk_tokens or None)
-        if keep_reference:
+        if key is not None:
             _KEPT_REFERENCES.clear()  # one reference per process, like the live policy
-            _KEPT_REFERENCES[reference_path] = ref
+            _KEPT_REFERENCES[key] = ref
         else:
             # Free its weights now, without gc.collect(): a full collection of this process's heap
             # (torch, transformers, Prefect) took 0.3-1.4 s per iteration, more than the reference

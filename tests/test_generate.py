@@ -107,14 +107,51 @@ def test_a_kept_reference_is_loaded_once_and_gives_the_same_log_probs(tmp_path, 
     monkeypatch.setattr(generate, "_KEPT_REFERENCES", {})
     fresh, kept = tmp_path / "fresh.parquet", [tmp_path / f"kept{i}.parquet" for i in range(3)]
     settings = dict(group_size=2, max_new_tokens=4, reference_path=str(tiny_model_dir), seed=5)
-    generate_completions(prompts_path, fresh, str(tiny_model_dir), **settings)
+    generate_completions(prompts_path, fresh, str(tiny_model_dir), keep_reference=False, **settings)
     assert len(loads) == 1
     for out in kept:
         generate_completions(prompts_path, out, str(tiny_model_dir), keep_reference=True, **settings)
     assert len(loads) == 2  # the first kept call loads, the next two reuse it
     # A call that does not keep loads and frees its own copy, leaving the kept one usable.
-    generate_completions(prompts_path, tmp_path / "again.parquet", str(tiny_model_dir), **settings)
+    generate_completions(prompts_path, tmp_path / "again.parquet", str(tiny_model_dir), keep_reference=False, **settings)
     generate_completions(prompts_path, kept[0], str(tiny_model_dir), keep_reference=True, **settings)
     assert len(loads) == 3
     for out in [*kept, tmp_path / "again.parquet"]:
         assert read_table(out, GENERATIONS).equals(read_table(fresh, GENERATIONS))
+
+
+def test_by_default_a_small_reference_stays_loaded_and_a_changed_or_large_one_is_reloaded(tmp_path, prompts_path, tiny_model_dir, monkeypatch):
+    """The training flow's default: a reference of at most KEEP_REFERENCE_MAX_BYTES is loaded
+    once (its reload is pure fixed cost), a larger one every call (the update must hold the
+    policy alone), and weights rewritten at the same path are never served from memory."""
+    import shutil
+
+    import tasks.generate as generate
+    from tasks.model import LivePolicy, save_checkpoint
+    from tasks.tiny_model import build_model, build_tokenizer
+
+    loads = []
+    real_load = generate.load_model
+    monkeypatch.setattr(generate, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    monkeypatch.setattr(generate, "_KEPT_REFERENCES", {})
+    reference = tmp_path / "reference"
+    shutil.copytree(tiny_model_dir, reference)
+    settings = dict(group_size=2, max_new_tokens=4, reference_path=str(reference), seed=5)
+    first, second = tmp_path / "first.parquet", tmp_path / "second.parquet"
+    generate_completions(prompts_path, first, str(tiny_model_dir), **settings)
+    generate_completions(prompts_path, second, str(tiny_model_dir), **settings)
+    assert len(loads) == 1  # the tiny model's 4 MB of weights stayed loaded
+    assert read_table(second, GENERATIONS).equals(read_table(first, GENERATIONS))
+
+    tokenizer = build_tokenizer()  # other weights at the same path: loaded again, not the kept ones
+    save_checkpoint(LivePolicy(build_model(len(tokenizer), seed=1), tokenizer), reference)
+    changed = tmp_path / "changed.parquet"
+    generate_completions(prompts_path, changed, str(tiny_model_dir), **settings)
+    assert len(loads) == 2
+    assert read_table(changed, GENERATIONS)["ref_logprobs"] != read_table(first, GENERATIONS)["ref_logprobs"]
+
+    monkeypatch.setattr(generate, "KEEP_REFERENCE_MAX_BYTES", 1024)  # as if the reference were large
+    for _ in range(2):
+        generate_completions(prompts_path, tmp_path / "large.parquet", str(tiny_model_dir), **settings)
+    assert len(loads) == 4
+    assert read_table(tmp_path / "large.parquet", GENERATIONS).equals(read_table(changed, GENERATIONS))
