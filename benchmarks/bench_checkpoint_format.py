@@ -21,12 +21,19 @@ from pathlib import Path
 
 import common  # noqa: F401  (sets the offline/quiet environment and sys.path)
 from common import fmt, set_threads, summary
+
 from data.store import _fsync_dir as fsync  # opens read-only and fsyncs: a file as well as a folder
 
-
 # SmolLM2-135M's architecture (its config.json on the Hub; benchmarks/smollm2.py converts the same model).
-SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                    vocab_size=49152, tie_word_embeddings=True)
+SMOLLM2_135M = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+)
 
 
 def parameter_shapes(model: str) -> list[tuple[int, ...]]:
@@ -46,8 +53,20 @@ def parameter_shapes(model: str) -> list[tuple[int, ...]]:
 def adamw_state(shapes: list[tuple[int, ...]]) -> dict:
     import torch
 
-    state = {i: {"step": torch.tensor(5.0), "exp_avg": torch.randn(s), "exp_avg_sq": torch.rand(s)} for i, s in enumerate(shapes)}
-    groups = [{"lr": 5e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False, "params": list(range(len(shapes)))}]
+    state = {
+        i: {"step": torch.tensor(5.0), "exp_avg": torch.randn(s), "exp_avg_sq": torch.rand(s)}
+        for i, s in enumerate(shapes)
+    }
+    groups = [
+        {
+            "lr": 5e-5,
+            "betas": (0.9, 0.999),
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "amsgrad": False,
+            "params": list(range(len(shapes))),
+        }
+    ]
     return {"state": state, "param_groups": groups}
 
 

@@ -32,8 +32,13 @@ import common  # noqa: F401  (sets the offline/quiet environment and sys.path)
 from common import ROOT, fmt, machine_info, summary
 
 SIDES = {"local": (0, 0), "ray-1": (1, 1), "ray-2": (2, 2)}  # (training ranks, generation workers); 0 = no Ray
-STAGES = {"prompts.parquet": "select", "generations.parquet": "generate", "rewards.parquet": "score", "advantages.parquet": "advantages",
-          "checkpoint": "update"}
+STAGES = {
+    "prompts.parquet": "select",
+    "generations.parquet": "generate",
+    "rewards.parquet": "score",
+    "advantages.parquet": "advantages",
+    "checkpoint": "update",
+}
 
 
 def worker(a: argparse.Namespace) -> dict:
@@ -48,18 +53,38 @@ def worker(a: argparse.Namespace) -> dict:
     from flows.train import grpo_train
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-cluster-{a.worker}-", dir=a.scratch))
-    cluster = dict(cluster="auto", training_ranks=ranks, generation_workers=workers, generation_shard_prompts=a.shard_prompts) if ranks else {}
-    config = GRPOConfig(run_dir=run_dir, model=a.model_path, dataset=a.dataset, task=a.task, rewards={a.reward: 1.0},
-                        use_chat_template=a.chat_template, iterations=a.per_round + 1, prompts_per_iteration=a.prompts,
-                        group_size=a.group_size, max_new_tokens=a.max_new_tokens, micro_batch_size=a.micro_batch,
-                        generation_batch_size=a.prompts * a.group_size, eval_every=0, eval_size=a.eval_size, seed=a.seed, **cluster)
+    cluster = (
+        dict(cluster="auto", training_ranks=ranks, generation_workers=workers, generation_shard_prompts=a.shard_prompts)
+        if ranks
+        else {}
+    )
+    config = GRPOConfig(
+        run_dir=run_dir,
+        model=a.model_path,
+        dataset=a.dataset,
+        task=a.task,
+        rewards={a.reward: 1.0},
+        use_chat_template=a.chat_template,
+        iterations=a.per_round + 1,
+        prompts_per_iteration=a.prompts,
+        group_size=a.group_size,
+        max_new_tokens=a.max_new_tokens,
+        micro_batch_size=a.micro_batch,
+        generation_batch_size=a.prompts * a.group_size,
+        eval_every=0,
+        eval_size=a.eval_size,
+        seed=a.seed,
+        **cluster,
+    )
     grpo_train(config)
     out = {"side": a.worker, "ray_start_s": ray_start if ranks else 0.0, "iterations": []}
     for it in range(2, a.per_round + 2):  # iteration 1 is the warm-up
         folder = run_dir / f"iter-{it:04d}"
         entries = json.loads((folder / "_manifest.json").read_text())
         metrics = json.loads((folder / "metrics.json").read_text())
-        out["iterations"].append({"step_time": metrics["step_time"], **{STAGES[k]: v["seconds"] for k, v in entries.items() if k in STAGES}})
+        out["iterations"].append(
+            {"step_time": metrics["step_time"], **{STAGES[k]: v["seconds"] for k, v in entries.items() if k in STAGES}}
+        )
     return out
 
 
@@ -81,10 +106,34 @@ def prepare(a: argparse.Namespace) -> None:
 
 def run_side(side: str, a: argparse.Namespace) -> dict:
     out = a.scratch / f"{side}-{time.time_ns()}.json"
-    args = [sys.executable, __file__, "--worker", side, "--worker-out", str(out), "--model", a.model, "--prompts", str(a.prompts),
-            "--group-size", str(a.group_size), "--max-new-tokens", str(a.max_new_tokens), "--micro-batch", str(a.micro_batch),
-            "--per-round", str(a.per_round), "--eval-size", str(a.eval_size), "--shard-prompts", str(a.shard_prompts),
-            "--ray-cpus", str(a.ray_cpus), "--scratch", str(a.scratch)]
+    args = [
+        sys.executable,
+        __file__,
+        "--worker",
+        side,
+        "--worker-out",
+        str(out),
+        "--model",
+        a.model,
+        "--prompts",
+        str(a.prompts),
+        "--group-size",
+        str(a.group_size),
+        "--max-new-tokens",
+        str(a.max_new_tokens),
+        "--micro-batch",
+        str(a.micro_batch),
+        "--per-round",
+        str(a.per_round),
+        "--eval-size",
+        str(a.eval_size),
+        "--shard-prompts",
+        str(a.shard_prompts),
+        "--ray-cpus",
+        str(a.ray_cpus),
+        "--scratch",
+        str(a.scratch),
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(args, env=env, cwd=ROOT, capture_output=not a.verbose, text=True, timeout=a.timeout)
     if proc.returncode != 0:
@@ -99,12 +148,18 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--micro-batch", type=int, default=16, help="completions per forward/backward (dealt over the ranks)")
+    p.add_argument(
+        "--micro-batch", type=int, default=16, help="completions per forward/backward (dealt over the ranks)"
+    )
     p.add_argument("--shard-prompts", type=int, default=4, help="prompts per generation shard (dealt over the workers)")
-    p.add_argument("--eval-size", type=int, default=16, help="held-out problems of the start and end evaluations (not timed)")
+    p.add_argument(
+        "--eval-size", type=int, default=16, help="held-out problems of the start and end evaluations (not timed)"
+    )
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--per-round", type=int, default=3, help="timed iterations per process, after one warm-up iteration")
-    p.add_argument("--ray-cpus", type=int, default=6, help="logical CPUs of the in-process Ray cluster (Ray does not pin cores)")
+    p.add_argument(
+        "--ray-cpus", type=int, default=6, help="logical CPUs of the in-process Ray cluster (Ray does not pin cores)"
+    )
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--scratch", type=Path, default=ROOT / "benchmarks" / "out" / "cluster")
     p.add_argument("--verbose", action="store_true")
@@ -122,10 +177,16 @@ def main() -> None:
         for side in a.sides:
             res = run_side(side, a)
             results[side].append(res)
-            print(f"round {r + 1} {side}: " + ", ".join(f"{i['step_time']:.2f}s" for i in res["iterations"])
-                  + f" per iteration (ray start {res['ray_start_s']:.1f}s); load average {os.getloadavg()}", flush=True)
+            print(
+                f"round {r + 1} {side}: "
+                + ", ".join(f"{i['step_time']:.2f}s" for i in res["iterations"])
+                + f" per iteration (ray start {res['ray_start_s']:.1f}s); load average {os.getloadavg()}",
+                flush=True,
+            )
     base = summary([i["step_time"] for res in results.get("local", []) for i in res["iterations"]])
-    print(f"\nmodel {a.model}, {a.prompts} prompts x {a.group_size} samples x {a.max_new_tokens} tokens; load average {os.getloadavg()}")
+    print(
+        f"\nmodel {a.model}, {a.prompts} prompts x {a.group_size} samples x {a.max_new_tokens} tokens; load average {os.getloadavg()}"
+    )
     for side in a.sides:
         its = [i for res in results[side] for i in res["iterations"]]
         step = summary([i["step_time"] for i in its])

@@ -64,7 +64,9 @@ def main() -> None:
         if not (model_path / "config.json").exists():
             tok = build_tokenizer()
             save_checkpoint(LivePolicy(build_model(len(tok), seed=0), tok), model_path)
-        rows = [json.loads(x) for x in common.write_builtin_jsonl(a.scratch / "arith.jsonl").read_text().splitlines()][: a.prompts]
+        rows = [json.loads(x) for x in common.write_builtin_jsonl(a.scratch / "arith.jsonl").read_text().splitlines()][
+            : a.prompts
+        ]
     else:
         from gcd import write_gcd_jsonl
         from smollm2 import smollm2_hf_folder
@@ -73,7 +75,9 @@ def main() -> None:
         train, _ = write_gcd_jsonl(a.scratch / "gcd-train.jsonl", a.scratch / "gcd-held.jsonl", 64, 8)
         rows = [json.loads(x) for x in train.read_text().splitlines()][: a.prompts]
     prompts_path = a.scratch / "prompts.parquet"
-    write_table(prompts_table([normalise_row(r, data_source="bench", row=i) for i, r in enumerate(rows)]), prompts_path, PROMPTS)
+    write_table(
+        prompts_table([normalise_row(r, data_source="bench", row=i) for i, r in enumerate(rows)]), prompts_path, PROMPTS
+    )
 
     policy = live_policy(str(model_path), "cpu", "float32")  # the stage finds this very object
     model, tok = policy.model, policy.tokenizer
@@ -107,16 +111,31 @@ def main() -> None:
     @torch.no_grad()
     def hf_generate(seed: int) -> int:
         torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=None,
-                             max_new_tokens=a.max_new_tokens, eos_token_id=stops, pad_token_id=tok.pad_token_id)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=None,
+            max_new_tokens=a.max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=tok.pad_token_id,
+        )
         return count(out[:, width:])
 
     def vllm_bare(seed: int) -> int:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        bare_params = SamplingParams(n=a.group_size, temperature=1.0, top_k=0, max_tokens=a.max_new_tokens, stop_token_ids=stops,
-                                     detokenize=False)
+        bare_params = SamplingParams(
+            n=a.group_size,
+            temperature=1.0,
+            top_k=0,
+            max_tokens=a.max_new_tokens,
+            stop_token_ids=stops,
+            detokenize=False,
+        )
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], bare_params, use_tqdm=False)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
@@ -124,9 +143,20 @@ def main() -> None:
 
     def stage(engine: str):
         def run(seed: int) -> int:
-            return generate_completions(prompts_path, out_dir / f"{engine}-{seed}.parquet", str(model_path), group_size=a.group_size,
-                                        max_new_tokens=a.max_new_tokens, batch_size=len(jobs), seed=seed, device="cpu", dtype="float32",
-                                        with_old_logprobs=False, engine=engine)["tokens"]
+            return generate_completions(
+                prompts_path,
+                out_dir / f"{engine}-{seed}.parquet",
+                str(model_path),
+                group_size=a.group_size,
+                max_new_tokens=a.max_new_tokens,
+                batch_size=len(jobs),
+                seed=seed,
+                device="cpu",
+                dtype="float32",
+                with_old_logprobs=False,
+                engine=engine,
+            )["tokens"]
+
         return run
 
     fns = {"hf_generate": hf_generate, "vllm_bare": vllm_bare, "stage_vllm": stage("vllm"), "stage_hf": stage("hf")}
@@ -141,21 +171,35 @@ def main() -> None:
             if rep > 0:
                 rates[name].append(n / seconds)
         loads.append(os.getloadavg()[0])
-    print(f"engines benchmark: model {a.model}, {len(jobs)} sequences ({a.prompts} prompts x {a.group_size}), up to {a.max_new_tokens} new "
-          f"tokens, {a.threads} torch thread(s), {a.reps} interleaved reps (+1 warm-up); vLLM engine built in {build_seconds:.1f}s, "
-          f"weight sync {', '.join(f'{x:.2f}' for x in sync_seconds)}s; "
-          f"1-min load average per rep {', '.join(f'{x:.1f}' for x in loads)}")
-    report = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(a).items()}, "loads": loads, "build_seconds": build_seconds,
-              "sync_seconds": sync_seconds,
-              "sides": {}}
+    print(
+        f"engines benchmark: model {a.model}, {len(jobs)} sequences ({a.prompts} prompts x {a.group_size}), up to {a.max_new_tokens} new "
+        f"tokens, {a.threads} torch thread(s), {a.reps} interleaved reps (+1 warm-up); vLLM engine built in {build_seconds:.1f}s, "
+        f"weight sync {', '.join(f'{x:.2f}' for x in sync_seconds)}s; "
+        f"1-min load average per rep {', '.join(f'{x:.1f}' for x in loads)}"
+    )
+    report = {
+        "machine": machine_info(),
+        "args": {k: str(v) for k, v in vars(a).items()},
+        "loads": loads,
+        "build_seconds": build_seconds,
+        "sync_seconds": sync_seconds,
+        "sides": {},
+    }
     for name in sides:
         report["sides"][name] = {"tokens_per_second": summary(rates[name])}
         print(f"  {name:12s} {fmt(summary(rates[name]), ' tok/s')}")
-    for num, den in (("stage_vllm", "vllm_bare"), ("stage_vllm", "hf_generate"), ("stage_vllm", "stage_hf"), ("vllm_bare", "hf_generate")):
+    for num, den in (
+        ("stage_vllm", "vllm_bare"),
+        ("stage_vllm", "hf_generate"),
+        ("stage_vllm", "stage_hf"),
+        ("vllm_bare", "hf_generate"),
+    ):
         if num in sides and den in sides:
             ratio = [x / y for x, y in zip(rates[num], rates[den])]
             report[f"{num}/{den}"] = summary(ratio)
-            print(f"  {num} / {den}: median {statistics.median(ratio):.2f}x (per-rep {min(ratio):.2f}-{max(ratio):.2f})")
+            print(
+                f"  {num} / {den}: median {statistics.median(ratio):.2f}x (per-rep {min(ratio):.2f}-{max(ratio):.2f})"
+            )
     (a.scratch / f"summary-{a.model}-t{a.threads}.json").write_text(json.dumps(report, indent=2))
 
 

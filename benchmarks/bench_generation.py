@@ -40,7 +40,13 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per side (after one warm-up each)")
-    p.add_argument("--sides", nargs="+", default=SIDES, choices=SIDES, help="in the order they run in each rep; bare and stage always run; sample, old_forward and stage_old are the diagnostics")
+    p.add_argument(
+        "--sides",
+        nargs="+",
+        default=SIDES,
+        choices=SIDES,
+        help="in the order they run in each rep; bare and stage always run; sample, old_forward and stage_old are the diagnostics",
+    )
     p.add_argument("--scratch", type=Path, default=ROOT / "benchmarks" / "out" / "generation")
     a = p.parse_args()
     set_threads(a.threads)
@@ -67,16 +73,23 @@ def main() -> None:
         if not (model_path / "config.json").exists():
             tok = build_tokenizer()
             save_checkpoint(LivePolicy(build_model(len(tok), seed=0), tok), model_path)
-        rows = [json.loads(x) for x in common.write_builtin_jsonl(a.scratch / "arith.jsonl").read_text().splitlines()][: a.prompts]
+        rows = [json.loads(x) for x in common.write_builtin_jsonl(a.scratch / "arith.jsonl").read_text().splitlines()][
+            : a.prompts
+        ]
     elif a.model == "smollm2":
         from smollm2 import smollm2_hf_folder, write_gsm_symbolic_jsonl
 
         model_path = smollm2_hf_folder(ROOT / "benchmarks" / "out" / "smollm2-135m-instruct")
-        rows = [json.loads(x) for x in write_gsm_symbolic_jsonl(a.scratch / "gsm_symbolic.jsonl", 64).read_text().splitlines()][: a.prompts]
+        rows = [
+            json.loads(x)
+            for x in write_gsm_symbolic_jsonl(a.scratch / "gsm_symbolic.jsonl", 64).read_text().splitlines()
+        ][: a.prompts]
     else:
         raise SystemExit("--model: tiny or smollm2")
     prompts_path = a.scratch / "prompts.parquet"
-    write_table(prompts_table([normalise_row(r, data_source="bench", row=i) for i, r in enumerate(rows)]), prompts_path, PROMPTS)
+    write_table(
+        prompts_table([normalise_row(r, data_source="bench", row=i) for i, r in enumerate(rows)]), prompts_path, PROMPTS
+    )
 
     policy = live_policy(str(model_path), "cpu", "float32")  # the stage finds this very object
     model, tok = policy.model, policy.tokenizer
@@ -99,8 +112,17 @@ def main() -> None:
     @torch.no_grad()
     def bare(seed: int) -> int:
         torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=None,
-                             max_new_tokens=a.max_new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=None,
+            max_new_tokens=a.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id,
+        )
         return count(out[:, width:])
 
     def sampled(seed: int) -> int:
@@ -109,9 +131,18 @@ def main() -> None:
     out_dir = Path(tempfile.mkdtemp(prefix="gen-", dir=a.scratch))
 
     def stage(seed: int, with_old_logprobs: bool = False) -> int:
-        return generate_completions(prompts_path, out_dir / f"g{seed}.parquet", str(model_path), group_size=a.group_size,
-                                    max_new_tokens=a.max_new_tokens, batch_size=batch, seed=seed, device="cpu", dtype="float32",
-                                    with_old_logprobs=with_old_logprobs)["tokens"]
+        return generate_completions(
+            prompts_path,
+            out_dir / f"g{seed}.parquet",
+            str(model_path),
+            group_size=a.group_size,
+            max_new_tokens=a.max_new_tokens,
+            batch_size=batch,
+            seed=seed,
+            device="cpu",
+            dtype="float32",
+            with_old_logprobs=with_old_logprobs,
+        )["tokens"]
 
     from tasks.logprobs import batched_completion_logprobs
 
@@ -125,11 +156,23 @@ def main() -> None:
         """The stage's one forward pass for the old-policy log-probs of the sampled tokens
         (timed on the samples of the `sample` side of the same rep)."""
         samples = last["samples"]
-        batched_completion_logprobs(model, [prompt_ids[s.prompt_index] for s in samples], [s.completion_ids for s in samples],
-                                    tok.pad_token_id, 1.0, batch)
+        batched_completion_logprobs(
+            model,
+            [prompt_ids[s.prompt_index] for s in samples],
+            [s.completion_ids for s in samples],
+            tok.pad_token_id,
+            1.0,
+            batch,
+        )
         return sum(len(s.completion_ids) for s in samples)
 
-    sides = {"bare": bare, "sample": sampled_keep, "old_forward": old_forward, "stage": stage, "stage_old": lambda seed: stage(seed, True)}
+    sides = {
+        "bare": bare,
+        "sample": sampled_keep,
+        "old_forward": old_forward,
+        "stage": stage,
+        "stage_old": lambda seed: stage(seed, True),
+    }
     sides = {name: sides[name] for name in a.sides}
     rates: dict[str, list[float]] = {k: [] for k in sides}
     seconds_of: dict[str, list[float]] = {k: [] for k in sides}
@@ -143,8 +186,10 @@ def main() -> None:
                 rates[name].append(n / seconds)
                 seconds_of[name].append(seconds)
                 tokens[name].append(n)
-    print(f"generation benchmark: model {a.model}, {batch} sequences ({a.prompts} prompts x {a.group_size}), {a.max_new_tokens} new tokens, "
-          f"{a.threads} torch thread(s), {a.reps} interleaved reps; load {os.getloadavg()}")
+    print(
+        f"generation benchmark: model {a.model}, {batch} sequences ({a.prompts} prompts x {a.group_size}), {a.max_new_tokens} new tokens, "
+        f"{a.threads} torch thread(s), {a.reps} interleaved reps; load {os.getloadavg()}"
+    )
     report = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(a).items()}, "sides": {}}
     for name in sides:
         s = summary(rates[name])
@@ -155,7 +200,9 @@ def main() -> None:
     for name in [n for n in ("sample", "stage", "stage_old") if n in sides]:
         ratio = [x / y for x, y in zip(rates[name], rates["bare"])]
         report["sides"][name]["ratio_to_bare"] = summary(ratio)
-        print(f"  {name} / bare: median {statistics.median(ratio):.3f}x (per-rep ratios {min(ratio):.3f}-{max(ratio):.3f})")
+        print(
+            f"  {name} / bare: median {statistics.median(ratio):.3f}x (per-rep ratios {min(ratio):.3f}-{max(ratio):.3f})"
+        )
     (a.scratch / f"summary-{a.model}.json").write_text(json.dumps(report, indent=2))
 
 

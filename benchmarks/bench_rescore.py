@@ -47,7 +47,10 @@ WRITE_BATCH = 8192  # rows per synthetic write (the writer's own memory stays sm
 def _completion(rng: np.random.Generator, gold: int, right: bool) -> str:
     value = gold if right else gold + int(rng.integers(1, 9))
     form = int(rng.integers(0, 5))
-    steps = " ".join(f"Step {k}: we combine {int(rng.integers(2, 99))} and {int(rng.integers(2, 99))}." for k in range(1, int(rng.integers(2, 5))))
+    steps = " ".join(
+        f"Step {k}: we combine {int(rng.integers(2, 99))} and {int(rng.integers(2, 99))}."
+        for k in range(1, int(rng.integers(2, 5)))
+    )
     if form == 0:
         return f"{steps} So the result is $\\boxed{{{value}}}$."
     if form == 1:
@@ -76,38 +79,66 @@ def write_iteration(folder: Path, rows: int, group_size: int, seed: int = 0) -> 
     golds = rng.integers(10, 100_000, n_prompts)
     with ParquetStreamWriter(folder / "prompts.parquet", PROMPTS) as out:
         for start in range(0, n_prompts, WRITE_BATCH):
-            batch = [normalise_row({"prompt": f"Problem {i}: what is {int(g) - 7} plus 7?", "answer": str(int(g)), "task": "math"},
-                                   data_source="bench", row=i) for i, g in zip(range(start, start + WRITE_BATCH), golds[start:start + WRITE_BATCH])]
+            batch = [
+                normalise_row(
+                    {"prompt": f"Problem {i}: what is {int(g) - 7} plus 7?", "answer": str(int(g)), "task": "math"},
+                    data_source="bench",
+                    row=i,
+                )
+                for i, g in zip(range(start, start + WRITE_BATCH), golds[start : start + WRITE_BATCH])
+            ]
             out.write(prompts_table(batch))
     prompt_ids = pq.read_table(folder / "prompts.parquet", columns=["prompt_id"]).column("prompt_id").to_pylist()
     names = ["reward/math", "error/math"]
-    with ParquetStreamWriter(folder / "generations.parquet", GENERATIONS) as gens, \
-            ParquetStreamWriter(folder / "rewards.parquet", REWARDS, REWARDS.with_family_columns(names)) as old:
+    with (
+        ParquetStreamWriter(folder / "generations.parquet", GENERATIONS) as gens,
+        ParquetStreamWriter(folder / "rewards.parquet", REWARDS, REWARDS.with_family_columns(names)) as old,
+    ):
         per_batch = max(WRITE_BATCH // group_size, 1)
         for first in range(0, n_prompts, per_batch):
             prompts = range(first, min(first + per_batch, n_prompts))
             right = rng.random(len(prompts) * group_size) < 0.5
-            completions = [_completion(rng, int(golds[p]), bool(right[k * group_size + i])) for k, p in enumerate(prompts) for i in range(group_size)]
+            completions = [
+                _completion(rng, int(golds[p]), bool(right[k * group_size + i]))
+                for k, p in enumerate(prompts)
+                for i in range(group_size)
+            ]
             n = len(completions)
             lengths = np.array([max(len(c) // 3, 1) for c in completions])
             pid = [prompt_ids[p] for p in prompts for _ in range(group_size)]
-            gens.write(pa.table({
-                "prompt_id": pid,
-                "sample_index": pa.array([i for _ in prompts for i in range(group_size)], pa.int32()),
-                "prompt_text": [f"<|user|>Problem {p}<|assistant|>" for p in prompts for _ in range(group_size)],
-                "completion": completions,
-                "prompt_token_ids": _token_lists(rng, np.full(n, 40), 50_000, np.int32),
-                "completion_token_ids": _token_lists(rng, lengths, 50_000, np.int32),
-                "old_logprobs": _token_lists(rng, lengths, 0, np.float32),
-                "ref_logprobs": _token_lists(rng, lengths, 0, np.float32),
-                "finish_reason": ["eos"] * n,
-                "sampler_logprobs": pa.nulls(n, pa.list_(pa.float32())),
-            }, schema=GENERATIONS.schema))
+            gens.write(
+                pa.table(
+                    {
+                        "prompt_id": pid,
+                        "sample_index": pa.array([i for _ in prompts for i in range(group_size)], pa.int32()),
+                        "prompt_text": [
+                            f"<|user|>Problem {p}<|assistant|>" for p in prompts for _ in range(group_size)
+                        ],
+                        "completion": completions,
+                        "prompt_token_ids": _token_lists(rng, np.full(n, 40), 50_000, np.int32),
+                        "completion_token_ids": _token_lists(rng, lengths, 50_000, np.int32),
+                        "old_logprobs": _token_lists(rng, lengths, 0, np.float32),
+                        "ref_logprobs": _token_lists(rng, lengths, 0, np.float32),
+                        "finish_reason": ["eos"] * n,
+                        "sampler_logprobs": pa.nulls(n, pa.list_(pa.float32())),
+                    },
+                    schema=GENERATIONS.schema,
+                )
+            )
             # The "previous scoring": right in 90% of the cases, so the comparison has changes to show.
             before = np.where(rng.random(n) < 0.9, right, ~right).astype(np.float64)
-            old.write(pa.table({"prompt_id": pid, "sample_index": pa.array([i for _ in prompts for i in range(group_size)], pa.int32()),
-                                "reward": before, "reward/math": before, "error/math": pa.nulls(n, pa.string())},
-                               schema=old.schema))
+            old.write(
+                pa.table(
+                    {
+                        "prompt_id": pid,
+                        "sample_index": pa.array([i for _ in prompts for i in range(group_size)], pa.int32()),
+                        "reward": before,
+                        "reward/math": before,
+                        "error/math": pa.nulls(n, pa.string()),
+                    },
+                    schema=old.schema,
+                )
+            )
 
 
 # --- the measured process ----------------------------------------------------------------------
@@ -124,18 +155,36 @@ def child(folder: Path, workers: int | None, chunk_rows: int) -> None:
 
     figures = {"imports_mb": high_water_mb()}
     started = time.perf_counter()
-    score = score_generations(folder / "generations.parquet", folder / "prompts.parquet", folder / "rewards@bench.parquet", {"math": 1.0},
-                              workers=workers, chunk_rows=chunk_rows)
+    score = score_generations(
+        folder / "generations.parquet",
+        folder / "prompts.parquet",
+        folder / "rewards@bench.parquet",
+        {"math": 1.0},
+        workers=workers,
+        chunk_rows=chunk_rows,
+    )
     figures |= {"score_s": time.perf_counter() - started, "score_mb": high_water_mb()}
     t = time.perf_counter()
     compute_advantages(folder / "rewards@bench.parquet", folder / "advantages@bench.parquet")
     figures["advantages_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    comparison = compare_rewards(folder / "rewards.parquet", folder / "rewards@bench.parquet", folder / "generations.parquet")
+    comparison = compare_rewards(
+        folder / "rewards.parquet", folder / "rewards@bench.parquet", folder / "generations.parquet"
+    )
     figures["compare_s"] = time.perf_counter() - t
     figures["total_s"] = time.perf_counter() - started
-    print(json.dumps({**figures, "rows": score["rows"], "errored": score["errored"], "timeouts": score["timeouts"],
-                      "reward_mean": score["reward_mean"], "changed": comparison["changed"]}))
+    print(
+        json.dumps(
+            {
+                **figures,
+                "rows": score["rows"],
+                "errored": score["errored"],
+                "timeouts": score["timeouts"],
+                "reward_mean": score["reward_mean"],
+                "changed": comparison["changed"],
+            }
+        )
+    )
 
 
 def run_measured(folder: Path, workers: int | None, chunk_rows: int) -> dict:
@@ -176,10 +225,22 @@ def run_measured(folder: Path, workers: int | None, chunk_rows: int) -> dict:
     return result | {f"peak_{k}_mb": v / 2**20 for k, v in peaks.items()}
 
 
-COLUMNS = [("rows", 9, "{:>9}"), ("rows/s", 8, "{:>8.0f}"), ("score s", 8, "{:>8.1f}"), ("adv s", 6, "{:>6.1f}"), ("cmp s", 6, "{:>6.1f}"),
-           ("wall s", 7, "{:>7.1f}"), ("peak RSS MB", 12, "{:>12.0f}"), ("main MB", 8, "{:>8.0f}"), ("imports", 8, "{:>8.0f}"),
-           ("scoring", 8, "{:>8.0f}"), ("worker MB", 10, "{:>10.0f}"),
-           ("changed", 8, "{:>8}"), ("timeouts", 8, "{:>8}"), ("load 1/5/15", 15, "{:>15}")]
+COLUMNS = [
+    ("rows", 9, "{:>9}"),
+    ("rows/s", 8, "{:>8.0f}"),
+    ("score s", 8, "{:>8.1f}"),
+    ("adv s", 6, "{:>6.1f}"),
+    ("cmp s", 6, "{:>6.1f}"),
+    ("wall s", 7, "{:>7.1f}"),
+    ("peak RSS MB", 12, "{:>12.0f}"),
+    ("main MB", 8, "{:>8.0f}"),
+    ("imports", 8, "{:>8.0f}"),
+    ("scoring", 8, "{:>8.0f}"),
+    ("worker MB", 10, "{:>10.0f}"),
+    ("changed", 8, "{:>8}"),
+    ("timeouts", 8, "{:>8}"),
+    ("load 1/5/15", 15, "{:>15}"),
+]
 
 
 def _line(values: list) -> str:
@@ -187,8 +248,22 @@ def _line(values: list) -> str:
 
 
 def _figures(r: dict) -> list:
-    return [r["rows"], r["rows"] / r["total_s"], r["score_s"], r["advantages_s"], r["compare_s"], r["wall_s"], r["peak_tree_mb"],
-            r["peak_main_mb"], r["imports_mb"], r["score_mb"], r["peak_worker_mb"], r["changed"], r["timeouts"], r["load"]]
+    return [
+        r["rows"],
+        r["rows"] / r["total_s"],
+        r["score_s"],
+        r["advantages_s"],
+        r["compare_s"],
+        r["wall_s"],
+        r["peak_tree_mb"],
+        r["peak_main_mb"],
+        r["imports_mb"],
+        r["score_mb"],
+        r["peak_worker_mb"],
+        r["changed"],
+        r["timeouts"],
+        r["load"],
+    ]
 
 
 def _median(column: tuple):
@@ -200,7 +275,9 @@ def _median(column: tuple):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000", help="rows (generations) per run, comma-separated")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per size; with more than one, medians are printed too")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per size; with more than one, medians are printed too"
+    )
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=None, help="scoring workers (default: one per core)")
     parser.add_argument("--chunk-rows", type=int, default=4096, help="score stage chunk (its default)")
@@ -212,8 +289,10 @@ def main() -> None:
         return
 
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-rescore-"))
-    print(f"cores {os.cpu_count()}, Python {sys.version.split()[0]}, workers {args.workers or os.cpu_count()}, group size {args.group_size}, "
-          f"load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())} before")
+    print(
+        f"cores {os.cpu_count()}, Python {sys.version.split()[0]}, workers {args.workers or os.cpu_count()}, group size {args.group_size}, "
+        f"load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())} before"
+    )
     print(" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS))
     runs: dict[int, list[dict]] = {}
     for rows in (int(s) for s in args.sizes.split(",")):
@@ -221,7 +300,9 @@ def main() -> None:
         if not (folder / "rewards.parquet").exists():
             t = time.perf_counter()
             write_iteration(folder, rows, args.group_size)
-            print(f"  (wrote {rows} synthetic rows in {time.perf_counter() - t:.0f}s, generations file {(folder / 'generations.parquet').stat().st_size / 2**20:.0f} MB)")
+            print(
+                f"  (wrote {rows} synthetic rows in {time.perf_counter() - t:.0f}s, generations file {(folder / 'generations.parquet').stat().st_size / 2**20:.0f} MB)"
+            )
         for _ in range(args.repeat):
             for name in ("rewards@bench.parquet", "advantages@bench.parquet"):
                 (folder / name).unlink(missing_ok=True)

@@ -78,18 +78,29 @@ def math_rows(n: int, seed: int = 0) -> list[tuple[str, dict]]:
         if form == 0:
             rows.append((f"Adding it up gives\n#### {a * b:,}", {"answer": str(a * b if right else a * b + 1)}))
         elif form == 1:
-            rows.append((rf"So the ratio is $\boxed{{\frac{{{a}}}{{{b}}}}}$.", {"answer": f"{a}/{b}" if right else f"{b}/{a}"}))
+            rows.append(
+                (rf"So the ratio is $\boxed{{\frac{{{a}}}{{{b}}}}}$.", {"answer": f"{a}/{b}" if right else f"{b}/{a}"})
+            )
         elif form == 2:
             rows.append((f"The answer is {a / 4:.2f}.", {"answer": str(a / 4 if right else a / 4 + 1)}))
         elif form == 3:
-            rows.append((rf"\boxed{{{b}\sqrt{{2}}}}", {"answer": rf"\sqrt{{{2 * b * b}}}" if right else rf"\sqrt{{{2 * b * b + 1}}}"}))
+            rows.append(
+                (
+                    rf"\boxed{{{b}\sqrt{{2}}}}",
+                    {"answer": rf"\sqrt{{{2 * b * b}}}" if right else rf"\sqrt{{{2 * b * b + 1}}}"},
+                )
+            )
         else:
-            rows.append((rf"\boxed{{x^2 + {2 * b}x + {b * b}}}", {"answer": f"(x+{b})^2" if right else f"(x+{b + 1})^2"}))
+            rows.append(
+                (rf"\boxed{{x^2 + {2 * b}x + {b * b}}}", {"answer": f"(x+{b})^2" if right else f"(x+{b + 1})^2"})
+            )
     return rows
 
 
 def spread(rates: list[float]) -> str:
-    return f"median {statistics.median(rates):7.1f}/s   (min {min(rates):.1f}, max {max(rates):.1f}, {len(rates)} rounds)"
+    return (
+        f"median {statistics.median(rates):7.1f}/s   (min {min(rates):.1f}, max {max(rates):.1f}, {len(rates)} rounds)"
+    )
 
 
 def main() -> None:
@@ -99,7 +110,9 @@ def main() -> None:
     parser.add_argument("--math-rows", type=int, default=1000)
     args = parser.parse_args()
 
-    print(f"machine: {os.cpu_count()} cores, {args.workers} workers, Python {sys.version.split()[0]}, uid {os.geteuid()}")
+    print(
+        f"machine: {os.cpu_count()} cores, {args.workers} workers, Python {sys.version.split()[0]}, uid {os.geteuid()}"
+    )
     print(f"load average at start: {os.getloadavg()[0]:.1f} (other work on the machine skews both sides alike)")
     probe = run_script("pass")
     print(f"sandbox isolation here: namespaces {list(probe.isolation) or 'none'}, candidate uid {probe.user}")
@@ -107,8 +120,10 @@ def main() -> None:
     problems, rows = humaneval_rows()
     started = time.perf_counter()
     pool = RewardPool([make_reward("code")], workers=args.workers)
-    pool.score(rows[:args.workers])  # workers up, zygotes started
-    print(f"\nHumanEval, {len(rows)} canonical solutions per round (pool start-up {time.perf_counter() - started:.2f}s, once)")
+    pool.score(rows[: args.workers])  # workers up, zygotes started
+    print(
+        f"\nHumanEval, {len(rows)} canonical solutions per round (pool start-up {time.perf_counter() - started:.2f}s, once)"
+    )
     our_rates, their_rates = [], []
     with pool:
         for _ in range(args.rounds):

@@ -45,8 +45,28 @@ def _one_run(mode: str, work: Path, model: Path, data: Path, env: dict, k: int) 
         env["GRPOFLOW_OWN_PREFECT_SERVER"] = "0"
     elif mode != "server":
         env.pop("PREFECT_API_URL", None)
-    command = [sys.executable, "-m", "flows.cli", "run", "--run-dir", str(work / f"run-{mode}-{k}"), "--model", str(model), "--dataset", str(data),
-               "--iterations", "1", "--prompts-per-iteration", "2", "--group-size", "2", "--max-new-tokens", "2", "--score-workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        "--run-dir",
+        str(work / f"run-{mode}-{k}"),
+        "--model",
+        str(model),
+        "--dataset",
+        str(data),
+        "--iterations",
+        "1",
+        "--prompts-per-iteration",
+        "2",
+        "--group-size",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--score-workers",
+        "1",
+    ]
     started = time.perf_counter()
     subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - started
@@ -61,13 +81,22 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="grpoflow-bench-startup-"))
     model, data = _prepare(work)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
-        "PREFECT_HOME": str(work / "prefect"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "GRPOFLOW_PROGRESS": "0"}
+        "PREFECT_HOME": str(work / "prefect"),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "GRPOFLOW_PROGRESS": "0",
+    }
     server = None
     if "server" in modes:
         port = 4399
-        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
         for _ in range(1800):
             try:
@@ -80,7 +109,7 @@ def main() -> None:
         _one_run(modes[0], work, model, data, env, -1)  # warm the page cache and PREFECT_HOME's database; not counted
         times: dict[str, list[float]] = {m: [] for m in modes}
         for k in range(args.repeat):
-            for mode in (modes if k % 2 == 0 else modes[::-1]):  # interleaved, order alternating
+            for mode in modes if k % 2 == 0 else modes[::-1]:  # interleaved, order alternating
                 times[mode].append(_one_run(mode, work, model, data, env, k))
         for mode in modes:
             t = sorted(times[mode])

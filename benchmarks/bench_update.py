@@ -27,8 +27,15 @@ from common import fmt, set_threads, summary
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", type=Path, required=True, help="a grpoflow run folder (e.g. one bench_iteration.py left)")
-    p.add_argument("--iteration", type=int, default=3, help="its iteration whose artifacts are updated on (needs the previous checkpoint)")
+    p.add_argument(
+        "--run-dir", type=Path, required=True, help="a grpoflow run folder (e.g. one bench_iteration.py left)"
+    )
+    p.add_argument(
+        "--iteration",
+        type=int,
+        default=3,
+        help="its iteration whose artifacts are updated on (needs the previous checkpoint)",
+    )
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
@@ -39,10 +46,10 @@ def main() -> None:
 
     from data.schemas import GENERATIONS
     from data.store import read_table
-    from tasks.logprobs import completion_logprobs, pack
-    from tasks.model import live_policy
     from flows.config import GRPOConfig
     from flows.train import loss_settings
+    from tasks.logprobs import completion_logprobs, pack
+    from tasks.model import live_policy
     from tasks.update import update_policy
 
     it = a.run_dir / f"iter-{a.iteration:04d}"
@@ -59,9 +66,18 @@ def main() -> None:
         out = scratch / f"ck{state['n']}"
         state["n"] += 1
         started = time.perf_counter()
-        update_policy(str(it / "generations.parquet"), str(it / "advantages.parquet"), state["policy"], str(out),
-                      learning_rate=config["learning_rate"], loss=loss, micro_batch_size=config["micro_batch_size"], save=save,
-                      device="cpu", dtype="float32")
+        update_policy(
+            str(it / "generations.parquet"),
+            str(it / "advantages.parquet"),
+            state["policy"],
+            str(out),
+            learning_rate=config["learning_rate"],
+            loss=loss,
+            micro_batch_size=config["micro_batch_size"],
+            save=save,
+            device="cpu",
+            dtype="float32",
+        )
         state["policy"] = str(out)
         return time.perf_counter() - started
 
@@ -70,8 +86,12 @@ def main() -> None:
         model, optimizer = policy.model, policy.optimizer
         started = time.perf_counter()
         model.train()
-        batch = pack([r["prompt_token_ids"] for r in rows], [r["completion_token_ids"] for r in rows], policy.tokenizer.pad_token_id,
-                     torch.device("cpu"))
+        batch = pack(
+            [r["prompt_token_ids"] for r in rows],
+            [r["completion_token_ids"] for r in rows],
+            policy.tokenizer.pad_token_id,
+            torch.device("cpu"),
+        )
         logp = completion_logprobs(model, batch, 1.0)
         ((logp * batch.completion_mask).sum() / batch.completion_mask.sum()).backward()
         optimizer.step()
@@ -87,8 +107,10 @@ def main() -> None:
             if rep:  # rep 0 warms every path up
                 seconds[name].append(took)
     tokens = sum(len(r["completion_token_ids"]) for r in rows)
-    print(f"update benchmark: {it} ({len(rows)} completions, {tokens} completion tokens, micro-batch {config['micro_batch_size']}, "
-          f"beta {config['beta']}), {a.threads} thread(s), {a.reps} interleaved reps (+1 warm-up)")
+    print(
+        f"update benchmark: {it} ({len(rows)} completions, {tokens} completion tokens, micro-batch {config['micro_batch_size']}, "
+        f"beta {config['beta']}), {a.threads} thread(s), {a.reps} interleaved reps (+1 warm-up)"
+    )
     for name, values in seconds.items():
         print(f"  {name:14s} {fmt(summary(values), 's')}")
     for name in ("update", "update-nosave"):

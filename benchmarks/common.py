@@ -68,13 +68,22 @@ def summary(values: list[float]) -> dict:
     if not values:
         return {"n": 0}
     q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
-    return {"n": len(values), "median": statistics.median(values), "q1": q[0], "q3": q[2], "min": values[0], "max": values[-1]}
+    return {
+        "n": len(values),
+        "median": statistics.median(values),
+        "q1": q[0],
+        "q3": q[2],
+        "min": values[0],
+        "max": values[-1],
+    }
 
 
 def fmt(s: dict, unit: str = "s") -> str:
     if not s.get("n"):
         return "n/a"
-    return f"{s['median']:.3f}{unit} (IQR {s['q1']:.3f}-{s['q3']:.3f}, min {s['min']:.3f}, max {s['max']:.3f}, n={s['n']})"
+    return (
+        f"{s['median']:.3f}{unit} (IQR {s['q1']:.3f}-{s['q3']:.3f}, min {s['min']:.3f}, max {s['max']:.3f}, n={s['n']})"
+    )
 
 
 def machine_info() -> dict:
@@ -119,7 +128,9 @@ def write_builtin_jsonl(path: Path, held_out: bool = False, size: int = 500) -> 
 
     rows = builtin.held_out_problems(size) if held_out else builtin.all_train_problems()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"], "task": r["task"]}) + "\n" for r in rows))
+    path.write_text(
+        "".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"], "task": r["task"]}) + "\n" for r in rows)
+    )
     return path
 
 
@@ -216,7 +227,7 @@ class PrefectServer:
         self.process = None
         self.url = None
 
-    def __enter__(self) -> "PrefectServer":
+    def __enter__(self) -> PrefectServer:
         import socket
         import subprocess
         import time
@@ -229,13 +240,19 @@ class PrefectServer:
         env = {**os.environ, "PREFECT_HOME": str(self.home)}
         env.pop("PREFECT_API_URL", None)
         self.log = open(self.home / "server.log", "w")
-        self.process = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                        env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         self.url = f"http://127.0.0.1:{port}/api"
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"prefect server exited with status {self.process.returncode}; see {self.home / 'server.log'}")
+                raise RuntimeError(
+                    f"prefect server exited with status {self.process.returncode}; see {self.home / 'server.log'}"
+                )
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
                     if resp.status == 200:

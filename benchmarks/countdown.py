@@ -79,7 +79,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "countdown")
     p.add_argument("--png", type=Path, default=ROOT / "docs" / "countdown_curve.png")
-    p.add_argument("--report-run", type=Path, help="summarise and plot an existing (possibly unfinished) run folder instead of training")
+    p.add_argument(
+        "--report-run",
+        type=Path,
+        help="summarise and plot an existing (possibly unfinished) run folder instead of training",
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -90,15 +94,42 @@ def main() -> None:
     train.write_text("".join(json.dumps(r) + "\n" for r in countdown.problems(5_000, args.seed)))
     held.write_text("".join(json.dumps(r) + "\n" for r in countdown.problems(500, 0, held_out=True)))
     started = time.perf_counter()
-    model = format_warmup(args.out / f"model-format-{args.warmup_steps}-{args.seed}", args.warmup_steps, 128, 1e-3, args.seed)
+    model = format_warmup(
+        args.out / f"model-format-{args.warmup_steps}-{args.seed}", args.warmup_steps, 128, 1e-3, args.seed
+    )
     print(f"format-only warm-up: {time.perf_counter() - started:.0f}s", flush=True)
     if args.report_run:
         run_dir, seconds = args.report_run, None
     else:
         run_dir = args.out / f"run-{args.seed}-{int(time.time())}"
-        cmd = [sys.executable, "-m", "flows.cli", "run", "--model", str(model), "--dataset", str(train), "--eval-dataset", str(held),
-               "--task", "countdown", "--rewards", json.dumps({"countdown": 1.0}), "--max-new-tokens", "12", "--iterations", str(args.iterations),
-               "--learning-rate", str(args.lr), "--eval-every", "10", "--seed", str(args.seed), "--run-dir", str(run_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "run",
+            "--model",
+            str(model),
+            "--dataset",
+            str(train),
+            "--eval-dataset",
+            str(held),
+            "--task",
+            "countdown",
+            "--rewards",
+            json.dumps({"countdown": 1.0}),
+            "--max-new-tokens",
+            "12",
+            "--iterations",
+            str(args.iterations),
+            "--learning-rate",
+            str(args.lr),
+            "--eval-every",
+            "10",
+            "--seed",
+            str(args.seed),
+            "--run-dir",
+            str(run_dir),
+        ]
         started = time.perf_counter()
         with common.PrefectServer(args.out / "prefect-home"):  # not the shared ~/.prefect database
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
@@ -106,11 +137,16 @@ def main() -> None:
     metrics = [json.loads(f.read_text()) for f in sorted(run_dir.glob("iter-*/metrics.json"))]
     curve = [(m["iteration"], m["held_out_accuracy"]) for m in metrics if "held_out_accuracy" in m]
     rewards = [(m["iteration"], m["reward"]) for m in metrics if "reward" in m]
-    print(f"grpo run: {len(rewards)} iterations" + (f", {seconds:.0f}s" if seconds else " (report of a run folder)")
-          + f"; held-out success {curve[0][1]:.1%} -> {curve[-1][1]:.1%}")
+    print(
+        f"grpo run: {len(rewards)} iterations"
+        + (f", {seconds:.0f}s" if seconds else " (report of a run folder)")
+        + f"; held-out success {curve[0][1]:.1%} -> {curve[-1][1]:.1%}"
+    )
     print("held-out success by iteration: " + ", ".join(f"{i}: {a:.1%}" for i, a in curve))
     first, last = rewards[:10], rewards[-10:]
-    print(f"training batch success: first 10 iterations {sum(r for _, r in first) / len(first):.1%}, last 10 {sum(r for _, r in last) / len(last):.1%}")
+    print(
+        f"training batch success: first 10 iterations {sum(r for _, r in first) / len(first):.1%}, last 10 {sum(r for _, r in last) / len(last):.1%}"
+    )
 
     import matplotlib
 
@@ -118,18 +154,46 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot([i for i, _ in rewards], [100 * r for _, r in rewards], color="tab:blue", alpha=0.3, lw=0.8, label="training batch success (sampled)")
-    ax.plot([i for i, _ in curve], [100 * a for _, a in curve], "-o", color="tab:blue", ms=3, label="held-out success, greedy (500 problems)")
+    ax.plot(
+        [i for i, _ in rewards],
+        [100 * r for _, r in rewards],
+        color="tab:blue",
+        alpha=0.3,
+        lw=0.8,
+        label="training batch success (sampled)",
+    )
+    ax.plot(
+        [i for i, _ in curve],
+        [100 * a for _, a in curve],
+        "-o",
+        color="tab:blue",
+        ms=3,
+        label="held-out success, greedy (500 problems)",
+    )
     ax.set_xlabel("GRPO iteration")
     ax.set_ylabel("success rate (%)")
-    ax.set_title("Countdown with a verifier only (no solutions anywhere): tiny model after a format-only warm-up", fontsize=9)
+    ax.set_title(
+        "Countdown with a verifier only (no solutions anywhere): tiny model after a format-only warm-up", fontsize=9
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     args.png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.png, dpi=120)
-    (args.out / "summary.json").write_text(json.dumps({"machine": machine_info(), "load_after": os.getloadavg(), "args": {k: str(v) for k, v in vars(args).items()},
-                                                      "seconds": seconds, "held_out": curve, "rewards": rewards, "run_dir": str(run_dir)}, indent=2))
+    (args.out / "summary.json").write_text(
+        json.dumps(
+            {
+                "machine": machine_info(),
+                "load_after": os.getloadavg(),
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "seconds": seconds,
+                "held_out": curve,
+                "rewards": rewards,
+                "run_dir": str(run_dir),
+            },
+            indent=2,
+        )
+    )
     print(f"plot: {args.png}")
 
 

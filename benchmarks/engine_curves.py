@@ -43,10 +43,32 @@ def run(engine: str, seed: int, a: argparse.Namespace) -> dict:
     run_dir = a.out / f"{engine}-seed{seed}"
     started = time.time()
     if not (run_dir / "final" / "config.json").exists():
-        args = [sys.executable, "-m", "flows.cli", "run", "--run-dir", str(run_dir), "--seed", str(seed), "--generation-engine", engine,
-                "--iterations", str(a.iterations), "--eval-every", str(a.eval_every), "--eval-size", str(a.eval_size)]
-        subprocess.run(args, cwd=ROOT, check=True, env=os.environ | {"GRPOFLOW_PROGRESS": "0"}, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL if not a.verbose else None)
+        args = [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "run",
+            "--run-dir",
+            str(run_dir),
+            "--seed",
+            str(seed),
+            "--generation-engine",
+            engine,
+            "--iterations",
+            str(a.iterations),
+            "--eval-every",
+            str(a.eval_every),
+            "--eval-size",
+            str(a.eval_size),
+        ]
+        subprocess.run(
+            args,
+            cwd=ROOT,
+            check=True,
+            env=os.environ | {"GRPOFLOW_PROGRESS": "0"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL if not a.verbose else None,
+        )
     return {"engine": engine, "seed": seed, "curve": held_out_curve(run_dir), "wall_s": time.time() - started}
 
 
@@ -59,8 +81,14 @@ def plot(runs: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in runs:
         its = sorted(r["curve"])
-        ax.plot(its, [r["curve"][i] for i in its], "o-" if r["engine"] == "hf" else "s--", alpha=0.8,
-                color="tab:blue" if r["engine"] == "hf" else "tab:red", label=f"{r['engine']} seed {r['seed']}")
+        ax.plot(
+            its,
+            [r["curve"][i] for i in its],
+            "o-" if r["engine"] == "hf" else "s--",
+            alpha=0.8,
+            color="tab:blue" if r["engine"] == "hf" else "tab:red",
+            label=f"{r['engine']} seed {r['seed']}",
+        )
     ax.set_xlabel("iteration")
     ax.set_ylabel("held-out greedy accuracy")
     ax.grid(alpha=0.3)
@@ -83,20 +111,32 @@ def main() -> None:
     load_before = os.getloadavg()
     runs = [run(engine, seed, a) for seed in a.seeds for engine in ENGINES]
     points = sorted(set.intersection(*(set(r["curve"]) for r in runs)))
-    print(f"tiny default task, {len(a.seeds)} seeds, {a.iterations} iterations, {a.eval_size} held-out problems every {a.eval_every}; "
-          f"load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}")
-    print("iteration  " + "  ".join(f"{e}: mean (min-max)".ljust(26) for e in ENGINES) + "  vLLM mean within HF's range")
+    print(
+        f"tiny default task, {len(a.seeds)} seeds, {a.iterations} iterations, {a.eval_size} held-out problems every {a.eval_every}; "
+        f"load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        "iteration  " + "  ".join(f"{e}: mean (min-max)".ljust(26) for e in ENGINES) + "  vLLM mean within HF's range"
+    )
     inside = []
     for it in points:
         stats = {e: [r["curve"][it] for r in runs if r["engine"] == e] for e in ENGINES}
         ok = min(stats["hf"]) <= statistics.mean(stats["vllm"]) <= max(stats["hf"])
         inside.append(ok)
-        print(f"{it:9d}  " + "  ".join(f"{statistics.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})".ljust(26) for v in stats.values())
-              + f"  {'yes' if ok else 'no'}")
+        print(
+            f"{it:9d}  "
+            + "  ".join(f"{statistics.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})".ljust(26) for v in stats.values())
+            + f"  {'yes' if ok else 'no'}"
+        )
     for e in ENGINES:
         walls = [r["wall_s"] for r in runs if r["engine"] == e]
         print(f"{e}: wall per run {statistics.median(walls):.0f} s (median of {len(walls)})")
-    summary = {"args": {k: str(v) for k, v in vars(a).items()}, "runs": runs, "within_hf_range": inside, "machine": machine_info()}
+    summary = {
+        "args": {k: str(v) for k, v in vars(a).items()},
+        "runs": runs,
+        "within_hf_range": inside,
+        "machine": machine_info(),
+    }
     (a.out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(runs, a.png)
 

@@ -42,11 +42,20 @@ OUT = ROOT / "benchmarks" / "out" / "gcd"
 def gcd_rows(size: int, seed: int) -> list[dict]:
     import reasoning_gym
 
-    return [{"prompt": x["question"], "answer": str(x["answer"]), "task": "math", "numbers": sorted(x["metadata"]["numbers"])}
-            for x in reasoning_gym.create_dataset("gcd", size=size, seed=seed)]
+    return [
+        {
+            "prompt": x["question"],
+            "answer": str(x["answer"]),
+            "task": "math",
+            "numbers": sorted(x["metadata"]["numbers"]),
+        }
+        for x in reasoning_gym.create_dataset("gcd", size=size, seed=seed)
+    ]
 
 
-def write_gcd_jsonl(train_path: Path, held_path: Path, train_size: int, held_size: int, seed: int = 0) -> tuple[Path, Path]:
+def write_gcd_jsonl(
+    train_path: Path, held_path: Path, train_size: int, held_size: int, seed: int = 0
+) -> tuple[Path, Path]:
     """Training and held-out JSONL files (prompt, answer, task); no pair of numbers in both."""
     train = gcd_rows(train_size, seed)
     seen = {tuple(r["numbers"]) for r in train}
@@ -68,10 +77,23 @@ RECIPE = {
     # spread); 8 prompts x 8 because groups without spread cost only their generation (the
     # update skips them). Gradient checkpointing off: the update peaks ~5.6 GiB of 24 without
     # it, and it is ~30% faster.
-    "generation_engine": "vllm", "rewards": {"math": 1.0}, "prompts_per_iteration": 8, "group_size": 8, "max_new_tokens": 64,
-    "temperature": 0.7, "learning_rate": 1e-5, "beta": 0.0, "micro_batch_size": 8, "loss_aggregation": "dapo",
+    "generation_engine": "vllm",
+    "rewards": {"math": 1.0},
+    "prompts_per_iteration": 8,
+    "group_size": 8,
+    "max_new_tokens": 64,
+    "temperature": 0.7,
+    "learning_rate": 1e-5,
+    "beta": 0.0,
+    "micro_batch_size": 8,
+    "loss_aggregation": "dapo",
     "gradient_checkpointing": False,
-    "eval_every": 3, "eval_size": 128, "save_every": 3, "dtype": "float32", "device": "cpu", "score_workers": 1,
+    "eval_every": 3,
+    "eval_size": 128,
+    "save_every": 3,
+    "dtype": "float32",
+    "device": "cpu",
+    "score_workers": 1,
 }
 
 
@@ -89,8 +111,12 @@ def held_out_split(model_dir: str, held: Path, max_new_tokens: int) -> dict:
 
     rows = [normalise_row(r, data_source=str(held), row=i) for i, r in read_source(str(held))]
     policy = live_policy(model_dir, "cpu", "float32")
-    ids = [policy.tokenizer(render_prompt(r, policy.tokenizer, True), add_special_tokens=False)["input_ids"] for r in rows]
-    samples = engine_for("vllm", model_dir, policy).sample(ids, 1, SamplingSettings(max_new_tokens=max_new_tokens, greedy=True, with_logprobs=False))
+    ids = [
+        policy.tokenizer(render_prompt(r, policy.tokenizer, True), add_special_tokens=False)["input_ids"] for r in rows
+    ]
+    samples = engine_for("vllm", model_dir, policy).sample(
+        ids, 1, SamplingSettings(max_new_tokens=max_new_tokens, greedy=True, with_logprobs=False)
+    )
     texts = policy.tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
     reward = make_reward("math", None)
     solved = [reward(t, r) >= 1.0 for t, r in zip(texts, rows)]
@@ -101,10 +127,13 @@ def held_out_split(model_dir: str, held: Path, max_new_tokens: int) -> dict:
         chosen = [i for i, r in enumerate(rows) if member(r["answer"])]
         split[f"accuracy_{name}"] = sum(solved[i] for i in chosen) / max(len(chosen), 1)
         split[f"share_{name}"] = len(chosen) / len(rows)
-    (common_answer, count), = Counter(r["answer"] for r in rows).most_common(1)
+    ((common_answer, count),) = Counter(r["answer"] for r in rows).most_common(1)
     return {
-        "accuracy": sum(solved) / len(rows), **split, "problems": len(rows),
-        "answers_1": sum(x == "1" for x in last) / len(rows), "answers_2": sum(x == "2" for x in last) / len(rows),
+        "accuracy": sum(solved) / len(rows),
+        **split,
+        "problems": len(rows),
+        "answers_1": sum(x == "1" for x in last) / len(rows),
+        "answers_2": sum(x == "2" for x in last) / len(rows),
         "distinct_answers": len(set(last)),
         f"constant_answer_{common_answer}_accuracy": count / len(rows),
         "mean_completion_tokens": sum(len(s.completion_ids) for s in samples) / len(samples),
@@ -120,7 +149,14 @@ def plot(points: list[dict], path: Path, title: str, constant: tuple[str, float]
     fig, ax = plt.subplots(figsize=(7, 4))
     rew = [(p["minutes"], p["reward"]) for p in points if p.get("reward") is not None]
     acc = [(p["minutes"], p["held_out_accuracy"]) for p in points if p.get("held_out_accuracy") is not None]
-    ax.plot([m for m, _ in rew], [r for _, r in rew], "o-", color="tab:blue", alpha=0.6, label="training reward (mean of the iteration's samples)")
+    ax.plot(
+        [m for m, _ in rew],
+        [r for _, r in rew],
+        "o-",
+        color="tab:blue",
+        alpha=0.6,
+        label="training reward (mean of the iteration's samples)",
+    )
     ax.plot([m for m, _ in acc], [a for _, a in acc], "s-", color="tab:red", lw=2, label="held-out greedy accuracy")
     if constant is not None:  # what answering the most common gcd every time scores
         ax.axhline(constant[1], color="grey", ls="--", lw=1, label=f"always answering {constant[0]} (held-out)")
@@ -137,14 +173,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=60, help="wall budget: no iteration starts after it")
     p.add_argument("--end-by", default=None, help="HH:MM (machine clock): the wall budget ends then at the latest")
-    p.add_argument("--iterations", type=int, default=200, help="upper bound; the wall budget usually stops the run first")
+    p.add_argument(
+        "--iterations", type=int, default=200, help="upper bound; the wall budget usually stops the run first"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", nargs="*", default=[], help="recipe overrides, key=JSON value")
     p.add_argument("--run-dir", type=Path, default=None)
     p.add_argument("--skip-split", action="store_true", help="no before/after split evaluation")
-    p.add_argument("--split-only", type=Path, default=None, metavar="RUN_DIR",
-                   help="only the split evaluation of the base model and RUN_DIR's last checkpoint, into its summary")
-    p.add_argument("--started", type=float, default=None, help="with --split-only: when the run started (epoch seconds)")
+    p.add_argument(
+        "--split-only",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="only the split evaluation of the base model and RUN_DIR's last checkpoint, into its summary",
+    )
+    p.add_argument(
+        "--started", type=float, default=None, help="with --split-only: when the run started (epoch seconds)"
+    )
     a = p.parse_args()
     from smollm2 import smollm2_hf_folder
 
@@ -153,9 +198,13 @@ def main() -> None:
     recipe = RECIPE | {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
     if a.split_only:
         summary = json.loads((OUT / "summary.json").read_text()) if (OUT / "summary.json").exists() else {}
-        if summary.get("run_dir") != str(a.split_only):  # the run's own summary was not written (the driver was stopped)
+        if summary.get("run_dir") != str(
+            a.split_only
+        ):  # the run's own summary was not written (the driver was stopped)
             if a.started is None:
-                raise SystemExit(f"{OUT / 'summary.json'} is not {a.split_only}'s: give --started (the run's start, epoch seconds)")
+                raise SystemExit(
+                    f"{OUT / 'summary.json'} is not {a.split_only}'s: give --started (the run's start, epoch seconds)"
+                )
             finished = max(m.stat().st_mtime for m in a.split_only.glob("iter-*/metrics.json"))
             summary = summarise(a.split_only, a.started, finished - a.started, recipe, a.seed, [None, None, None])
         summary["split"] = split_evaluation(str(model), a.split_only, held, recipe["max_new_tokens"])
@@ -164,8 +213,14 @@ def main() -> None:
         print(json.dumps(summary["split"], indent=2))
         return
     run_dir = a.run_dir or OUT / f"run-seed{a.seed}-{time.strftime('%H%M')}"
-    config = recipe | {"run_dir": str(run_dir), "model": str(model), "dataset": str(train), "eval_dataset": str(held), "seed": a.seed,
-                       "iterations": a.iterations}
+    config = recipe | {
+        "run_dir": str(run_dir),
+        "model": str(model),
+        "dataset": str(train),
+        "eval_dataset": str(held),
+        "seed": a.seed,
+        "iterations": a.iterations,
+    }
     args = ["run"]
     for key, value in config.items():
         flag = "--" + key.replace("_", "-")
@@ -213,20 +268,46 @@ def summarise(run_dir: Path, started: float, wall: float, recipe: dict, seed: in
     points = []
     for m in sorted(run_dir.glob("iter-*/metrics.json")):
         metrics = json.loads(m.read_text())
-        points.append({"iteration": metrics["iteration"], "minutes": (m.stat().st_mtime - started) / 60, "reward": metrics.get("reward"),
-                       "held_out_accuracy": metrics.get("held_out_accuracy"),
-                       **{k: v for k, v in metrics.items() if k.startswith("sampling/") or k in ("step_time", "completions/mean_length")}})
+        points.append(
+            {
+                "iteration": metrics["iteration"],
+                "minutes": (m.stat().st_mtime - started) / 60,
+                "reward": metrics.get("reward"),
+                "held_out_accuracy": metrics.get("held_out_accuracy"),
+                **{
+                    k: v
+                    for k, v in metrics.items()
+                    if k.startswith("sampling/") or k in ("step_time", "completions/mean_length")
+                },
+            }
+        )
     accs = [p for p in points if p.get("held_out_accuracy") is not None]
-    return {"recipe": recipe, "seed": seed, "wall_minutes": wall / 60, "iterations_done": len(points) - 1, "points": points,
-            "before": accs[0]["held_out_accuracy"] if accs else None, "after": accs[-1]["held_out_accuracy"] if accs else None,
-            "best": max((p["held_out_accuracy"] for p in accs), default=None),
-            "load_before": load_before, "load_after": os.getloadavg(), "machine": machine_info(), "run_dir": str(run_dir)}
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "wall_minutes": wall / 60,
+        "iterations_done": len(points) - 1,
+        "points": points,
+        "before": accs[0]["held_out_accuracy"] if accs else None,
+        "after": accs[-1]["held_out_accuracy"] if accs else None,
+        "best": max((p["held_out_accuracy"] for p in accs), default=None),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "machine": machine_info(),
+        "run_dir": str(run_dir),
+    }
 
 
 def plot_summary(summary: dict, held: Path) -> None:
-    load = "" if summary["load_before"][0] is None else f" (load {summary['load_before'][0]:.1f}-{summary['load_after'][0]:.1f})"
-    title = (f"SmolLM2-135M-Instruct, reasoning-gym gcd, vLLM engine, seed {summary['seed']}: held-out {summary['before']:.1%} -> "
-             f"{summary['after']:.1%} in {summary['wall_minutes']:.0f} min{load}")
+    load = (
+        ""
+        if summary["load_before"][0] is None
+        else f" (load {summary['load_before'][0]:.1f}-{summary['load_after'][0]:.1f})"
+    )
+    title = (
+        f"SmolLM2-135M-Instruct, reasoning-gym gcd, vLLM engine, seed {summary['seed']}: held-out {summary['before']:.1%} -> "
+        f"{summary['after']:.1%} in {summary['wall_minutes']:.0f} min{load}"
+    )
     plot(summary["points"], ROOT / "docs" / "gcd_curve.png", title, constant_answer(held))
 
 
@@ -235,17 +316,22 @@ def constant_answer(held: Path) -> tuple[str, float]:
     from collections import Counter
 
     answers = [json.loads(line)["answer"] for line in held.read_text().splitlines() if line.strip()]
-    (answer, count), = Counter(answers).most_common(1)
+    ((answer, count),) = Counter(answers).most_common(1)
     return answer, count / len(answers)
 
 
 def split_evaluation(model: str, run_dir: Path, held: Path, max_new_tokens: int) -> dict:
     """`held_out_split` of the base model and of the run's last checkpoint."""
     split = {"before": held_out_split(model, held, max_new_tokens)}
-    last = [run_dir / "final"] if (run_dir / "final" / "config.json").exists() else sorted(run_dir.glob("iter-*/checkpoint"))[-1:]
+    last = (
+        [run_dir / "final"]
+        if (run_dir / "final" / "config.json").exists()
+        else sorted(run_dir.glob("iter-*/checkpoint"))[-1:]
+    )
     if last:  # the run's final model, else (a stopped run) its newest checkpoint
         split["after"] = held_out_split(str(last[-1]), held, max_new_tokens) | {"checkpoint": str(last[-1])}
     return split
+
 
 if __name__ == "__main__":
     main()

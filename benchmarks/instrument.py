@@ -29,10 +29,17 @@ STAGES = [
 ]
 # Parts of the stages' time: the names as each stage module imported them.
 PARTS = [
-    *[(m, "read_table", "parquet_io") for m in ("tasks.select", "tasks.generate", "tasks.score", "tasks.advantages", "tasks.update", "tasks.evaluate")],
+    *[
+        (m, "read_table", "parquet_io")
+        for m in ("tasks.select", "tasks.generate", "tasks.score", "tasks.advantages", "tasks.update", "tasks.evaluate")
+    ],
     *[(m, "write_table", "parquet_io") for m in ("tasks.select", "tasks.generate", "tasks.advantages")],
     ("tasks.score", "iter_batches", "parquet_io"),
-    ("tasks.update", "save_checkpoint", "checkpoint_write"),  # written by the update itself (a Ray rank, or no background writer)
+    (
+        "tasks.update",
+        "save_checkpoint",
+        "checkpoint_write",
+    ),  # written by the update itself (a Ray rank, or no background writer)
     # The local flow's checkpoints are written on a background thread (tasks.model.save_in_background):
     # their time overlaps the next iteration; what the update waits for them is on the critical path.
     ("tasks.model", "save_checkpoint", "checkpoint_write_background"),
@@ -103,10 +110,17 @@ def record_iterations(sink: list[dict]) -> None:
         now = time.perf_counter()
         if not last:  # the first iteration counts from its own start, not the flow's (model prep, ingest)
             last.append(now - metrics.get("step_time", 0.0))
-        sink.append({"iteration": iteration, "wall": now - last[0], "step_time": metrics.get("step_time"), "timers": take(),
-                     # with beta 0, completions of zero advantage are never forwarded (tasks/update.py)
-                     "zero_gradient_completions": metrics.get("update/zero_gradient_completions"),
-                     "trained_completions": metrics.get("update/trained_completions")})
+        sink.append(
+            {
+                "iteration": iteration,
+                "wall": now - last[0],
+                "step_time": metrics.get("step_time"),
+                "timers": take(),
+                # with beta 0, completions of zero advantage are never forwarded (tasks/update.py)
+                "zero_gradient_completions": metrics.get("update/zero_gradient_completions"),
+                "trained_completions": metrics.get("update/trained_completions"),
+            }
+        )
         last[0] = now
 
     train.write_metrics = write_metrics

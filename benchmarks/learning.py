@@ -48,11 +48,14 @@ def worker(seed: int, out: Path, sft_lr: float, sft_batch: int, threads: int) ->
     run_dir = out / f"grpo-seed{seed}"
     config = config_from_args(build_parser().parse_args(["run", "--seed", str(seed), "--run-dir", str(run_dir)]))
     defaults = GRPOConfig()
-    assert {k: v for k, v in config.model_dump().items() if k not in ("seed", "run_dir")} == \
-        {k: v for k, v in defaults.model_dump().items() if k not in ("seed", "run_dir")}, "learning.py must run the defaults"
+    assert {k: v for k, v in config.model_dump().items() if k not in ("seed", "run_dir")} == {
+        k: v for k, v in defaults.model_dump().items() if k not in ("seed", "run_dir")
+    }, "learning.py must run the defaults"
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    model_dir = ensure_tiny_model(steps=config.tiny_model_sft_steps, seed=seed)  # what prepare-model does, timed on its own
+    model_dir = ensure_tiny_model(
+        steps=config.tiny_model_sft_steps, seed=seed
+    )  # what prepare-model does, timed on its own
     warmup = {"wall": time.perf_counter() - wall0, "cpu": time.process_time() - cpu0}
 
     import flows.train as train
@@ -65,8 +68,15 @@ def worker(seed: int, out: Path, sft_lr: float, sft_batch: int, threads: int) ->
         original(run_dir_, iteration, metrics)
         if iteration == 0:  # the held-out evaluation before GRPO: the phase starts after it
             clock.update(wall=time.perf_counter(), cpu=time.process_time())
-        points.append({"iteration": iteration, "wall": time.perf_counter() - clock["wall"], "cpu": time.process_time() - clock["cpu"],
-                       "accuracy": metrics.get("held_out_accuracy"), "reward": metrics.get("reward")})
+        points.append(
+            {
+                "iteration": iteration,
+                "wall": time.perf_counter() - clock["wall"],
+                "cpu": time.process_time() - clock["cpu"],
+                "accuracy": metrics.get("held_out_accuracy"),
+                "reward": metrics.get("reward"),
+            }
+        )
 
     train.write_metrics = write_metrics
     wall1 = time.perf_counter()
@@ -76,9 +86,20 @@ def worker(seed: int, out: Path, sft_lr: float, sft_batch: int, threads: int) ->
     curve = [p for p in points if p["accuracy"] is not None]
 
     sft = sft_control(str(model_dir), grpo_cpu, seed, sft_lr, sft_batch, eval_every=25)
-    return {"seed": seed, "warmup": warmup, "flow_wall": flow_wall, "grpo_wall": grpo_wall, "grpo_cpu": grpo_cpu, "curve": curve,
-            "rewards": [p["reward"] for p in points if p["iteration"] > 0], "before": curve[0]["accuracy"], "after": curve[-1]["accuracy"],
-            "best": max(p["accuracy"] for p in curve), "sft": sft, "load": os.getloadavg()}
+    return {
+        "seed": seed,
+        "warmup": warmup,
+        "flow_wall": flow_wall,
+        "grpo_wall": grpo_wall,
+        "grpo_cpu": grpo_cpu,
+        "curve": curve,
+        "rewards": [p["reward"] for p in points if p["iteration"] > 0],
+        "before": curve[0]["accuracy"],
+        "after": curve[-1]["accuracy"],
+        "best": max(p["accuracy"] for p in curve),
+        "sft": sft,
+        "load": os.getloadavg(),
+    }
 
 
 def sft_control(model_dir: str, cpu_budget: float, seed: int, lr: float, batch_size: int, eval_every: int) -> dict:
@@ -126,8 +147,14 @@ def sft_control(model_dir: str, cpu_budget: float, seed: int, lr: float, batch_s
             curve.append({"step": step, "cpu": time.process_time() - cpu0, "accuracy": accuracy()})
     if curve[-1]["step"] != step:
         curve.append({"step": step, "cpu": time.process_time() - cpu0, "accuracy": accuracy()})
-    return {"steps": step, "cpu": time.process_time() - cpu0, "wall": time.perf_counter() - wall0, "curve": curve,
-            "before": curve[0]["accuracy"], "after": curve[-1]["accuracy"]}
+    return {
+        "steps": step,
+        "cpu": time.process_time() - cpu0,
+        "wall": time.perf_counter() - wall0,
+        "curve": curve,
+        "before": curve[0]["accuracy"],
+        "after": curve[-1]["accuracy"],
+    }
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -138,11 +165,24 @@ def plot(results: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for k, r in enumerate(results):
-        ax.plot([p["cpu"] for p in r["curve"]], [100 * p["accuracy"] for p in r["curve"]], "-o", ms=3, color="tab:blue", alpha=0.85,
-                label="GRPO from the reward only (grpo run defaults)" if k == 0 else None)
+        ax.plot(
+            [p["cpu"] for p in r["curve"]],
+            [100 * p["accuracy"] for p in r["curve"]],
+            "-o",
+            ms=3,
+            color="tab:blue",
+            alpha=0.85,
+            label="GRPO from the reward only (grpo run defaults)" if k == 0 else None,
+        )
         s = r["sft"]["curve"]
-        ax.plot([p["cpu"] for p in s], [100 * p["accuracy"] for p in s], "--", color="tab:gray", alpha=0.85,
-                label="SFT control on the gold answers, same CPU time" if k == 0 else None)
+        ax.plot(
+            [p["cpu"] for p in s],
+            [100 * p["accuracy"] for p in s],
+            "--",
+            color="tab:gray",
+            alpha=0.85,
+            label="SFT control on the gold answers, same CPU time" if k == 0 else None,
+        )
     ax.set_xlabel("CPU seconds after the supervised warm-up (evaluations included)")
     ax.set_ylabel("held-out greedy accuracy, 500 problems (%)")
     ax.set_title(f"Tiny model (1M params), 2-digit addition, {len(results)} seeds", fontsize=10)
@@ -159,18 +199,35 @@ def timing_run(out: Path) -> None:
     load0 = os.getloadavg()
     started = time.perf_counter()
     usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run([PYTHON, "-m", "flows.cli", "run", "--run-dir", str(out / f"timing-{int(time.time())}")], cwd=ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [PYTHON, "-m", "flows.cli", "run", "--run-dir", str(out / f"timing-{int(time.time())}")],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
-    print(f"default `grpo run`, cold cache: {time.perf_counter() - started:.0f}s wall, {cpu:.0f} CPU seconds; load before {load0}, after {os.getloadavg()}")
+    print(
+        f"default `grpo run`, cold cache: {time.perf_counter() - started:.0f}s wall, {cpu:.0f} CPU seconds; load before {load0}, after {os.getloadavg()}"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--jobs", type=int, default=1, help="seeds at once (results are in CPU seconds, so this changes no figure but wall time)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per seed (the CPU-second figures are per process, all threads)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="seeds at once (results are in CPU seconds, so this changes no figure but wall time)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per seed (the CPU-second figures are per process, all threads)",
+    )
     p.add_argument("--sft-lr", type=float, default=1e-3, help="the warm-up recipe's learning rate")
     p.add_argument("--sft-batch", type=int, default=128, help="the warm-up recipe's batch size")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "learning")
@@ -189,13 +246,33 @@ def main() -> None:
         return
 
     def launch(seed: int) -> dict:
-        subprocess.run([PYTHON, __file__, "--worker-seed", str(seed), "--out", str(args.out), "--sft-lr", str(args.sft_lr),
-                        "--sft-batch", str(args.sft_batch), "--threads", str(args.threads)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                       env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        subprocess.run(
+            [
+                PYTHON,
+                __file__,
+                "--worker-seed",
+                str(seed),
+                "--out",
+                str(args.out),
+                "--sft-lr",
+                str(args.sft_lr),
+                "--sft-batch",
+                str(args.sft_batch),
+                "--threads",
+                str(args.threads),
+            ],
+            cwd=ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+        )
         r = json.loads((args.out / f"seed{seed}.json").read_text())
-        print(f"seed {seed}: warm-up {r['warmup']['cpu']:.0f} CPU-s; GRPO {r['grpo_cpu']:.0f} CPU-s ({r['grpo_wall']:.0f}s wall): held-out "
-              f"{r['before']:.1%} -> {r['after']:.1%} ({100 * (r['after'] - r['before']):+.1f} points, best {r['best']:.1%}); "
-              f"SFT control {r['sft']['steps']} steps in {r['sft']['cpu']:.0f} CPU-s: {r['sft']['before']:.1%} -> {r['sft']['after']:.1%}", flush=True)
+        print(
+            f"seed {seed}: warm-up {r['warmup']['cpu']:.0f} CPU-s; GRPO {r['grpo_cpu']:.0f} CPU-s ({r['grpo_wall']:.0f}s wall): held-out "
+            f"{r['before']:.1%} -> {r['after']:.1%} ({100 * (r['after'] - r['before']):+.1f} points, best {r['best']:.1%}); "
+            f"SFT control {r['sft']['steps']} steps in {r['sft']['cpu']:.0f} CPU-s: {r['sft']['before']:.1%} -> {r['sft']['after']:.1%}",
+            flush=True,
+        )
         return r
 
     env_prefect = common.PrefectServer(args.out / "prefect-home") if args.jobs > 1 else None
@@ -209,7 +286,11 @@ def main() -> None:
             env_prefect.__exit__(None, None, None)
 
     gains = [r["after"] - r["before"] for r in results]
-    print(f"\nGRPO held-out gain: mean {100 * statistics.fmean(gains):+.1f} points over {len(gains)} seeds (" + ", ".join(f"{100 * g:+.1f}" for g in gains) + ")")
+    print(
+        f"\nGRPO held-out gain: mean {100 * statistics.fmean(gains):+.1f} points over {len(gains)} seeds ("
+        + ", ".join(f"{100 * g:+.1f}" for g in gains)
+        + ")"
+    )
     print("SFT control after the same CPU time: " + ", ".join(f"{r['sft']['after']:.1%}" for r in results))
     plot(results, args.png)
     (args.out / "summary.json").write_text(json.dumps({"machine": machine_info(), "results": results}, indent=2))

@@ -94,7 +94,9 @@ def token_rewards(outcome, old_logp, ref_logp, mask, beta: float = BETA):
 
     rewards = -beta * (old_logp - ref_logp) * mask
     last = (mask.sum(1).long() - 1).clamp(min=0)  # (B,) index of each completion's last token
-    return rewards + torch.zeros_like(rewards).scatter(1, last.unsqueeze(1), outcome.unsqueeze(1)) * (mask.sum(1, keepdim=True) > 0)
+    return rewards + torch.zeros_like(rewards).scatter(1, last.unsqueeze(1), outcome.unsqueeze(1)) * (
+        mask.sum(1, keepdim=True) > 0
+    )
 
 
 def clipped_value_loss(values, old_values, returns, mask, clip: float = CLIP_VALUE):
@@ -128,8 +130,12 @@ class ValueModel:
     def __call__(self, batch):
         """V(s_t) at the position predicting each completion token.  -> (B, C)"""
         width = batch.completion_ids.shape[1]
-        hidden = self.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                           use_cache=False).last_hidden_state[:, -width - 1 : -1]  # (B, C, H)
+        hidden = self.body(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state[:, -width - 1 : -1]  # (B, C, H)
         return self.head(hidden).squeeze(-1).float() * batch.completion_mask  # (B, C)
 
 
@@ -176,18 +182,32 @@ def run_one(a: argparse.Namespace) -> dict:
         value_opt = torch.optim.AdamW(value.parameters(), lr=a.lr)
     rng = random.Random(a.seed)
     loss_settings = LossSettings(beta=BETA, epsilon_low=CLIP, epsilon_high=CLIP)
-    out = {"algorithm": a.algorithm, "seed": a.seed, "rewards": [], "seconds": [], "update_seconds": [], "update_peak_mib": [], "before_update_mib": [],
-           "evals": {}, "value_loss": []}
+    out = {
+        "algorithm": a.algorithm,
+        "seed": a.seed,
+        "rewards": [],
+        "seconds": [],
+        "update_seconds": [],
+        "update_peak_mib": [],
+        "before_update_mib": [],
+        "evals": {},
+        "value_loss": [],
+    }
     if held_out:
         out["evals"][0] = _eval(policy, tok, held_out, a.max_new_tokens, reward)
     for it in range(1, a.iterations + 1):
         started = time.perf_counter()
         batch_problems = [rng.choice(problems) for _ in range(a.prompts)]
         prompt_ids = [tok(render_prompt(p, tok, chat), add_special_tokens=False)["input_ids"] for p in batch_problems]
-        samples = _hf_engine(policy, tok).sample(prompt_ids, a.group_size, SamplingSettings(max_new_tokens=a.max_new_tokens,
-                                                 batch_size=a.prompts * a.group_size, with_logprobs=False))
+        samples = _hf_engine(policy, tok).sample(
+            prompt_ids,
+            a.group_size,
+            SamplingSettings(max_new_tokens=a.max_new_tokens, batch_size=a.prompts * a.group_size, with_logprobs=False),
+        )
         texts = tok.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
-        outcome = torch.tensor([reward(t, batch_problems[s.prompt_index]) for t, s in zip(texts, samples)], dtype=torch.float32)
+        outcome = torch.tensor(
+            [reward(t, batch_problems[s.prompt_index]) for t, s in zip(texts, samples)], dtype=torch.float32
+        )
         prompts = [prompt_ids[s.prompt_index] for s in samples]
         completions = [s.completion_ids for s in samples]
         # reference forward, reference loaded for it and freed (as the generate stage)
@@ -234,7 +254,9 @@ def run_one(a: argparse.Namespace) -> dict:
                 (pg + VF_COEF * vloss).backward()
                 vloss_total += vloss.item()
             else:
-                loss, _ = policy_loss(logp, logp.detach(), seq_adv[m], b.completion_mask, refs[k], loss_settings, totals)
+                loss, _ = policy_loss(
+                    logp, logp.detach(), seq_adv[m], b.completion_mask, refs[k], loss_settings, totals
+                )
                 loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         optimizer.step()
@@ -271,11 +293,22 @@ def setup_task(a: argparse.Namespace):
         from tasks.tiny_model import ensure_tiny_model
 
         # the default run's model: 250 supervised warm-up steps with this seed
-        return str(ensure_tiny_model(steps=250, seed=a.seed)), builtin.all_train_problems(), builtin.held_out_problems(a.eval_size), exact_answer, False
+        return (
+            str(ensure_tiny_model(steps=250, seed=a.seed)),
+            builtin.all_train_problems(),
+            builtin.held_out_problems(a.eval_size),
+            exact_answer,
+            False,
+        )
     from smollm2 import final_number, smollm2_hf_folder, write_gsm_symbolic_jsonl
 
     folder = smollm2_hf_folder(ROOT / "benchmarks" / "out" / "smollm2-135m-instruct")
-    rows = [json.loads(x) for x in write_gsm_symbolic_jsonl(ROOT / "benchmarks" / "out" / "gsm_symbolic.jsonl", 512).read_text().splitlines()]
+    rows = [
+        json.loads(x)
+        for x in write_gsm_symbolic_jsonl(ROOT / "benchmarks" / "out" / "gsm_symbolic.jsonl", 512)
+        .read_text()
+        .splitlines()
+    ]
     return str(folder), rows, [], final_number, True
 
 
@@ -311,14 +344,16 @@ def summarize(results: list[dict], algorithms: list[str]) -> None:
         reward_gains = [statistics.mean(r["rewards"][-5:]) - statistics.mean(r["rewards"][:5]) for r in rs]
         gains = [r["evals"][max(r["evals"], key=int)] - r["evals"]["0"] for r in rs if r["evals"]]
         falls = [drawdown(r["evals"]) for r in rs if r["evals"]]
-        print(f"{algorithm:4s}: {len(rs)} runs; s/it median {statistics.median(x for r in rs for x in r['seconds']):.2f}; "
-              f"update peak median {statistics.median(max(r['update_peak_mib']) for r in rs):.0f} MiB "
-              f"(+{statistics.median(max(p - b for p, b in zip(r['update_peak_mib'], r['before_update_mib'])) for r in rs):.0f}"
-              f" over the RSS before it); reward spread across seeds (std per iteration) mean {statistics.mean(spread):.3f} "
-              f"max {max(spread):.3f}; reward gain (last 5 - first 5) mean {statistics.mean(reward_gains):+.3f} "
-              f"std {statistics.pstdev(reward_gains):.3f}; held-out gain {' '.join(f'{g:+.3f}' for g in gains)}; "
-              f"largest held-out fall from its best {' '.join(f'{x:.3f}' for x in falls)}; "
-              f"collapsed {sum(collapsed(r['evals']) for r in rs)}")
+        print(
+            f"{algorithm:4s}: {len(rs)} runs; s/it median {statistics.median(x for r in rs for x in r['seconds']):.2f}; "
+            f"update peak median {statistics.median(max(r['update_peak_mib']) for r in rs):.0f} MiB "
+            f"(+{statistics.median(max(p - b for p, b in zip(r['update_peak_mib'], r['before_update_mib'])) for r in rs):.0f}"
+            f" over the RSS before it); reward spread across seeds (std per iteration) mean {statistics.mean(spread):.3f} "
+            f"max {max(spread):.3f}; reward gain (last 5 - first 5) mean {statistics.mean(reward_gains):+.3f} "
+            f"std {statistics.pstdev(reward_gains):.3f}; held-out gain {' '.join(f'{g:+.3f}' for g in gains)}; "
+            f"largest held-out fall from its best {' '.join(f'{x:.3f}' for x in falls)}; "
+            f"collapsed {sum(collapsed(r['evals']) for r in rs)}"
+        )
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -336,18 +371,40 @@ def plot(results: list[dict], path: Path) -> None:
         colour = colours.get(algorithm, "tab:gray")
         # One iteration's mean reward over 16 x 8 completions is noisy: a 5-iteration running
         # mean per seed, then the seeds' mean as the line and their min-max as the band.
-        smoothed = [[statistics.mean(r["rewards"][max(0, i - 4):i + 1]) for i in range(len(r["rewards"]))]
-                    for r in results if r["algorithm"] == algorithm]
+        smoothed = [
+            [statistics.mean(r["rewards"][max(0, i - 4) : i + 1]) for i in range(len(r["rewards"]))]
+            for r in results
+            if r["algorithm"] == algorithm
+        ]
         per_iteration = list(zip(*smoothed))
         its = range(1, len(per_iteration) + 1)
-        reward_ax.plot(its, [statistics.mean(c) for c in per_iteration], color=colour, lw=1.5,
-                       label=f"{algorithm}: mean of {len(smoothed)} seeds")
-        reward_ax.fill_between(its, [min(c) for c in per_iteration], [max(c) for c in per_iteration], color=colour,
-                               alpha=0.2, label=f"{algorithm}: min-max over seeds")
+        reward_ax.plot(
+            its,
+            [statistics.mean(c) for c in per_iteration],
+            color=colour,
+            lw=1.5,
+            label=f"{algorithm}: mean of {len(smoothed)} seeds",
+        )
+        reward_ax.fill_between(
+            its,
+            [min(c) for c in per_iteration],
+            [max(c) for c in per_iteration],
+            color=colour,
+            alpha=0.2,
+            label=f"{algorithm}: min-max over seeds",
+        )
     for r in results:
         its = sorted(r["evals"], key=int)
-        held_out_ax.plot([int(i) for i in its], [r["evals"][i] for i in its], "o-", ms=3, lw=1, alpha=0.7,
-                         color=colours.get(r["algorithm"], "tab:gray"), label=f"{r['algorithm']} seed {r['seed']}")
+        held_out_ax.plot(
+            [int(i) for i in its],
+            [r["evals"][i] for i in its],
+            "o-",
+            ms=3,
+            lw=1,
+            alpha=0.7,
+            color=colours.get(r["algorithm"], "tab:gray"),
+            label=f"{r['algorithm']} seed {r['seed']}",
+        )
     reward_ax.legend(fontsize=7)
     reward_ax.set(xlabel="iteration", ylabel="mean training reward (5-iteration running mean)", title="training reward")
     held_out_ax.set(xlabel="iteration", ylabel="held-out greedy accuracy", title="held-out accuracy")
@@ -398,27 +455,60 @@ def main() -> None:
     for seed in [int(s) for s in a.seeds.split(",")]:
         for algorithm in a.algorithms.split(","):  # interleaved: both algorithms see the same stretch of load
             out = Path(tempfile.mkdtemp(dir=a.out)) / "result.json"
-            cmd = [PYTHON, __file__, "--worker", "--algorithm", algorithm, "--seed", str(seed), "--worker-out", str(out)]
-            for key in ("model", "iterations", "prompts", "group_size", "max_new_tokens", "lr", "micro_batch", "eval_every", "eval_size", "threads"):
+            cmd = [
+                PYTHON,
+                __file__,
+                "--worker",
+                "--algorithm",
+                algorithm,
+                "--seed",
+                str(seed),
+                "--worker-out",
+                str(out),
+            ]
+            for key in (
+                "model",
+                "iterations",
+                "prompts",
+                "group_size",
+                "max_new_tokens",
+                "lr",
+                "micro_batch",
+                "eval_every",
+                "eval_size",
+                "threads",
+            ):
                 cmd += ["--" + key.replace("_", "-"), str(getattr(a, key))]
-            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)}, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True)
+            proc = subprocess.run(
+                cmd,
+                cwd=ROOT,
+                env={**os.environ, "OMP_NUM_THREADS": str(a.threads)},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             if proc.returncode:
                 print(f"{algorithm} seed {seed} FAILED: {proc.stderr.strip().splitlines()[-1:]}")
                 continue
             r = json.loads(out.read_text()) | {"load_average_after": os.getloadavg()}
             results.append(r)
             evals = " ".join(f"{k}:{v:.3f}" for k, v in r["evals"].items())
-            print(f"{algorithm:4s} seed {seed}: s/it {statistics.median(r['seconds']):.2f} (update {statistics.median(r['update_seconds']):.2f}), "
-                  f"update peak {max(r['update_peak_mib']):.0f} MiB (+{max(p - b for p, b in zip(r['update_peak_mib'], r['before_update_mib'])):.0f} over the RSS before it), reward first/last 5 {statistics.mean(r['rewards'][:5]):.3f}/"
-                  f"{statistics.mean(r['rewards'][-5:]):.3f}, held-out {evals}, collapsed {collapsed(r['evals'])}, "
-                  f"load {' '.join(f'{x:.2f}' for x in r['load_average_after'])}", flush=True)
+            print(
+                f"{algorithm:4s} seed {seed}: s/it {statistics.median(r['seconds']):.2f} (update {statistics.median(r['update_seconds']):.2f}), "
+                f"update peak {max(r['update_peak_mib']):.0f} MiB (+{max(p - b for p, b in zip(r['update_peak_mib'], r['before_update_mib'])):.0f} over the RSS before it), reward first/last 5 {statistics.mean(r['rewards'][:5]):.3f}/"
+                f"{statistics.mean(r['rewards'][-5:]):.3f}, held-out {evals}, collapsed {collapsed(r['evals'])}, "
+                f"load {' '.join(f'{x:.2f}' for x in r['load_average_after'])}",
+                flush=True,
+            )
     print()
     summarize(results, a.algorithms.split(","))
     if a.plot:
         plot(results, a.plot)
-    (a.out / f"summary-{a.model}.json").write_text(json.dumps({"machine": machine_info(), "args": {k: str(v) for k, v in vars(a).items()},
-                                                               "results": results}, indent=1))
+    (a.out / f"summary-{a.model}.json").write_text(
+        json.dumps(
+            {"machine": machine_info(), "args": {k: str(v) for k, v in vars(a).items()}, "results": results}, indent=1
+        )
+    )
 
 
 if __name__ == "__main__":

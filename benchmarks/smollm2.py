@@ -61,7 +61,10 @@ def write_gsm_symbolic_jsonl(path: Path, size: int, seed: int = 0) -> Path:
     path = Path(path)
     if path.exists():
         return path
-    rows = [{"prompt": x["question"], "answer": str(x["answer"]), "task": "math"} for x in reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed)]
+    rows = [
+        {"prompt": x["question"], "answer": str(x["answer"]), "task": "math"}
+        for x in reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed)
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

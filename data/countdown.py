@@ -21,7 +21,7 @@ import itertools
 import json
 import random
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 TASK = "countdown"
@@ -31,7 +31,7 @@ TARGET_LOW, TARGET_HIGH = 10, 60  # targets: never one of the numbers themselves
 HELD_OUT_PERCENT = 10  # share of all (numbers, target) pairs reserved for evaluation
 
 
-@lru_cache(maxsize=None)
+@cache
 def reachable(numbers: tuple[int, ...]) -> frozenset[Fraction]:
     """Every value an expression can take using each of `numbers` at most once (+ - * /,
     any parenthesisation); brute force over subsets, fine for three or four numbers."""
@@ -42,7 +42,7 @@ def reachable(numbers: tuple[int, ...]) -> frozenset[Fraction]:
     return frozenset(values)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _all_values(numbers: tuple[int, ...]) -> frozenset[Fraction]:
     """Values of expressions using every one of `numbers` exactly once."""
     if len(numbers) == 1:
@@ -69,7 +69,13 @@ def is_held_out(numbers: tuple[int, ...], target: int) -> bool:
 
 def problem(numbers: tuple[int, ...], target: int) -> dict:
     """One row in TRL's layout; `numbers` and `target` travel to the reward in extra_info."""
-    return {"prompt": f"{' '.join(map(str, numbers))}:{target}=", "answer": str(target), "task": TASK, "numbers": list(numbers), "target": target}
+    return {
+        "prompt": f"{' '.join(map(str, numbers))}:{target}=",
+        "answer": str(target),
+        "task": TASK,
+        "numbers": list(numbers),
+        "target": target,
+    }
 
 
 def problems(n: int, seed: int, held_out: bool = False) -> list[dict]:
@@ -84,8 +90,11 @@ def problems(n: int, seed: int, held_out: bool = False) -> list[dict]:
         if attempts > 200 * n + 10_000:
             raise ValueError(f"could not draw {n} distinct countdown problems (got {len(out)})")
         numbers = tuple(rng.randint(LOW, HIGH) for _ in range(COUNT))
-        targets = sorted(int(v) for v in reachable(tuple(sorted(numbers)))
-                         if v.denominator == 1 and TARGET_LOW <= v <= TARGET_HIGH and int(v) not in numbers)
+        targets = sorted(
+            int(v)
+            for v in reachable(tuple(sorted(numbers)))
+            if v.denominator == 1 and TARGET_LOW <= v <= TARGET_HIGH and int(v) not in numbers
+        )
         targets = [t for t in targets if is_held_out(numbers, t) == held_out]
         if not targets:
             continue
@@ -98,7 +107,9 @@ def problems(n: int, seed: int, held_out: bool = False) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Write countdown problems as JSONL (prompt, answer = target, numbers, target).")
+    p = argparse.ArgumentParser(
+        description="Write countdown problems as JSONL (prompt, answer = target, numbers, target)."
+    )
     p.add_argument("out", type=Path)
     p.add_argument("--size", type=int, default=5_000, help="at most ~6,500 distinct training problems exist")
     p.add_argument("--seed", type=int, default=0)

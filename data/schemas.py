@@ -169,7 +169,9 @@ METRICS = ArtifactSchema(
     ),
 )
 
-ARTIFACTS: dict[str, ArtifactSchema] = {s.name: s for s in (PROMPTS, GENERATIONS, REWARDS, ADVANTAGES, REJECTED, METRICS)}
+ARTIFACTS: dict[str, ArtifactSchema] = {
+    s.name: s for s in (PROMPTS, GENERATIONS, REWARDS, ADVANTAGES, REJECTED, METRICS)
+}
 
 
 def check_schema(actual: pa.Schema, expected: ArtifactSchema, path: str | Path) -> None:

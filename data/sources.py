@@ -225,7 +225,9 @@ def _read_csv(fh, label: str) -> Iterator[tuple[int, dict[str, Any]]]:
             return
         for row, cells in enumerate(reader):
             if len(cells) != len(header):
-                raise SourceError(f"{label} line {reader.line_num}: {len(cells)} fields, but the header has {len(header)}")
+                raise SourceError(
+                    f"{label} line {reader.line_num}: {len(cells)} fields, but the header has {len(header)}"
+                )
             yield row, {name: _csv_cell(name, cell) for name, cell in zip(header, cells)}
     except csv.Error as err:
         raise SourceError(f"{label} line {reader.line_num}: not valid CSV ({err})") from None
@@ -240,7 +242,9 @@ def _csv_cell(column: str, cell: str) -> Any:
         except json.JSONDecodeError:
             return cell  # text that merely starts with a bracket
         # A text prompt may itself be JSON ("[3, 1, 2]"); only a list of objects is a chat.
-        if column == "prompt" and not (isinstance(decoded, list) and decoded and all(isinstance(m, dict) for m in decoded)):
+        if column == "prompt" and not (
+            isinstance(decoded, list) and decoded and all(isinstance(m, dict) for m in decoded)
+        ):
             return cell
         return decoded
     return cell
@@ -279,17 +283,21 @@ def _load_dataset(label: str, path: str, config: str | None, split: str):
         raise SourceError(f"{label}: datasets could not read it ({_root_cause(err)})") from None
     except (ValueError, FileNotFoundError) as err:  # unknown split, no data files, ...
         raise SourceError(f"{label}: {err}") from None
-    except ConnectionError as err:
+    except ConnectionError:
         if hub_offline():  # no retry can help: say so, and what to do instead
-            raise SourceError(f"dataset '{label}' is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE / "
-                              "HF_DATASETS_OFFLINE is set): give a local .jsonl/.parquet/.csv file or dataset folder, or load it "
-                              "once where the hub is reachable so that it is cached") from None
+            raise SourceError(
+                f"dataset '{label}' is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE / "
+                "HF_DATASETS_OFFLINE is set): give a local .jsonl/.parquet/.csv file or dataset folder, or load it "
+                "once where the hub is reachable so that it is cached"
+            ) from None
         raise
 
 
 def hub_offline() -> bool:
     """Whether the Hugging Face hub is switched off for this process (its own env switches)."""
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def _root_cause(err: BaseException) -> str:

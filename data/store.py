@@ -71,8 +71,11 @@ def free_bytes(path: str | Path) -> int:
 
 def disk_full(path: str | Path, needed: int | None, at_least: bool = False) -> DiskFull:
     need = f"the write needs {'more than' if at_least else 'about'} {_mib(needed)}, " if needed else ""
-    return DiskFull(errno.ENOSPC, f"disk full writing {path}: {need}{_mib(free_bytes(path))} free there; "
-                                  "free some space (or --save-total-limit fewer checkpoints) and re-run to resume")
+    return DiskFull(
+        errno.ENOSPC,
+        f"disk full writing {path}: {need}{_mib(free_bytes(path))} free there; "
+        "free some space (or --save-total-limit fewer checkpoints) and re-run to resume",
+    )
 
 
 def is_no_space(err: BaseException) -> bool:
@@ -197,7 +200,9 @@ def read_table(path: str | Path, artifact: ArtifactSchema, columns: list[str] | 
 def _with_null_columns(data, artifact: ArtifactSchema, names: list[str]):
     """A table or record batch of an older file, with the columns added since as nulls."""
     for name in names:
-        data = data.append_column(artifact.schema.field(name), pa.nulls(data.num_rows, artifact.schema.field(name).type))
+        data = data.append_column(
+            artifact.schema.field(name), pa.nulls(data.num_rows, artifact.schema.field(name).type)
+        )
     return data
 
 
@@ -215,12 +220,20 @@ def iter_batches(path: str | Path, artifact: ArtifactSchema, batch_size: int = 4
         yield from pf.iter_batches(batch_size=batch_size, columns=columns)
         return
     wanted = absent if columns is None else [c for c in columns if c in absent]
-    for batch in pf.iter_batches(batch_size=batch_size, columns=None if columns is None else [c for c in columns if c not in absent]):
+    for batch in pf.iter_batches(
+        batch_size=batch_size, columns=None if columns is None else [c for c in columns if c not in absent]
+    ):
         yield _with_null_columns(batch, artifact, wanted)
 
 
-def read_rows_where(path: str | Path, artifact: ArtifactSchema, key: str, values, columns: list[str] | None = None,
-                    batch_size: int = 8192) -> pa.Table:
+def read_rows_where(
+    path: str | Path,
+    artifact: ArtifactSchema,
+    key: str,
+    values,
+    columns: list[str] | None = None,
+    batch_size: int = 8192,
+) -> pa.Table:
     """The rows of an artifact whose `key` is in `values`, streamed: a full scan that holds
     one batch at a time (a filtered ``pq.read_table`` buffered ~170 MB of a 500 MB file)."""
     wanted = pa.array(sorted(set(values)), type=pq.read_schema(path).field(key).type)
@@ -288,7 +301,11 @@ class Manifest:
         what its entry said about the work and adding `fields`."""
         with _MANIFEST_LOCK:
             entry = self.entries().get(name, {})
-            kept = {k: v for k, v in entry.items() if k not in ("done_at", "kind", "bytes", "sha256", "rows", "schema_version")}
+            kept = {
+                k: v
+                for k, v in entry.items()
+                if k not in ("done_at", "kind", "bytes", "sha256", "rows", "schema_version")
+            }
             return self.record(name, schema_version=entry.get("schema_version"), **(kept | fields))
 
     def annotate(self, name: str, **fields: Any) -> None:
@@ -416,7 +433,11 @@ class _SeenGroups:
             raise RepeatedGroup(
                 f"{paths[index]}: row {row + start}: {key} {value!r} appears again after other groups{where}; "
                 "the rows of a group must be adjacent (as the generate stage writes them)",
-                value=value, sample=sample, path=paths[index], first_path=first_file, row=row + start,
+                value=value,
+                sample=sample,
+                path=paths[index],
+                first_path=first_file,
+                row=row + start,
             )
         hashes = np.concatenate([self.hashes, new])
         files = np.concatenate([self.files, np.full(len(new), index, dtype=np.int32)])
@@ -440,7 +461,9 @@ def iter_aligned(*streams: Iterator[pa.RecordBatch]) -> Iterator[tuple[pa.Table,
         if not any(lengths):
             return
         if not all(lengths):
-            raise ValueError(f"the files have different numbers of rows (one ended while another has {max(lengths)} rows left)")
+            raise ValueError(
+                f"the files have different numbers of rows (one ended while another has {max(lengths)} rows left)"
+            )
         n = min(lengths)
         yield tuple(b.slice(0, n) for b in buffers)
         buffers = [b.slice(n) for b in buffers]

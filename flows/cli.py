@@ -36,7 +36,9 @@ def _quiet_offline_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-_FAILURE_REPORT = re.compile(r"Finished in state (Failed|Crashed)|Encountered exception|failed with exception|Retry \d+/\d+ will start")
+_FAILURE_REPORT = re.compile(
+    r"Finished in state (Failed|Crashed)|Encountered exception|failed with exception|Retry \d+/\d+ will start"
+)
 
 
 class _NoFailureReports(logging.Filter):
@@ -55,7 +57,9 @@ def quiet_failure_reports() -> None:
     from prefect.logging.handlers import PrefectConsoleHandler
 
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler) and not any(isinstance(f, _NoFailureReports) for f in handler.filters):
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+            isinstance(f, _NoFailureReports) for f in handler.filters
+        ):
             handler.addFilter(_NoFailureReports())
 
 
@@ -104,11 +108,24 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             field = GRPOConfig.model_fields[name]
             flag = "--" + name.replace("_", "-")
             if field.annotation is bool:
-                group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=_help_text(field))
+                group.add_argument(
+                    flag,
+                    dest=name,
+                    action=argparse.BooleanOptionalAction,
+                    default=argparse.SUPPRESS,
+                    help=_help_text(field),
+                )
                 continue
             choices = _allowed_values(field.annotation)
-            group.add_argument(flag, dest=name, type=_flag_type(field.annotation), default=argparse.SUPPRESS, choices=choices,
-                               metavar="{" + ",".join(choices) + "}" if choices else name.upper(), help=_help_text(field))
+            group.add_argument(
+                flag,
+                dest=name,
+                type=_flag_type(field.annotation),
+                default=argparse.SUPPRESS,
+                choices=choices,
+                metavar="{" + ",".join(choices) + "}" if choices else name.upper(),
+                help=_help_text(field),
+            )
 
 
 def config_from_args(args: argparse.Namespace) -> GRPOConfig:
@@ -117,7 +134,9 @@ def config_from_args(args: argparse.Namespace) -> GRPOConfig:
     mean is refused (flows.resume.setting_changes) before anything is written."""
     from flows.resume import resumed_config
 
-    given = (GRPOConfig.settings_file(args.config) if args.config else {}) | {k: v for k, v in vars(args).items() if k in GRPOConfig.model_fields}
+    given = (GRPOConfig.settings_file(args.config) if args.config else {}) | {
+        k: v for k, v in vars(args).items() if k in GRPOConfig.model_fields
+    }
     if given.get("run_dir") is None:
         given["run_dir"] = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     return resumed_config(given)
@@ -127,7 +146,10 @@ def format_validation_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         where = ".".join(str(x) for x in e["loc"]) or "config"
-        parts.append(f"'{where}': {e['msg']}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and "input" in e else ""))
+        parts.append(
+            f"'{where}': {e['msg']}"
+            + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and "input" in e else "")
+        )
     return "invalid config: " + "; ".join(parts)
 
 
@@ -177,9 +199,16 @@ def run_summary(run_dir: Path, metrics: dict, seconds: float) -> list[str]:
     if "held_out_accuracy" in metrics:
         after = metrics["held_out_accuracy"]
         before = metrics.get("held_out_accuracy_before")
-        change = f"{before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points)" if before is not None else f"{after:.1%}"
+        change = (
+            f"{before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points)"
+            if before is not None
+            else f"{after:.1%}"
+        )
         lines.append(f"  held-out accuracy: {change}")
-    last = [f"reward {metrics['reward']:.3f}" if "reward" in metrics else "", f"kl {metrics['kl']:.4f}" if "kl" in metrics else ""]
+    last = [
+        f"reward {metrics['reward']:.3f}" if "reward" in metrics else "",
+        f"kl {metrics['kl']:.4f}" if "kl" in metrics else "",
+    ]
     if any(last):
         lines.append("  last iteration: " + ", ".join(x for x in last if x))
     lines.append(f"  every metric: {run_dir / 'metrics.parquet'} (grpo inspect {run_dir})")
@@ -198,8 +227,13 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     tag = args.tag or default_tag()
     if server is not None:
         _announce_ready(server)
-    results = grpo_rescore(str(args.target), tag, rewards=args.rewards, reward_options=args.reward_options,
-                           max_error_fraction=args.max_reward_error_fraction)
+    results = grpo_rescore(
+        str(args.target),
+        tag,
+        rewards=args.rewards,
+        reward_options=args.reward_options,
+        max_error_fraction=args.max_reward_error_fraction,
+    )
     if args.json:
         print(json.dumps(results, indent=2, default=str))
     else:
@@ -212,7 +246,15 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from flows.inspection import dumps, inspect_path
 
-    data = inspect_path(args.target, prompt_id=args.prompt_id, sample=args.sample, sort=args.sort, tag=args.tag, seed=args.seed, as_json=args.json)
+    data = inspect_path(
+        args.target,
+        prompt_id=args.prompt_id,
+        sample=args.sample,
+        sort=args.sort,
+        tag=args.tag,
+        seed=args.seed,
+        as_json=args.json,
+    )
     if args.json:
         print(dumps(data))
     return 0
@@ -226,15 +268,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run_dir = overrides.pop("run_dir", None)
     if run_dir is None:
         raise ValueError("grpo serve needs --run-dir: the run folder every scheduled run continues")
-    settings = (GRPOConfig.from_file(args.config).model_dump(mode="json", exclude_unset=True) if args.config else {}) | overrides
+    settings = (
+        GRPOConfig.from_file(args.config).model_dump(mode="json", exclude_unset=True) if args.config else {}
+    ) | overrides
     from flows.tracking import check_installed
 
     check_installed(GRPOConfig(**settings))  # invalid settings, or tracking without its extra, fail now, not at 3 a.m.
     if not os.environ.get("PREFECT_API_URL"):
-        print("grpo: warning: PREFECT_API_URL is not set; runs can only be triggered from this process. "
-              "Start a server (prefect server start) and set PREFECT_API_URL to trigger runs from elsewhere.", file=sys.stderr)
-    print(f"grpo: serving {args.name} for {run_dir} (cron {args.cron or 'none'}, {iterations} iteration(s) per run)", file=sys.stderr)
-    serve(run_dir, cron=args.cron, settings=json.loads(json.dumps(settings, default=str)), iterations=iterations, name=args.name)
+        print(
+            "grpo: warning: PREFECT_API_URL is not set; runs can only be triggered from this process. "
+            "Start a server (prefect server start) and set PREFECT_API_URL to trigger runs from elsewhere.",
+            file=sys.stderr,
+        )
+    print(
+        f"grpo: serving {args.name} for {run_dir} (cron {args.cron or 'none'}, {iterations} iteration(s) per run)",
+        file=sys.stderr,
+    )
+    serve(
+        run_dir,
+        cron=args.cron,
+        settings=json.loads(json.dumps(settings, default=str)),
+        iterations=iterations,
+        name=args.name,
+    )
     return 0
 
 
@@ -257,7 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="GRPO training as a Prefect pipeline: every stage writes a Parquet artifact you can inspect or re-run.",
     )
     parser.add_argument("--version", action="version", version=version_text())
-    parser.add_argument("--debug", action="store_true", help="print the traceback (and Prefect's failure reports) after an error's one line")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the traceback (and Prefect's failure reports) after an error's one line",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser(
         "run",
@@ -278,13 +338,30 @@ def build_parser() -> argparse.ArgumentParser:
         "over them), and print how the rewards changed.",
     )
     rescore.add_argument("target", type=Path, help="a run folder, or one iteration's generations.parquet")
-    rescore.add_argument("--rewards", type=json.loads, default=None, metavar="JSON",
-                         help='reward functions and weights, e.g. \'{"math": 1.0}\' (default: the run\'s own)')
-    rescore.add_argument("--reward-options", type=json.loads, default=None, metavar="JSON",
-                         help="options of the rewards, as for grpo run (default: the run's, for the rewards it keeps)")
-    rescore.add_argument("--tag", default=None, help="name of this re-scoring in the file names (default: the current time)")
-    rescore.add_argument("--max-reward-error-fraction", type=float, default=None, metavar="FRACTION",
-                         help="fail when more than this fraction of rows cannot be scored (default: the run's setting)")
+    rescore.add_argument(
+        "--rewards",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help="reward functions and weights, e.g. '{\"math\": 1.0}' (default: the run's own)",
+    )
+    rescore.add_argument(
+        "--reward-options",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help="options of the rewards, as for grpo run (default: the run's, for the rewards it keeps)",
+    )
+    rescore.add_argument(
+        "--tag", default=None, help="name of this re-scoring in the file names (default: the current time)"
+    )
+    rescore.add_argument(
+        "--max-reward-error-fraction",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="fail when more than this fraction of rows cannot be scored (default: the run's setting)",
+    )
     rescore.add_argument("--json", action="store_true", help="print the comparisons as JSON")
     rescore.set_defaults(handler=cmd_rescore)
 
@@ -297,9 +374,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("target", type=Path, help="a run folder or an artifact file")
     inspect.add_argument("--prompt-id", default=None, help="show this prompt's group only")
-    inspect.add_argument("--sample", type=int, default=3, metavar="N", help="groups (or rows) shown, picked at random with --seed (default: 3)")
-    inspect.add_argument("--sort", choices=["reward", "advantage"], default=None, help="order each group's completions, highest first")
-    inspect.add_argument("--tag", default=None, help="for generations.parquet: join the rewards and advantages of this re-scoring")
+    inspect.add_argument(
+        "--sample",
+        type=int,
+        default=3,
+        metavar="N",
+        help="groups (or rows) shown, picked at random with --seed (default: 3)",
+    )
+    inspect.add_argument(
+        "--sort", choices=["reward", "advantage"], default=None, help="order each group's completions, highest first"
+    )
+    inspect.add_argument(
+        "--tag", default=None, help="for generations.parquet: join the rewards and advantages of this re-scoring"
+    )
     inspect.add_argument("--seed", type=int, default=0, help="seed of --sample (default: 0)")
     inspect.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
     inspect.set_defaults(handler=cmd_inspect)
@@ -312,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
         "override the run folder's config (on an empty folder they are the config). Trigger a run with "
         "`prefect deployment run grpo-scheduled/NAME`.",
     )
-    serve.add_argument("--cron", default=None, help='schedule, e.g. "0 3 * * *" (default: none, runs are triggered by hand)')
+    serve.add_argument(
+        "--cron", default=None, help='schedule, e.g. "0 3 * * *" (default: none, runs are triggered by hand)'
+    )
     serve.add_argument("--name", default="default", help="deployment name (default: default)")
     add_config_flags(serve)
     serve.set_defaults(handler=cmd_serve)
@@ -330,22 +419,37 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from rewards.registry import UnknownRewardError
     from tasks.model import ModelLoadError
 
-    return (SchemaError, InvalidRow, SourceError, UnknownRewardError, ModelLoadError, RunFolderBusy, DiskFull, MissingExtra, PrefectServerError,
-            FileNotFoundError, ValueError)
+    return (
+        SchemaError,
+        InvalidRow,
+        SourceError,
+        UnknownRewardError,
+        ModelLoadError,
+        RunFolderBusy,
+        DiskFull,
+        MissingExtra,
+        PrefectServerError,
+        FileNotFoundError,
+        ValueError,
+    )
 
 
 def prefect_api_error_line(message: str) -> str | None:
     """Prefect's two ways of saying it has no API (a RuntimeError each), in one line."""
     if message.startswith("Failed to reach API at"):
         url = message.removeprefix("Failed to reach API at").strip()
-        return (f"the Prefect API at {url} (PREFECT_API_URL) does not answer: start it (prefect server start) or unset "
-                "PREFECT_API_URL to run with a temporary local one")
+        return (
+            f"the Prefect API at {url} (PREFECT_API_URL) does not answer: start it (prefect server start) or unset "
+            "PREFECT_API_URL to run with a temporary local one"
+        )
     if message.startswith("Timed out while attempting to connect to ephemeral Prefect API server"):
         code = re.search(r"exited with code (-?\d+)", message)
         how = f"its process exited with code {code.group(1)}" if code else "it did not answer in time"
-        return (f"the temporary Prefect API server did not start ({how}; PREFECT_HOME={os.environ.get('PREFECT_HOME', '~/.prefect')}): "
-                "run `grpo --debug ...` for its output, raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a slow machine, "
-                "or set PREFECT_API_URL to a running server (prefect server start)")
+        return (
+            f"the temporary Prefect API server did not start ({how}; PREFECT_HOME={os.environ.get('PREFECT_HOME', '~/.prefect')}): "
+            "run `grpo --debug ...` for its output, raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a slow machine, "
+            "or set PREFECT_API_URL to a running server (prefect server start)"
+        )
     return None
 
 

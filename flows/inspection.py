@@ -57,7 +57,9 @@ def stage_state(folder: Path, entries: dict[str, dict], name: str) -> dict[str, 
         # Size, not sha256: inspect must stay instant on big files (the flow checks sha256).
         status = "done" if target.is_file() and target.stat().st_size == entry.get("bytes") else "changed"
     elif kind == "folder":
-        status = "saved" if target.is_dir() else "removed" if entry.get("removed_at") else "changed"  # removed: save_total_limit
+        status = (
+            "saved" if target.is_dir() else "removed" if entry.get("removed_at") else "changed"
+        )  # removed: save_total_limit
     else:
         status = "in memory" if name == CHECKPOINT else "done"  # an update whose checkpoint was not saved
     return {"status": status, "rows": entry.get("rows"), "seconds": entry.get("seconds")}
@@ -85,12 +87,19 @@ def run_overview(run_dir: str | Path) -> list[dict[str, Any]]:
         metrics_path = folder / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         summary = {name: entries.get(name, {}).get("summary", {}) for _, name in STAGES}
-        record: dict[str, Any] = {"iteration": it, "stages": {title: stage_state(folder, entries, name) for title, name in STAGES}}
+        record: dict[str, Any] = {
+            "iteration": it,
+            "stages": {title: stage_state(folder, entries, name) for title, name in STAGES},
+        }
         rewards = folder / "rewards.parquet"
-        record["reward_mean"], record["reward_std"] = _mean_std(rewards) if "rewards.parquet" in entries and rewards.is_file() else (math.nan, math.nan)
+        record["reward_mean"], record["reward_std"] = (
+            _mean_std(rewards) if "rewards.parquet" in entries and rewards.is_file() else (math.nan, math.nan)
+        )
         record["held_out_accuracy"] = metrics.get("held_out_accuracy", summary["eval"].get("accuracy"))
         record["kl"] = metrics.get("kl", summary[CHECKPOINT].get("kl"))
-        record["frac_reward_zero_std"] = metrics.get("frac_reward_zero_std", summary["advantages.parquet"].get("frac_reward_zero_std"))
+        record["frac_reward_zero_std"] = metrics.get(
+            "frac_reward_zero_std", summary["advantages.parquet"].get("frac_reward_zero_std")
+        )
         record["settings"] = metrics.get("settings", {})  # those that may change on resume, as they were here
         record["rescored"] = {
             name.removeprefix("rewards@").removesuffix(".parquet"): _mean_std(folder / name)[0]
@@ -105,7 +114,14 @@ def _cell(state: dict[str, Any]) -> str:
     status = state["status"]
     if status == "missing":
         return "[dim]-[/dim]"
-    colour = {"done": "green", "saved": "green", "in memory": "cyan", "partial": "yellow", "changed": "red", "removed": "dim"}[status]
+    colour = {
+        "done": "green",
+        "saved": "green",
+        "in memory": "cyan",
+        "partial": "yellow",
+        "changed": "red",
+        "removed": "dim",
+    }[status]
     parts = [f"[{colour}]{status}[/{colour}]"]
     if state["rows"] is not None:
         parts.append(str(state["rows"]))
@@ -146,8 +162,12 @@ def render_run(run_dir: str | Path, console) -> None:
     for r in overview:
         reward = "" if math.isnan(r["reward_mean"]) else f"{r['reward_mean']:.3f} ± {r['reward_std']:.3f}"
         table.add_row(
-            str(r["iteration"]), *(_cell(r["stages"][t]) for t, _ in STAGES), reward,
-            _num(r["held_out_accuracy"], ".1%"), _num(r["kl"], ".4f"), _num(r["frac_reward_zero_std"], ".2f"),
+            str(r["iteration"]),
+            *(_cell(r["stages"][t]) for t, _ in STAGES),
+            reward,
+            _num(r["held_out_accuracy"], ".1%"),
+            _num(r["kl"], ".4f"),
+            _num(r["frac_reward_zero_std"], ".2f"),
         )
     console.print(table)
     for line in settings_changes(overview):
@@ -179,11 +199,21 @@ def render_registry(versions: list[dict[str, Any]], console) -> None:
     for title in ("model", "version", "iteration", "metric", "value", "held-out set", "champion", "gate"):
         table.add_column(title, overflow="fold")
     for v in versions:
-        table.add_row(v["name"], str(v["version"]), str(v["iteration"]), v["metric"], _num(v["value"], ".4g"), (v["heldout_sha256"] or "none")[:12],
-                      "[green]champion[/green]" if v["champion"] else "", v["reason"])
+        table.add_row(
+            v["name"],
+            str(v["version"]),
+            str(v["iteration"]),
+            v["metric"],
+            _num(v["value"], ".4g"),
+            (v["heldout_sha256"] or "none")[:12],
+            "[green]champion[/green]" if v["champion"] else "",
+            v["reason"],
+        )
     console.print(table)
     if any(v["champion_source"] != "registry" for v in versions):
-        console.print("[yellow]registry not reachable (or mlflow not installed): champion as decided at registration[/yellow]")
+        console.print(
+            "[yellow]registry not reachable (or mlflow not installed): champion as decided at registration[/yellow]"
+        )
 
 
 # --- one artifact ---------------------------------------------------------------------------
@@ -260,7 +290,13 @@ class GroupView:
     completions: list[dict[str, Any]]  # sample_index, completion, rewards{fn}, reward, advantage, kept...
 
     def as_json(self) -> dict[str, Any]:
-        return {"prompt_id": self.prompt_id, "prompt": self.prompt, "gold": self.gold, "task": self.task, "completions": self.completions}
+        return {
+            "prompt_id": self.prompt_id,
+            "prompt": self.prompt,
+            "gold": self.gold,
+            "task": self.task,
+            "completions": self.completions,
+        }
 
 
 def load_groups(paths: dict[str, Path], prompt_ids: list[str], sort: str | None = None) -> list[GroupView]:
@@ -272,7 +308,9 @@ def load_groups(paths: dict[str, Path], prompt_ids: list[str], sort: str | None 
         return by_key.setdefault((r["prompt_id"], r["sample_index"]), {"sample_index": r["sample_index"]})
 
     if "generations" in paths:
-        for r in _rows_for(paths["generations"], prompt_ids, ["prompt_id", "sample_index", "completion", "finish_reason"]):
+        for r in _rows_for(
+            paths["generations"], prompt_ids, ["prompt_id", "sample_index", "completion", "finish_reason"]
+        ):
             row_for(r).update(completion=r["completion"], finish_reason=r["finish_reason"])
     if "rewards" in paths:
         for r in _rows_for(paths["rewards"], prompt_ids):
@@ -281,7 +319,9 @@ def load_groups(paths: dict[str, Path], prompt_ids: list[str], sort: str | None 
             row["errors"] = {k.removeprefix("error/"): v for k, v in r.items() if k.startswith("error/") and v}
             row["reward"] = r["reward"]
     if "advantages" in paths:
-        for r in _rows_for(paths["advantages"], prompt_ids, ["prompt_id", "sample_index", "reward", "advantage", "kept", "drop_reason"]):
+        for r in _rows_for(
+            paths["advantages"], prompt_ids, ["prompt_id", "sample_index", "reward", "advantage", "kept", "drop_reason"]
+        ):
             row = row_for(r)
             row.setdefault("reward", r["reward"])
             row.update(advantage=r["advantage"], kept=r["kept"], drop_reason=r["drop_reason"])
@@ -331,9 +371,11 @@ def render_groups(groups: list[GroupView], console) -> None:
                 completion += "  [dim](cut)[/dim]" if row.get("finish_reason") == "length" else ""
             kept = row.get("kept")
             table.add_row(
-                str(row["sample_index"]), completion,
+                str(row["sample_index"]),
+                completion,
                 *(_num(row.get("rewards", {}).get(fn), ".3g") or "[red]error[/red]" for fn in functions),
-                _num(row.get("reward"), ".3f"), _num(row.get("advantage"), "+.3f"),
+                _num(row.get("reward"), ".3f"),
+                _num(row.get("advantage"), "+.3f"),
                 "" if kept is None else ("yes" if kept else f"no ({row.get('drop_reason')})"),
             )
         console.print(table)
@@ -404,7 +446,11 @@ def inspect_path(
         if console is not None:
             render_run(target, console)
             render_registry(registry, console)
-        return {"run_dir": str(target), "iterations": run_overview(target), **({"registry": registry} if registry else {})}
+        return {
+            "run_dir": str(target),
+            "iterations": run_overview(target),
+            **({"registry": registry} if registry else {}),
+        }
 
     kind, file_tag = artifact_kind(target)
     if kind not in ARTIFACTS:
@@ -416,10 +462,14 @@ def inspect_path(
         if prompt_id is not None and not any(g.completions for g in groups):
             raise ValueError(f"{target}: no rows with prompt_id {prompt_id}")
         if console is not None:
-            console.print(f"{target}: {pq.read_metadata(target).num_rows} rows; joined with {', '.join(p.name for k, p in paths.items() if p != target) or 'nothing'}")
+            console.print(
+                f"{target}: {pq.read_metadata(target).num_rows} rows; joined with {', '.join(p.name for k, p in paths.items() if p != target) or 'nothing'}"
+            )
             render_groups(groups, console)
         return {"artifact": str(target), "kind": kind, "tag": file_tag or tag, "groups": [g.as_json() for g in groups]}
-    rows = render_rows(target, [prompt_id] if prompt_id else None, max(sample, 1) if prompt_id is None else 10_000, console)
+    rows = render_rows(
+        target, [prompt_id] if prompt_id else None, max(sample, 1) if prompt_id is None else 10_000, console
+    )
     return {"artifact": str(target), "kind": kind, "rows": rows}
 
 

@@ -93,8 +93,23 @@ class ServerChild:
 
     def _spawn(self) -> subprocess.Popen:
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-        command = [sys.executable, "-m", "uvicorn", "--app-dir", _prefect_app_dir(), "--factory", "prefect.server.api.server:create_app",
-                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            _prefect_app_dir(),
+            "--factory",
+            "prefect.server.api.server:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "error",
+            "--lifespan",
+            "on",
+        ]
         parent = os.getpid()
         return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, preexec_fn=lambda: _die_with_parent(parent))
 
@@ -109,8 +124,10 @@ class ServerChild:
                 os.environ["PREFECT_API_URL"] = self.url
                 self.proc = self._spawn()
             elif code is not None:
-                raise PrefectServerError(f"the Prefect API server exited with status {code} while starting (try PREFECT_API_URL "
-                                         "pointing at a running `prefect server start`)")
+                raise PrefectServerError(
+                    f"the Prefect API server exited with status {code} while starting (try PREFECT_API_URL "
+                    "pointing at a running `prefect server start`)"
+                )
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=1) as reply:
                     if reply.status == 200:
@@ -149,7 +166,11 @@ def profile_api_url() -> str | None:
 def start_own_server() -> ServerChild | None:
     """Start the run's Prefect API as our child unless a server is configured (or it cannot
     be tied to our life); sets PREFECT_API_URL to it."""
-    if os.environ.get("PREFECT_API_URL") or os.environ.get("GRPOFLOW_OWN_PREFECT_SERVER", "1") == "0" or _libc_prctl() is None:
+    if (
+        os.environ.get("PREFECT_API_URL")
+        or os.environ.get("GRPOFLOW_OWN_PREFECT_SERVER", "1") == "0"
+        or _libc_prctl() is None
+    ):
         return None
     if profile_api_url():
         return None
@@ -162,4 +183,3 @@ def start_own_server() -> ServerChild | None:
     # to a live API. Stopping it when the flow returned left them retrying for ~70 s.
     atexit.register(server.stop)
     return server
-

@@ -53,8 +53,18 @@ from tasks.score import TooManyRewardErrors, score_failure_is_transient, score_g
 from tasks.update import update_policy
 
 # What the workers need of the flow process's environment (offline hub, caches, progress bars).
-_PASSED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "GRPOFLOW_CACHE", "GRPOFLOW_PROGRESS", "TOKENIZERS_PARALLELISM",
-               "OMP_NUM_THREADS", "PYTHONPATH", PAUSE_AT_ENV, PAUSE_MARKER_ENV)  # the last two: crash tests reach workers
+_PASSED_ENV = (
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "HF_HOME",
+    "GRPOFLOW_CACHE",
+    "GRPOFLOW_PROGRESS",
+    "TOKENIZERS_PARALLELISM",
+    "OMP_NUM_THREADS",
+    "PYTHONPATH",
+    PAUSE_AT_ENV,
+    PAUSE_MARKER_ENV,
+)  # the last two: crash tests reach workers
 _PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)
 
 
@@ -91,14 +101,22 @@ def check_shared_storage(run_dir: Path) -> None:
     probe.write_text(token)
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        answers = ray.get([_read_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(probe))
-                           for n in nodes])
+        answers = ray.get(
+            [
+                _read_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                    str(probe)
+                )
+                for n in nodes
+            ]
+        )
     finally:
         probe.unlink(missing_ok=True)
     for node, (host, text) in zip(nodes, answers):
         if text != token:
-            raise ClusterError(f"run folder {run_dir} is not visible from Ray node {node.get('NodeManagerAddress', host)} ({host}): "
-                               "the run folder must be on storage shared by every node")
+            raise ClusterError(
+                f"run folder {run_dir} is not visible from Ray node {node.get('NodeManagerAddress', host)} ({host}): "
+                "the run folder must be on storage shared by every node"
+            )
 
 
 @ray.remote
@@ -119,7 +137,9 @@ class TrainingRank:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(0)  # Ray makes the actor's GPU(s) the only visible ones
-        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world, timeout=_PROCESS_GROUP_TIMEOUT)
+        dist.init_process_group(
+            backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world, timeout=_PROCESS_GROUP_TIMEOUT
+        )
         return os.getpid()
 
     def update(self, *args: Any, **kwargs: Any) -> dict:
@@ -152,13 +172,17 @@ class GenerationWorker:
 
 
 @ray.remote(max_retries=0)
-def _score_slice(generations_path: str, first: int, count: int, prompts_path: str, scratch: str, settings: dict) -> tuple[pa.Table, dict]:
+def _score_slice(
+    generations_path: str, first: int, count: int, prompts_path: str, scratch: str, settings: dict
+) -> tuple[pa.Table, dict]:
     """Score rows [first, first + count) of the generations file; the rewards rows and summary."""
     gens = read_table(generations_path, GENERATIONS).slice(first, count)
     slice_gens, slice_out = Path(f"{scratch}-{first}-gens.parquet"), Path(f"{scratch}-{first}-rewards.parquet")
     try:
         write_table(gens, slice_gens, GENERATIONS)
-        summary = score_generations(str(slice_gens), prompts_path, str(slice_out), **settings | {"max_error_fraction": 1.0, "workers": 1})
+        summary = score_generations(
+            str(slice_gens), prompts_path, str(slice_out), **settings | {"max_error_fraction": 1.0, "workers": 1}
+        )
         return read_table(slice_out, REWARDS), summary
     finally:
         slice_gens.unlink(missing_ok=True)
@@ -172,7 +196,9 @@ class RayCluster:
         self.config = config
         self.trainers: list = []
         self.generators: list = []
-        self.weights: tuple[str, ray.ObjectRef] | None = None  # (checkpoint path, rank 0's state dict) of the last update
+        self.weights: tuple[str, ray.ObjectRef] | None = (
+            None  # (checkpoint path, rank 0's state dict) of the last update
+        )
         self.skeleton: str | None = None  # a checkpoint on disk with the policy's architecture (the first policy seen)
 
     @classmethod
@@ -187,19 +213,29 @@ class RayCluster:
         def generate(prompts_path: str, out_path: str, policy_path: str, **settings: Any) -> dict:
             return self.generate(prompts_path, out_path, policy_path, **settings)
 
-        @task(name="score", retries=2, retry_delay_seconds=1, retry_condition_fn=score_failure_is_transient, cache_policy=NO_CACHE)
+        @task(
+            name="score",
+            retries=2,
+            retry_delay_seconds=1,
+            retry_condition_fn=score_failure_is_transient,
+            cache_policy=NO_CACHE,
+        )
         def score(generations_path: str, prompts_path: str, out_path: str, **settings: Any) -> dict:
             return self.score(generations_path, prompts_path, out_path, **settings)
 
         @task(name="update", retries=0, cache_policy=NO_CACHE)
-        def update(generations_path, advantages_path: str, policy_path: str, out_checkpoint: str, **settings: Any) -> dict:
+        def update(
+            generations_path, advantages_path: str, policy_path: str, out_checkpoint: str, **settings: Any
+        ) -> dict:
             return self.update(generations_path, advantages_path, policy_path, out_checkpoint, **settings)
 
         return Stages(generate, score, update, close=self.close)
 
     # --- actors ----------------------------------------------------------------------------
     def _options(self) -> dict:
-        return dict(num_cpus=self.config.cpus_per_worker, num_gpus=self.config.gpus_per_worker, runtime_env=_runtime_env())
+        return dict(
+            num_cpus=self.config.cpus_per_worker, num_gpus=self.config.gpus_per_worker, runtime_env=_runtime_env()
+        )
 
     def _start_trainers(self) -> list:
         world = self.config.training_ranks
@@ -241,10 +277,18 @@ class RayCluster:
         try:
             for (prompt_file, _), (_, table) in zip(paths, shards):
                 write_table(table, prompt_file, PROMPTS)
-            calls = [workers[k % len(workers)].generate.remote(str(p), str(g), policy_path, seed=seed * 1_000_003 + k, **settings)
-                     for k, (p, g) in enumerate(paths)]
+            calls = [
+                workers[k % len(workers)].generate.remote(
+                    str(p), str(g), policy_path, seed=seed * 1_000_003 + k, **settings
+                )
+                for k, (p, g) in enumerate(paths)
+            ]
             summaries = ray.get(calls)
-            table = pa.concat_tables([read_table(g, GENERATIONS) for _, g in paths]) if paths else GENERATIONS.schema.empty_table()
+            table = (
+                pa.concat_tables([read_table(g, GENERATIONS) for _, g in paths])
+                if paths
+                else GENERATIONS.schema.empty_table()
+            )
             write_table(table, out_path, GENERATIONS)
         finally:
             for p, g in paths:
@@ -260,45 +304,93 @@ class RayCluster:
             "generation_workers": len(workers),
         }
 
-    def score(self, generations_path: str, prompts_path: str, out_path: str, *, max_error_fraction: float = 0.05, **settings: Any) -> dict:
+    def score(
+        self,
+        generations_path: str,
+        prompts_path: str,
+        out_path: str,
+        *,
+        max_error_fraction: float = 0.05,
+        **settings: Any,
+    ) -> dict:
         started = time.monotonic()
         settings.pop("workers", None)  # one scoring process per Ray task; the cluster's CPUs are the workers
         total = read_table(generations_path, GENERATIONS, columns=["prompt_id"]).num_rows
         free = int(ray.available_resources().get("CPU", 0))  # what the workers' reservations leave
         if free < 1 and total:
-            raise ClusterError("no CPU of the Ray cluster is left for scoring: every CPU is reserved by training ranks and generation "
-                               "workers (lower cpus_per_worker or add CPUs)")
+            raise ClusterError(
+                "no CPU of the Ray cluster is left for scoring: every CPU is reserved by training ranks and generation "
+                "workers (lower cpus_per_worker or add CPUs)"
+            )
         slices = max(1, min(total, free))
         size = math.ceil(total / slices) if total else 0
         scratch = str(Path(out_path).parent / f"{TMP_PREFIX}{Path(out_path).stem}")
-        parts = ray.get([_score_slice.remote(generations_path, first, size, prompts_path, scratch, settings)
-                         for first in range(0, total, size or 1)]) if total else []
+        parts = (
+            ray.get(
+                [
+                    _score_slice.remote(generations_path, first, size, prompts_path, scratch, settings)
+                    for first in range(0, total, size or 1)
+                ]
+            )
+            if total
+            else []
+        )
         table = pa.concat_tables([t for t, _ in parts]) if parts else None
         if table is None:
-            return score_generations(generations_path, prompts_path, out_path, max_error_fraction=max_error_fraction, **settings)
+            return score_generations(
+                generations_path, prompts_path, out_path, max_error_fraction=max_error_fraction, **settings
+            )
         errored = int(pc.sum(pc.is_nan(table["reward"])).as_py() or 0)
         if errored > math.floor(max_error_fraction * total):
-            raise TooManyRewardErrors(f"more than max_error_fraction={max_error_fraction:.0%} of the {total} rows in {generations_path} "
-                                      f"could not be scored ({errored})")
+            raise TooManyRewardErrors(
+                f"more than max_error_fraction={max_error_fraction:.0%} of the {total} rows in {generations_path} "
+                f"could not be scored ({errored})"
+            )
         write_table(table, out_path, REWARDS)
         seconds = time.monotonic() - started
-        summary = {"rows": total, "errored": errored, "reward_mean": pc.mean(pc.drop_null(_not_nan(table["reward"]))).as_py()}
+        summary = {
+            "rows": total,
+            "errored": errored,
+            "reward_mean": pc.mean(pc.drop_null(_not_nan(table["reward"]))).as_py(),
+        }
         for name in (c.removeprefix("reward/") for c in table.column_names if c.startswith("reward/")):
-            summary[f"reward/{name}_mean"] = pc.mean(table.filter(pc.is_null(table[f"error/{name}"]))[f"reward/{name}"]).as_py()
+            summary[f"reward/{name}_mean"] = pc.mean(
+                table.filter(pc.is_null(table[f"error/{name}"]))[f"reward/{name}"]
+            ).as_py()
             summary[f"error/{name}_rows"] = int(pc.sum(pc.is_valid(table[f"error/{name}"])).as_py() or 0)
-        summary |= {"timeouts": sum(s["timeouts"] for _, s in parts), "worker_deaths": sum(s["worker_deaths"] for _, s in parts),
-                    "seconds": seconds, "rows_per_s": total / seconds if seconds > 0 else math.nan, "score_slices": len(parts)}
+        summary |= {
+            "timeouts": sum(s["timeouts"] for _, s in parts),
+            "worker_deaths": sum(s["worker_deaths"] for _, s in parts),
+            "seconds": seconds,
+            "rows_per_s": total / seconds if seconds > 0 else math.nan,
+            "score_slices": len(parts),
+        }
         return {k: (math.nan if v is None else v) for k, v in summary.items()}
 
-    def update(self, generations_path, advantages_path: str, policy_path: str, out_checkpoint: str, **settings: Any) -> dict:
+    def update(
+        self, generations_path, advantages_path: str, policy_path: str, out_checkpoint: str, **settings: Any
+    ) -> dict:
         self.skeleton = self.skeleton or policy_path
         parallelism = self.config.parallelism
-        live_policy(policy_path, settings.get("device", "auto"), settings.get("dtype", "auto"))  # the flow's copy, for evaluation
+        live_policy(
+            policy_path, settings.get("device", "auto"), settings.get("dtype", "auto")
+        )  # the flow's copy, for evaluation
         try:
             if not self.trainers:
                 self.trainers = self._start_trainers()
-            results = ray.get([r.update.remote(generations_path, advantages_path, policy_path, out_checkpoint, parallelism=parallelism, **settings)
-                               for r in self.trainers])
+            results = ray.get(
+                [
+                    r.update.remote(
+                        generations_path,
+                        advantages_path,
+                        policy_path,
+                        out_checkpoint,
+                        parallelism=parallelism,
+                        **settings,
+                    )
+                    for r in self.trainers
+                ]
+            )
             refs = [r.weights.remote(out_checkpoint, parallelism) for r in self.trainers]
             ray.get(refs[1:])
         except (RayActorError, RayTaskError) as err:
@@ -306,9 +398,15 @@ class RayCluster:
                 ray.kill(r)
             self.trainers = []
             cause = getattr(err, "cause", None)  # a rank's own exception (RayTaskError), else the rank died
-            what = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}" if cause else type(err).__name__
-            raise TrainingRankDied(f"a training rank failed during the update to {out_checkpoint} ({what}): the process group "
-                                   "is ended; run the same command again to resume from the last checkpoint") from None
+            what = (
+                f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
+                if cause
+                else type(err).__name__
+            )
+            raise TrainingRankDied(
+                f"a training rank failed during the update to {out_checkpoint} ({what}): the process group "
+                "is ended; run the same command again to resume from the last checkpoint"
+            ) from None
         self.weights = (out_checkpoint, refs[0])
         adopt_weights(out_checkpoint, ray.get(refs[0]))
         for w in self.generators:

@@ -44,7 +44,9 @@ def final_model_dir(run_dir: str | Path, iteration: int) -> Path:
     """The one place that says where a finished run's model files are: the run's exported
     ``final/`` folder (tasks/model.py: weights and tokenizer, a LoRA adapter merged in), else
     (a folder from before final/ existed) its last iteration's checkpoint."""
-    from tasks.model import final_model_dir as exported  # here: `grpo inspect` imports this module and must not load torch
+    from tasks.model import (
+        final_model_dir as exported,
+    )  # here: `grpo inspect` imports this module and must not load torch
 
     return exported(run_dir) or iteration_dir(run_dir, iteration) / CHECKPOINT
 
@@ -73,18 +75,31 @@ def gate(metric: str, value: float | None, fingerprint: str | None, champion: di
     if fingerprint is None:
         return Decision(False, f"not promoted: the run has no held-out set, so its {metric} is comparable to nothing")
     if champion is None:
-        return Decision(True, f"champion now: the first version with a {metric} ({value:.4g}, held-out set {fingerprint[:12]})")
+        return Decision(
+            True, f"champion now: the first version with a {metric} ({value:.4g}, held-out set {fingerprint[:12]})"
+        )
     theirs = champion.get(f"{TAG}heldout_sha256")
     if theirs != fingerprint:
-        return Decision(False, f"not promoted: its held-out set (sha256 {fingerprint[:12]}) is not champion v{champion['version']}'s "
-                               f"({(theirs or 'none')[:12]}); metrics of different sets are not compared")
+        return Decision(
+            False,
+            f"not promoted: its held-out set (sha256 {fingerprint[:12]}) is not champion v{champion['version']}'s "
+            f"({(theirs or 'none')[:12]}); metrics of different sets are not compared",
+        )
     recorded = champion.get(f"{TAG}metric.{metric}")
     if recorded is None:
-        return Decision(False, f"not promoted: champion v{champion['version']} has no recorded {metric} to compare with")
+        return Decision(
+            False, f"not promoted: champion v{champion['version']} has no recorded {metric} to compare with"
+        )
     best = float(recorded)
     if value >= best:
-        return Decision(True, f"champion now: {metric} {value:.4g} >= v{champion['version']}'s {best:.4g} on the same held-out set ({fingerprint[:12]})")
-    return Decision(False, f"not promoted: {metric} {value:.4g} < champion v{champion['version']}'s {best:.4g} on the same held-out set ({fingerprint[:12]})")
+        return Decision(
+            True,
+            f"champion now: {metric} {value:.4g} >= v{champion['version']}'s {best:.4g} on the same held-out set ({fingerprint[:12]})",
+        )
+    return Decision(
+        False,
+        f"not promoted: {metric} {value:.4g} < champion v{champion['version']}'s {best:.4g} on the same held-out set ({fingerprint[:12]})",
+    )
 
 
 def champion_version(client, name: str) -> dict[str, Any] | None:
@@ -115,25 +130,42 @@ def register_final_model(sink: MlflowSink, config: GRPOConfig, metrics: dict[str
     the gate. Returns (and records in tracking.json) what happened."""
     client, name, run_dir = sink.client, config.register_as, Path(config.run_dir)
     iteration = int(metrics["iteration"])
-    done = [e for e in read_state(run_dir).get("registry", []) if (e["tracking_uri"], e["name"], e["run_id"], e["iteration"]) ==
-            (sink.uri, name, sink.run_id, iteration)]
+    done = [
+        e
+        for e in read_state(run_dir).get("registry", [])
+        if (e["tracking_uri"], e["name"], e["run_id"], e["iteration"]) == (sink.uri, name, sink.run_id, iteration)
+    ]
     if done:
-        log.info(f"{name} v{done[-1]['version']}: iteration {iteration} of this run is registered already ({done[-1]['reason']})")
+        log.info(
+            f"{name} v{done[-1]['version']}: iteration {iteration} of this run is registered already ({done[-1]['reason']})"
+        )
         return done[-1]
 
     model_dir = final_model_dir(run_dir, iteration)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no transformers model to register (a missing checkpoint, or a LoRA adapter "
-                                f"without the run's merged final/ export)")
+        raise FileNotFoundError(
+            f"{model_dir}: no transformers model to register (a missing checkpoint, or a LoRA adapter "
+            f"without the run's merged final/ export)"
+        )
     artifact_path = f"model-iter-{iteration:04d}"
     for file in sorted(model_dir.iterdir()):
         if file.is_file() and file.name not in LEFT_OUT:
             client.log_artifact(sink.run_id, str(file), artifact_path)
     fingerprint = heldout_fingerprint(run_dir)
-    measured = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                and (k.startswith("held_out") or k == config.promote_on)}
-    tags = {f"{TAG}run_dir": str(run_dir.resolve()), f"{TAG}iteration": str(iteration), f"{TAG}heldout_sha256": fingerprint or "none",
-            f"{TAG}promote_on": config.promote_on, **{f"{TAG}metric.{k}": repr(v) for k, v in measured.items()}}
+    measured = {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and (k.startswith("held_out") or k == config.promote_on)
+    }
+    tags = {
+        f"{TAG}run_dir": str(run_dir.resolve()),
+        f"{TAG}iteration": str(iteration),
+        f"{TAG}heldout_sha256": fingerprint or "none",
+        f"{TAG}promote_on": config.promote_on,
+        **{f"{TAG}metric.{k}": repr(v) for k, v in measured.items()},
+    }
     _ensure_registered_model(client, name)
     source = f"{client.get_run(sink.run_id).info.artifact_uri}/{artifact_path}"
     version = client.create_model_version(name, source, run_id=sink.run_id, tags=tags)
@@ -143,9 +175,19 @@ def register_final_model(sink: MlflowSink, config: GRPOConfig, metrics: dict[str
     if decision.promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     client.set_model_version_tag(name, version.version, f"{TAG}gate", decision.reason)
-    entry = {"tracking_uri": sink.uri, "name": name, "version": int(version.version), "run_id": sink.run_id, "iteration": iteration,
-             "metric": config.promote_on, "value": measured.get(config.promote_on), "heldout_sha256": fingerprint,
-             "promoted": decision.promoted, "reason": decision.reason, "source": source}
+    entry = {
+        "tracking_uri": sink.uri,
+        "name": name,
+        "version": int(version.version),
+        "run_id": sink.run_id,
+        "iteration": iteration,
+        "metric": config.promote_on,
+        "value": measured.get(config.promote_on),
+        "heldout_sha256": fingerprint,
+        "promoted": decision.promoted,
+        "reason": decision.reason,
+        "source": source,
+    }
     update_state(run_dir, "registry", lambda entries: [*(entries or []), entry])
     log.info(f"registered {name} v{version.version}, {decision.reason}")
     return entry

@@ -77,8 +77,21 @@ def _reward_statistics(path: Path) -> list[str]:
         values = table.column(name)
         nan = pc.is_nan(values)
         valid = pc.filter(values, pc.invert(nan))
-        stats = [pc.mean(valid).as_py(), pc.stddev(valid, ddof=1).as_py() if len(valid) > 1 else 0.0, pc.min(valid).as_py(), pc.max(valid).as_py()] if len(valid) else [None] * 4
-        lines.append(f"| {name} | " + " | ".join("" if v is None else f"{v:.4g}" for v in stats) + f" | {pc.sum(nan).as_py() or 0} |")
+        stats = (
+            [
+                pc.mean(valid).as_py(),
+                pc.stddev(valid, ddof=1).as_py() if len(valid) > 1 else 0.0,
+                pc.min(valid).as_py(),
+                pc.max(valid).as_py(),
+            ]
+            if len(valid)
+            else [None] * 4
+        )
+        lines.append(
+            f"| {name} | "
+            + " | ".join("" if v is None else f"{v:.4g}" for v in stats)
+            + f" | {pc.sum(nan).as_py() or 0} |"
+        )
     return lines
 
 
@@ -89,14 +102,24 @@ def _best_and_worst(path: Path) -> list[str]:
         return []
     ids = list(dict.fromkeys(first.column("prompt_id").to_pylist()))[:EXAMPLE_GROUPS]
     groups = load_groups(sibling_paths(path, kind, tag), ids)
-    lines = ["", f"Best and worst completion of the first {len(ids)} groups:", "", "| prompt | gold | best | reward | worst | reward |", "|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"Best and worst completion of the first {len(ids)} groups:",
+        "",
+        "| prompt | gold | best | reward | worst | reward |",
+        "|---|---|---|---|---|---|",
+    ]
     for g in groups:
-        scored = [row for row in g.completions if isinstance(row.get("reward"), float) and not math.isnan(row["reward"])]
+        scored = [
+            row for row in g.completions if isinstance(row.get("reward"), float) and not math.isnan(row["reward"])
+        ]
         if not scored:
             continue
         best = max(scored, key=lambda row: row["reward"])
         worst = min(scored, key=lambda row: row["reward"])
-        lines.append(f"| {_md(g.prompt)} | {_md(g.gold)} | {_md(best.get('completion'))} | {best['reward']:.3g} | {_md(worst.get('completion'))} | {worst['reward']:.3g} |")
+        lines.append(
+            f"| {_md(g.prompt)} | {_md(g.gold)} | {_md(best.get('completion'))} | {best['reward']:.3g} | {_md(worst.get('completion'))} | {worst['reward']:.3g} |"
+        )
     return lines
 
 
@@ -127,7 +150,9 @@ def publish_stage_report(folder: str | Path, output: str, summary: dict[str, Any
     folder = Path(folder)
     try:
         create_markdown_artifact(
-            markdown=stage_markdown(folder, output, summary), key=artifact_key(folder, output), description=f"{folder.name}/{output}"
+            markdown=stage_markdown(folder, output, summary),
+            key=artifact_key(folder, output),
+            description=f"{folder.name}/{output}",
         )
     except (OSError, ValueError, KeyError, SchemaError, pa.ArrowException, httpx.HTTPError) as err:
         log.warning(f"{folder.name}/{output}: no Prefect artifact ({type(err).__name__}: {err})")
@@ -198,7 +223,9 @@ class BackgroundViews:
         self._next_plot_at = 0.0  # monotonic time before which an unforced refresh is skipped
         self._reports_since: float | None = None  # when the first stage report was asked for
         self._report_seconds = 0.0  # spent on stage reports since then
-        self._held: dict[str, tuple[contextvars.Context, Path, str, dict]] = {}  # over budget: the latest report per key
+        self._held: dict[
+            str, tuple[contextvars.Context, Path, str, dict]
+        ] = {}  # over budget: the latest report per key
         self._lock = threading.Lock()
 
     def _submit(self, fn, *args, context: contextvars.Context | None = None) -> None:

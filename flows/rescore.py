@@ -38,8 +38,8 @@ from prefect.cache_policies import NO_CACHE
 from data.schemas import ADVANTAGES, GENERATIONS, REWARDS, check_schema
 from data.store import Manifest, iter_aligned, iter_batches, read_rows_where, remove_stale_temp_files
 from flows.config import GRPOConfig
-from flows.resume import iteration_numbers
 from flows.report import VIEWS
+from flows.resume import iteration_numbers
 from flows.tracking import STATE_FILE, log_rescoring
 from flows.train import run_stage, score_settings
 from tasks.advantages import advantages_task
@@ -82,7 +82,9 @@ class Target:
 def iteration_rounds(folder: Path) -> list[Round]:
     """generations.parquet, then generations-r1.parquet... (dynamic sampling's refills)."""
     found = [f for f in folder.glob("generations*.parquet") if ROUND_FILE.fullmatch(f.name)]
-    found.sort(key=lambda f: int(f.name.removeprefix("generations-r").removesuffix(".parquet")) if "-r" in f.name else 0)
+    found.sort(
+        key=lambda f: int(f.name.removeprefix("generations-r").removesuffix(".parquet")) if "-r" in f.name else 0
+    )
     return [Round(f, folder / f.name.replace("generations", "prompts", 1)) for f in found]
 
 
@@ -91,20 +93,28 @@ def find_targets(path: str | Path) -> list[Target]:
     (a file named otherwise is re-scored alone, with the prompts.parquet beside it)."""
     path = Path(path)
     if path.is_dir():
-        targets = [Target(f, tuple(iteration_rounds(f))) for f in (path / f"iter-{it:04d}" for it in iteration_numbers(path))]
+        targets = [
+            Target(f, tuple(iteration_rounds(f))) for f in (path / f"iter-{it:04d}" for it in iteration_numbers(path))
+        ]
         targets = [t for t in targets if t.rounds]
         if not targets:
             raise FileNotFoundError(f"{path}: no iter-*/generations.parquet to re-score")
     elif path.is_file():
         check_schema(pq.read_schema(path), GENERATIONS, path)  # a rewards file given by mistake fails here
-        rounds = iteration_rounds(path.parent) if ROUND_FILE.fullmatch(path.name) else [Round(path, path.parent / "prompts.parquet")]
+        rounds = (
+            iteration_rounds(path.parent)
+            if ROUND_FILE.fullmatch(path.name)
+            else [Round(path, path.parent / "prompts.parquet")]
+        )
         targets = [Target(path.parent, tuple(rounds))]
     else:
         raise FileNotFoundError(f"{path}: no such run folder or generations file")
     for t in targets:
         for r in t.rounds:
             if not r.prompts.is_file():
-                raise FileNotFoundError(f"{r.prompts}: the prompts of {r.generations} (gold answers, tests) are needed to score it")
+                raise FileNotFoundError(
+                    f"{r.prompts}: the prompts of {r.generations} (gold answers, tests) are needed to score it"
+                )
     return targets
 
 
@@ -118,8 +128,12 @@ def run_config(folder: Path) -> GRPOConfig | None:
     return None
 
 
-def rescoring_config(config: GRPOConfig | None, rewards: dict[str, float] | None, reward_options: dict | None,
-                     max_error_fraction: float | None) -> GRPOConfig:
+def rescoring_config(
+    config: GRPOConfig | None,
+    rewards: dict[str, float] | None,
+    reward_options: dict | None,
+    max_error_fraction: float | None,
+) -> GRPOConfig:
     """The run's config with the new rewards: the run's options for the rewards it keeps,
     `reward_options` on top; validated like a config (unknown rewards or options fail)."""
     settings = config.model_dump() if config is not None else {}
@@ -154,8 +168,14 @@ def check_tag(targets: list[Target], tag: str, rewards: dict[str, float]) -> Non
 
 
 # --- the comparison ----------------------------------------------------------------------------
-def compare_rewards(before: str | Path | None, after: str | Path, generations: str | Path, *, examples: int = EXAMPLES,
-                    chunk_rows: int = CHUNK_ROWS) -> dict[str, Any]:
+def compare_rewards(
+    before: str | Path | None,
+    after: str | Path,
+    generations: str | Path,
+    *,
+    examples: int = EXAMPLES,
+    chunk_rows: int = CHUNK_ROWS,
+) -> dict[str, Any]:
     """Mean reward before and after, the number of rows whose total reward changed (NaN to
     NaN is no change), and the first `examples` of them with their completions. The files
     are read side by side in chunks; their rows must be the same completions in the same
@@ -175,18 +195,31 @@ def compare_rewards(before: str | Path | None, after: str | Path, generations: s
         if before is not None:
             old = chunk[0]
             if not (old["prompt_id"].equals(new["prompt_id"]) and old["sample_index"].equals(new["sample_index"])):
-                raise ValueError(f"{before} and {after}: rows {rows}..{rows + old.num_rows - 1} are not the same completions")
+                raise ValueError(
+                    f"{before} and {after}: rows {rows}..{rows + old.num_rows - 1} are not the same completions"
+                )
             a = old["reward"].to_numpy(zero_copy_only=False)
             _accumulate(totals["before"], a)
             differs = ~((a == b) | (np.isnan(a) & np.isnan(b)))
             changed += int(differs.sum())
             for i in np.flatnonzero(differs)[: max(examples - len(shown), 0)]:
-                shown.append({"prompt_id": old["prompt_id"][i].as_py(), "sample_index": old["sample_index"][i].as_py(),
-                              "before": float(a[i]), "after": float(b[i])})
+                shown.append(
+                    {
+                        "prompt_id": old["prompt_id"][i].as_py(),
+                        "sample_index": old["sample_index"][i].as_py(),
+                        "before": float(a[i]),
+                        "after": float(b[i]),
+                    }
+                )
         rows += new.num_rows
     if shown:
-        texts = read_rows_where(generations, GENERATIONS, "prompt_id", [s["prompt_id"] for s in shown],
-                                ["prompt_id", "sample_index", "completion"]).to_pylist()
+        texts = read_rows_where(
+            generations,
+            GENERATIONS,
+            "prompt_id",
+            [s["prompt_id"] for s in shown],
+            ["prompt_id", "sample_index", "completion"],
+        ).to_pylist()
         completion = {(r["prompt_id"], r["sample_index"]): r["completion"] for r in texts}
         for s in shown:
             s["completion"] = completion.get((s["prompt_id"], s["sample_index"]))
@@ -239,8 +272,10 @@ def format_comparison(folder: Path, c: dict[str, Any]) -> str:
     where = f"{folder.parent.name}/{folder.name}" if folder.name.startswith("iter-") else str(folder)
     if c["before"] is None:
         return f"{where}: {c['after']}: mean reward {c['mean_after']:.4f} over {c['rows']} rows (no earlier rewards.parquet to compare with)"
-    lines = [f"{where}: mean reward {c['mean_before']:.4f} -> {c['mean_after']:.4f} ({c['after']}); "
-             f"{c['changed']} of {c['rows']} rows changed"]
+    lines = [
+        f"{where}: mean reward {c['mean_before']:.4f} -> {c['mean_after']:.4f} ({c['after']}); "
+        f"{c['changed']} of {c['rows']} rows changed"
+    ]
     for e in c["examples"]:
         text = (e.get("completion") or "").replace("\n", " ")
         text = text if len(text) <= 70 else text[:69] + "…"
@@ -257,13 +292,23 @@ def compare_task(before: str | None, after: str, generations: str) -> dict:
 def advantages_settings(config: GRPOConfig) -> dict[str, Any]:
     """The advantages stage's settings as flows/train.py passes them, so a re-scoring's
     advantages are those training would have used."""
-    return dict(estimator=config.advantage_estimator, scale_rewards=config.scale_rewards, eps=config.advantage_eps,
-                dynamic_sampling=config.dynamic_sampling, target_groups=config.prompts_per_iteration)
+    return dict(
+        estimator=config.advantage_estimator,
+        scale_rewards=config.scale_rewards,
+        eps=config.advantage_eps,
+        dynamic_sampling=config.dynamic_sampling,
+        target_groups=config.prompts_per_iteration,
+    )
 
 
 @flow(name="grpo-rescore")
-def grpo_rescore(target: str, tag: str, rewards: dict[str, float] | None = None, reward_options: dict[str, dict[str, Any]] | None = None,
-                 max_error_fraction: float | None = None) -> list[dict]:
+def grpo_rescore(
+    target: str,
+    tag: str,
+    rewards: dict[str, float] | None = None,
+    reward_options: dict[str, dict[str, Any]] | None = None,
+    max_error_fraction: float | None = None,
+) -> list[dict]:
     """Re-score `target` (a run folder or a generations file) as `tag`; return one
     comparison per iteration."""
     if not TAG.fullmatch(tag):
@@ -278,7 +323,9 @@ def grpo_rescore(target: str, tag: str, rewards: dict[str, float] | None = None,
         VIEWS.drain()  # the stage artifacts published in the background
     run_dir = targets[0].folder.parent
     if (run_dir / STATE_FILE).is_file():
-        log_rescoring(run_dir, tag, dict(config.rewards), results)  # a tracked folder's re-scoring goes to its experiment
+        log_rescoring(
+            run_dir, tag, dict(config.rewards), results
+        )  # a tracked folder's re-scoring goes to its experiment
     return results
 
 
@@ -293,12 +340,29 @@ def rescore_targets(targets: list[Target], tag: str, config: GRPOConfig) -> list
         rewards_out = []
         for r in t.rounds:
             out = str(t.folder / r.rewards_name(tag))
-            run_stage(manifest, r.rewards_name(tag), score_task, str(r.generations), str(r.prompts), out, **score_settings(config),
-                      schema_version=REWARDS.version, manifest_extra=recorded)
+            run_stage(
+                manifest,
+                r.rewards_name(tag),
+                score_task,
+                str(r.generations),
+                str(r.prompts),
+                out,
+                **score_settings(config),
+                schema_version=REWARDS.version,
+                manifest_extra=recorded,
+            )
             rewards_out.append(out)
         advantages_name = f"advantages@{tag}.parquet"
-        run_stage(manifest, advantages_name, advantages_task, rewards_out, str(t.folder / advantages_name), **advantages_settings(config),
-                  schema_version=ADVANTAGES.version, manifest_extra=recorded)
+        run_stage(
+            manifest,
+            advantages_name,
+            advantages_task,
+            rewards_out,
+            str(t.folder / advantages_name),
+            **advantages_settings(config),
+            schema_version=ADVANTAGES.version,
+            manifest_extra=recorded,
+        )
         parts = []
         for r, out in zip(t.rounds, rewards_out):
             before = t.folder / r.rewards_name()

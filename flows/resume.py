@@ -162,7 +162,9 @@ def stored_settings(run_dir: str | Path) -> dict[str, Any]:
 
 def completed_iterations(run_dir: str | Path) -> int:
     """The highest iteration with its metrics.json written (0 for a new folder)."""
-    done = [it for it in iteration_numbers(run_dir) if it >= 1 and (iteration_dir(run_dir, it) / "metrics.json").is_file()]
+    done = [
+        it for it in iteration_numbers(run_dir) if it >= 1 and (iteration_dir(run_dir, it) / "metrics.json").is_file()
+    ]
     return max(done, default=0)
 
 
@@ -192,21 +194,31 @@ def setting_changes(run_dir: str | Path, config) -> dict[str, tuple[Any, Any]]:
     try:
         before = GRPOConfig(**stored).model_dump(mode="json")
     except ValueError as err:  # pydantic's ValidationError is a ValueError
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()) if hasattr(err, "errors") else str(err)
-        raise SettingsMismatch(f"{Path(run_dir) / 'config.json'}: its settings are not valid for this grpoflow ({detail}); "
-                               "resume it with the grpoflow version that wrote it, or start a new --run-dir") from None
+        detail = (
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            if hasattr(err, "errors")
+            else str(err)
+        )
+        raise SettingsMismatch(
+            f"{Path(run_dir) / 'config.json'}: its settings are not valid for this grpoflow ({detail}); "
+            "resume it with the grpoflow version that wrote it, or start a new --run-dir"
+        ) from None
     after = config.model_dump(mode="json")
     changes = {k: (before.get(k), after[k]) for k in after if not _same(k, before.get(k), after[k]) and k != "run_dir"}
     refused = {k: v for k, v in changes.items() if not may_change_mid_run(k)}
     if refused:
-        lines = [f"run folder {run_dir} holds a run made with other settings ({len(refused)} differ); a resume may not change what "
-                 "its artifacts mean: drop these flags to resume, or give a new --run-dir"]
+        lines = [
+            f"run folder {run_dir} holds a run made with other settings ({len(refused)} differ); a resume may not change what "
+            "its artifacts mean: drop these flags to resume, or give a new --run-dir"
+        ]
         lines += [f"  {k}: stored {_shown(old)}, given {_shown(new)}" for k, (old, new) in sorted(refused.items())]
         raise SettingsMismatch("\n".join(lines))
     done = completed_iterations(run_dir)
     if config.iterations < done:
-        raise SettingsMismatch(f"run folder {run_dir} already has {done} complete iterations; --iterations {config.iterations} "
-                               f"would go back (give {done} or more)")
+        raise SettingsMismatch(
+            f"run folder {run_dir} already has {done} complete iterations; --iterations {config.iterations} "
+            f"would go back (give {done} or more)"
+        )
     return changes
 
 
@@ -263,7 +275,9 @@ class PendingUpdates:
             started = time.perf_counter()
             with stage_label(deferred.label):
                 deferred.call()
-            log.info(f"{deferred.label}: update replayed from the stored generations and advantages ({time.perf_counter() - started:.1f}s)")
+            log.info(
+                f"{deferred.label}: update replayed from the stored generations and advantages ({time.perf_counter() - started:.1f}s)"
+            )
         del self._deferred[: last + 1]
 
 
@@ -286,7 +300,12 @@ def prompt_pool(data_manifest: Manifest, default: str, iteration: int) -> tuple[
     best: tuple[int, str] | None = None
     for name, entry in data_manifest.entries().items():
         first = entry.get("first_iteration")
-        if name.startswith(POOL_PREFIX) and isinstance(first, int) and first <= iteration and (best is None or first > best[0]):
+        if (
+            name.startswith(POOL_PREFIX)
+            and isinstance(first, int)
+            and first <= iteration
+            and (best is None or first > best[0])
+        ):
             best = (first, name)
     if best is None:
         return default, 0

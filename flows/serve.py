@@ -33,7 +33,13 @@ from prefect import flow, get_run_logger
 from data.store import Manifest, iteration_dir
 from flows.config import GRPOConfig
 from flows.registry import champion_start
-from flows.resume import completed_iterations, iteration_numbers, pool_name, record_start_policy, resume_point, stored_settings
+from flows.resume import (
+    completed_iterations,
+    pool_name,
+    record_start_policy,
+    resume_point,
+    stored_settings,
+)
 from flows.train import grpo_train, run_stage, write_builtin_prompts_task
 from tasks.fresh_prompts import unseen_prompts_task
 from tasks.ingest import ingest_task
@@ -56,8 +62,14 @@ def write_candidates(config: GRPOConfig, out_path: str) -> dict:
     """The dataset as it is now, as a prompts artifact (the same stage `grpo run` uses)."""
     if config.uses_builtin_data():
         return write_builtin_prompts_task(out_path, held_out=False, size=0)
-    return ingest_task(config.dataset, out_path, split=config.dataset_split, task=config.task, skip_invalid=config.skip_invalid,
-                       rejected_path=str(Path(out_path).with_name("incoming-rejected.parquet")))
+    return ingest_task(
+        config.dataset,
+        out_path,
+        split=config.dataset_split,
+        task=config.task,
+        skip_invalid=config.skip_invalid,
+        rejected_path=str(Path(out_path).with_name("incoming-rejected.parquet")),
+    )
 
 
 @flow(name=FLOW_NAME)
@@ -89,8 +101,15 @@ def continue_run(run_dir: str | Path, settings: dict[str, Any] | None, iteration
         incoming = data_dir / "incoming.parquet"
         write_candidates(config, str(incoming))
         seen = [str(p) for p in sorted(folder.glob("iter-*/prompts.parquet"))]
-        run_stage(data_manifest, pool, unseen_prompts_task, str(incoming), seen, str(data_dir / pool),
-                  manifest_extra={"first_iteration": last + 1})
+        run_stage(
+            data_manifest,
+            pool,
+            unseen_prompts_task,
+            str(incoming),
+            seen,
+            str(data_dir / pool),
+            manifest_extra={"first_iteration": last + 1},
+        )
         incoming.unlink()
         incoming.with_name("incoming-rejected.parquet").unlink(missing_ok=True)
     unseen = data_manifest.entries()[pool]["rows"]
@@ -100,12 +119,18 @@ def continue_run(run_dir: str | Path, settings: dict[str, Any] | None, iteration
         # Leave no pool behind that no iteration uses: `grpo run` would draw from it.
         data_manifest.forget(pool)
         (data_dir / pool).unlink(missing_ok=True)
-        log.info(f"{unseen} unseen prompts, fewer than prompts_per_iteration ({config.prompts_per_iteration}): no new iteration; waiting for new prompts")
+        log.info(
+            f"{unseen} unseen prompts, fewer than prompts_per_iteration ({config.prompts_per_iteration}): no new iteration; waiting for new prompts"
+        )
         return {"iterations_added": 0, "last_iteration": last, "unseen_prompts": unseen}
     resumed = resume_point(folder, last)
     start = f"iter-{resumed.iteration:04d}/checkpoint" if resumed else (config.model or "the built-in tiny model")
     champion = champion_start(config)
-    if champion is not None and champion != (resumed.checkpoint if resumed else None) and record_start_policy(folder, last + 1, champion):
+    if (
+        champion is not None
+        and champion != (resumed.checkpoint if resumed else None)
+        and record_start_policy(folder, last + 1, champion)
+    ):
         start = f"the champion of {config.register_as} ({champion}), not {start}"
     log.info(f"adding iterations {last + 1}..{last + new} on {unseen} unseen prompts, starting from {start}")
     metrics = grpo_train(config.model_copy(update={"iterations": last + new}))

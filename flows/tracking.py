@@ -77,7 +77,9 @@ def store_uri(value: str) -> str:
 def first_new_iteration(run_dir: Path) -> int:
     """The first iteration a flow run starting now adds: 0 (the baseline evaluation) on a
     folder with no complete iteration, else the one after the last complete one."""
-    done = [it for it in iteration_numbers(run_dir) if it >= 1 and (iteration_dir(run_dir, it) / "metrics.json").is_file()]
+    done = [
+        it for it in iteration_numbers(run_dir) if it >= 1 and (iteration_dir(run_dir, it) / "metrics.json").is_file()
+    ]
     return max(done) + 1 if done else 0
 
 
@@ -147,8 +149,10 @@ def require_tracking(module: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise MissingExtra(f"{module} is not installed: tracking needs the optional part `make install-tracking` "
-                           f"(pip install -e '.[tracking]')") from None
+        raise MissingExtra(
+            f"{module} is not installed: tracking needs the optional part `make install-tracking` "
+            f"(pip install -e '.[tracking]')"
+        ) from None
 
 
 def check_installed(config: GRPOConfig) -> None:
@@ -187,13 +191,24 @@ class MlflowSink(Sink):
             self.sent_through = -1
             log.info(f"MLflow: continuing run {self.run_id} of experiment {self.experiment_id} at {self.uri}")
         else:
-            run = self.client.create_run(self.experiment_id, run_name=f"{self.run_dir.name} it. {first}-{config.iterations}",
-                                         tags=self._tags(first))
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{self.run_dir.name} it. {first}-{config.iterations}",
+                tags=self._tags(first),
+            )
             self.run_id, self.first, self.sent, self.sent_through = run.info.run_id, first, set(), first - 1
             self._log_params(config, {})
             log.info(f"MLflow: run {self.run_id} in experiment {self.experiment_id} at {self.uri}")
-        update_state(self.run_dir, "mlflow", lambda _: {"tracking_uri": self.uri, "experiment_id": self.experiment_id,
-                                                         "run_id": self.run_id, "first_iteration": self.first})
+        update_state(
+            self.run_dir,
+            "mlflow",
+            lambda _: {
+                "tracking_uri": self.uri,
+                "experiment_id": self.experiment_id,
+                "run_id": self.run_id,
+                "first_iteration": self.first,
+            },
+        )
 
     def _recorded_run(self, recorded: dict):
         from mlflow.exceptions import MlflowException
@@ -226,7 +241,7 @@ class MlflowSink(Sink):
         new = [Param(k, v) for k, v in values.items() if k not in existing]
         changed = [RunTag(f"changed.{k}", v) for k, v in values.items() if k in existing and existing[k] != v]
         for i in range(0, max(len(new), 1), 100):  # MLflow takes at most 100 params a call
-            self.client.log_batch(self.run_id, params=new[i:i + 100], tags=changed if i == 0 else [])
+            self.client.log_batch(self.run_id, params=new[i : i + 100], tags=changed if i == 0 else [])
 
     def _sent_steps(self, run) -> set[tuple[str, int]]:
         return {(key, m.step) for key in run.data.metrics for m in self.client.get_metric_history(self.run_id, key)}
@@ -234,13 +249,17 @@ class MlflowSink(Sink):
     def sync(self) -> None:
         from mlflow.entities import Metric
 
-        rows = [r for r in metric_rows(self.run_dir, max(self.first, self.sent_through + 1) - 1) if (r[1], r[0]) not in self.sent]
+        rows = [
+            r
+            for r in metric_rows(self.run_dir, max(self.first, self.sent_through + 1) - 1)
+            if (r[1], r[0]) not in self.sent
+        ]
         if not rows:
             return
         now = int(time.time() * 1000)
         metrics = [Metric(name, value, now, it) for it, name, value in rows]
         for i in range(0, len(metrics), BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + BATCH])
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + BATCH])
         self.sent_through = max(r[0] for r in rows)
         self.sent = set()  # from here on every sent pair is at or before sent_through
         # After the metrics are marked sent: a report that fails to upload is not worth sending them twice.
@@ -253,7 +272,9 @@ class MlflowSink(Sink):
                 self.client.log_artifact(self.run_id, str(self.run_dir / name))
         data = self.run_dir / "dataset"
         if Manifest(data).entries():
-            report = "\n".join(stage_markdown(data, n, e.get("summary", {})) for n, e in Manifest(data).entries().items())
+            report = "\n".join(
+                stage_markdown(data, n, e.get("summary", {})) for n, e in Manifest(data).entries().items()
+            )
             self.client.log_text(self.run_id, report, "stage_reports/dataset.md")
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
@@ -289,7 +310,9 @@ class TensorBoardSink(Sink):
         recorded = read_state(self.run_dir).get("tensorboard") or {}
         self.sent_through = int(recorded["sent_through"]) if recorded.get("logdir") == self.logdir else -1
         # purge_step: TensorBoard hides what an earlier, killed writer logged at these steps or later.
-        self.writer = tensorboardX.SummaryWriter(self.logdir, purge_step=self.sent_through + 1 if self.sent_through >= 0 else None)
+        self.writer = tensorboardX.SummaryWriter(
+            self.logdir, purge_step=self.sent_through + 1 if self.sent_through >= 0 else None
+        )
 
     def sync(self) -> None:
         rows = metric_rows(self.run_dir, self.sent_through)
@@ -325,7 +348,9 @@ class Tracking:
             self._warned.discard(s.name)
         except s.errors as err:  # the files are the truth: retried after the next iteration, never fails the run
             if s.name not in self._warned:
-                log.warning(f"{s.name}: metrics not sent yet, retried after the next iteration ({type(err).__name__}: {err})")
+                log.warning(
+                    f"{s.name}: metrics not sent yet, retried after the next iteration ({type(err).__name__}: {err})"
+                )
                 self._warned.add(s.name)
 
     def iteration_done(self) -> None:
@@ -379,16 +404,27 @@ def log_rescoring(run_dir: str | Path, tag: str, rewards: dict[str, float], resu
     except MlflowException:
         existing = None
     if existing is None:
-        run_id = client.create_run(recorded["experiment_id"], run_name=f"rescore@{tag}", tags={
-            "mlflow.parentRunId": recorded["run_id"], "grpoflow.rescore_tag": tag, "grpoflow.run_dir": str(run_dir.resolve())}).info.run_id
+        run_id = client.create_run(
+            recorded["experiment_id"],
+            run_name=f"rescore@{tag}",
+            tags={
+                "mlflow.parentRunId": recorded["run_id"],
+                "grpoflow.rescore_tag": tag,
+                "grpoflow.run_dir": str(run_dir.resolve()),
+            },
+        ).info.run_id
         client.log_batch(run_id, params=[Param("tag", tag), Param("rewards", json.dumps(rewards, sort_keys=True))])
         update_state(run_dir, "rescores", lambda runs: (runs or {}) | {tag: run_id})
     now, metrics = int(time.time() * 1000), []
     for result in results:
         it = int(Path(result["folder"]).name.removeprefix("iter-"))
-        for name, value in (("reward", result["mean_after"]), ("reward_before", result["mean_before"]), ("changed", result["changed"])):
+        for name, value in (
+            ("reward", result["mean_after"]),
+            ("reward_before", result["mean_before"]),
+            ("changed", result["changed"]),
+        ):
             if value is not None:
                 metrics.append(Metric(name, float(value), now, it))
     for i in range(0, len(metrics), BATCH):
-        client.log_batch(run_id, metrics=metrics[i:i + BATCH])
+        client.log_batch(run_id, metrics=metrics[i : i + BATCH])
     client.set_terminated(run_id, status="FINISHED")

@@ -32,12 +32,32 @@ from prefect.cache_policies import NO_CACHE
 from data import builtin
 from data.schemas import ADVANTAGES, GENERATIONS, METRICS, PROMPTS, REWARDS, SchemaError
 from data.sources import hub_offline, normalise_row, prompts_table, read_source, source_label
-from data.store import TMP_PREFIX, Manifest, atomic_write_json, iteration_dir, read_table, remove_stale_temp_files, write_table
+from data.store import (
+    TMP_PREFIX,
+    Manifest,
+    atomic_write_json,
+    iteration_dir,
+    read_table,
+    remove_stale_temp_files,
+    write_table,
+)
 from flows.cluster import Stages, stages_for
 from flows.config import MID_RUN_SAFE, GRPOConfig
 from flows.report import VIEWS
-from flows.resume import (CHECKPOINT, PendingUpdates, completed_iterations, describe_changes, hold_run_folder, prompt_pool,
-                          prune_checkpoints, release_run_folder, resume_point, saved_metrics, setting_changes, start_policy)
+from flows.resume import (
+    CHECKPOINT,
+    PendingUpdates,
+    completed_iterations,
+    describe_changes,
+    hold_run_folder,
+    prompt_pool,
+    prune_checkpoints,
+    release_run_folder,
+    resume_point,
+    saved_metrics,
+    setting_changes,
+    start_policy,
+)
 from flows.tracking import Tracking, check_installed
 from tasks.advantages import advantages_task, informative_groups, refill_prompts_task
 from tasks.engines import check_available
@@ -45,11 +65,19 @@ from tasks.evaluate import evaluate_task
 from tasks.footprint import gib, lora_trained_parameters, machine_memory_bytes, model_shape, update_peak_bytes
 from tasks.generate import render_prompt, tokenization_loss
 from tasks.ingest import ingest_task, merge_prompts_task
+from tasks.model import (
+    FINAL,
+    after_save,
+    check_model_source,
+    export_final_model,
+    live_policy,
+    load_tokenizer,
+    wait_for_saves,
+)
 from tasks.objective import LossSettings
-from tasks.select import select_prompts_task
-from tasks.model import FINAL, check_model_source, export_final_model, live_policy, load_tokenizer, after_save, wait_for_saves
 from tasks.progress import stage_label
 from tasks.schedule import LRSchedule
+from tasks.select import select_prompts_task
 from tasks.tiny_model import ensure_tiny_model
 from tasks.update import needs_old_logprobs
 
@@ -58,8 +86,15 @@ from tasks.update import needs_old_logprobs
 PENDING_UPDATES = PendingUpdates()
 
 
-def run_stage(manifest: Manifest, output: str, stage: Callable[..., dict], *args: Any, schema_version: int | None = None,
-              manifest_extra: dict | None = None, **kwargs: Any) -> dict:
+def run_stage(
+    manifest: Manifest,
+    output: str,
+    stage: Callable[..., dict],
+    *args: Any,
+    schema_version: int | None = None,
+    manifest_extra: dict | None = None,
+    **kwargs: Any,
+) -> dict:
     """Run `stage` unless `output` is already recorded as done in `manifest`; record it after.
 
     The stage's summary dict is kept in the manifest (with its duration, the paths it read
@@ -71,7 +106,11 @@ def run_stage(manifest: Manifest, output: str, stage: Callable[..., dict], *args
     if manifest.is_done(output):
         entry = manifest.entries()[output]
         if output == CHECKPOINT and entry.get("kind") != "folder":
-            PENDING_UPDATES.defer(manifest.folder / output, where, lambda: (stage(*args, **kwargs), record_when_saved(manifest, output, log)))
+            PENDING_UPDATES.defer(
+                manifest.folder / output,
+                where,
+                lambda: (stage(*args, **kwargs), record_when_saved(manifest, output, log)),
+            )
         log.info(f"{where}: done already, skipped")
         return entry.get("summary", {})
     PENDING_UPDATES.catch_up([*args, *kwargs.values()], log)
@@ -80,7 +119,14 @@ def run_stage(manifest: Manifest, output: str, stage: Callable[..., dict], *args
         summary = stage(*args, **kwargs)
     seconds = time.perf_counter() - started
     inputs = [str(a) for a in args if isinstance(a, (str, Path))]
-    manifest.record(output, schema_version=schema_version, summary=summary, seconds=round(seconds, 3), inputs=inputs, **(manifest_extra or {}))
+    manifest.record(
+        output,
+        schema_version=schema_version,
+        summary=summary,
+        seconds=round(seconds, 3),
+        inputs=inputs,
+        **(manifest_extra or {}),
+    )
     if output == CHECKPOINT:
         record_when_saved(manifest, output, log)
     VIEWS.publish_stage_report(manifest.folder, output, summary)
@@ -110,7 +156,11 @@ STAGE_LINE_LIMIT = 120  # characters of a stage's log line; the rest of its summ
 def stage_line(where: str, summary: dict, seconds: float, limit: int = STAGE_LINE_LIMIT) -> str:
     """`where: k v, k v, ... (1.2s)` with as many of the summary's scalars, in order, as fit
     in `limit` characters; the count of the others is named, never silently dropped."""
-    items = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items() if not isinstance(v, (list, dict))]
+    items = [
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in summary.items()
+        if not isinstance(v, (list, dict))
+    ]
     tail = f" ({seconds:.1f}s)"
     shown: list[str] = []
     for k, item in enumerate(items):
@@ -150,11 +200,15 @@ TOKENIZATION_SAMPLE = 256  # prompts checked for characters the tokenizer loses
 
 
 @task(name="check-prompts", cache_policy=NO_CACHE)
-def check_prompts_task(prompts_path: str, model: str, use_chat_template: bool, sample: int = TOKENIZATION_SAMPLE) -> dict:
+def check_prompts_task(
+    prompts_path: str, model: str, use_chat_template: bool, sample: int = TOKENIZATION_SAMPLE
+) -> dict:
     return check_prompts(prompts_path, model, use_chat_template, sample)
 
 
-def check_prompts(prompts_path: str | Path, model: str, use_chat_template: bool, sample: int = TOKENIZATION_SAMPLE) -> dict:
+def check_prompts(
+    prompts_path: str | Path, model: str, use_chat_template: bool, sample: int = TOKENIZATION_SAMPLE
+) -> dict:
     """Whether the policy's tokenizer keeps the training prompts' text: the first `sample`
     prompts rendered as the generate stage renders them, encoded and decoded back."""
     tokenizer = load_tokenizer(model)
@@ -167,8 +221,10 @@ def tokenization_warning(check: dict, model: str) -> str | None:
     if not check["lossy"]:
         return None
     k, text, back = check["example"]
-    return (f"the tokenizer of {model} loses characters of {check['lossy']} of {check['prompts']} prompts checked "
-            f"({check['unknown_tokens']} unknown tokens), e.g. {text[:40]!r} -> {back[:40]!r}: the model never sees that text")
+    return (
+        f"the tokenizer of {model} loses characters of {check['lossy']} of {check['prompts']} prompts checked "
+        f"({check['unknown_tokens']} unknown tokens), e.g. {text[:40]!r} -> {back[:40]!r}: the model never sees that text"
+    )
 
 
 def no_signal_warning(adv: dict) -> str | None:
@@ -266,14 +322,20 @@ def write_metrics_table(run_dir: Path, added: int | None = None) -> Path:
         if table is not None and set(pc.unique(table.column("iteration")).to_pylist()) != set(iterations[:-1]):
             table = None  # not exactly the earlier iterations: rebuilt below
     rows = [r for p in (files[-1:] if table is not None else files) for r in _metric_rows(p)]
-    new = pa.table({"iteration": [r[0] for r in rows], "name": [r[1] for r in rows], "value": [r[2] for r in rows]}, schema=METRICS.schema)
+    new = pa.table(
+        {"iteration": [r[0] for r in rows], "name": [r[1] for r in rows], "value": [r[2] for r in rows]},
+        schema=METRICS.schema,
+    )
     return write_table(pa.concat_tables([table, new]) if table is not None else new, out, METRICS)
 
 
 # The settings each generation engine is built with (tasks/engines), from the config.
 ENGINE_OPTIONS: dict[str, Callable[[GRPOConfig], dict]] = {
     "hf": lambda config: {},
-    "vllm": lambda config: {"gpu_memory_utilization": config.vllm_gpu_memory_utilization, "cpu_kv_cache_gb": config.vllm_cpu_kv_cache_gb},
+    "vllm": lambda config: {
+        "gpu_memory_utilization": config.vllm_gpu_memory_utilization,
+        "cpu_kv_cache_gb": config.vllm_cpu_kv_cache_gb,
+    },
 }
 
 
@@ -282,29 +344,69 @@ def engine_settings(config: GRPOConfig, name: str) -> dict:
 
 
 def score_settings(config: GRPOConfig) -> dict:
-    return dict(rewards=config.rewards, max_error_fraction=config.max_reward_error_fraction, reward_options=config.bound_reward_options(),
-                workers=config.score_workers, chunk_rows=config.score_chunk_rows, worker_memory_mb=config.score_worker_memory_mb)
+    return dict(
+        rewards=config.rewards,
+        max_error_fraction=config.max_reward_error_fraction,
+        reward_options=config.bound_reward_options(),
+        workers=config.score_workers,
+        chunk_rows=config.score_chunk_rows,
+        worker_memory_mb=config.score_worker_memory_mb,
+    )
 
 
-def refill_rounds(config: GRPOConfig, stages: Stages, manifest: Manifest, it: int, train_path: str, policy: str,
-                  generate_settings: dict) -> tuple[list[str], list[str], int]:
+def refill_rounds(
+    config: GRPOConfig,
+    stages: Stages,
+    manifest: Manifest,
+    it: int,
+    train_path: str,
+    policy: str,
+    generate_settings: dict,
+) -> tuple[list[str], list[str], int]:
     """DAPO dynamic sampling: extra rounds of prompts + generate + score (`prompts-r<k>.parquet`,
     `generations-r<k>.parquet`, `rewards-r<k>.parquet`) while fewer than prompts_per_iteration
     groups have reward spread, at most max_refill_rounds. Returns every round's generations
     and rewards paths (round 0 first) and the number of extra rounds."""
     folder = manifest.folder
-    prompts, gens, rewards = [str(folder / "prompts.parquet")], [str(folder / "generations.parquet")], [str(folder / "rewards.parquet")]
+    prompts, gens, rewards = (
+        [str(folder / "prompts.parquet")],
+        [str(folder / "generations.parquet")],
+        [str(folder / "rewards.parquet")],
+    )
     rounds = 0
-    while config.dynamic_sampling and rounds < config.max_refill_rounds and informative_groups(rewards) < config.prompts_per_iteration:
+    while (
+        config.dynamic_sampling
+        and rounds < config.max_refill_rounds
+        and informative_groups(rewards) < config.prompts_per_iteration
+    ):
         rounds += 1
         p, g, r = (str(folder / f"{name}-r{rounds}.parquet") for name in ("prompts", "generations", "rewards"))
-        picked = run_stage(manifest, Path(p).name, refill_prompts_task, train_path, p, exclude_paths=prompts, count=config.prompts_per_iteration,
-                           seed=f"{config.seed}:{it}:{rounds}", schema_version=PROMPTS.version)
+        picked = run_stage(
+            manifest,
+            Path(p).name,
+            refill_prompts_task,
+            train_path,
+            p,
+            exclude_paths=prompts,
+            count=config.prompts_per_iteration,
+            seed=f"{config.seed}:{it}:{rounds}",
+            schema_version=PROMPTS.version,
+        )
         if picked["prompts"] == 0:  # the dataset has no unused prompt left
             break
-        run_stage(manifest, Path(g).name, stages.generate, p, g, policy, **generate_settings | {"seed": (config.seed * 100_003 + it) * 1_000 + rounds},
-                  schema_version=GENERATIONS.version)
-        run_stage(manifest, Path(r).name, stages.score, g, p, r, **score_settings(config), schema_version=REWARDS.version)
+        run_stage(
+            manifest,
+            Path(g).name,
+            stages.generate,
+            p,
+            g,
+            policy,
+            **generate_settings | {"seed": (config.seed * 100_003 + it) * 1_000 + rounds},
+            schema_version=GENERATIONS.version,
+        )
+        run_stage(
+            manifest, Path(r).name, stages.score, g, p, r, **score_settings(config), schema_version=REWARDS.version
+        )
         prompts.append(p)
         gens.append(g)
         rewards.append(r)
@@ -344,7 +446,9 @@ def rotate_checkpoints(run_dir: Path, keep: int | None, log) -> None:
         log.warning(f"{run_dir}: old checkpoints could not be removed ({err}); the next save tries again")
         return
     if pruned["checkpoints"]:
-        log.info(f"removed checkpoints of iterations {', '.join(map(str, pruned['checkpoints']))} (save_total_limit {keep})")
+        log.info(
+            f"removed checkpoints of iterations {', '.join(map(str, pruned['checkpoints']))} (save_total_limit {keep})"
+        )
 
 
 def settle_background_saves() -> None:
@@ -361,7 +465,13 @@ def longest_prompt_tokens(prompts_path: str, tokenizer, use_chat_template: bool,
     `candidates` longest by characters are tokenized, not the whole file."""
     table = read_table(prompts_path, PROMPTS, columns=["prompt_id", "prompt", "messages"]).to_pylist()
     rows = sorted(table, key=lambda r: len(r["prompt"] or json.dumps(r["messages"])), reverse=True)[:candidates]
-    return max((len(tokenizer(render_prompt(r, tokenizer, use_chat_template), add_special_tokens=False)["input_ids"]) for r in rows), default=0)
+    return max(
+        (
+            len(tokenizer(render_prompt(r, tokenizer, use_chat_template), add_special_tokens=False)["input_ids"])
+            for r in rows
+        ),
+        default=0,
+    )
 
 
 def print_start_block(config: GRPOConfig, base_model: str, data_manifest: Manifest, eval_path: str | None) -> None:
@@ -374,13 +484,26 @@ def print_start_block(config: GRPOConfig, base_model: str, data_manifest: Manife
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
     shape = model_shape(base_model)
-    prompt_tokens = longest_prompt_tokens(str(data_manifest.folder / "prompts.parquet"), load_tokenizer(base_model), config.use_chat_template)
+    prompt_tokens = longest_prompt_tokens(
+        str(data_manifest.folder / "prompts.parquet"), load_tokenizer(base_model), config.use_chat_template
+    )
     trained = lora_trained_parameters(shape, config.lora_rank) if config.lora_rank else None
-    peak = update_peak_bytes(shape, micro_batch=config.micro_batch_size, sequence=prompt_tokens + config.max_new_tokens,
-                             completion=config.max_new_tokens, dtype_bytes=dtype.itemsize, checkpointing=config.gradient_checkpointing,
-                             logprob_chunk_tokens=config.logprob_chunk_tokens, trained_parameters=trained)
+    peak = update_peak_bytes(
+        shape,
+        micro_batch=config.micro_batch_size,
+        sequence=prompt_tokens + config.max_new_tokens,
+        completion=config.max_new_tokens,
+        dtype_bytes=dtype.itemsize,
+        checkpointing=config.gradient_checkpointing,
+        logprob_chunk_tokens=config.logprob_chunk_tokens,
+        trained_parameters=trained,
+    )
     have, what = machine_memory_bytes(str(device))
-    held_out = f", {entries['eval.parquet']['rows']:,} held-out" if eval_path is not None and "eval.parquet" in entries else ", no held-out set"
+    held_out = (
+        f", {entries['eval.parquet']['rows']:,} held-out"
+        if eval_path is not None and "eval.parquet" in entries
+        else ", no held-out set"
+    )
     keep = "all kept" if config.save_total_limit is None else f"newest {config.save_total_limit} kept"
     lines = [
         f"model     {config.model or 'built-in tiny model'} ({shape.parameters / 1e6:,.1f}M parameters{', LoRA rank ' + str(config.lora_rank) if config.lora_rank else ''}, "
@@ -394,8 +517,11 @@ def print_start_block(config: GRPOConfig, base_model: str, data_manifest: Manife
     ]
     print("\n".join(f"grpo: {line}" for line in lines), file=sys.stderr)
     if peak > have:
-        print(f"grpo: warning: the update's estimated peak ({gib(peak)}) exceeds this machine's {what} ({gib(have)}): lower "
-              "--micro-batch-size, turn on --gradient-checkpointing or shorten --max-new-tokens", file=sys.stderr)
+        print(
+            f"grpo: warning: the update's estimated peak ({gib(peak)}) exceeds this machine's {what} ({gib(have)}): lower "
+            "--micro-batch-size, turn on --gradient-checkpointing or shorten --max-new-tokens",
+            file=sys.stderr,
+        )
 
 
 def write_config_record(run_dir: Path, config: GRPOConfig, log) -> None:
@@ -408,20 +534,38 @@ def write_config_record(run_dir: Path, config: GRPOConfig, log) -> None:
     history = json.loads(path.read_text()).get("changes", []) if path.is_file() else []
     if changes:
         first = completed_iterations(run_dir) + 1
-        history.append({"from_iteration": first, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                        "changed": {k: {"stored": old, "given": new} for k, (old, new) in sorted(changes.items())}})
+        history.append(
+            {
+                "from_iteration": first,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "changed": {k: {"stored": old, "given": new} for k, (old, new) in sorted(changes.items())},
+            }
+        )
         log.info(f"settings changed on resume, from iteration {first}: {describe_changes(changes)}")
-    atomic_write_json(path, {"config": config.model_dump(mode="json"), "versions": versions(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                             "changes": history})
+    atomic_write_json(
+        path,
+        {
+            "config": config.model_dump(mode="json"),
+            "versions": versions(),
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "changes": history,
+        },
+    )
 
 
 def loss_settings(config: GRPOConfig) -> LossSettings:
     """The objective's settings of a run (also what benchmarks/bench_update.py replays)."""
     return LossSettings(
-        epsilon_low=config.epsilon, epsilon_high=config.epsilon if config.epsilon_high is None else config.epsilon_high, beta=config.beta,
-        temperature=config.temperature, importance_sampling=config.importance_sampling_level, aggregation=config.loss_aggregation,
-        max_completion_length=config.max_new_tokens, mask_truncated_completions=config.mask_truncated_completions,
-        mismatch_correction=config.mismatch_correction, mismatch_cap=config.mismatch_cap,
+        epsilon_low=config.epsilon,
+        epsilon_high=config.epsilon if config.epsilon_high is None else config.epsilon_high,
+        beta=config.beta,
+        temperature=config.temperature,
+        importance_sampling=config.importance_sampling_level,
+        aggregation=config.loss_aggregation,
+        max_completion_length=config.max_new_tokens,
+        mask_truncated_completions=config.mask_truncated_completions,
+        mismatch_correction=config.mismatch_correction,
+        mismatch_cap=config.mismatch_cap,
     )
 
 
@@ -439,45 +583,101 @@ def train_iterations(config: GRPOConfig, stages: Stages, iteration_done: Callabl
     train_path, eval_path = str(data_dir / "prompts.parquet"), str(data_dir / "eval.parquet")
     if config.uses_builtin_data():
         run_stage(data_manifest, "prompts.parquet", write_builtin_prompts_task, train_path, held_out=False, size=0)
-        run_stage(data_manifest, "eval.parquet", write_builtin_prompts_task, eval_path, held_out=True, size=config.eval_size)
+        run_stage(
+            data_manifest, "eval.parquet", write_builtin_prompts_task, eval_path, held_out=True, size=config.eval_size
+        )
     elif config.datasets is None:
-        run_stage(data_manifest, "prompts.parquet", ingest_task, config.dataset, train_path, split=config.dataset_split, task=config.task,
-                  skip_invalid=config.skip_invalid, rejected_path=str(data_dir / "rejected.parquet"))
+        run_stage(
+            data_manifest,
+            "prompts.parquet",
+            ingest_task,
+            config.dataset,
+            train_path,
+            split=config.dataset_split,
+            task=config.task,
+            skip_invalid=config.skip_invalid,
+            rejected_path=str(data_dir / "rejected.parquet"),
+        )
     else:  # several datasets: each ingested on its own, then one prompts file drawn from by weight
         parts = [str(data_dir / f"source-{k}.parquet") for k in range(len(config.datasets))]
         for k, (source, part) in enumerate(zip(config.datasets, parts)):
-            run_stage(data_manifest, Path(part).name, ingest_task, source, part, split=config.dataset_split, task=config.task,
-                      skip_invalid=config.skip_invalid, rejected_path=str(data_dir / f"rejected-{k}.parquet"))
+            run_stage(
+                data_manifest,
+                Path(part).name,
+                ingest_task,
+                source,
+                part,
+                split=config.dataset_split,
+                task=config.task,
+                skip_invalid=config.skip_invalid,
+                rejected_path=str(data_dir / f"rejected-{k}.parquet"),
+            )
         run_stage(data_manifest, "prompts.parquet", merge_prompts_task, parts, train_path)
     if not config.uses_builtin_data():
         if config.eval_dataset is None:
             eval_path = None
         else:
-            run_stage(data_manifest, "eval.parquet", ingest_task, config.eval_dataset, eval_path, split=config.dataset_split,
-                      task=config.task, skip_invalid=config.skip_invalid, limit=config.eval_size)
+            run_stage(
+                data_manifest,
+                "eval.parquet",
+                ingest_task,
+                config.eval_dataset,
+                eval_path,
+                split=config.dataset_split,
+                task=config.task,
+                skip_invalid=config.skip_invalid,
+                limit=config.eval_size,
+            )
 
     print_start_block(config, base_model, data_manifest, eval_path)
     machine = {"device": config.device, "dtype": config.dtype}
-    prompt_limit = dict(max_prompt_length=config.max_prompt_length, prompt_overflow=config.prompt_overflow, stop=config.stop)
-    evaluate = dict(rewards=config.rewards, reward_options=config.bound_reward_options(), max_new_tokens=config.max_new_tokens,
-                    use_chat_template=config.use_chat_template, **prompt_limit, **engine_settings(config, config.eval_engine or config.generation_engine),
-                    **machine)
+    prompt_limit = dict(
+        max_prompt_length=config.max_prompt_length, prompt_overflow=config.prompt_overflow, stop=config.stop
+    )
+    evaluate = dict(
+        rewards=config.rewards,
+        reward_options=config.bound_reward_options(),
+        max_new_tokens=config.max_new_tokens,
+        use_chat_template=config.use_chat_template,
+        **prompt_limit,
+        **engine_settings(config, config.eval_engine or config.generation_engine),
+        **machine,
+    )
     loss = loss_settings(config)
-    generate_settings = dict(group_size=config.group_size, max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-                             batch_size=config.generation_batch_size,
-                             # LoRA: the reference is the policy's frozen base, adapter disabled; nothing to load
-                             reference_path=base_model if config.beta > 0 and not config.lora_rank else None,
-                             reference_from_base=config.beta > 0 and bool(config.lora_rank),
-                             use_chat_template=config.use_chat_template, top_k=config.top_k, min_p=config.min_p,
-                             repetition_penalty=config.repetition_penalty, **prompt_limit,
-                             with_old_logprobs=config.store_old_logprobs or needs_old_logprobs(config.mu, config.mini_batches),
-                             logprob_chunk_tokens=config.logprob_chunk_tokens,
-                             **engine_settings(config, config.generation_engine), **machine)
+    generate_settings = dict(
+        group_size=config.group_size,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        batch_size=config.generation_batch_size,
+        # LoRA: the reference is the policy's frozen base, adapter disabled; nothing to load
+        reference_path=base_model if config.beta > 0 and not config.lora_rank else None,
+        reference_from_base=config.beta > 0 and bool(config.lora_rank),
+        use_chat_template=config.use_chat_template,
+        top_k=config.top_k,
+        min_p=config.min_p,
+        repetition_penalty=config.repetition_penalty,
+        **prompt_limit,
+        with_old_logprobs=config.store_old_logprobs or needs_old_logprobs(config.mu, config.mini_batches),
+        logprob_chunk_tokens=config.logprob_chunk_tokens,
+        **engine_settings(config, config.generation_engine),
+        **machine,
+    )
     steps_per_iteration = config.mu * config.mini_batches
-    lr_schedule = LRSchedule(config.learning_rate, config.lr_scheduler, config.iterations * steps_per_iteration, config.warmup_ratio)
+    lr_schedule = LRSchedule(
+        config.learning_rate, config.lr_scheduler, config.iterations * steps_per_iteration, config.warmup_ratio
+    )
     warnings = RunWarnings()
-    mix = None if config.datasets is None else [(source_label(s, split=config.dataset_split), w) for s, w in config.datasets.items()]
-    warnings.say(log, "tokenizer", tokenization_warning(check_prompts_task(train_path, base_model, config.use_chat_template), base_model))
+    mix = (
+        None
+        if config.datasets is None
+        else [(source_label(s, split=config.dataset_split), w) for s, w in config.datasets.items()]
+    )
+    warnings.say(
+        log,
+        "tokenizer",
+        tokenization_warning(check_prompts_task(train_path, base_model, config.use_chat_template), base_model),
+    )
     too_long = {"prompts/truncated": 0, "prompts/skipped": 0}
 
     policy = base_model
@@ -493,7 +693,9 @@ def train_iterations(config: GRPOConfig, stages: Stages, iteration_done: Callabl
     resumed = resume_point(run_dir, config.iterations)
     if resumed is not None:
         first, policy, metrics = resumed.iteration + 1, resumed.checkpoint, saved_metrics(run_dir, resumed.iteration)
-        log.info(f"resuming after iteration {resumed.iteration}: policy and optimiser state from iter-{resumed.iteration:04d}/{CHECKPOINT}")
+        log.info(
+            f"resuming after iteration {resumed.iteration}: policy and optimiser state from iter-{resumed.iteration:04d}/{CHECKPOINT}"
+        )
     if first <= config.iterations and (chosen := start_policy(run_dir, first)) is not None:
         policy = chosen  # a scheduled run told to start from the registered champion (flows/serve.py)
         log.info(f"iteration {first} starts from {policy}")
@@ -501,44 +703,119 @@ def train_iterations(config: GRPOConfig, stages: Stages, iteration_done: Callabl
         started = time.perf_counter()
         folder = iteration_dir(run_dir, it)
         manifest = Manifest(folder)
-        prompts, gens, rewards, advs = (str(folder / f) for f in ("prompts.parquet", "generations.parquet", "rewards.parquet", "advantages.parquet"))
+        prompts, gens, rewards, advs = (
+            str(folder / f) for f in ("prompts.parquet", "generations.parquet", "rewards.parquet", "advantages.parquet")
+        )
         checkpoint = str(folder / CHECKPOINT)
         save = it % config.save_every == 0 or it == config.iterations
 
         pool, before_pool = prompt_pool(data_manifest, train_path, it)  # scheduled runs add pools of unseen prompts
-        run_stage(manifest, "prompts.parquet", select_prompts_task, pool, prompts, iteration=it - before_pool,
-                  per_iteration=config.prompts_per_iteration, seed=config.seed, mix=mix, schema_version=PROMPTS.version)
-        gen = run_stage(manifest, "generations.parquet", stages.generate, prompts, gens, policy, **generate_settings,
-                        seed=config.seed * 100_003 + it, schema_version=GENERATIONS.version)
-        score = run_stage(manifest, "rewards.parquet", stages.score, gens, prompts, rewards, **score_settings(config), schema_version=REWARDS.version)
-        all_gens, all_rewards, rounds = refill_rounds(config, stages, manifest, it, train_path, policy, generate_settings)
-        adv = run_stage(manifest, "advantages.parquet", advantages_task, all_rewards, advs, estimator=config.advantage_estimator,
-                        scale_rewards=config.scale_rewards, eps=config.advantage_eps, dynamic_sampling=config.dynamic_sampling,
-                        target_groups=config.prompts_per_iteration, schema_version=ADVANTAGES.version)
+        run_stage(
+            manifest,
+            "prompts.parquet",
+            select_prompts_task,
+            pool,
+            prompts,
+            iteration=it - before_pool,
+            per_iteration=config.prompts_per_iteration,
+            seed=config.seed,
+            mix=mix,
+            schema_version=PROMPTS.version,
+        )
+        gen = run_stage(
+            manifest,
+            "generations.parquet",
+            stages.generate,
+            prompts,
+            gens,
+            policy,
+            **generate_settings,
+            seed=config.seed * 100_003 + it,
+            schema_version=GENERATIONS.version,
+        )
+        score = run_stage(
+            manifest,
+            "rewards.parquet",
+            stages.score,
+            gens,
+            prompts,
+            rewards,
+            **score_settings(config),
+            schema_version=REWARDS.version,
+        )
+        all_gens, all_rewards, rounds = refill_rounds(
+            config, stages, manifest, it, train_path, policy, generate_settings
+        )
+        adv = run_stage(
+            manifest,
+            "advantages.parquet",
+            advantages_task,
+            all_rewards,
+            advs,
+            estimator=config.advantage_estimator,
+            scale_rewards=config.scale_rewards,
+            eps=config.advantage_eps,
+            dynamic_sampling=config.dynamic_sampling,
+            target_groups=config.prompts_per_iteration,
+            schema_version=ADVANTAGES.version,
+        )
         warnings.say(log, "no-signal", None if (w := no_signal_warning(adv)) is None else f"{folder.name}: {w}")
         for key in too_long:
             too_long[key] += gen.get(key, 0)
         if gen.get("prompts/truncated") or gen.get("prompts/skipped"):
             done = "truncated from the left" if config.prompt_overflow == "truncate_left" else "skipped"
-            warnings.say(log, "prompt-length", f"{folder.name}: {gen.get('prompts/truncated') or gen.get('prompts/skipped')} prompts longer than "
-                         f"max_prompt_length={config.max_prompt_length} tokens were {done} (counted in prompts/{done.split()[0]})")
+            warnings.say(
+                log,
+                "prompt-length",
+                f"{folder.name}: {gen.get('prompts/truncated') or gen.get('prompts/skipped')} prompts longer than "
+                f"max_prompt_length={config.max_prompt_length} tokens were {done} (counted in prompts/{done.split()[0]})",
+            )
         # A done update (replayed when its weights were not saved) keeps the learning rate it
         # ran with, whatever a resume changed since: the replay must give the same weights.
-        lr = manifest.entries().get(CHECKPOINT, {}).get("learning_rate", config.learning_rate) if manifest.is_done(CHECKPOINT) else config.learning_rate
-        upd = run_stage(manifest, CHECKPOINT, stages.update, all_gens, advs, policy, checkpoint, learning_rate=lr, loss=loss,
-                        lr_schedule=dataclasses.replace(lr_schedule, base=lr), first_step=(it - 1) * steps_per_iteration,
-                        mu=config.mu, mini_batches=config.mini_batches, micro_batch_size=config.micro_batch_size,
-                        gradient_checkpointing=config.gradient_checkpointing, logprob_chunk_tokens=config.logprob_chunk_tokens,
-                        lora=config.lora_settings(),
-                        max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay, save=save, seed=config.seed * 100_003 + it,
-                        background_save=stages.saves_in_background,
-                        manifest_extra={"learning_rate": lr}, **machine)
+        lr = (
+            manifest.entries().get(CHECKPOINT, {}).get("learning_rate", config.learning_rate)
+            if manifest.is_done(CHECKPOINT)
+            else config.learning_rate
+        )
+        upd = run_stage(
+            manifest,
+            CHECKPOINT,
+            stages.update,
+            all_gens,
+            advs,
+            policy,
+            checkpoint,
+            learning_rate=lr,
+            loss=loss,
+            lr_schedule=dataclasses.replace(lr_schedule, base=lr),
+            first_step=(it - 1) * steps_per_iteration,
+            mu=config.mu,
+            mini_batches=config.mini_batches,
+            micro_batch_size=config.micro_batch_size,
+            gradient_checkpointing=config.gradient_checkpointing,
+            logprob_chunk_tokens=config.logprob_chunk_tokens,
+            lora=config.lora_settings(),
+            max_grad_norm=config.max_grad_norm,
+            weight_decay=config.weight_decay,
+            save=save,
+            seed=config.seed * 100_003 + it,
+            background_save=stages.saves_in_background,
+            manifest_extra={"learning_rate": lr},
+            **machine,
+        )
         policy = checkpoint
 
-        metrics = {"iteration": it, "reward": score["reward_mean"], **gen, **adv, **upd, "dynamic_sampling/rounds": rounds,
-                   "step_time": time.perf_counter() - started,
-                   # The settings that may change on resume, as they were for this iteration (grpo inspect shows changes).
-                   "settings": {k: getattr(config, k) for k in MID_RUN_SAFE} | {"learning_rate": lr}}
+        metrics = {
+            "iteration": it,
+            "reward": score["reward_mean"],
+            **gen,
+            **adv,
+            **upd,
+            "dynamic_sampling/rounds": rounds,
+            "step_time": time.perf_counter() - started,
+            # The settings that may change on resume, as they were for this iteration (grpo inspect shows changes).
+            "settings": {k: getattr(config, k) for k in MID_RUN_SAFE} | {"learning_rate": lr},
+        }
         metrics["tokens_per_second"] = upd.get("iteration_tokens", math.nan) / metrics["step_time"]
         if eval_path is not None and (it == config.iterations or (config.eval_every and it % config.eval_every == 0)):
             result = run_stage(manifest, "eval", evaluate_task, eval_path, policy, **evaluate)
@@ -546,23 +823,31 @@ def train_iterations(config: GRPOConfig, stages: Stages, iteration_done: Callabl
         write_metrics(run_dir, it, metrics)
         if save:  # after metrics.json: the new checkpoint is the resumable one once it has landed
             rotate = functools.partial(rotate_checkpoints, run_dir, config.save_total_limit, log)
-            if not after_save(checkpoint, rotate):  # on the writer's thread after the write, if it writes in the background
+            if not after_save(
+                checkpoint, rotate
+            ):  # on the writer's thread after the write, if it writes in the background
                 rotate()
         iteration_done()
         VIEWS.refresh_learning_curve(run_dir, force="held_out_accuracy" in metrics or it == config.iterations)
         acc = f", held-out accuracy {metrics['held_out_accuracy']:.1%}" if "held_out_accuracy" in metrics else ""
-        log.info(f"iteration {it}/{config.iterations}: reward {metrics['reward']:.3f}, kl {upd.get('kl', 0.0):.4f}, "
-                 f"{gen['completions']} completions, {metrics['step_time']:.1f}s{acc}")
+        log.info(
+            f"iteration {it}/{config.iterations}: reward {metrics['reward']:.3f}, kl {upd.get('kl', 0.0):.4f}, "
+            f"{gen['completions']} completions, {metrics['step_time']:.1f}s{acc}"
+        )
     if start and "held_out_accuracy" in metrics:
         before, after = start["accuracy"], metrics["held_out_accuracy"]
-        log.info(f"held-out accuracy {before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points) on {start['problems']} problems")
+        log.info(
+            f"held-out accuracy {before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points) on {start['problems']} problems"
+        )
         metrics["held_out_accuracy_before"] = before
     wait_for_saves()  # the last checkpoint is on disk (and recorded) before the run says it is done
     if first <= config.iterations:  # the rotation that the last checkpoint, written in the background, has not had yet
         rotate_checkpoints(run_dir, config.save_total_limit, log)
     if any(too_long.values()):
-        log.info(f"prompts over max_prompt_length={config.max_prompt_length}: {too_long['prompts/truncated']} truncated, "
-                 f"{too_long['prompts/skipped']} skipped, over iterations {first}-{config.iterations}")
+        log.info(
+            f"prompts over max_prompt_length={config.max_prompt_length}: {too_long['prompts/truncated']} truncated, "
+            f"{too_long['prompts/skipped']} skipped, over iterations {first}-{config.iterations}"
+        )
     metrics["final_model"] = export_final(config, policy, machine)
     return metrics
 

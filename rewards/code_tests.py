@@ -76,7 +76,13 @@ def code_reward(
     if prompt and entry_point and not defines(program, entry_point):
         program = prompt + program
     wall = _wall_s({"timeout_s": timeout_s, "wall_s": wall_s})
-    budget = _Budget(timeout_s, time.monotonic() + wall, memory_mb, mode == "all_or_nothing", Isolation(namespaces=namespaces, python=python))
+    budget = _Budget(
+        timeout_s,
+        time.monotonic() + wall,
+        memory_mb,
+        mode == "all_or_nothing",
+        Isolation(namespaces=namespaces, python=python),
+    )
     results: list[bool] = []
     if example.get("test") and entry_point:
         results += [_humaneval(program, example["test"], entry_point, prompt, budget)]
@@ -114,7 +120,9 @@ class _Budget:
     """The CPU-time and wall-clock budget shared by all tests of one completion, and the
     first reason a test failed."""
 
-    def __init__(self, cpu_s: float, deadline: float, memory_mb: int, stop_at_first_failure: bool, isolation: Isolation):
+    def __init__(
+        self, cpu_s: float, deadline: float, memory_mb: int, stop_at_first_failure: bool, isolation: Isolation
+    ):
         self.cpu_left = cpu_s
         self.deadline = deadline
         self.memory_mb = memory_mb
@@ -196,7 +204,11 @@ def _start_failure(session: Session) -> str:
     if result.limit:
         return _LIMIT_TEXT[result.limit]
     lines = result.stderr.decode(errors="replace").strip().splitlines()
-    return f"the program failed before its functions could be called: {lines[-1][:500]}" if lines else (session.failure or "")
+    return (
+        f"the program failed before its functions could be called: {lines[-1][:500]}"
+        if lines
+        else (session.failure or "")
+    )
 
 
 def _test_failure(err: Exception) -> str:
@@ -272,7 +284,9 @@ def _stdin_stdout(program: str, cases: Sequence[Mapping[str, Any]], budget: _Bud
         limits = budget.limits()
         if limits is None:
             break
-        run = run_script(program, stdin=str(case.get("input") or "").encode(), limits=limits, isolation=budget.isolation)
+        run = run_script(
+            program, stdin=str(case.get("input") or "").encode(), limits=limits, isolation=budget.isolation
+        )
         budget.spent(run)
         same = _same_output(run.stdout.decode(errors="replace"), str(case.get("output") or ""))
         results.append(run.ok and same)

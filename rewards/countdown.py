@@ -19,7 +19,12 @@ from typing import Any
 
 from rewards.registry import register
 
-_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b}
+_OPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+}
 _MAX_CHARS = 64  # longer text is not a countdown answer (and keeps parsing cheap)
 
 

@@ -58,7 +58,9 @@ def format_reward(
 
 def _check_lengths(options: Mapping[str, Any]) -> None:
     if options["cache_length"] > options["max_length"]:
-        raise ValueError(f"cache_length ({options['cache_length']}) must not exceed max_length ({options['max_length']})")
+        raise ValueError(
+            f"cache_length ({options['cache_length']}) must not exceed max_length ({options['max_length']})"
+        )
 
 
 @register("overlong", time_limit_s=5.0, check_options=_check_lengths)
@@ -76,7 +78,9 @@ def overlong_reward(
     else:
         length = example.get("completion_tokens")
         if length is None:
-            raise ValueError("overlong with unit='tokens' needs 'completion_tokens' (the score stage adds it); or use unit='chars'")
+            raise ValueError(
+                "overlong with unit='tokens' needs 'completion_tokens' (the score stage adds it); or use unit='chars'"
+            )
     free = max_length - cache_length
     if length <= free:
         return 0.0

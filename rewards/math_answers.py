@@ -119,7 +119,9 @@ def extract_answer(
     return _extract(completion, boxed=boxed, gsm8k=gsm8k, answer_is=answer_is, last_number=last_number)[1]
 
 
-def _extract(completion: str, *, boxed: bool, gsm8k: bool, answer_is: bool, last_number: bool) -> tuple[str | None, str | None]:
+def _extract(
+    completion: str, *, boxed: bool, gsm8k: bool, answer_is: bool, last_number: bool
+) -> tuple[str | None, str | None]:
     """(the rule that found the answer, its text), or (None, None)."""
     if boxed and (boxes := find_boxed(completion)):
         return "boxed", boxes[-1].strip()
@@ -237,7 +239,15 @@ def _sympy():
 
 
 # Functions sympy evaluates exactly to integers that grow like n! (digits ~ n log n).
-_FACTORIAL_LIKE = ("factorial", "factorial2", "subfactorial", "gamma", "RisingFactorial", "FallingFactorial", "primorial")
+_FACTORIAL_LIKE = (
+    "factorial",
+    "factorial2",
+    "subfactorial",
+    "gamma",
+    "RisingFactorial",
+    "FallingFactorial",
+    "primorial",
+)
 
 
 def _cost_digits(expr) -> float:

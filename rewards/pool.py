@@ -42,8 +42,8 @@ import subprocess
 import sys
 import time
 from collections import deque
-from contextlib import contextmanager
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from multiprocessing.connection import Connection
@@ -265,7 +265,9 @@ class RewardPool:
                 task_id, pair, value, error = message
                 task = worker.task
                 if task is None or task_id != task.id or pair != worker.pair:
-                    raise RuntimeError(f"scoring worker out of step: sent {(task_id, pair)}, expected {(task and task.id, worker.pair)}")
+                    raise RuntimeError(
+                        f"scoring worker out of step: sent {(task_id, pair)}, expected {(task and task.id, worker.pair)}"
+                    )
                 row, reward = divmod(pair, len(self.rewards))
                 results[task.first_row + row][reward] = Outcome(value, error)
                 worker.pair, worker.since = pair + 1, time.monotonic()
@@ -395,7 +397,9 @@ _MAX_SHARED = 2  # the score stage's and the evaluation's; older ones are closed
 
 
 @contextmanager
-def shared_pool(rewards: Sequence[BoundReward], workers: int | None = None, *, memory_mb: int | None = 4096) -> Iterator[RewardPool]:
+def shared_pool(
+    rewards: Sequence[BoundReward], workers: int | None = None, *, memory_mb: int | None = 4096
+) -> Iterator[RewardPool]:
     """A `RewardPool` for `rewards` that outlives the `with` block, for the next call with
     the same rewards, workers and memory cap. A pool whose block raised is closed, not kept."""
     key = (repr(list(rewards)), workers, memory_mb)

@@ -144,7 +144,9 @@ def make_reward(name: str, options: Mapping[str, Any] | None = None) -> BoundRew
     unknown = sorted(set(options) - set(params))
     if unknown:
         valid = ", ".join([*params, TIME_LIMIT_OPTION])
-        raise RewardOptionsError(f"reward '{name}' has no option {', '.join(map(repr, unknown))}; valid options: {valid}")
+        raise RewardOptionsError(
+            f"reward '{name}' has no option {', '.join(map(repr, unknown))}; valid options: {valid}"
+        )
     hints = typing.get_type_hints(entry.fn, include_extras=True)
     bound = {}
     for key, value in options.items():
@@ -163,7 +165,9 @@ def make_reward(name: str, options: Mapping[str, Any] | None = None) -> BoundRew
     if time_limit is None:
         time_limit = _time_limit(entry, resolved)
     elif not isinstance(time_limit, (int, float)) or isinstance(time_limit, bool) or time_limit <= 0:
-        raise RewardOptionsError(f"reward '{name}' option '{TIME_LIMIT_OPTION}' must be a positive number, got {time_limit!r}")
+        raise RewardOptionsError(
+            f"reward '{name}' option '{TIME_LIMIT_OPTION}' must be a positive number, got {time_limit!r}"
+        )
     return BoundReward(name=name, fn=entry.fn, options=bound, time_limit_s=float(time_limit))
 
 

@@ -65,7 +65,9 @@ def reward_columns(rewards_paths: Sequence[str | Path]) -> list[str]:
     return names or []
 
 
-def reward_groups(rewards_paths: str | Path | Sequence[str | Path], columns: list[str], chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
+def reward_groups(
+    rewards_paths: str | Path | Sequence[str | Path], columns: list[str], chunk_rows: int = CHUNK_ROWS
+) -> Iterator[pa.Table]:
     """The rewards of an iteration's sampling rounds, in round order, in chunks of whole
     groups. A completion in two rounds (its group twice) is a `DuplicateCompletion`."""
     paths = _as_list(rewards_paths)
@@ -74,7 +76,9 @@ def reward_groups(rewards_paths: str | Path | Sequence[str | Path], columns: lis
     except RepeatedGroup as err:
         if err.path == err.first_path:
             raise
-        raise DuplicateCompletion(f"prompt_id {err.value} sample {err.sample} appears twice in {', '.join(map(str, paths))}") from None
+        raise DuplicateCompletion(
+            f"prompt_id {err.value} sample {err.sample} appears twice in {', '.join(map(str, paths))}"
+        ) from None
 
 
 def _group_ids(prompt_ids: list[str]) -> tuple[torch.Tensor, int]:
@@ -186,7 +190,9 @@ def compute_advantages(
                 result = dataclasses.replace(result, advantage=result.advantage / (batch_std + eps))
                 shown_std = torch.full_like(result.group_std, batch_std)
 
-            group_zero = torch.zeros(num_groups, dtype=torch.bool).index_fill(0, group_ids[result.zero_std], True)  # (G,)
+            group_zero = torch.zeros(num_groups, dtype=torch.bool).index_fill(
+                0, group_ids[result.zero_std], True
+            )  # (G,)
             group_reason: list[str | None] = [None] * num_groups
             if dynamic_sampling:
                 for g in range(num_groups):  # groups are numbered in sampling order
@@ -261,7 +267,9 @@ def refill_prompts(
     a group is never split across rounds. Fewer than `count` when the dataset runs out.
     """
     table = read_table(dataset_path, PROMPTS)
-    used = {pid for p in exclude_paths for pid in read_table(p, PROMPTS, columns=["prompt_id"])["prompt_id"].to_pylist()}
+    used = {
+        pid for p in exclude_paths for pid in read_table(p, PROMPTS, columns=["prompt_id"])["prompt_id"].to_pylist()
+    }
     order = list(range(table.num_rows))
     random.Random(f"refill:{seed}").shuffle(order)
     ids = table["prompt_id"].to_pylist()

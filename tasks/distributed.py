@@ -62,7 +62,9 @@ def _ddp(model: torch.nn.Module) -> torch.nn.Module:
     device = next(model.parameters()).device
     # Every trainable parameter gets a gradient from every micro-batch, so unused-parameter
     # search (an extra traversal per backward) is not needed.
-    return DistributedDataParallel(CompletionLogprobs(model), device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(
+        CompletionLogprobs(model), device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def _fsdp2(model: torch.nn.Module) -> torch.nn.Module:
@@ -139,7 +141,9 @@ def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, _reduce([values[k] for k in keys], dist.ReduceOp.SUM)))
 
 
-def full_state_dict(model: torch.nn.Module, trainer: torch.nn.Module | None, sharded: bool) -> dict[str, torch.Tensor] | None:
+def full_state_dict(
+    model: torch.nn.Module, trainer: torch.nn.Module | None, sharded: bool
+) -> dict[str, torch.Tensor] | None:
     """The whole model's weights on CPU, under the model's own names, on rank 0 (None
     elsewhere). With FSDP2 (`trainer` the sharded wrapper) every rank must call it (an
     all-gather)."""
@@ -150,7 +154,9 @@ def full_state_dict(model: torch.nn.Module, trainer: torch.nn.Module | None, sha
         state = get_model_state_dict(trainer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         # A tied weight (lm_head = embeddings) comes back under both names as two tensors; keep
         # the first name only, as save_pretrained does for the one-process model.
-        aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+        aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
+            n for n, _ in model.named_parameters()
+        }
         state = {k.removeprefix("model."): v for k, v in state.items()}  # CompletionLogprobs holds the model as .model
         return {k: v for k, v in state.items() if k not in aliases} if rank == 0 else None
     if rank != 0:
@@ -171,7 +177,9 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
         return optimizer.state_dict() if rank == 0 else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    by_name = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    by_name = get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     if rank != 0:
         return None
     index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
@@ -179,7 +187,9 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     return {"state": {index[n]: s for n, s in by_name["state"].items()}, "param_groups": groups}
 
 
-def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, sharded: bool) -> None:
+def load_full_optimizer_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, sharded: bool
+) -> None:
     """Inverse of `full_optimizer_state` (every rank passes the same full state)."""
     if not sharded:
         optimizer.load_state_dict(state)

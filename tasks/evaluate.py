@@ -46,8 +46,14 @@ def evaluate_policy(
     prompt_ids = [policy.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     kept, prompt_ids, too_long = fit_prompts(prompt_ids, max_prompt_length, prompt_overflow)
     rows = [all_rows[i] for i in kept]
-    greedy = SamplingSettings(max_new_tokens=max_new_tokens, greedy=True, batch_size=batch_size, with_logprobs=False, stop=tuple(stop))
-    samples = engine_for(engine, policy_path, policy, engine_options).sample(prompt_ids, 1, greedy, desc="evaluate") if rows else []
+    greedy = SamplingSettings(
+        max_new_tokens=max_new_tokens, greedy=True, batch_size=batch_size, with_logprobs=False, stop=tuple(stop)
+    )
+    samples = (
+        engine_for(engine, policy_path, policy, engine_options).sample(prompt_ids, 1, greedy, desc="evaluate")
+        if rows
+        else []
+    )
     completions = policy.tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
     bound = [make_reward(name, (reward_options or {}).get(name)) for name in rewards]
     weights = [rewards[r.name] for r in bound]

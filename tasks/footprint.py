@@ -59,8 +59,17 @@ def model_shape(path: str | Path) -> ModelShape:
     )
 
 
-def update_peak_bytes(shape: ModelShape, *, micro_batch: int, sequence: int, completion: int, dtype_bytes: int,
-                      checkpointing: bool, logprob_chunk_tokens: int, trained_parameters: int | None = None) -> int:
+def update_peak_bytes(
+    shape: ModelShape,
+    *,
+    micro_batch: int,
+    sequence: int,
+    completion: int,
+    dtype_bytes: int,
+    checkpointing: bool,
+    logprob_chunk_tokens: int,
+    trained_parameters: int | None = None,
+) -> int:
     """The update's estimated peak resident memory (module docstring), in bytes."""
     trained = shape.parameters if trained_parameters is None else trained_parameters
     frozen = shape.parameters - trained

@@ -34,7 +34,9 @@ def keep_unseen_prompts(candidates_path: str | Path, seen_files: Sequence[str | 
     with ParquetStreamWriter(out_path, PROMPTS) as out:
         for batch in iter_batches(candidates_path, PROMPTS):
             candidates += batch.num_rows
-            out.write(pa.Table.from_batches([batch]).filter(pc.invert(pc.is_in(batch.column("prompt_id"), value_set=seen))))
+            out.write(
+                pa.Table.from_batches([batch]).filter(pc.invert(pc.is_in(batch.column("prompt_id"), value_set=seen)))
+            )
         kept = out.rows
     return {"prompts": kept, "candidates": candidates, "seen": len(seen)}
 

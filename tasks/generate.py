@@ -62,11 +62,15 @@ def render_prompt(row: dict, tokenizer, use_chat_template: bool) -> str:
             raise ValueError(f"prompt {row['prompt_id']} is a chat but the tokenizer has no chat template")
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if use_chat_template and has_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
     return row["prompt"]
 
 
-def fit_prompts(prompt_ids: list[list[int]], max_length: int | None, overflow: str) -> tuple[list[int], list[list[int]], int]:
+def fit_prompts(
+    prompt_ids: list[list[int]], max_length: int | None, overflow: str
+) -> tuple[list[int], list[list[int]], int]:
     """Apply `max_prompt_length`: (indices of the prompts kept, their token ids, how many were
     longer). truncate_left keeps a long prompt's last `max_length` tokens; skip leaves it out."""
     if overflow not in ("truncate_left", "skip"):
@@ -133,7 +137,9 @@ def keeps_reference(reference_path: str, keep_reference: bool | None) -> tuple |
     """The key to keep the reference under, or None when it is loaded and freed each call:
     `keep_reference` True keeps any reference, False none, None (the default) a small local one."""
     files = _weight_files(reference_path)
-    if keep_reference is False or (keep_reference is None and (files is None or sum(f[1] for f in files) > KEEP_REFERENCE_MAX_BYTES)):
+    if keep_reference is False or (
+        keep_reference is None and (files is None or sum(f[1] for f in files) > KEEP_REFERENCE_MAX_BYTES)
+    ):
         return None
     return (reference_path, files)
 
@@ -187,28 +193,57 @@ def generate_completions(
     lengths = [len(ids) for ids in prompt_ids]
     kept, prompt_ids, too_long = fit_prompts(prompt_ids, max_prompt_length, prompt_overflow)
     if not kept:
-        raise ValueError(f"{prompts_path}: all {len(rows)} prompts are longer than max_prompt_length={max_prompt_length} tokens "
-                         "(prompt_overflow skip); raise max_prompt_length or use prompt_overflow truncate_left")
+        raise ValueError(
+            f"{prompts_path}: all {len(rows)} prompts are longer than max_prompt_length={max_prompt_length} tokens "
+            "(prompt_overflow skip); raise max_prompt_length or use prompt_overflow truncate_left"
+        )
     if too_long and prompt_overflow == "truncate_left":  # the text column says what the model saw
-        texts = [tokenizer.decode(ids, skip_special_tokens=False) if n > len(ids) else t for ids, n, t in zip(prompt_ids, lengths, texts)]
+        texts = [
+            tokenizer.decode(ids, skip_special_tokens=False) if n > len(ids) else t
+            for ids, n, t in zip(prompt_ids, lengths, texts)
+        ]
     rows, texts = [rows[i] for i in kept], [texts[i] for i in kept]
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size, top_k=top_k,
-                                min_p=min_p, repetition_penalty=repetition_penalty, stop=tuple(stop))
-    samples = engine_for(engine, policy_path, policy, engine_options).sample(prompt_ids, group_size, settings, seed=seed)
+    settings = SamplingSettings(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        stop=tuple(stop),
+    )
+    samples = engine_for(engine, policy_path, policy, engine_options).sample(
+        prompt_ids, group_size, settings, seed=seed
+    )
     sample_prompts = [prompt_ids[s.prompt_index] for s in samples]
     sample_completions = [s.completion_ids for s in samples]
     old_logprobs = [None] * len(samples)
     if with_old_logprobs:
-        old_logprobs = batched_completion_logprobs(model, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size,
-                                                  logprob_chunk_tokens or None)
+        old_logprobs = batched_completion_logprobs(
+            model,
+            sample_prompts,
+            sample_completions,
+            tokenizer.pad_token_id,
+            temperature,
+            batch_size,
+            logprob_chunk_tokens or None,
+        )
 
     ref_logprobs = None
     if reference_from_base:
         # LoRA: the reference is the policy's own frozen base weights, adapter disabled;
         # nothing is loaded.
         with reference_weights(model):
-            ref_logprobs = batched_completion_logprobs(model, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature,
-                                                       batch_size, logprob_chunk_tokens or None)
+            ref_logprobs = batched_completion_logprobs(
+                model,
+                sample_prompts,
+                sample_completions,
+                tokenizer.pad_token_id,
+                temperature,
+                batch_size,
+                logprob_chunk_tokens or None,
+            )
     elif reference_path is not None:
         ref_dtype = pick_dtype(dtype, model.device)
         key = keeps_reference(reference_path, keep_reference)
@@ -216,8 +251,15 @@ def generate_completions(
         ref = _KEPT_REFERENCES.get(key) if key is not None else None
         if ref is None:
             ref = load_model(reference_path, model.device, ref_dtype).eval()
-        ref_logprobs = batched_completion_logprobs(ref, sample_prompts, sample_completions, tokenizer.pad_token_id, temperature, batch_size,
-                                                  logprob_chunk_tokens or None)
+        ref_logprobs = batched_completion_logprobs(
+            ref,
+            sample_prompts,
+            sample_completions,
+            tokenizer.pad_token_id,
+            temperature,
+            batch_size,
+            logprob_chunk_tokens or None,
+        )
         if key is not None:
             _KEPT_REFERENCES.clear()  # one reference per process, like the live policy
             _KEPT_REFERENCES[key] = ref

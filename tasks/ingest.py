@@ -164,7 +164,9 @@ def _record(out_path: Path, rejected_path: Path | None, summary: dict[str, Any])
     facts = {"source": summary["source"], "duplicates": summary["duplicates"], "rejected": summary["rejected"]}
     Manifest(out_path.parent).record(out_path.name, schema_version=PROMPTS.version, **facts)
     if rejected_path is not None:
-        Manifest(rejected_path.parent).record(rejected_path.name, schema_version=REJECTED.version, source=summary["source"])
+        Manifest(rejected_path.parent).record(
+            rejected_path.name, schema_version=REJECTED.version, source=summary["source"]
+        )
 
 
 def merge_prompts(paths: list[str | Path], out_path: str | Path) -> dict[str, Any]:
@@ -215,6 +217,12 @@ def ingest_task(
     config: str | None = None,
 ) -> dict[str, Any]:
     return ingest_prompts(
-        source, out_path, split=split, task=task, skip_invalid=skip_invalid,
-        rejected_path=rejected_path, limit=limit, config=config,
+        source,
+        out_path,
+        split=split,
+        task=task,
+        skip_invalid=skip_invalid,
+        rejected_path=rejected_path,
+        limit=limit,
+        config=config,
     )

@@ -32,7 +32,9 @@ class PackedBatch:
     completion_mask: torch.Tensor  # (B, C) 1.0 on real completion tokens
 
 
-def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> PackedBatch:
+def pack(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> PackedBatch:
     """Left-pad prompts and right-pad completions into one batch."""
     width_p = max(len(p) for p in prompts)
     width_c = max(max((len(c) for c in completions), default=0), 1)
@@ -71,7 +73,9 @@ def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 # Causal LMs whose logits are exactly ``lm_head(final hidden state)``: for them the head can
 # run on chunks of positions. Others (soft-capped or scaled logits: Gemma 2, Cohere, Granite)
 # take the whole-logits path, which is right for any model.
-PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mistral", "mixtral", "phi3", "olmo2", "smollm3"})
+PLAIN_HEAD_MODEL_TYPES = frozenset(
+    {"llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mistral", "mixtral", "phi3", "olmo2", "smollm3"}
+)
 
 # 256 positions: at SmolLM2-135M (49k vocabulary) with 2 x 1,024-token completions the
 # reference forward's peak went 1,462 -> 1,119 MiB from 1,024, and the update's (LoRA, with
@@ -126,7 +130,13 @@ def chunked_completion_logprobs(model, batch: PackedBatch, temperature: float, w
     logp_parts, entropy_parts = [], []
     recompute = torch.is_grad_enabled() and states.requires_grad and states.shape[0] > chunk_tokens
     for start in range(0, states.shape[0], chunk_tokens):
-        args = (head, states[start : start + chunk_tokens], tokens[start : start + chunk_tokens], temperature, with_entropy)
+        args = (
+            head,
+            states[start : start + chunk_tokens],
+            tokens[start : start + chunk_tokens],
+            temperature,
+            with_entropy,
+        )
         if recompute:
             logp, entropy = torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False)
         else:  # one chunk (nothing to save by recomputing) or no graph (reference/old-policy forward)
@@ -141,8 +151,13 @@ def chunked_completion_logprobs(model, batch: PackedBatch, temperature: float, w
     return logp, entropy
 
 
-def completion_logprobs(model, batch: PackedBatch, temperature: float, with_entropy: bool = False,
-                        chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS):
+def completion_logprobs(
+    model,
+    batch: PackedBatch,
+    temperature: float,
+    with_entropy: bool = False,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
+):
     """log pi(c_t | prompt, c_<t) for every completion position: (B, C) (and entropy (B, C)).
 
     `chunk_tokens` set (and a model whose logits are a plain head over the last hidden state):
@@ -168,8 +183,15 @@ def completion_logprobs(model, batch: PackedBatch, temperature: float, with_entr
 
 
 @torch.no_grad()
-def batched_completion_logprobs(model, prompts, completions, pad_id: int, temperature: float, batch_size: int,
-                                chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS) -> list[list[float]]:
+def batched_completion_logprobs(
+    model,
+    prompts,
+    completions,
+    pad_id: int,
+    temperature: float,
+    batch_size: int,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
+) -> list[list[float]]:
     """`completion_logprobs` over many rows, `batch_size` at a time, unpadded per row."""
     device = next(model.parameters()).device
     out: list[list[float]] = []

@@ -131,7 +131,11 @@ def merged_weights(model):
     import torch
 
     lm = model.get_base_model()
-    adapted = {name: module for name, module in lm.named_modules() if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")}
+    adapted = {
+        name: module
+        for name, module in lm.named_modules()
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")
+    }
     with torch.no_grad():
         for name, tensor in lm.state_dict().items():
             if "lora_" in name:

@@ -80,7 +80,9 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> Pr
     name = str(path)
     check_model_source(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(Path(name).expanduser() if _looks_local(name) else name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            Path(name).expanduser() if _looks_local(name) else name, dtype=dtype
+        )
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"cannot load model '{name}': {first_line}") from None
@@ -124,7 +126,11 @@ def live_policy(path: str | Path, device: str = "auto", dtype: str = "auto") -> 
         gc.collect()
         dt = pick_dtype(dtype, dev)
         # A LoRA checkpoint holds the adapter only: its base is loaded and the adapter put on it.
-        model = load_adapted(path, lambda base: load_model(base, dev, dt)) if is_adapter_checkpoint(path) else load_model(path, dev, dt)
+        model = (
+            load_adapted(path, lambda base: load_model(base, dev, dt))
+            if is_adapter_checkpoint(path)
+            else load_model(path, dev, dt)
+        )
         _LIVE[key] = LivePolicy(model, load_tokenizer(path))
     return _LIVE[key]
 
@@ -152,7 +158,9 @@ def read_optimizer_state(checkpoint: str | Path) -> dict | None:
     return torch.load(state_file, map_location="cpu", weights_only=True)
 
 
-def adopt_weights(new_path: str | Path, state_dict: dict[str, torch.Tensor], skeleton: str | Path | None = None) -> bool:
+def adopt_weights(
+    new_path: str | Path, state_dict: dict[str, torch.Tensor], skeleton: str | Path | None = None
+) -> bool:
     """The update to `new_path` ran in other processes (training ranks): this process's live
     policy takes its weights and is known as `new_path` from now on. Holding none, `skeleton`
     (a checkpoint of the same architecture) is loaded first; without one nothing happens."""
@@ -160,7 +168,7 @@ def adopt_weights(new_path: str | Path, state_dict: dict[str, torch.Tensor], ske
         if skeleton is None:
             return False
         live_policy(skeleton)
-    (key, policy), = _LIVE.items()
+    ((key, policy),) = _LIVE.items()
     policy.model.load_state_dict(state_dict, strict=False)  # a tied weight may be listed under one name only
     _LIVE.clear()
     _LIVE[_key(new_path)] = policy
@@ -174,12 +182,22 @@ def checkpoint_bytes(policy: LivePolicy, with_optimizer: bool = True, merge_adap
     params = list(policy.model.parameters())
     adapter_only = is_adapted(policy.model) and not merge_adapter
     weights = sum(p.numel() * p.element_size() for p in params if p.requires_grad or not adapter_only)
-    moments = sum(p.numel() * p.element_size() * 2 for p in params if p.requires_grad) if with_optimizer and policy.optimizer else 0
+    moments = (
+        sum(p.numel() * p.element_size() * 2 for p in params if p.requires_grad)
+        if with_optimizer and policy.optimizer
+        else 0
+    )
     return weights + moments
 
 
-def save_checkpoint(policy: LivePolicy, final: str | Path, merge_adapter: bool = False, with_optimizer: bool = True,
-                    state_dict: dict | None = None, optimizer_state: dict | None = None) -> Path:
+def save_checkpoint(
+    policy: LivePolicy,
+    final: str | Path,
+    merge_adapter: bool = False,
+    with_optimizer: bool = True,
+    state_dict: dict | None = None,
+    optimizer_state: dict | None = None,
+) -> Path:
     """``save_pretrained`` (safetensors + tokenizer) and, unless `with_optimizer` is false,
     the optimiser state, atomically. A LoRA policy saves its adapter (what a resume needs),
     or with `merge_adapter` the merged weights as a plain transformers folder (what a user
@@ -192,7 +210,9 @@ def save_checkpoint(policy: LivePolicy, final: str | Path, merge_adapter: bool =
     check_free_space(final, needed)  # say so now, not as a half-written zip file
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=final.parent))
     try:
-        (merged_copy(policy.model) if merge_adapter else policy.model).save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        (merged_copy(policy.model) if merge_adapter else policy.model).save_pretrained(
+            tmp, safe_serialization=True, state_dict=state_dict
+        )
         policy.tokenizer.save_pretrained(tmp)
         if with_optimizer and optimizer_state is None and policy.optimizer is not None:
             optimizer_state = policy.optimizer.state_dict()
@@ -271,7 +291,9 @@ def wait_for_saves() -> None:
             raise
         except Exception as err:  # noqa: BLE001 - any failure of the write is reported the same way
             _PENDING.clear()
-            raise CheckpointNotSaved(f"{path}: the checkpoint written in the background failed: {type(err).__name__}: {err}") from err
+            raise CheckpointNotSaved(
+                f"{path}: the checkpoint written in the background failed: {type(err).__name__}: {err}"
+            ) from err
 
 
 def export_final_model(policy: LivePolicy, run_dir: str | Path) -> Path:

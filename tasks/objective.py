@@ -164,8 +164,10 @@ def resolve_scale(estimator: str, scale: str | None) -> str:
         return est.default_scale
     pick(SCALES, scale, "reward scaling")
     if est.fixed_scale and scale != est.default_scale:
-        raise ValueError(f"advantage estimator '{estimator}' is defined with scale_rewards '{est.default_scale}' (got '{scale}'); "
-                         f"use advantage_estimator 'grpo' for std scaling")
+        raise ValueError(
+            f"advantage estimator '{estimator}' is defined with scale_rewards '{est.default_scale}' (got '{scale}'); "
+            f"use advantage_estimator 'grpo' for std scaling"
+        )
     return scale
 
 
@@ -222,9 +224,13 @@ class LossSettings:
             raise ValueError(f"mismatch_cap must be >= 1 (got {self.mismatch_cap}): the weights are capped at C")
         pick(AGGREGATIONS, self.aggregation, "loss aggregation")
         if self.aggregation == "dr_grpo" and not (self.max_completion_length and self.max_completion_length > 0):
-            raise ValueError("loss aggregation 'dr_grpo' divides by batch size x max_completion_length: set max_completion_length > 0")
+            raise ValueError(
+                "loss aggregation 'dr_grpo' divides by batch size x max_completion_length: set max_completion_length > 0"
+            )
         if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
-            raise ValueError(f"clip range needs 0 <= epsilon_low < 1 and epsilon_high >= 0 (got {self.epsilon_low}, {self.epsilon_high})")
+            raise ValueError(
+                f"clip range needs 0 <= epsilon_low < 1 and epsilon_high >= 0 (got {self.epsilon_low}, {self.epsilon_high})"
+            )
 
 
 @dataclass(frozen=True)
@@ -266,7 +272,9 @@ IMPORTANCE_SAMPLING: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tenso
 }
 
 
-def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, epsilon_low: float, epsilon_high: float) -> torch.Tensor:
+def clipped_surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, epsilon_low: float, epsilon_high: float
+) -> torch.Tensor:
     """-min(w A, clip(w, 1 - eps_low, 1 + eps_high) A): the PPO/GRPO surrogate as a loss.
     ratio (B, C) or (B, 1), advantages (B, 1) -> same shape as ratio."""
     clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
@@ -282,7 +290,9 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor | None 
     return torch.exp(delta) - delta - 1
 
 
-def aggregate_grpo(per_token: torch.Tensor, mask: torch.Tensor, totals: BatchTotals, settings: LossSettings) -> torch.Tensor:
+def aggregate_grpo(
+    per_token: torch.Tensor, mask: torch.Tensor, totals: BatchTotals, settings: LossSettings
+) -> torch.Tensor:
     """1/B sum_i 1/|o_i| sum_t l_i,t: the mean over each completion's tokens, then over the
     completions of the optimisation batch (DeepSeekMath eq. 3). A completion with no loss
     tokens (masked as truncated) adds 0 and still counts in B, as in TRL."""
@@ -290,19 +300,25 @@ def aggregate_grpo(per_token: torch.Tensor, mask: torch.Tensor, totals: BatchTot
     return per_seq.sum() / totals.sequences
 
 
-def aggregate_bnpo(per_token: torch.Tensor, mask: torch.Tensor, totals: BatchTotals, settings: LossSettings) -> torch.Tensor:
+def aggregate_bnpo(
+    per_token: torch.Tensor, mask: torch.Tensor, totals: BatchTotals, settings: LossSettings
+) -> torch.Tensor:
     """sum_{i,t} l_i,t / sum_i |o_i| over *this micro-batch*, averaged over the M micro-batches
     of the step (TRL `bnpo`: token mean per local batch, divided by the accumulation steps)."""
     return (per_token * mask).sum() / mask.sum().clamp(min=1) / totals.micro_batches
 
 
-def aggregate_dapo(per_token: torch.Tensor, mask: torch.Tensor, totals: BatchTotals, settings: LossSettings) -> torch.Tensor:
+def aggregate_dapo(
+    per_token: torch.Tensor, mask: torch.Tensor, totals: BatchTotals, settings: LossSettings
+) -> torch.Tensor:
     """sum_{i,t} l_i,t / sum_i |o_i| with both sums over the whole optimisation batch, across
     gradient accumulation (DAPO sec. 3.3, "token-level policy gradient loss")."""
     return (per_token * mask).sum() / max(totals.tokens, 1)
 
 
-def aggregate_dr_grpo(per_token: torch.Tensor, mask: torch.Tensor, totals: BatchTotals, settings: LossSettings) -> torch.Tensor:
+def aggregate_dr_grpo(
+    per_token: torch.Tensor, mask: torch.Tensor, totals: BatchTotals, settings: LossSettings
+) -> torch.Tensor:
     """sum_{i,t} l_i,t / (B * L_max): Dr. GRPO's constant normaliser (sec. 3.2), B the
     completions of the optimisation batch and L_max the generation length limit."""
     return (per_token * mask).sum() / (totals.sequences * settings.max_completion_length)
@@ -380,8 +396,9 @@ MISMATCH_CORRECTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], to
 }
 
 
-def mismatch_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
-                     settings: LossSettings) -> tuple[torch.Tensor | None, dict[str, float]]:
+def mismatch_weights(
+    old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, settings: LossSettings
+) -> tuple[torch.Tensor | None, dict[str, float]]:
     """The correction's weights ((B, C), (B, 1) or None for `none`) and sums for TRL's
     metrics: |log pi_old - log pi_sampler| (sum, max) and the ratio as the loss uses it (the
     weights when a correction is on, else rho itself) per token (min, sum, max)."""
@@ -421,7 +438,9 @@ def policy_loss(
     low = ratio < 1 - eps_low with A < 0, high = ratio > 1 + eps_high with A > 0 (the cases
     where the clip removes the gradient), region = either.
     """
-    log_w = pick(IMPORTANCE_SAMPLING, settings.importance_sampling, "importance sampling level")(logp, old_logp, mask)  # (B, C|1)
+    log_w = pick(IMPORTANCE_SAMPLING, settings.importance_sampling, "importance sampling level")(
+        logp, old_logp, mask
+    )  # (B, C|1)
     ratio = torch.exp(log_w)  # (B, C|1)
     adv = advantages.to(logp.dtype).unsqueeze(1)  # (B, 1)
     per_token = clipped_surrogate(ratio, adv, settings.epsilon_low, settings.epsilon_high).expand_as(logp)  # (B, C)

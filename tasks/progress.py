@@ -61,6 +61,12 @@ def progress(description: str, total: int) -> Iterator[_Bar]:
         yield _Bar(None, None, label)
         return
     shown = f"{stage.split('/')[0]} {description}" if stage else description
-    columns = (TextColumn("{task.description:>20}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description:>20}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, transient=True) as bar:
         yield _Bar(bar, bar.add_task(shown, total=total), label)

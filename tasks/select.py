@@ -61,8 +61,15 @@ def mix_counts(weights: list[float], slots: int) -> list[int]:
     return given
 
 
-def select_prompts(dataset_path: str | Path, out_path: str | Path, *, iteration: int, per_iteration: int, seed: int,
-                   mix: list[tuple[str, float]] | None = None) -> dict:
+def select_prompts(
+    dataset_path: str | Path,
+    out_path: str | Path,
+    *,
+    iteration: int,
+    per_iteration: int,
+    seed: int,
+    mix: list[tuple[str, float]] | None = None,
+) -> dict:
     """Write the `per_iteration` prompts of `iteration` (1-based) to `out_path`; with `mix`
     ((data_source, weight) pairs) drawn from each source in proportion to its weight."""
     table = read_table(dataset_path, PROMPTS)
@@ -79,7 +86,9 @@ def select_prompts(dataset_path: str | Path, out_path: str | Path, *, iteration:
     for k, (label, _) in enumerate(mix):
         rows = [i for i, s in enumerate(sources) if s == label]
         if not rows:
-            raise ValueError(f"{dataset_path}: no prompts from '{label}', one of the mixed datasets (found: {', '.join(sorted(set(sources)))})")
+            raise ValueError(
+                f"{dataset_path}: no prompts from '{label}', one of the mixed datasets (found: {', '.join(sorted(set(sources)))})"
+            )
         picks += [rows[i] for i in _walk(len(rows), before[k], after[k] - before[k], f"{seed}:{label}")]
         summary[f"mix/{k}"] = after[k] - before[k]
     write_table(table.take(picks), out_path, PROMPTS)

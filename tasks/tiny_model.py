@@ -81,7 +81,15 @@ def _sft_batch(tokenizer, problems: list[dict[str, str]]) -> dict[str, torch.Ten
     }
 
 
-def warm_up(model, tokenizer, steps: int, batch_size: int, lr: float, seed: int, on_estimate: Callable[[float], None] | None = None) -> list[float]:
+def warm_up(
+    model,
+    tokenizer,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    on_estimate: Callable[[float], None] | None = None,
+) -> list[float]:
     """Supervised steps on training problems only (never the held-out set). A progress bar
     on a terminal; `on_estimate(seconds)` is told once, after the first few steps, how long
     the whole warm-up will take (a cold `make demo` was minutes of silence here)."""
@@ -105,11 +113,24 @@ def warm_up(model, tokenizer, steps: int, batch_size: int, lr: float, seed: int,
     return losses
 
 
-def ensure_tiny_model(steps: int, batch_size: int = 128, lr: float = 1e-3, seed: int = 0, cache_dir: Path | None = None,
-                      say: Callable[[str], None] | None = None) -> Path:
+def ensure_tiny_model(
+    steps: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+    say: Callable[[str], None] | None = None,
+) -> Path:
     """The warmed-up tiny model's folder, building it on the first call for these settings;
     `say` gets one line, with the time the build will take, when it has to be built."""
-    settings = {"version": VERSION, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "torch": torch.__version__}
+    settings = {
+        "version": VERSION,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "torch": torch.__version__,
+    }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     folder = (cache_dir or default_cache_dir()) / "models" / f"tiny-arith-{digest}"
     if (folder / "config.json").exists():
@@ -119,8 +140,15 @@ def ensure_tiny_model(steps: int, batch_size: int = 128, lr: float = 1e-3, seed:
     model = build_model(len(tokenizer), seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        estimate = None if say is None else (lambda seconds: say(
-            f"building the built-in tiny model once ({steps} supervised steps, about {seconds:.0f}s; cached in {folder})"))
+        estimate = (
+            None
+            if say is None
+            else (
+                lambda seconds: say(
+                    f"building the built-in tiny model once ({steps} supervised steps, about {seconds:.0f}s; cached in {folder})"
+                )
+            )
+        )
         losses = warm_up(model, tokenizer, steps, batch_size, lr, seed, on_estimate=estimate)
     save_checkpoint(LivePolicy(model, tokenizer), folder)
     (folder / "warmup.json").write_text(json.dumps({**settings, "final_loss": losses[-1] if losses else None}))

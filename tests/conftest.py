@@ -22,6 +22,7 @@ def require(module: str, extra: str):
         return importlib.import_module(module)
     return pytest.importorskip(module, reason=f"optional part not installed: make install-{extra}")
 
+
 _SCRATCH = Path(tempfile.mkdtemp(prefix="grpoflow-tests-"))
 os.environ.update(
     {
@@ -61,8 +62,18 @@ def save_tiny_qwen2(folder: Path, seed: int = 0) -> Path:
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     return save_checkpoint(LivePolicy(Qwen2ForCausalLM(config), tokenizer), folder)
 
 

@@ -53,19 +53,47 @@ def test_dynamic_sampling_refills_trains_on_kept_groups_and_resumes(tmp_path, pr
     try:
         tokenizer = build_tokenizer()
         torch.manual_seed(0)
-        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                             tie_word_embeddings=True, pad_token_id=0, eos_token_id=1))
+        model = Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=64,
+                tie_word_embeddings=True,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        )
         save_checkpoint(LivePolicy(model, tokenizer), tmp_path / "model")
         del model
         train = tmp_path / "train.jsonl"
         train.write_text("".join(json.dumps(p) + "\n" for p in builtin.train_problems(40, seed=1)))
         config = GRPOConfig(
-            run_dir=tmp_path / "run", model=str(tmp_path / "model"), dataset=str(train), task="arithmetic", iterations=2,
-            prompts_per_iteration=4, group_size=3, max_new_tokens=4, beta=0.04, micro_batch_size=5, mu=2, mini_batches=2,
-            dynamic_sampling=True, max_refill_rounds=2, advantage_estimator="rloo", scale_rewards="batch", epsilon_high=0.28,
-            loss_aggregation="dapo", importance_sampling_level="sequence", mask_truncated_completions=True,
-            rewards={"tests.test_advantages_flow:half_constant": 1.0}, device="cpu",
+            run_dir=tmp_path / "run",
+            model=str(tmp_path / "model"),
+            dataset=str(train),
+            task="arithmetic",
+            iterations=2,
+            prompts_per_iteration=4,
+            group_size=3,
+            max_new_tokens=4,
+            beta=0.04,
+            micro_batch_size=5,
+            mu=2,
+            mini_batches=2,
+            dynamic_sampling=True,
+            max_refill_rounds=2,
+            advantage_estimator="rloo",
+            scale_rewards="batch",
+            epsilon_high=0.28,
+            loss_aggregation="dapo",
+            importance_sampling_level="sequence",
+            mask_truncated_completions=True,
+            rewards={"tests.test_advantages_flow:half_constant": 1.0},
+            device="cpu",
         )
         grpo_train(config)
 
@@ -82,7 +110,12 @@ def test_dynamic_sampling_refills_trains_on_kept_groups_and_resumes(tmp_path, pr
             rewards = [folder / ("rewards.parquet" if k == 0 else f"rewards-r{k}.parquet") for k in range(rounds + 1)]
             adv = read_table(folder / "advantages.parquet", ADVANTAGES).to_pylist()
             for k in range(rounds + 1):  # mu = 2 x 2 mini-batches: every round stores its sampling log-probs
-                assert read_table(folder / ("generations.parquet" if k == 0 else f"generations-r{k}.parquet"), GENERATIONS)["old_logprobs"].null_count == 0
+                assert (
+                    read_table(
+                        folder / ("generations.parquet" if k == 0 else f"generations-r{k}.parquet"), GENERATIONS
+                    )["old_logprobs"].null_count
+                    == 0
+                )
             assert len(adv) == sum(read_table(r, REWARDS).num_rows for r in rewards) == 12 * (rounds + 1)
             for row in adv:
                 assert row["kept"] == (row["drop_reason"] is None)
@@ -95,17 +128,34 @@ def test_dynamic_sampling_refills_trains_on_kept_groups_and_resumes(tmp_path, pr
             assert saved["update/trained_completions"] == 3 * len(kept_groups)
             if len(kept_groups) < 4:  # not full: the refill budget was spent
                 assert rounds == 2
-            for name in ("reward", "reward_std", "rewards/tests.test_advantages_flow:half_constant/mean", "frac_reward_zero_std", "kl",
-                         "policy_loss", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy", "grad_norm",
-                         "completions/mean_length", "completions/clipped_ratio", "step_time", "tokens_per_second",
-                         "dynamic_sampling/frac_dropped"):
+            for name in (
+                "reward",
+                "reward_std",
+                "rewards/tests.test_advantages_flow:half_constant/mean",
+                "frac_reward_zero_std",
+                "kl",
+                "policy_loss",
+                "clip_ratio/low_mean",
+                "clip_ratio/high_mean",
+                "clip_ratio/region_mean",
+                "entropy",
+                "grad_norm",
+                "completions/mean_length",
+                "completions/clipped_ratio",
+                "step_time",
+                "tokens_per_second",
+                "dynamic_sampling/frac_dropped",
+            ):
                 assert name in saved, name
         assert total_rounds >= 1
 
         table = read_table(run / "metrics.parquet", METRICS).to_pylist()
         assert {r["iteration"] for r in table} == {1, 2}
         by_key = {(r["iteration"], r["name"]): r["value"] for r in table}
-        assert by_key[(2, "policy_loss")] == json.loads((iteration_dir(run, 2) / "metrics.json").read_text())["policy_loss"]
+        assert (
+            by_key[(2, "policy_loss")]
+            == json.loads((iteration_dir(run, 2) / "metrics.json").read_text())["policy_loss"]
+        )
 
         # A re-run of the finished run skips every stage (the refill decisions included) and
         # changes no artifact, the metrics table included.

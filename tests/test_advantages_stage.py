@@ -24,7 +24,11 @@ NAN = math.nan
 def write_rewards(path, groups: dict[str, list[float]], per_fn: dict[str, dict[str, list[float]]] | None = None):
     """rewards.parquet with one group per prompt id; `per_fn` adds reward/<fn> columns."""
     rows = [(pid, i, r) for pid, rs in groups.items() for i, r in enumerate(rs)]
-    columns = {"prompt_id": [r[0] for r in rows], "sample_index": pa.array([r[1] for r in rows], pa.int32()), "reward": [r[2] for r in rows]}
+    columns = {
+        "prompt_id": [r[0] for r in rows],
+        "sample_index": pa.array([r[1] for r in rows], pa.int32()),
+        "reward": [r[2] for r in rows],
+    }
     names = []
     for fn, by_prompt in (per_fn or {}).items():
         columns[f"reward/{fn}"] = [v for pid in groups for v in by_prompt[pid]]
@@ -36,8 +40,15 @@ def write_rewards(path, groups: dict[str, list[float]], per_fn: dict[str, dict[s
 
 def test_artifact_rows_statistics_and_metrics(tmp_path):
     groups = {"a": [0.0, 0.0, 1.0, 1.0], "b": [1.0, 1.0, 1.0, 1.0], "c": [2.0, NAN, 4.0, 3.0]}
-    per_fn = {"acc": {"a": [0, 0, 1, 1], "b": [1, 1, 1, 1], "c": [1, NAN, 1, 1]}, "fmt": {"a": [0] * 4, "b": [0] * 4, "c": [1, 0, 3, 2]}}
-    path = write_rewards(tmp_path / "rewards.parquet", groups, {k: {p: [float(x) for x in v] for p, v in d.items()} for k, d in per_fn.items()})
+    per_fn = {
+        "acc": {"a": [0, 0, 1, 1], "b": [1, 1, 1, 1], "c": [1, NAN, 1, 1]},
+        "fmt": {"a": [0] * 4, "b": [0] * 4, "c": [1, 0, 3, 2]},
+    }
+    path = write_rewards(
+        tmp_path / "rewards.parquet",
+        groups,
+        {k: {p: [float(x) for x in v] for p, v in d.items()} for k, d in per_fn.items()},
+    )
     out = tmp_path / "advantages.parquet"
 
     metrics = compute_advantages(path, out)
@@ -54,12 +65,16 @@ def test_artifact_rows_statistics_and_metrics(tmp_path):
     assert math.isnan(rows[9]["reward"])
 
     assert metrics["reward"] == pytest.approx((2 + 4 + 2 + 4 + 3) / 11)
-    assert metrics["reward_std"] == pytest.approx((4 * s_a + 0 + 4 * s_c) / 12)  # mean over rows of the group std, as TRL
+    assert metrics["reward_std"] == pytest.approx(
+        (4 * s_a + 0 + 4 * s_c) / 12
+    )  # mean over rows of the group std, as TRL
     assert metrics["frac_reward_zero_std"] == pytest.approx(1 / 3)
     assert metrics["rewards/nan_count"] == 1
     assert metrics["rewards/acc/mean"] == pytest.approx(9 / 11)  # NaN left out, not a 0
     assert metrics["rewards/fmt/mean"] == pytest.approx(6 / 12)
-    assert metrics["rewards/fmt/std"] == pytest.approx(math.sqrt(sum((x - 0.5) ** 2 for x in [0] * 8 + [1, 0, 3, 2]) / 11))
+    assert metrics["rewards/fmt/std"] == pytest.approx(
+        math.sqrt(sum((x - 0.5) ** 2 for x in [0] * 8 + [1, 0, 3, 2]) / 11)
+    )
     assert metrics["dynamic_sampling/frac_dropped"] == 0.0 and metrics["dynamic_sampling/kept_completions"] == 12
 
 
@@ -67,8 +82,12 @@ def test_estimators_reach_the_artifact(tmp_path):
     path = write_rewards(tmp_path / "rewards.parquet", {"a": [0.0, 0.0, 1.0, 1.0]})
     compute_advantages(path, tmp_path / "rloo.parquet", estimator="rloo")
     compute_advantages(path, tmp_path / "dr.parquet", estimator="dr_grpo")
-    assert read_table(tmp_path / "rloo.parquet", ADVANTAGES)["advantage"].to_pylist() == pytest.approx([-2 / 3, -2 / 3, 2 / 3, 2 / 3])
-    assert read_table(tmp_path / "dr.parquet", ADVANTAGES)["advantage"].to_pylist() == pytest.approx([-0.5, -0.5, 0.5, 0.5])
+    assert read_table(tmp_path / "rloo.parquet", ADVANTAGES)["advantage"].to_pylist() == pytest.approx(
+        [-2 / 3, -2 / 3, 2 / 3, 2 / 3]
+    )
+    assert read_table(tmp_path / "dr.parquet", ADVANTAGES)["advantage"].to_pylist() == pytest.approx(
+        [-0.5, -0.5, 0.5, 0.5]
+    )
     with pytest.raises(ValueError, match="dr_grpo"):
         compute_advantages(path, tmp_path / "x.parquet", estimator="dr_grpo", scale_rewards="group")
 
@@ -110,7 +129,9 @@ def test_sampling_rounds_are_concatenated_and_may_not_repeat_a_completion(tmp_pa
 def test_refill_prompts_skip_the_iterations_earlier_prompts(tmp_path):
     dataset = tmp_path / "dataset.parquet"
     problems = builtin.train_problems(10, seed=3)
-    write_table(prompts_table([normalise_row(p, data_source="t", row=i) for i, p in enumerate(problems)]), dataset, PROMPTS)
+    write_table(
+        prompts_table([normalise_row(p, data_source="t", row=i) for i, p in enumerate(problems)]), dataset, PROMPTS
+    )
     first = tmp_path / "prompts.parquet"
     write_table(read_table(dataset, PROMPTS).slice(0, 4), first, PROMPTS)
 
@@ -124,5 +145,9 @@ def test_refill_prompts_skip_the_iterations_earlier_prompts(tmp_path):
     assert read_table(again, PROMPTS)["prompt_id"].to_pylist() == ids1  # seeded: a resumed run picks the same
 
     r2 = tmp_path / "prompts-r2.parquet"
-    assert refill_prompts(dataset, r2, exclude_paths=[first, r1], count=4, seed="0:1:2") == {"prompts": 2}  # 10 - 8 left
-    assert refill_prompts(dataset, tmp_path / "r3.parquet", exclude_paths=[first, r1, r2], count=4, seed="0:1:3") == {"prompts": 0}
+    assert refill_prompts(dataset, r2, exclude_paths=[first, r1], count=4, seed="0:1:2") == {
+        "prompts": 2
+    }  # 10 - 8 left
+    assert refill_prompts(dataset, tmp_path / "r3.parquet", exclude_paths=[first, r1, r2], count=4, seed="0:1:3") == {
+        "prompts": 0
+    }

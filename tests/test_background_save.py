@@ -22,7 +22,9 @@ from tests.test_update_stage import _one_thread, artifacts  # noqa: F401  (modul
 
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
-    monkeypatch.setattr(tasks.model, "BACKGROUND_SAVE_MIN_BYTES", 0)  # the tiny model's checkpoint is below the real threshold
+    monkeypatch.setattr(
+        tasks.model, "BACKGROUND_SAVE_MIN_BYTES", 0
+    )  # the tiny model's checkpoint is below the real threshold
     forget_live_policies()
     yield
     try:
@@ -34,7 +36,14 @@ def _fresh(monkeypatch):
 def two_updates(artifacts, out, background: bool) -> list:
     """Two chained updates from the tiny model, each saving its checkpoint; returns their paths."""
     gens, advs = artifacts[4]
-    settings = dict(learning_rate=1e-2, loss=LossSettings(beta=0.04), micro_batch_size=64, seed=3, device="cpu", background_save=background)
+    settings = dict(
+        learning_rate=1e-2,
+        loss=LossSettings(beta=0.04),
+        micro_batch_size=64,
+        seed=3,
+        device="cpu",
+        background_save=background,
+    )
     first, second = out / "ck1", out / "ck2"
     update_policy(gens, advs, artifacts["model"], str(first), **settings)
     update_policy(gens, advs, str(first), str(second), **settings)
@@ -82,15 +91,29 @@ def test_the_next_update_waits_for_the_write_and_each_checkpoint_holds_its_own_u
     assert any(not torch.equal(first[k], second[k]) for k in first)  # the second update did move the weights
 
 
-@pytest.mark.parametrize("error,raised", [(PermissionError(13, "Permission denied"), CheckpointNotSaved),
-                                          (DiskFull(28, "disk full writing ck1: 1 KiB free there"), DiskFull)])
-def test_a_failed_background_write_is_raised_by_the_next_update_naming_the_folder(artifacts, tmp_path, monkeypatch, error, raised):
+@pytest.mark.parametrize(
+    "error,raised",
+    [
+        (PermissionError(13, "Permission denied"), CheckpointNotSaved),
+        (DiskFull(28, "disk full writing ck1: 1 KiB free there"), DiskFull),
+    ],
+)
+def test_a_failed_background_write_is_raised_by_the_next_update_naming_the_folder(
+    artifacts, tmp_path, monkeypatch, error, raised
+):
     def failing_save(policy, final, **kw):
         raise error
 
     monkeypatch.setattr(tasks.model, "save_checkpoint", failing_save)
     gens, advs = artifacts[4]
-    settings = dict(learning_rate=1e-2, loss=LossSettings(beta=0.04), micro_batch_size=64, seed=3, device="cpu", background_save=True)
+    settings = dict(
+        learning_rate=1e-2,
+        loss=LossSettings(beta=0.04),
+        micro_batch_size=64,
+        seed=3,
+        device="cpu",
+        background_save=True,
+    )
     update_policy(gens, advs, artifacts["model"], str(tmp_path / "ck1"), **settings)  # returns before the write fails
     with pytest.raises(raised, match="ck1"):
         update_policy(gens, advs, str(tmp_path / "ck1"), str(tmp_path / "ck2"), **settings)
@@ -101,8 +124,18 @@ def test_a_failed_background_write_is_raised_by_the_next_update_naming_the_folde
 def test_a_small_checkpoint_is_written_by_the_update_itself(artifacts, tmp_path):
     gens, advs = artifacts[4]
     tasks.model.BACKGROUND_SAVE_MIN_BYTES = 2**40  # (monkeypatched to 0 above; restored after the test)
-    update_policy(gens, advs, artifacts["model"], str(tmp_path / "ck1"), learning_rate=1e-2, loss=LossSettings(beta=0.04),
-                  micro_batch_size=64, seed=3, device="cpu", background_save=True)
+    update_policy(
+        gens,
+        advs,
+        artifacts["model"],
+        str(tmp_path / "ck1"),
+        learning_rate=1e-2,
+        loss=LossSettings(beta=0.04),
+        micro_batch_size=64,
+        seed=3,
+        device="cpu",
+        background_save=True,
+    )
     assert (tmp_path / "ck1" / "model.safetensors").is_file()
     assert not tasks.model.after_save(tmp_path / "ck1", lambda: None)  # nothing was left to a writer
 
@@ -121,10 +154,19 @@ def test_a_failed_rotation_after_a_background_write_warns_and_the_next_update_go
     warnings: list[str] = []
     monkeypatch.setattr(log, "warning", warnings.append)
     gens, advs = artifacts[4]
-    settings = dict(learning_rate=1e-2, loss=LossSettings(beta=0.04), micro_batch_size=64, seed=3, device="cpu", background_save=True)
+    settings = dict(
+        learning_rate=1e-2,
+        loss=LossSettings(beta=0.04),
+        micro_batch_size=64,
+        seed=3,
+        device="cpu",
+        background_save=True,
+    )
     update_policy(gens, advs, artifacts["model"], str(tmp_path / "ck1"), **settings)
     assert tasks.model.after_save(tmp_path / "ck1", functools.partial(flows.train.rotate_checkpoints, tmp_path, 1, log))
-    update_policy(gens, advs, str(tmp_path / "ck1"), str(tmp_path / "ck2"), **settings)  # the checkpoint landed: no CheckpointNotSaved
+    update_policy(
+        gens, advs, str(tmp_path / "ck1"), str(tmp_path / "ck2"), **settings
+    )  # the checkpoint landed: no CheckpointNotSaved
     wait_for_saves()
     assert (tmp_path / "ck2" / "model.safetensors").is_file()
     assert len(warnings) == 1 and "could not be removed" in warnings[0] and "Permission denied" in warnings[0]

@@ -38,8 +38,16 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
         (["--group-size", "many"], None, "invalid config: 'group_size': Input should be a valid integer"),
         ([], "iterations: 2\nbogus_key: 1\n", "invalid config: 'bogus_key': Extra inputs are not permitted"),
         ([], "iterations: [1\n", "not valid YAML"),
-        (["--rewards", '{"nope": 1}'], None, "unknown reward 'nope'; known rewards: code, countdown, exact_answer, format, math, overlong"),
-        (["--rewards", '{"math": 1}', "--reward-options", '{"math": {"bogus": 1}}'], None, "reward 'math' has no option 'bogus'; valid options:"),
+        (
+            ["--rewards", '{"nope": 1}'],
+            None,
+            "unknown reward 'nope'; known rewards: code, countdown, exact_answer, format, math, overlong",
+        ),
+        (
+            ["--rewards", '{"math": 1}', "--reward-options", '{"math": {"bogus": 1}}'],
+            None,
+            "reward 'math' has no option 'bogus'; valid options:",
+        ),
         (["--model", "/no/such/model/folder"], None, "model folder '/no/such/model/folder' does not exist"),
     ],
 )
@@ -116,7 +124,10 @@ def test_stage_line_stays_short_and_counts_what_it_leaves_out():
     assert len(line) <= STAGE_LINE_LIMIT and line.endswith(" more (12.5s)")
     shown = line.count("update/metric_number_")
     assert f"+{20 - shown} more" in line and shown >= 2
-    assert stage_line("iter-0001/rewards.parquet", {"rows": 128, "reward_mean": 0.41}, 2.3) == "iter-0001/rewards.parquet: rows 128, reward_mean 0.41 (2.3s)"
+    assert (
+        stage_line("iter-0001/rewards.parquet", {"rows": 128, "reward_mean": 0.41}, 2.3)
+        == "iter-0001/rewards.parquet: rows 128, reward_mean 0.41 (2.3s)"
+    )
 
 
 def test_run_ends_with_a_short_summary_whose_last_line_is_the_model(tmp_path):
@@ -124,7 +135,11 @@ def test_run_ends_with_a_short_summary_whose_last_line_is_the_model(tmp_path):
 
     (tmp_path / "iter-0002" / "checkpoint").mkdir(parents=True)
     (tmp_path / "iter-0002" / "checkpoint" / "config.json").write_text("{}")
-    lines = run_summary(tmp_path, {"iteration": 2, "reward": 0.5, "held_out_accuracy": 0.8, "held_out_accuracy_before": 0.6, "kl": 0.01}, 12.0)
+    lines = run_summary(
+        tmp_path,
+        {"iteration": 2, "reward": 0.5, "held_out_accuracy": 0.8, "held_out_accuracy_before": 0.6, "kl": 0.01},
+        12.0,
+    )
     assert len(lines) <= 6  # not the 40-line JSON dump (--json prints that)
     assert "held-out accuracy: 60.0% -> 80.0% (+20.0 points)" in lines[1]
     assert lines[-1] == f"final model: {tmp_path / 'iter-0002' / 'checkpoint'}"

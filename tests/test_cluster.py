@@ -17,6 +17,8 @@ from tests.conftest import require, save_tiny_qwen2
 
 ray = require("ray", "cluster")
 
+from safetensors.torch import load_file  # noqa: E402
+
 from data import builtin  # noqa: E402
 from data.schemas import GENERATIONS, PROMPTS, REWARDS  # noqa: E402
 from data.sources import normalise_row, prompts_table  # noqa: E402
@@ -28,7 +30,6 @@ from tasks.model import forget_live_policies  # noqa: E402
 from tasks.objective import LossSettings  # noqa: E402
 from tasks.score import score_generations  # noqa: E402
 from tasks.update import update_policy  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +52,37 @@ def artifacts(tmp_path_factory):
     from tasks.generate import generate_completions
 
     gens = root / "generations.parquet"
-    generate_completions(prompts, gens, str(model_dir), group_size=4, max_new_tokens=6, reference_path=str(model_dir),
-                         use_chat_template=False, seed=1, device="cpu")
+    generate_completions(
+        prompts,
+        gens,
+        str(model_dir),
+        group_size=4,
+        max_new_tokens=6,
+        reference_path=str(model_dir),
+        use_chat_template=False,
+        seed=1,
+        device="cpu",
+    )
     forget_live_policies()
     table = read_table(gens, GENERATIONS, columns=["prompt_id", "sample_index"])
     rng = random.Random(4)
-    rewards = pa.table({"prompt_id": table["prompt_id"], "sample_index": table["sample_index"],
-                        "reward": [float(rng.randint(0, 3)) for _ in range(table.num_rows)]}, schema=REWARDS.schema)
+    rewards = pa.table(
+        {
+            "prompt_id": table["prompt_id"],
+            "sample_index": table["sample_index"],
+            "reward": [float(rng.randint(0, 3)) for _ in range(table.num_rows)],
+        },
+        schema=REWARDS.schema,
+    )
     write_table(rewards, root / "rewards.parquet", REWARDS)
     compute_advantages(root / "rewards.parquet", root / "advantages.parquet")
-    return {"root": root, "model": str(model_dir), "prompts": str(prompts), "gens": str(gens), "adv": str(root / "advantages.parquet")}
+    return {
+        "root": root,
+        "model": str(model_dir),
+        "prompts": str(prompts),
+        "gens": str(gens),
+        "adv": str(root / "advantages.parquet"),
+    }
 
 
 def _cluster(root, **kw) -> RayCluster:
@@ -102,7 +124,9 @@ def test_two_gloo_ranks_take_the_steps_of_one(ddp_ranks, artifacts, aggregation)
     assert m_one["update/optimizer_steps"] == m_two["update/optimizer_steps"] == 3
     assert m_two["update/training_ranks"] == 2
     initial = load_file(os.path.join(artifacts["model"], "model.safetensors"))
-    assert _max_diff(one, two) <= 1e-5 and _max_diff(one, initial) > 1e-3  # the weights moved, the same on 1 and 2 ranks
+    assert (
+        _max_diff(one, two) <= 1e-5 and _max_diff(one, initial) > 1e-3
+    )  # the weights moved, the same on 1 and 2 ranks
     assert opt_one["state"].keys() == opt_two["state"].keys()
     for i, state in opt_one["state"].items():
         assert torch.allclose(state["exp_avg"], opt_two["state"][i]["exp_avg"], atol=1e-6)
@@ -158,7 +182,9 @@ def test_generation_on_two_workers_gives_the_rows_of_one_in_the_same_order(two_g
     assert not list(root.glob(".tmp-*"))  # no shard file left behind
 
 
-def test_a_worker_killed_mid_generation_is_replaced_and_the_retry_writes_the_same_rows(two_generators, artifacts, monkeypatch, tmp_path):
+def test_a_worker_killed_mid_generation_is_replaced_and_the_retry_writes_the_same_rows(
+    two_generators, artifacts, monkeypatch, tmp_path
+):
     root = artifacts["root"]
     if not (root / "gen-2.parquet").exists():
         two_generators.generate(artifacts["prompts"], str(root / "gen-2.parquet"), artifacts["model"], **GENERATE)
@@ -199,8 +225,12 @@ def test_a_worker_killed_mid_generation_is_replaced_and_the_retry_writes_the_sam
 
 def test_scoring_on_ray_tasks_writes_the_rewards_of_one_process(local_ray, artifacts):
     root = artifacts["root"]
-    settings = dict(rewards={"exact_answer": 1.0, "format": 0.5}, reward_options={}, chunk_rows=7, worker_memory_mb=None)
-    local = score_generations(artifacts["gens"], artifacts["prompts"], str(root / "rewards-local.parquet"), workers=1, **settings)
+    settings = dict(
+        rewards={"exact_answer": 1.0, "format": 0.5}, reward_options={}, chunk_rows=7, worker_memory_mb=None
+    )
+    local = score_generations(
+        artifacts["gens"], artifacts["prompts"], str(root / "rewards-local.parquet"), workers=1, **settings
+    )
     cluster = _cluster(root)
     summary = cluster.score(artifacts["gens"], artifacts["prompts"], str(root / "rewards-ray.parquet"), **settings)
     assert summary["score_slices"] > 1
@@ -218,7 +248,9 @@ def test_a_dead_training_rank_fails_the_update_cleanly(ddp_ranks, artifacts):
     assert ddp_ranks.trainers == []  # the whole group is ended; the next update starts a new one
 
 
-def test_a_cluster_run_killed_with_sigkill_leaves_no_worker_and_resumes(local_ray, artifacts, tmp_path, prefect_harness):
+def test_a_cluster_run_killed_with_sigkill_leaves_no_worker_and_resumes(
+    local_ray, artifacts, tmp_path, prefect_harness
+):
     """`grpo run --cluster auto` SIGKILLed while writing iteration 2's generations: the killed
     flow's actors do not outlive it (Ray ends them: their CPUs come back), and running the
     folder again resumes after iteration 1, keeps iteration 1's artifacts byte for byte and
@@ -235,19 +267,45 @@ def test_a_cluster_run_killed_with_sigkill_leaves_no_worker_and_resumes(local_ra
 
     dataset = tmp_path / "train.jsonl"
     dataset.write_text("".join(json.dumps(p) + "\n" for p in builtin.train_problems(24, seed=3)))
-    settings = dict(model=artifacts["model"], dataset=str(dataset), task="arithmetic", iterations=2, prompts_per_iteration=4, group_size=3,
-                    max_new_tokens=4, micro_batch_size=4, beta=0.04, learning_rate=0.01, seed=7, eval_size=4, score_workers=1,
-                    cluster="auto", training_ranks=2, generation_workers=1, generation_shard_prompts=2)
+    settings = dict(
+        model=artifacts["model"],
+        dataset=str(dataset),
+        task="arithmetic",
+        iterations=2,
+        prompts_per_iteration=4,
+        group_size=3,
+        max_new_tokens=4,
+        micro_batch_size=4,
+        beta=0.04,
+        learning_rate=0.01,
+        seed=7,
+        eval_size=4,
+        score_workers=1,
+        cluster="auto",
+        training_ranks=2,
+        generation_workers=1,
+        generation_shard_prompts=2,
+    )
     run_dir = tmp_path / "run"
     free_before = ray.available_resources().get("CPU", 0)
     args = [sys.executable, "-m", "flows.cli", "run", "--run-dir", str(run_dir)]
     for key, value in settings.items():
         args += ["--" + key.replace("_", "-"), str(value)]
     marker = tmp_path / "paused"
-    env = os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value(), "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-                        "GRPOFLOW_PAUSE_MARKER": str(marker), "GRPOFLOW_PAUSE_AT": f"write {run_dir}/iter-0002/generations.parquet"}
-    child = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    env = os.environ | {
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "GRPOFLOW_PAUSE_MARKER": str(marker),
+        "GRPOFLOW_PAUSE_AT": f"write {run_dir}/iter-0002/generations.parquet",
+    }
+    child = subprocess.Popen(
+        args,
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 400
         while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
@@ -263,12 +321,18 @@ def test_a_cluster_run_killed_with_sigkill_leaves_no_worker_and_resumes(local_ra
     while ray.available_resources().get("CPU", 0) < free_before and time.monotonic() < deadline:
         time.sleep(0.5)
     assert ray.available_resources().get("CPU", 0) >= free_before, "the killed flow's actors outlived it"
-    first = {name: (run_dir / "iter-0001" / name).read_bytes() for name in ("generations.parquet", "rewards.parquet", "advantages.parquet")}
+    first = {
+        name: (run_dir / "iter-0001" / name).read_bytes()
+        for name in ("generations.parquet", "rewards.parquet", "advantages.parquet")
+    }
     assert not Manifest(run_dir / "iter-0002").is_done("generations.parquet")
 
     grpo_train(GRPOConfig(run_dir=run_dir, **settings))  # the same run folder again, in this process
     for name, payload in first.items():
         assert (run_dir / "iter-0001" / name).read_bytes() == payload, f"iteration 1's {name} was redone"
     manifest = Manifest(run_dir / "iter-0002")
-    assert all(manifest.is_done(name) for name in ("generations.parquet", "rewards.parquet", "advantages.parquet", "checkpoint"))
+    assert all(
+        manifest.is_done(name)
+        for name in ("generations.parquet", "rewards.parquet", "advantages.parquet", "checkpoint")
+    )
     assert read_table(run_dir / "iter-0002" / "generations.parquet", GENERATIONS).num_rows == 12

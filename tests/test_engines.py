@@ -53,7 +53,12 @@ def _forward_logprobs(model, prompt: list[int], completion: list[int], temperatu
     """log softmax(logits / T)[token] of each completion token, one unpadded sequence."""
     with torch.no_grad():
         logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1].float()  # (C, V)
-    return torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1).tolist()
+    return (
+        torch.log_softmax(logits / temperature, -1)
+        .gather(-1, torch.tensor(completion).unsqueeze(-1))
+        .squeeze(-1)
+        .tolist()
+    )
 
 
 # Numerical agreement of the sampler's log-probs with a transformers fp32 forward: the HF
@@ -103,8 +108,14 @@ def test_with_top_p_the_sampler_logprobs_are_of_the_nucleus(engine_name, tiny_mo
     for s in engine.sample(prompts, 3, SamplingSettings(max_new_tokens=5, temperature=0.9, top_p=0.6), seed=4):
         seq = prompts[s.prompt_index] + s.completion_ids
         with torch.no_grad():
-            logits = policy.model(torch.tensor([seq])).logits[0, len(prompts[s.prompt_index]) - 1 : -1].float() / 0.9  # (C, V)
-        want = torch.log_softmax(nucleus(None, logits), -1).gather(-1, torch.tensor(s.completion_ids).unsqueeze(-1)).squeeze(-1)
+            logits = (
+                policy.model(torch.tensor([seq])).logits[0, len(prompts[s.prompt_index]) - 1 : -1].float() / 0.9
+            )  # (C, V)
+        want = (
+            torch.log_softmax(nucleus(None, logits), -1)
+            .gather(-1, torch.tensor(s.completion_ids).unsqueeze(-1))
+            .squeeze(-1)
+        )
         assert torch.isfinite(want).all()  # inside the nucleus
         assert s.logprobs == pytest.approx(want.tolist(), abs=TOLERANCE[engine_name])
 
@@ -118,7 +129,10 @@ def test_engine_follows_the_updated_policy(engine_name, tiny_model_dir):
     before = [s.completion_ids for s in engine_for(engine_name, str(tiny_model_dir), policy).sample(prompts, 1, greedy)]
     with torch.no_grad():
         policy.model.lm_head.weight.add_(torch.randn_like(policy.model.lm_head.weight) * 2.0)  # tied: the embedding too
-    after = [s.completion_ids for s in engine_for(engine_name, str(tiny_model_dir) + "@updated", policy).sample(prompts, 1, greedy)]
+    after = [
+        s.completion_ids
+        for s in engine_for(engine_name, str(tiny_model_dir) + "@updated", policy).sample(prompts, 1, greedy)
+    ]
     for prompt, got in zip(prompts, after):  # the engine samples from the changed weights
         with torch.no_grad():
             assert got[0] == int(policy.model(torch.tensor([prompt])).logits[0, -1].argmax())
@@ -130,7 +144,9 @@ def test_hf_engine_is_reproducible_per_seed(tiny_model_dir):
     engine = engine_for("hf", str(tiny_model_dir), policy)
     prompts = _prompts(policy.tokenizer)
     settings = SamplingSettings(max_new_tokens=6)
-    runs = [[(s.completion_ids, s.logprobs) for s in engine.sample(prompts, 4, settings, seed=seed)] for seed in (3, 3, 4)]
+    runs = [
+        [(s.completion_ids, s.logprobs) for s in engine.sample(prompts, 4, settings, seed=seed)] for seed in (3, 3, 4)
+    ]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 

@@ -29,8 +29,12 @@ def test_correction_variants_by_hand():
     log_rho = rho.log() * mask
     assert set(MISMATCH_CORRECTIONS) == {"none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"}
     assert MISMATCH_CORRECTIONS["none"](log_rho, mask, 3.0) is None
-    assert torch.allclose(MISMATCH_CORRECTIONS["token_truncate"](log_rho, mask, 3.0), torch.tensor([[0.5, 2.0, 3.0], [1.0, 3.0, 1.0]]))
-    assert torch.allclose(MISMATCH_CORRECTIONS["token_mask"](log_rho, mask, 3.0), torch.tensor([[0.5, 2.0, 0.0], [1.0, 0.0, 1.0]]))
+    assert torch.allclose(
+        MISMATCH_CORRECTIONS["token_truncate"](log_rho, mask, 3.0), torch.tensor([[0.5, 2.0, 3.0], [1.0, 3.0, 1.0]])
+    )
+    assert torch.allclose(
+        MISMATCH_CORRECTIONS["token_mask"](log_rho, mask, 3.0), torch.tensor([[0.5, 2.0, 0.0], [1.0, 0.0, 1.0]])
+    )
     # Sequence products: row 0 = 0.5 * 2 * 4 = 4, row 1 = 1 * 5 = 5 (padding left out).
     assert torch.allclose(MISMATCH_CORRECTIONS["sequence_truncate"](log_rho, mask, 4.5), torch.tensor([[4.0], [4.5]]))
     assert torch.allclose(MISMATCH_CORRECTIONS["sequence_mask"](log_rho, mask, 4.5), torch.tensor([[4.0], [0.0]]))
@@ -69,8 +73,16 @@ def test_no_mismatch_no_change():
     base, _ = policy_loss(logp, logp.detach(), adv, mask, None, LossSettings(beta=0.0), totals)
     (want,) = torch.autograd.grad(base, logp)
     for name in MISMATCH_CORRECTIONS:
-        loss, stats = policy_loss(logp, logp.detach(), adv, mask, None, LossSettings(beta=0.0, mismatch_correction=name), totals,
-                                  logp.detach())
+        loss, stats = policy_loss(
+            logp,
+            logp.detach(),
+            adv,
+            mask,
+            None,
+            LossSettings(beta=0.0, mismatch_correction=name),
+            totals,
+            logp.detach(),
+        )
         (got,) = torch.autograd.grad(loss, logp)
         assert loss.item() == pytest.approx(base.item()) and torch.allclose(got, want), name
         assert stats["is_ratio_min"] == stats["is_ratio_max"] == 1.0 and stats["logp_diff_max"] == 0.0
@@ -78,8 +90,15 @@ def test_no_mismatch_no_change():
 
 def test_a_correction_needs_sampler_logprobs_and_an_untruncated_distribution():
     with pytest.raises(ValueError, match="needs the sampler's log-probs"):
-        policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), torch.ones(1, 2), None,
-                    LossSettings(beta=0.0, mismatch_correction="token_mask"), BatchTotals(1, 2, 1))
+        policy_loss(
+            torch.zeros(1, 2),
+            torch.zeros(1, 2),
+            torch.ones(1),
+            torch.ones(1, 2),
+            None,
+            LossSettings(beta=0.0, mismatch_correction="token_mask"),
+            BatchTotals(1, 2, 1),
+        )
     with pytest.raises(ValueError, match="unknown mismatch correction 'tis'; known: none, token_truncate"):
         LossSettings(mismatch_correction="tis")
     with pytest.raises(ValueError, match="top_p must be 1"):
@@ -96,11 +115,19 @@ def artifacts(tmp_path_factory, tiny_model_dir):
     rows = [normalise_row(p, data_source="t", row=i) for i, p in enumerate(builtin.train_problems(4, seed=2))]
     write_table(prompts_table(rows), prompts, PROMPTS)
     gens = root / "generations.parquet"
-    generate_completions(prompts, gens, str(tiny_model_dir), group_size=4, max_new_tokens=5, temperature=0.9, seed=2, device="cpu")
+    generate_completions(
+        prompts, gens, str(tiny_model_dir), group_size=4, max_new_tokens=5, temperature=0.9, seed=2, device="cpu"
+    )
     forget_live_policies()
     table = read_table(gens, GENERATIONS, columns=["prompt_id", "sample_index"])
-    rewards = pa.table({"prompt_id": table["prompt_id"], "sample_index": table["sample_index"],
-                        "reward": [float(i % 3) for i in range(table.num_rows)]}, schema=REWARDS.schema)
+    rewards = pa.table(
+        {
+            "prompt_id": table["prompt_id"],
+            "sample_index": table["sample_index"],
+            "reward": [float(i % 3) for i in range(table.num_rows)],
+        },
+        schema=REWARDS.schema,
+    )
     write_table(rewards, root / "rewards.parquet", REWARDS)
     compute_advantages(root / "rewards.parquet", root / "advantages.parquet")
     return {"root": root, "gens": gens, "adv": root / "advantages.parquet", "model": str(tiny_model_dir)}
@@ -111,17 +138,35 @@ def test_hf_engine_sampler_logprobs_and_the_update_metrics(artifacts):
     to float precision: the metrics say so, with TRL's names."""
     rows = read_table(artifacts["gens"], GENERATIONS).to_pylist()
     assert all(len(r["sampler_logprobs"]) == len(r["completion_token_ids"]) for r in rows)
-    metrics = update_policy(artifacts["gens"], artifacts["adv"], artifacts["model"], str(artifacts["root"] / "out"), learning_rate=1e-3,
-                            loss=LossSettings(beta=0.0, temperature=0.9, mismatch_correction="token_truncate"), save=False, device="cpu")
+    metrics = update_policy(
+        artifacts["gens"],
+        artifacts["adv"],
+        artifacts["model"],
+        str(artifacts["root"] / "out"),
+        learning_rate=1e-3,
+        loss=LossSettings(beta=0.0, temperature=0.9, mismatch_correction="token_truncate"),
+        save=False,
+        device="cpu",
+    )
     assert metrics["sampling/sampling_logp_difference/mean"] <= metrics["sampling/sampling_logp_difference/max"] <= 1e-4
-    assert 1 - 1e-4 <= metrics["sampling/importance_sampling_ratio/min"] <= metrics["sampling/importance_sampling_ratio/mean"]
-    assert metrics["sampling/importance_sampling_ratio/mean"] <= metrics["sampling/importance_sampling_ratio/max"] <= 1 + 1e-4
+    assert (
+        1 - 1e-4
+        <= metrics["sampling/importance_sampling_ratio/min"]
+        <= metrics["sampling/importance_sampling_ratio/mean"]
+    )
+    assert (
+        metrics["sampling/importance_sampling_ratio/mean"]
+        <= metrics["sampling/importance_sampling_ratio/max"]
+        <= 1 + 1e-4
+    )
 
 
 def _as_version_2(src, out):
     """generations.parquet as grpoflow wrote it before sampler_logprobs (schema version 2)."""
     table = pq.read_table(src).drop_columns(["sampler_logprobs"])
-    pq.write_table(table.replace_schema_metadata({b"grpoflow.artifact": b"generations", b"grpoflow.version": b"2"}), out)
+    pq.write_table(
+        table.replace_schema_metadata({b"grpoflow.artifact": b"generations", b"grpoflow.version": b"2"}), out
+    )
     return out
 
 
@@ -129,14 +174,34 @@ def test_older_generations_still_read_and_train(artifacts):
     old = _as_version_2(artifacts["gens"], artifacts["root"] / "v2.parquet")
     table = read_table(old, GENERATIONS)
     assert table.column("sampler_logprobs").null_count == table.num_rows
-    assert read_table(old, GENERATIONS, columns=["prompt_id", "sampler_logprobs"]).column_names == ["prompt_id", "sampler_logprobs"]
+    assert read_table(old, GENERATIONS, columns=["prompt_id", "sampler_logprobs"]).column_names == [
+        "prompt_id",
+        "sampler_logprobs",
+    ]
     assert all(b.column("sampler_logprobs").null_count == b.num_rows for b in iter_batches(old, GENERATIONS))
     out = str(artifacts["root"] / "out-v2")
-    metrics = update_policy(old, artifacts["adv"], artifacts["model"], out, learning_rate=1e-3, loss=LossSettings(beta=0.0), save=False, device="cpu")
+    metrics = update_policy(
+        old,
+        artifacts["adv"],
+        artifacts["model"],
+        out,
+        learning_rate=1e-3,
+        loss=LossSettings(beta=0.0),
+        save=False,
+        device="cpu",
+    )
     assert not any(k.startswith("sampling/") for k in metrics)  # nothing to measure
     with pytest.raises(ArtifactMismatch, match="needs the sampler's log-probs"):
-        update_policy(old, artifacts["adv"], artifacts["model"], out, learning_rate=1e-3, save=False, device="cpu",
-                      loss=LossSettings(beta=0.0, mismatch_correction="token_truncate"))
+        update_policy(
+            old,
+            artifacts["adv"],
+            artifacts["model"],
+            out,
+            learning_rate=1e-3,
+            save=False,
+            device="cpu",
+            loss=LossSettings(beta=0.0, mismatch_correction="token_truncate"),
+        )
     # A version-3 file (or a table being written) must have the column.
     unversioned = pq.read_table(artifacts["gens"]).drop_columns(["sampler_logprobs"])
     with pytest.raises(SchemaError, match="missing column 'sampler_logprobs'"):

@@ -53,7 +53,10 @@ def test_synced_weights_give_the_trainers_logprobs_with_tied_embeddings(tiny_mod
     in place: the engine's log-probs equal a transformers fp32 forward of the new weights
     (before the re-tie, the head kept the old embedding: 14-22 nats off)."""
     policy = live_policy(str(tiny_model_dir), "cpu", "float32")
-    assert policy.model.config.tie_word_embeddings and policy.model.lm_head.weight is policy.model.get_input_embeddings().weight
+    assert (
+        policy.model.config.tie_word_embeddings
+        and policy.model.lm_head.weight is policy.model.get_input_embeddings().weight
+    )
     engine = engine_for("vllm", str(tiny_model_dir), policy)
     prompts = _prompts(policy.tokenizer)
     torch.manual_seed(0)
@@ -65,7 +68,13 @@ def test_synced_weights_give_the_trainers_logprobs_with_tied_embeddings(tiny_mod
     took = time.perf_counter() - started
     worst = 0.0
     for s in engine.sample(prompts, 4, SamplingSettings(max_new_tokens=8), seed=1):
-        worst = max(worst, (_forward_logprobs(policy.model, prompts[s.prompt_index], s.completion_ids) - torch.tensor(s.logprobs)).abs().max().item())
+        worst = max(
+            worst,
+            (_forward_logprobs(policy.model, prompts[s.prompt_index], s.completion_ids) - torch.tensor(s.logprobs))
+            .abs()
+            .max()
+            .item(),
+        )
     assert worst <= 1e-3, f"max |engine - transformers| log-prob difference {worst:.2e} after a sync of {took:.2f}s"
 
 
@@ -87,7 +96,13 @@ def test_a_lora_policy_is_synced_with_its_adapter_merged(tiny_model_dir):
     prompts = _prompts(policy.tokenizer)
     worst = 0.0
     for s in engine.sample(prompts, 3, SamplingSettings(max_new_tokens=6), seed=2):
-        worst = max(worst, (_forward_logprobs(adapted, prompts[s.prompt_index], s.completion_ids) - torch.tensor(s.logprobs)).abs().max().item())
+        worst = max(
+            worst,
+            (_forward_logprobs(adapted, prompts[s.prompt_index], s.completion_ids) - torch.tensor(s.logprobs))
+            .abs()
+            .max()
+            .item(),
+        )
     assert worst <= 1e-3
 
 
@@ -137,9 +152,22 @@ def test_interrupted_generation_leaves_no_request_behind(tiny_model_dir, monkeyp
 
 def _settings(run_dir: Path, model: Path, dataset: Path, iterations: int) -> dict:
     return dict(
-        run_dir=run_dir, model=str(model), dataset=str(dataset), task="arithmetic", iterations=iterations, prompts_per_iteration=4,
-        group_size=3, max_new_tokens=4, micro_batch_size=6, beta=0.04, learning_rate=0.01, seed=3, score_workers=1,
-        rewards={"tests.test_engines_vllm:prefers_short": 1.0}, generation_engine="vllm", mismatch_correction="token_truncate",
+        run_dir=run_dir,
+        model=str(model),
+        dataset=str(dataset),
+        task="arithmetic",
+        iterations=iterations,
+        prompts_per_iteration=4,
+        group_size=3,
+        max_new_tokens=4,
+        micro_batch_size=6,
+        beta=0.04,
+        learning_rate=0.01,
+        seed=3,
+        score_workers=1,
+        rewards={"tests.test_engines_vllm:prefers_short": 1.0},
+        generation_engine="vllm",
+        mismatch_correction="token_truncate",
     )
 
 
@@ -165,7 +193,12 @@ def _check_artifacts(run: Path, iterations: int) -> None:
         metrics = json.loads((folder / "metrics.json").read_text())
         # The engine and the trainer hold the same fp32 weights: numerics alone separate them.
         assert metrics["sampling/sampling_logp_difference/max"] <= 1e-3
-        assert 1 - 1e-3 <= metrics["sampling/importance_sampling_ratio/min"] <= metrics["sampling/importance_sampling_ratio/max"] <= 1 + 1e-3
+        assert (
+            1 - 1e-3
+            <= metrics["sampling/importance_sampling_ratio/min"]
+            <= metrics["sampling/importance_sampling_ratio/max"]
+            <= 1 + 1e-3
+        )
     assert not list(run.rglob(f"{TMP_PREFIX}*"))
 
 
@@ -190,12 +223,22 @@ def test_killed_during_vllm_generation_then_resumed(tmp_path, tiny_model_dir, da
     for key, value in config.items():
         args += ["--" + key.replace("_", "-"), json.dumps(value) if isinstance(value, dict) else str(value)]
     marker = tmp_path / "paused"
-    env = os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value(), "GRPOFLOW_PAUSE_MARKER": str(marker),
-                        "GRPOFLOW_PAUSE_AT": "iter-0002/generations.parquet: generate", "OMP_NUM_THREADS": "1"}
+    env = os.environ | {
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "GRPOFLOW_PAUSE_MARKER": str(marker),
+        "GRPOFLOW_PAUSE_AT": "iter-0002/generations.parquet: generate",
+        "OMP_NUM_THREADS": "1",
+    }
     log = tmp_path / "child.log"
     with open(log, "w") as out:
-        child = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 300
         while not marker.exists():

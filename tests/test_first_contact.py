@@ -67,8 +67,18 @@ def test_update_uses_the_schedule_of_its_steps_and_logs_it(tmp_path, tiny_model_
     score_generations(gens, prompts, rewards, rewards={"tests.test_flow_e2e:shorter_is_better": 1.0}, workers=1)
     compute_advantages(rewards, advs)
     schedule = LRSchedule(1e-3, "cosine", total_steps=8, warmup_ratio=0.25)
-    out = update_policy(gens, advs, str(tiny_model_dir), tmp_path / "ckpt", learning_rate=1e-3, loss=LossSettings(beta=0.0),
-                        lr_schedule=schedule, first_step=4, mini_batches=2, save=False)
+    out = update_policy(
+        gens,
+        advs,
+        str(tiny_model_dir),
+        tmp_path / "ckpt",
+        learning_rate=1e-3,
+        loss=LossSettings(beta=0.0),
+        lr_schedule=schedule,
+        first_step=4,
+        mini_batches=2,
+        save=False,
+    )
     assert out["learning_rate"] == pytest.approx(schedule.at(5))  # steps 4 and 5; the last one is logged
     assert schedule.at(5) < schedule.at(4) < 1e-3
 
@@ -81,7 +91,9 @@ def test_tiny_model_sft_steps_is_the_new_name_and_old_configs_still_load():
 
 
 # --- --task picks the reward ------------------------------------------------------------------
-@pytest.mark.parametrize(("task", "reward"), [("math", "math"), ("code", "code"), ("countdown", "countdown"), (None, "exact_answer")])
+@pytest.mark.parametrize(
+    ("task", "reward"), [("math", "math"), ("code", "code"), ("countdown", "countdown"), (None, "exact_answer")]
+)
 def test_task_picks_its_reward_unless_rewards_are_given(task, reward):
     assert GRPOConfig(task=task).rewards == {reward: 1.0}
     assert GRPOConfig(task=task, rewards={"format": 1.0}).rewards == {"format": 1.0}
@@ -121,7 +133,9 @@ def test_hf_engine_applies_top_k_min_p_repetition_penalty_and_stop(tiny_model_di
 
     policy.model.generate = spy
     try:
-        settings = SamplingSettings(max_new_tokens=12, batch_size=8, top_k=3, min_p=0.05, repetition_penalty=1.3, stop=("5",))
+        settings = SamplingSettings(
+            max_new_tokens=12, batch_size=8, top_k=3, min_p=0.05, repetition_penalty=1.3, stop=("5",)
+        )
         out = engine.sample(prompt, 8, settings, seed=0)
     finally:
         policy.model.generate = original
@@ -147,11 +161,14 @@ def test_hf_engine_logprobs_are_of_the_top_k_distribution_sampled(tiny_model_dir
     engine.load(policy.model, policy.tokenizer)
     prompt = [policy.tokenizer("12+34=", add_special_tokens=False)["input_ids"]]
     out = engine.sample(prompt, 6, SamplingSettings(max_new_tokens=4, batch_size=6, top_k=2), seed=0)
-    full = batched_completion_logprobs(policy.model, [prompt[0]] * len(out), [s.completion_ids for s in out], policy.tokenizer.pad_token_id,
-                                       1.0, 6)
+    full = batched_completion_logprobs(
+        policy.model, [prompt[0]] * len(out), [s.completion_ids for s in out], policy.tokenizer.pad_token_id, 1.0, 6
+    )
     for s, untruncated in zip(out, full):
         assert all(a >= b - 1e-5 for a, b in zip(s.logprobs, untruncated))
-        assert any(a > b + 1e-3 for a, b in zip(s.logprobs, untruncated))  # mass of the dropped tokens moved to the kept two
+        assert any(
+            a > b + 1e-3 for a, b in zip(s.logprobs, untruncated)
+        )  # mass of the dropped tokens moved to the kept two
 
 
 def test_stop_index_finds_the_token_that_completes_a_stop_string(tiny_model_dir):
@@ -180,16 +197,27 @@ def test_generate_stage_counts_long_prompts(tmp_path, tiny_model_dir, overflow):
     from tasks.generate import generate_completions
 
     rows = _train_rows(4)
-    rows[1] = normalise_row({"prompt": "1+2+3+4+5+6+7=", "answer": "28"}, data_source="x", row=1)  # 14 tokens, the others 5-6
+    rows[1] = normalise_row(
+        {"prompt": "1+2+3+4+5+6+7=", "answer": "28"}, data_source="x", row=1
+    )  # 14 tokens, the others 5-6
     prompts = _prompts_file(tmp_path, rows)
-    out = generate_completions(prompts, tmp_path / "g.parquet", str(tiny_model_dir), group_size=2, max_new_tokens=2,
-                               max_prompt_length=8, prompt_overflow=overflow)
+    out = generate_completions(
+        prompts,
+        tmp_path / "g.parquet",
+        str(tiny_model_dir),
+        group_size=2,
+        max_new_tokens=2,
+        max_prompt_length=8,
+        prompt_overflow=overflow,
+    )
     gens = read_table(tmp_path / "g.parquet", GENERATIONS).to_pylist()
     assert max(len(g["prompt_token_ids"]) for g in gens) <= 8
     if overflow == "truncate_left":
         assert (out["prompts/truncated"], out["prompts/skipped"], len(gens)) == (1, 0, 8)
         cut = [g for g in gens if g["prompt_id"] == rows[1]["prompt_id"]][0]
-        assert cut["prompt_text"] == "4+5+6+7=" and len(cut["prompt_token_ids"]) == 8  # its end survives, as the model saw it
+        assert (
+            cut["prompt_text"] == "4+5+6+7=" and len(cut["prompt_token_ids"]) == 8
+        )  # its end survives, as the model saw it
     else:
         assert (out["prompts/truncated"], out["prompts/skipped"], len(gens)) == (0, 1, 6)
         assert rows[1]["prompt_id"] not in {g["prompt_id"] for g in gens}
@@ -217,7 +245,9 @@ def test_selected_prompts_follow_the_mixing_weights(tmp_path):
     drawn = []
     for it in range(1, 11):
         out = tmp_path / f"it{it}.parquet"
-        summary = select_prompts(pool, out, iteration=it, per_iteration=8, seed=0, mix=[("a.jsonl", 3.0), ("b.jsonl", 1.0)])
+        summary = select_prompts(
+            pool, out, iteration=it, per_iteration=8, seed=0, mix=[("a.jsonl", 3.0), ("b.jsonl", 1.0)]
+        )
         picked = read_table(out, PROMPTS).column("data_source").to_pylist()
         assert len(picked) == 8 and summary["mix/0"] + summary["mix/1"] == 8
         drawn += picked
@@ -240,7 +270,8 @@ def test_no_signal_warning_names_the_groups():
     from flows.train import no_signal_warning
 
     assert no_signal_warning({"dynamic_sampling/groups": 16, "frac_reward_zero_std": 1.0, "reward": 0.0}) == (
-        "no learning signal: 16 of 16 groups have zero reward spread (mean reward 0)")
+        "no learning signal: 16 of 16 groups have zero reward spread (mean reward 0)"
+    )
     assert no_signal_warning({"dynamic_sampling/groups": 16, "frac_reward_zero_std": 15 / 16, "reward": 0.1}) is None
 
 
@@ -259,30 +290,50 @@ def test_repeated_warnings_are_said_three_times_then_every_tenth(caplog):
 def test_tokenizer_that_loses_characters_is_detected(tiny_model_dir):
     from tasks.generate import tokenization_loss
     from tasks.model import load_tokenizer
-
     from tasks.tiny_model import build_tokenizer
 
     gsm = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
     # Saved and loaded back, the character vocabulary drops unknown characters (a BPE without
     # unk); as built, it maps them to its unk token: both are caught by the round trip.
-    for tok, unknown in ((load_tokenizer(tiny_model_dir), 0), (build_tokenizer(), sum(not (c.isdigit() or c == " ") for c in gsm))):
+    for tok, unknown in (
+        (load_tokenizer(tiny_model_dir), 0),
+        (build_tokenizer(), sum(not (c.isdigit() or c == " ") for c in gsm)),
+    ):
         check = tokenization_loss(tok, ["12+34=", gsm, "7+8="])
         assert (check["prompts"], check["lossy"], check["unknown_tokens"]) == (3, 1, unknown)
         assert check["example"][1] == gsm
         assert tokenization_loss(tok, ["12+34=", "1 + 2 ="])["lossy"] == 0
 
 
-def test_flow_warns_about_lost_characters_and_no_signal_and_counts_long_prompts(tmp_path, tiny_model_dir, prefect_harness, capfd, caplog):
+def test_flow_warns_about_lost_characters_and_no_signal_and_counts_long_prompts(
+    tmp_path, tiny_model_dir, prefect_harness, capfd, caplog
+):
     """One short run of the flow on GSM-like text with the character tokenizer: both warnings
     fire (the random model scores 0 everywhere), the prompt cut is counted, the schedule runs."""
     from flows.train import grpo_train
 
     data = tmp_path / "gsm.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Tom has {k} apples and buys 3 more. How many?", "answer": str(k + 3)}) + "\n"
-                            for k in range(8)))
-    config = GRPOConfig(run_dir=tmp_path / "run", model=str(tiny_model_dir), dataset=str(data), task="math", iterations=2,
-                        prompts_per_iteration=2, group_size=2, max_new_tokens=2, beta=0.0, max_prompt_length=1,
-                        lr_scheduler="linear", warmup_ratio=0.5, use_chat_template=False)
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Tom has {k} apples and buys 3 more. How many?", "answer": str(k + 3)}) + "\n"
+            for k in range(8)
+        )
+    )
+    config = GRPOConfig(
+        run_dir=tmp_path / "run",
+        model=str(tiny_model_dir),
+        dataset=str(data),
+        task="math",
+        iterations=2,
+        prompts_per_iteration=2,
+        group_size=2,
+        max_new_tokens=2,
+        beta=0.0,
+        max_prompt_length=1,
+        lr_scheduler="linear",
+        warmup_ratio=0.5,
+        use_chat_template=False,
+    )
     assert config.rewards == {"math": 1.0}
     with caplog.at_level(logging.INFO):
         metrics = grpo_train(config)
@@ -295,7 +346,10 @@ def test_flow_warns_about_lost_characters_and_no_signal_and_counts_long_prompts(
     assert "prompts over max_prompt_length=1: 4 truncated, 0 skipped" in text
     saved = [json.loads((iteration_dir(tmp_path / "run", it) / "metrics.json").read_text()) for it in (1, 2)]
     assert [m["prompts/truncated"] for m in saved] == [2, 2]
-    assert [m["learning_rate"] for m in saved] == [0.0, pytest.approx(config.learning_rate)]  # warm-up step 0, then step 1 of 2
+    assert [m["learning_rate"] for m in saved] == [
+        0.0,
+        pytest.approx(config.learning_rate),
+    ]  # warm-up step 0, then step 1 of 2
     assert metrics["iteration"] == 2
 
 
@@ -320,4 +374,6 @@ def test_tiny_model_build_shows_progress_and_one_estimate_line(tmp_path, monkeyp
     assert bars == [("building the tiny model", 4)]
     assert len(said) == 1 and said[0].startswith("building the built-in tiny model once (4 supervised steps, about ")
     assert str(folder) in said[0]
-    assert tiny.ensure_tiny_model(steps=4, batch_size=8, cache_dir=tmp_path, say=said.append) == folder and len(said) == 1  # cached: silent
+    assert (
+        tiny.ensure_tiny_model(steps=4, batch_size=8, cache_dir=tmp_path, say=said.append) == folder and len(said) == 1
+    )  # cached: silent

@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from data import builtin
 from data.schemas import ADVANTAGES, GENERATIONS, PROMPTS, REWARDS
-from flows.report import PLOT_NAME
 from data.store import Manifest, iteration_dir, read_table
 from flows.config import GRPOConfig
+from flows.report import PLOT_NAME
 
 
 def shorter_is_better(completion: str, example) -> float:
@@ -30,13 +30,26 @@ def arithmetic_jsonl(tmp_path):
     return train, held
 
 
-def test_two_iterations_write_every_artifact_and_a_loadable_checkpoint(tmp_path, tiny_model_dir, arithmetic_jsonl, prefect_harness):
+def test_two_iterations_write_every_artifact_and_a_loadable_checkpoint(
+    tmp_path, tiny_model_dir, arithmetic_jsonl, prefect_harness
+):
     from flows.train import grpo_train
 
     train, held = arithmetic_jsonl
     config = GRPOConfig(
-        run_dir=tmp_path / "run", model=str(tiny_model_dir), dataset=str(train), eval_dataset=str(held), task="arithmetic",
-        iterations=2, prompts_per_iteration=4, group_size=3, max_new_tokens=4, beta=0.04, micro_batch_size=5, eval_every=1, eval_size=16,
+        run_dir=tmp_path / "run",
+        model=str(tiny_model_dir),
+        dataset=str(train),
+        eval_dataset=str(held),
+        task="arithmetic",
+        iterations=2,
+        prompts_per_iteration=4,
+        group_size=3,
+        max_new_tokens=4,
+        beta=0.04,
+        micro_batch_size=5,
+        eval_every=1,
+        eval_size=16,
         rewards={"exact_answer": 1.0, "tests.test_flow_e2e:shorter_is_better": 0.1},
     )
     metrics = grpo_train(config)
@@ -46,7 +59,12 @@ def test_two_iterations_write_every_artifact_and_a_loadable_checkpoint(tmp_path,
     for it in (1, 2):
         folder = iteration_dir(run, it)
         manifest = Manifest(folder)
-        for name, schema, rows in (("prompts.parquet", PROMPTS, 4), ("generations.parquet", GENERATIONS, 12), ("rewards.parquet", REWARDS, 12), ("advantages.parquet", ADVANTAGES, 12)):
+        for name, schema, rows in (
+            ("prompts.parquet", PROMPTS, 4),
+            ("generations.parquet", GENERATIONS, 12),
+            ("rewards.parquet", REWARDS, 12),
+            ("advantages.parquet", ADVANTAGES, 12),
+        ):
             assert read_table(folder / name, schema).num_rows == rows
             assert manifest.is_done(name)
             assert manifest.entries()[name]["schema_version"] == schema.version
@@ -60,7 +78,9 @@ def test_two_iterations_write_every_artifact_and_a_loadable_checkpoint(tmp_path,
     ids = [read_table(iteration_dir(run, it) / "prompts.parquet", PROMPTS)["prompt_id"].to_pylist() for it in (1, 2)]
     assert not set(ids[0]) & set(ids[1])
     assert metrics["iteration"] == 2 and metrics["completions"] == 12
-    assert (run / PLOT_NAME).read_bytes()[:4] == b"\x89PNG"  # drawn in the background, finished before the flow returned
+    assert (run / PLOT_NAME).read_bytes()[
+        :4
+    ] == b"\x89PNG"  # drawn in the background, finished before the flow returned
 
     # The final checkpoint is the trained policy: it loads and differs from the start.
     final = AutoModelForCausalLM.from_pretrained(iteration_dir(run, 2) / "checkpoint")

@@ -24,7 +24,15 @@ def prompts_path(tmp_path):
 
 def test_generations_artifact_has_groups_tokens_logprobs_and_finish_reasons(tmp_path, prompts_path, tiny_model_dir):
     out = tmp_path / "generations.parquet"
-    summary = generate_completions(prompts_path, out, str(tiny_model_dir), group_size=3, max_new_tokens=4, reference_path=str(tiny_model_dir), seed=1)
+    summary = generate_completions(
+        prompts_path,
+        out,
+        str(tiny_model_dir),
+        group_size=3,
+        max_new_tokens=4,
+        reference_path=str(tiny_model_dir),
+        seed=1,
+    )
     table = read_table(out, GENERATIONS).to_pylist()
     assert summary["completions"] == len(table) == 15
     prompt_ids = read_table(prompts_path, PROMPTS)["prompt_id"].to_pylist()
@@ -49,7 +57,9 @@ def test_stored_logprobs_match_an_unpadded_forward_pass(tmp_path, prompts_path, 
     left-padded prompts, right-padded completions) equal those of each sequence run alone,
     with no padding at all, at a temperature other than 1."""
     out = tmp_path / "generations.parquet"
-    generate_completions(prompts_path, out, str(tiny_model_dir), group_size=4, max_new_tokens=6, temperature=0.7, seed=3)
+    generate_completions(
+        prompts_path, out, str(tiny_model_dir), group_size=4, max_new_tokens=6, temperature=0.7, seed=3
+    )
     rows = read_table(out, GENERATIONS).to_pylist()
     assert all(r["ref_logprobs"] is None for r in rows)  # beta = 0: no reference model
     assert len({len(r["completion_token_ids"]) for r in rows}) > 1  # padding was really exercised
@@ -74,7 +84,9 @@ def test_old_logprobs_are_skipped_on_request_and_nothing_else_changes(tmp_path, 
     samples exactly the same completions."""
     full, lean = tmp_path / "full.parquet", tmp_path / "lean.parquet"
     generate_completions(prompts_path, full, str(tiny_model_dir), group_size=2, max_new_tokens=4, seed=7)
-    generate_completions(prompts_path, lean, str(tiny_model_dir), group_size=2, max_new_tokens=4, seed=7, with_old_logprobs=False)
+    generate_completions(
+        prompts_path, lean, str(tiny_model_dir), group_size=2, max_new_tokens=4, seed=7, with_old_logprobs=False
+    )
     full, lean = read_table(full, GENERATIONS), read_table(lean, GENERATIONS)
     assert lean.column("old_logprobs").null_count == lean.num_rows
     assert full.column("old_logprobs").null_count == 0
@@ -85,8 +97,12 @@ def test_chat_prompts_need_a_template_and_plain_ones_pass_through(tiny_model_dir
     tokenizer = live_policy(str(tiny_model_dir)).tokenizer
     assert render_prompt({"prompt_id": "x", "prompt": "1+2=", "messages": None}, tokenizer, True) == "1+2="
     with pytest.raises(ValueError, match="no chat template"):
-        render_prompt({"prompt_id": "x", "prompt": None, "messages": [{"role": "user", "content": "1+2="}]}, tokenizer, True)
-    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+        render_prompt(
+            {"prompt_id": "x", "prompt": None, "messages": [{"role": "user", "content": "1+2="}]}, tokenizer, True
+        )
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    )
     try:
         chat = {"prompt_id": "x", "prompt": None, "messages": [{"role": "user", "content": "1+2="}]}
         assert render_prompt(chat, tokenizer, True) == "<user>1+2=>"
@@ -96,7 +112,9 @@ def test_chat_prompts_need_a_template_and_plain_ones_pass_through(tiny_model_dir
         tokenizer.chat_template = None
 
 
-def test_a_kept_reference_is_loaded_once_and_gives_the_same_log_probs(tmp_path, prompts_path, tiny_model_dir, monkeypatch):
+def test_a_kept_reference_is_loaded_once_and_gives_the_same_log_probs(
+    tmp_path, prompts_path, tiny_model_dir, monkeypatch
+):
     """A process that never trains (a Ray generation worker) keeps the reference model between
     calls: one load for any number of stages, and the artifact is the one a fresh load writes."""
     import tasks.generate as generate
@@ -113,14 +131,18 @@ def test_a_kept_reference_is_loaded_once_and_gives_the_same_log_probs(tmp_path, 
         generate_completions(prompts_path, out, str(tiny_model_dir), keep_reference=True, **settings)
     assert len(loads) == 2  # the first kept call loads, the next two reuse it
     # A call that does not keep loads and frees its own copy, leaving the kept one usable.
-    generate_completions(prompts_path, tmp_path / "again.parquet", str(tiny_model_dir), keep_reference=False, **settings)
+    generate_completions(
+        prompts_path, tmp_path / "again.parquet", str(tiny_model_dir), keep_reference=False, **settings
+    )
     generate_completions(prompts_path, kept[0], str(tiny_model_dir), keep_reference=True, **settings)
     assert len(loads) == 3
     for out in [*kept, tmp_path / "again.parquet"]:
         assert read_table(out, GENERATIONS).equals(read_table(fresh, GENERATIONS))
 
 
-def test_by_default_a_small_reference_stays_loaded_and_a_changed_or_large_one_is_reloaded(tmp_path, prompts_path, tiny_model_dir, monkeypatch):
+def test_by_default_a_small_reference_stays_loaded_and_a_changed_or_large_one_is_reloaded(
+    tmp_path, prompts_path, tiny_model_dir, monkeypatch
+):
     """The training flow's default: a reference of at most KEEP_REFERENCE_MAX_BYTES is loaded
     once (its reload is pure fixed cost), a larger one every call (the update must hold the
     policy alone), and weights rewritten at the same path are never served from memory."""

@@ -144,7 +144,9 @@ def test_csv_cells_stay_text_and_json_columns_are_decoded(tmp_path):
 def test_folder_of_data_files_via_load_dataset(tmp_path, hf_cache):
     folder = tmp_path / "ds"
     folder.mkdir()
-    write_jsonl(folder / "train.jsonl", [{"question": "1+1?", "answer": "#### 2"}, {"question": "2+2?", "answer": "#### 4"}])
+    write_jsonl(
+        folder / "train.jsonl", [{"question": "1+1?", "answer": "#### 2"}, {"question": "2+2?", "answer": "#### 4"}]
+    )
     write_jsonl(folder / "test.jsonl", [{"question": "3+3?", "answer": "#### 6"}])
     assert [r["question"] for _, r in read_source(folder)] == ["1+1?", "2+2?"]
     assert [r["question"] for _, r in read_source(folder, split="test")] == ["3+3?"]
@@ -190,7 +192,11 @@ def test_hub_names_pass_name_config_and_split_to_load_dataset(monkeypatch):
     assert list(read_source("openai/gsm8k:main", split="test")) == [(0, {"question": "q", "answer": "#### 1"})]
     list(read_source("openai/gsm8k", config="main"))
     list(read_source("some/dataset"))
-    assert calls == [("openai/gsm8k", "main", "test"), ("openai/gsm8k", "main", "train"), ("some/dataset", None, "train")]
+    assert calls == [
+        ("openai/gsm8k", "main", "test"),
+        ("openai/gsm8k", "main", "train"),
+        ("some/dataset", None, "train"),
+    ]
     assert source_label("openai/gsm8k:main", split="test") == "openai/gsm8k:main[test]"
     assert source_label("some/dataset") == "some/dataset[train]"
     with pytest.raises(SourceError, match="contradicts config='socratic'"):
@@ -225,7 +231,9 @@ def test_missing_local_path_is_not_looked_up_on_the_hub(tmp_path):
 def test_unsupported_file_type(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("hello")
-    with pytest.raises(SourceError, match=r"p.txt: unsupported file type \(expected one of .jsonl, .json, .csv, .parquet"):
+    with pytest.raises(
+        SourceError, match=r"p.txt: unsupported file type \(expected one of .jsonl, .json, .csv, .parquet"
+    ):
         list(read_source(path))
 
 
@@ -328,8 +336,13 @@ def test_trl_text_prompt_with_solution():
 
 
 def test_trl_chat_prompt_with_answer_and_solution():
-    row = normalise({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}],
-                     "answer": 2, "solution": "1+1 is 2"})
+    row = normalise(
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}],
+            "answer": 2,
+            "solution": "1+1 is 2",
+        }
+    )
     assert row["messages"][1] == {"role": "user", "content": "1+1?"}
     assert row["answer"] == "2"
     assert extra(row) == {"solution": "1+1 is 2"}
@@ -356,7 +369,7 @@ def test_markdown_heading_inside_a_solution_is_not_a_gsm8k_answer():
 def test_humaneval_row():
     raw = {
         "task_id": "HumanEval/0",
-        "prompt": "def add(a, b):\n    \"\"\"Add.\"\"\"\n",
+        "prompt": 'def add(a, b):\n    """Add."""\n',
         "canonical_solution": "    return a + b\n",
         "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n",
         "entry_point": "add",
@@ -386,8 +399,13 @@ def test_stdin_stdout_rows_in_both_layouts():
 
 def test_verl_code_row_with_test_cases_as_ground_truth():
     truth = json.dumps({"inputs": ["1\n"], "outputs": ["2\n"]})
-    row = normalise({"prompt": [{"role": "user", "content": "Add one."}], "ability": "code",
-                     "reward_model": {"ground_truth": truth, "style": "rule"}})
+    row = normalise(
+        {
+            "prompt": [{"role": "user", "content": "Add one."}],
+            "ability": "code",
+            "reward_model": {"ground_truth": truth, "style": "rule"},
+        }
+    )
     assert row["io"] == [{"input": "1\n", "output": "2\n"}] and row["task"] == "code"
     assert row["answer"] is None
 
@@ -411,8 +429,16 @@ def test_numbers_become_strings():
 
 
 def test_unmapped_columns_go_to_extra_info_and_clashes_keep_both():
-    row = normalise({"prompt": "p", "answer": "1", "level": 3, "split": "test", "empty": None,
-                     "extra_info": {"split": "train", "index": 4}})
+    row = normalise(
+        {
+            "prompt": "p",
+            "answer": "1",
+            "level": 3,
+            "split": "test",
+            "empty": None,
+            "extra_info": {"split": "train", "index": 4},
+        }
+    )
     assert extra(row) == {"level": 3, "split": "train", "index": 4, "column:split": "test"}
 
 
@@ -441,7 +467,11 @@ def test_own_prompts_rows_read_back_keep_their_id():
         ({"prompt": ["hi"], "answer": "1"}, "prompt[0]", "expected a message {role, content}, got str"),
         ({"messages": [{"role": "user"}], "answer": "1"}, "messages[0].content", "expected text, got null"),
         ({"messages": [{"content": "hi"}], "answer": "1"}, "messages[0].role", "expected text, got null"),
-        ({"messages": [{"role": "user", "content": "hi", "name": "x"}], "answer": "1"}, "messages[0]", "unsupported message keys ['name']"),
+        (
+            {"messages": [{"role": "user", "content": "hi", "name": "x"}], "answer": "1"},
+            "messages[0]",
+            "unsupported message keys ['name']",
+        ),
         ({"prompt": "p", "answer": {"value": 1}}, "answer", "expected text or a number, got dict"),
         ({"prompt": "p", "answer": True}, "answer", "got bool"),
         ({"prompt": "p", "reward_model": "72"}, "reward_model", "expected an object"),
@@ -452,7 +482,11 @@ def test_own_prompts_rows_read_back_keep_their_id():
         ({"prompt": "p", "test": ["assert f()"]}, "test", "expected text, got list"),
         ({"prompt": "p", "io": {"input": "1"}}, "io", "expected a list"),
         ({"prompt": "p", "io": [{"input": "1"}]}, "io[0].output", "missing"),
-        ({"prompt": "p", "io": [{"input": "1", "output": "2", "testtype": "functional"}]}, "io[0]", "unsupported case keys"),
+        (
+            {"prompt": "p", "io": [{"input": "1", "output": "2", "testtype": "functional"}]},
+            "io[0]",
+            "unsupported case keys",
+        ),
         ({"prompt": "p", "inputs": ["1", "2"], "outputs": ["1"]}, "outputs", "1 outputs for 2 inputs"),
         ({"prompt": "p", "inputs": "1"}, "inputs", "expected a list of texts, got str"),
         ({"prompt": "p", "answer": "1", "extra_info": ["a"]}, "extra_info", "expected an object, got list"),
@@ -473,7 +507,12 @@ def test_invalid_row_survives_pickling():
     import pickle
 
     err = pickle.loads(pickle.dumps(InvalidRow("f.jsonl", 3, "answer", "missing gold answer")))
-    assert (err.data_source, err.row, err.field, str(err)) == ("f.jsonl", 3, "answer", "f.jsonl row 3, field 'answer': missing gold answer")
+    assert (err.data_source, err.row, err.field, str(err)) == (
+        "f.jsonl",
+        3,
+        "answer",
+        "f.jsonl row 3, field 'answer': missing gold answer",
+    )
 
 
 # --------------------------------------------------------------------------- prompt ids and the table
@@ -481,7 +520,9 @@ def test_invalid_row_survives_pickling():
 
 def test_prompt_id_is_a_pinned_content_hash():
     """Pinned: the same problem must get the same id in every run, on every version."""
-    canonical = '{"answer":"46","entry_point":null,"io":null,"messages":null,"prompt":"12+34=","test":null,"tests":null}'
+    canonical = (
+        '{"answer":"46","entry_point":null,"io":null,"messages":null,"prompt":"12+34=","test":null,"tests":null}'
+    )
     row = normalise({"prompt": "12+34=", "answer": "46", "task": "arithmetic"})
     assert row["prompt_id"] == hashlib.sha256(canonical.encode()).hexdigest()[:16] == "8c934effa00e6ea6"
 
@@ -519,8 +560,12 @@ def test_prompt_id_ignores_metadata_but_not_content():
 
 
 def test_prompts_table_has_the_prompts_schema():
-    rows = [normalise_row({"prompt": f"{a}+1=", "answer": str(a + 1), "task": "arithmetic"}, data_source="builtin:arithmetic", row=a)
-            for a in range(3)]
+    rows = [
+        normalise_row(
+            {"prompt": f"{a}+1=", "answer": str(a + 1), "task": "arithmetic"}, data_source="builtin:arithmetic", row=a
+        )
+        for a in range(3)
+    ]
     rows.append(normalise(VERL_ROW))
     table = prompts_table(rows)
     check_schema(table.schema, PROMPTS, "memory")

@@ -20,8 +20,12 @@ from tasks.ingest import EmptySource, _worth_retrying, ingest_prompts, ingest_ta
 
 GOOD = [
     {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3+4=7\n#### 7"},
-    {"prompt": [{"role": "user", "content": "What is 6*7?"}], "reward_model": {"ground_truth": "42", "style": "rule"},
-     "data_source": "mine", "extra_info": {"index": 1}},
+    {
+        "prompt": [{"role": "user", "content": "What is 6*7?"}],
+        "reward_model": {"ground_truth": "42", "style": "rule"},
+        "data_source": "mine",
+        "extra_info": {"index": 1},
+    },
     {"prompt": "def inc(x):\n", "test": "def check(c):\n    assert c(1) == 2\n", "entry_point": "inc"},
 ]
 
@@ -42,8 +46,14 @@ def test_ingest_writes_a_checked_prompts_artifact(tmp_path):
     summary = ingest_prompts(str(source), out)
 
     assert summary == {
-        "source": str(source), "rows": 3, "rejected": 0, "duplicates": 0, "duplicate_examples": [],
-        "read": 3, "out_path": str(out), "rejected_path": None,
+        "source": str(source),
+        "rows": 3,
+        "rejected": 0,
+        "duplicates": 0,
+        "duplicate_examples": [],
+        "read": 3,
+        "out_path": str(out),
+        "rejected_path": None,
     }
     table = read_table(out, PROMPTS)  # fails unless the file carries the PROMPTS schema
     rows = table.to_pylist()

@@ -27,7 +27,10 @@ def run(run_dir):  # noqa: F811
     for name in entries:
         manifest.record(name, summary=entries[name].get("summary", {}), seconds=0.25)
     manifest.record("checkpoint", summary={"kl": 0.0123}, seconds=1.5)  # not saved: weights only in memory
-    atomic_write_json(folder / "metrics.json", {"iteration": 1, "reward": 0.5, "kl": 0.0123, "frac_reward_zero_std": 1 / 3, "held_out_accuracy": 0.25})
+    atomic_write_json(
+        folder / "metrics.json",
+        {"iteration": 1, "reward": 0.5, "kl": 0.0123, "frac_reward_zero_std": 1 / 3, "held_out_accuracy": 0.25},
+    )
     second = run_dir / "iter-0002"
     second.mkdir()
     (second / "prompts.parquet").write_bytes((folder / "prompts.parquet").read_bytes())
@@ -46,7 +49,11 @@ def test_run_overview_has_every_stage_of_every_iteration(run):
     mean = sum(rewards) / 12
     assert first["reward_mean"] == pytest.approx(mean)
     assert first["reward_std"] == pytest.approx(math.sqrt(sum((r - mean) ** 2 for r in rewards) / 11))
-    assert (first["held_out_accuracy"], first["kl"], first["frac_reward_zero_std"]) == (0.25, 0.0123, pytest.approx(1 / 3))
+    assert (first["held_out_accuracy"], first["kl"], first["frac_reward_zero_std"]) == (
+        0.25,
+        0.0123,
+        pytest.approx(1 / 3),
+    )
     assert second["stages"]["prompts"]["status"] == "done"
     assert second["stages"]["generate"]["status"] == "partial"  # a killed writer's temp file
     assert second["stages"]["score"]["status"] == "missing"
@@ -59,7 +66,16 @@ def test_run_table_on_the_command_line(run, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     assert main(["inspect", str(run)]) == 0
     out = capsys.readouterr().out
-    for text in ("generate", "zero-std", "done 12 0.2s", "in memory 1.5s", "partial", "25.0%", "0.0123", "0.583 ± 0.515"):
+    for text in (
+        "generate",
+        "zero-std",
+        "done 12 0.2s",
+        "in memory 1.5s",
+        "partial",
+        "25.0%",
+        "0.0123",
+        "0.583 ± 0.515",
+    ):
         assert text in out, text
     assert main(["inspect", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["iterations"][1]["reward_mean"] is None  # NaN becomes null
@@ -73,7 +89,12 @@ def test_artifact_view_joins_prompt_gold_rewards_and_advantages(run):
     [group] = data["groups"]
     assert (group["prompt"], group["gold"], group["task"]) == ("11+11=", "22", "arithmetic")
     best, *rest = group["completions"]
-    assert (best["completion"], best["rewards"], best["reward"], best["kept"]) == ("22", {"exact_answer": 1.0}, 1.0, True)
+    assert (best["completion"], best["rewards"], best["reward"], best["kept"]) == (
+        "22",
+        {"exact_answer": 1.0},
+        1.0,
+        True,
+    )
     assert best["advantage"] > 0 > rest[-1]["advantage"]
     assert sorted(c["completion"] for c in group["completions"]) == sorted(COMPLETIONS[2])
 
@@ -81,7 +102,10 @@ def test_artifact_view_joins_prompt_gold_rewards_and_advantages(run):
 def test_sample_is_seeded_and_sort_orders_each_group(run, capsys):
     path = run / "iter-0001" / "generations.parquet"
     pick = [g["prompt_id"] for g in inspect_path(path, sample=2, seed=5, as_json=True)["groups"]]
-    assert pick == [g["prompt_id"] for g in inspect_path(path, sample=2, seed=5, as_json=True)["groups"]] and len(pick) == 2
+    assert (
+        pick == [g["prompt_id"] for g in inspect_path(path, sample=2, seed=5, as_json=True)["groups"]]
+        and len(pick) == 2
+    )
     by_advantage = inspect_path(path, sample=3, sort="advantage", as_json=True)["groups"]
     for g in by_advantage:
         advantages = [c["advantage"] for c in g["completions"]]
@@ -117,7 +141,9 @@ def test_each_stage_publishes_a_prefect_artifact(run, prefect_harness):
 
     grpo_rescore(str(run), "pub", rewards={"exact_answer": 1.0})
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["run-rewards-at-pub", "run-advantages-at-pub"])))
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["run-rewards-at-pub", "run-advantages-at-pub"]))
+        )
     texts = {a.key: a.data for a in found}
     assert all(a.flow_run_id is not None for a in found)  # published off the flow's thread, still filed under its run
     assert "reward/exact_answer" in texts["run-rewards-at-pub"] and "Best and worst" in texts["run-rewards-at-pub"]
@@ -168,7 +194,9 @@ def test_stage_reports_over_budget_wait_and_the_latest_of_each_stage_is_publishe
         published.append((output, summary["n"]))
 
     monkeypatch.setattr(flows.report, "publish_stage_report", slow_report)
-    monkeypatch.setattr(prefect.context.FlowRunContext, "get", classmethod(lambda cls: object()))  # as inside a flow run
+    monkeypatch.setattr(
+        prefect.context.FlowRunContext, "get", classmethod(lambda cls: object())
+    )  # as inside a flow run
     views = flows.report.BackgroundViews()
     folder = run / "iter-0001"
     views.publish_stage_report(folder, "rewards.parquet", {"n": 1})

@@ -12,8 +12,15 @@ from tasks.update import set_activation_checkpointing
 
 PROMPTS = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]]
 COMPLETIONS = [[12, 13, 40], [14, 15, 16, 17, 90, 91], [18], [20, 21, 22, 23, 24]]
-SIZES = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=64, max_position_embeddings=32)
+SIZES = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=32,
+)
 
 
 def _models():
@@ -26,7 +33,9 @@ def _models():
 def _loss_and_grads(model, batch, chunk_tokens, temperature):
     """A loss that weights every position differently, so a misplaced position would show."""
     model.zero_grad(set_to_none=True)
-    logp, entropy = completion_logprobs(model, batch, temperature, with_entropy=True, chunk_tokens=chunk_tokens)  # (B, C)
+    logp, entropy = completion_logprobs(
+        model, batch, temperature, with_entropy=True, chunk_tokens=chunk_tokens
+    )  # (B, C)
     weights = torch.arange(1, logp.numel() + 1, dtype=torch.float32).reshape(logp.shape) / logp.numel()
     ((logp * weights * batch.completion_mask).sum() + (logp.exp() * batch.completion_mask).sum()).backward()
     return logp.detach(), entropy, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -47,7 +56,9 @@ def test_chunked_values_and_gradients_equal_the_whole_logits_path(checkpointing)
                 torch.testing.assert_close(logp[real], ref_logp[real], atol=1e-6, rtol=0, msg=f"{name} chunk {chunk}")
                 # entropy (~4.6 nats here) is a sum over the vocabulary: float rounding of a
                 # different matmul shape reaches ~1.4e-6 absolute, so relative 1e-6 on top
-                torch.testing.assert_close(entropy[real], ref_entropy[real], atol=1e-6, rtol=1e-6, msg=f"{name} chunk {chunk}")
+                torch.testing.assert_close(
+                    entropy[real], ref_entropy[real], atol=1e-6, rtol=1e-6, msg=f"{name} chunk {chunk}"
+                )
                 assert (logp[~real] == 0).all() and (entropy[~real] == 0).all()
                 assert grads.keys() == ref_grads.keys()
                 for key, g in grads.items():
@@ -58,7 +69,9 @@ def test_the_head_never_sees_more_than_one_chunk_of_positions():
     batch = pack(PROMPTS, COMPLETIONS, 0, torch.device("cpu"))
     _, model = next(_models())
     rows: list[int] = []
-    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: rows.append(out.shape[0] * (out.dim() == 2)))
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda m, i, out: rows.append(out.shape[0] * (out.dim() == 2))
+    )
     try:
         model.train()
         logp = completion_logprobs(model, batch, 1.0, chunk_tokens=4)
@@ -89,8 +102,14 @@ def test_a_model_with_scaled_logits_takes_the_whole_logits_path():
     batch = pack(PROMPTS, COMPLETIONS, 0, torch.device("cpu"))
     model.eval()
     with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
-        expected = torch.log_softmax(logits[:, -batch.completion_ids.shape[1] - 1 : -1].float(), -1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+        logits = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).logits
+        expected = (
+            torch.log_softmax(logits[:, -batch.completion_ids.shape[1] - 1 : -1].float(), -1)
+            .gather(-1, batch.completion_ids.unsqueeze(-1))
+            .squeeze(-1)
+        )
         got = completion_logprobs(model, batch, 1.0, chunk_tokens=2)
     real = batch.completion_mask > 0
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)

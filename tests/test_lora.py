@@ -46,11 +46,27 @@ def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     save_checkpoint(LivePolicy(Qwen2ForCausalLM(config), tokenizer), root / "model")
     prompts = root / "prompts.parquet"
-    write_table(prompts_table([normalise_row(p, data_source="t", row=i) for i, p in enumerate(builtin.train_problems(4, seed=5))]), prompts, PROMPTS)
+    write_table(
+        prompts_table(
+            [normalise_row(p, data_source="t", row=i) for i, p in enumerate(builtin.train_problems(4, seed=5))]
+        ),
+        prompts,
+        PROMPTS,
+    )
     return {"root": root, "model": str(root / "model"), "prompts": prompts}
 
 
@@ -58,18 +74,40 @@ def _iteration(base, name: str, policy: str, seed: int, **generate) -> tuple[str
     """generate (reference from the adapter-disabled base) + random rewards + advantages."""
     root = base["root"]
     gens, rewards, advs = (str(root / f"{name}-{kind}.parquet") for kind in ("generations", "rewards", "advantages"))
-    generate_completions(base["prompts"], gens, policy, group_size=4, max_new_tokens=5, reference_from_base=True, use_chat_template=False,
-                         seed=seed, device="cpu", **generate)
+    generate_completions(
+        base["prompts"],
+        gens,
+        policy,
+        group_size=4,
+        max_new_tokens=5,
+        reference_from_base=True,
+        use_chat_template=False,
+        seed=seed,
+        device="cpu",
+        **generate,
+    )
     table = read_table(gens, GENERATIONS, columns=["prompt_id", "sample_index"])
     rng = random.Random(seed)
-    write_table(pa.table({"prompt_id": table["prompt_id"], "sample_index": table["sample_index"],
-                          "reward": [float(rng.randint(0, 3)) for _ in range(table.num_rows)]}, schema=REWARDS.schema), rewards, REWARDS)
+    write_table(
+        pa.table(
+            {
+                "prompt_id": table["prompt_id"],
+                "sample_index": table["sample_index"],
+                "reward": [float(rng.randint(0, 3)) for _ in range(table.num_rows)],
+            },
+            schema=REWARDS.schema,
+        ),
+        rewards,
+        REWARDS,
+    )
     compute_advantages(rewards, advs)
     return gens, advs
 
 
 def _update(gens, advs, policy, out, **kw):
-    settings = dict(learning_rate=1e-2, loss=LossSettings(beta=0.04), micro_batch_size=8, seed=3, device="cpu", lora=LORA)
+    settings = dict(
+        learning_rate=1e-2, loss=LossSettings(beta=0.04), micro_batch_size=8, seed=3, device="cpu", lora=LORA
+    )
     return update_policy(gens, advs, policy, out, **settings | kw)
 
 
@@ -77,7 +115,9 @@ def test_only_the_adapter_trains_and_the_reference_is_the_base_weights(base, mon
     loads = []
     real_load = tasks.generate.load_model
     monkeypatch.setattr(tasks.generate, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
-    original = {k: v.clone() for k, v in load_model(base["model"], torch.device("cpu"), torch.float32).state_dict().items()}
+    original = {
+        k: v.clone() for k, v in load_model(base["model"], torch.device("cpu"), torch.float32).state_dict().items()
+    }
     gens, advs = _iteration(base, "a", base["model"], seed=1)
     out = str(base["root"] / "a-checkpoint")
     _update(gens, advs, base["model"], out, save=True)
@@ -85,7 +125,9 @@ def test_only_the_adapter_trains_and_the_reference_is_the_base_weights(base, mon
     assert is_adapted(policy.model)
     trained = {n for n, p in policy.model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
-    assert {id(p) for g in policy.optimizer.param_groups for p in g["params"]} == {id(p) for n, p in policy.model.named_parameters() if n in trained}
+    assert {id(p) for g in policy.optimizer.param_groups for p in g["params"]} == {
+        id(p) for n, p in policy.model.named_parameters() if n in trained
+    }
     # base weights untouched, adapter moved
     base_now = policy.model.get_base_model().state_dict()
     for key, value in original.items():
@@ -99,7 +141,9 @@ def test_only_the_adapter_trains_and_the_reference_is_the_base_weights(base, mon
     assert loads == []
     rows = read_table(gens2, GENERATIONS).to_pylist()
     fresh = load_model(base["model"], torch.device("cpu"), torch.float32).eval()
-    expected = batched_completion_logprobs(fresh, [r["prompt_token_ids"] for r in rows], [r["completion_token_ids"] for r in rows], 0, 1.0, 64)
+    expected = batched_completion_logprobs(
+        fresh, [r["prompt_token_ids"] for r in rows], [r["completion_token_ids"] for r in rows], 0, 1.0, 64
+    )
     for r, e in zip(rows, expected):
         assert torch.allclose(torch.tensor(r["ref_logprobs"]), torch.tensor(e), atol=1e-6)
     assert max(abs(a - b) for r in rows for a, b in zip(r["old_logprobs"], r["ref_logprobs"])) > 1e-3
@@ -111,12 +155,18 @@ def test_checkpoint_holds_the_adapter_and_resume_continues_exactly(base, tmp_pat
     # uninterrupted: two updates in one process
     _update(gens1, advs1, base["model"], str(tmp_path / "u1"), save=False)
     _update(gens2, advs2, str(tmp_path / "u1"), str(tmp_path / "u2"), save=True)
-    straight = {n: p.detach().clone() for n, p in live_policy(str(tmp_path / "u2")).model.named_parameters() if p.requires_grad}
+    straight = {
+        n: p.detach().clone() for n, p in live_policy(str(tmp_path / "u2")).model.named_parameters() if p.requires_grad
+    }
     forget_live_policies()
     # interrupted: the first update checkpointed, the process forgets it, the second resumes from disk
     _update(gens1, advs1, base["model"], str(tmp_path / "c1"), save=True)
     saved = tmp_path / "c1"
-    assert is_adapter_checkpoint(saved) and (saved / "optimizer.pt").is_file() and not (saved / "model.safetensors").exists()
+    assert (
+        is_adapter_checkpoint(saved)
+        and (saved / "optimizer.pt").is_file()
+        and not (saved / "model.safetensors").exists()
+    )
     forget_live_policies()
     _update(gens2, advs2, str(saved), str(tmp_path / "c2"), save=False)
     resumed = {n: p.detach() for n, p in live_policy(str(tmp_path / "c2")).model.named_parameters() if p.requires_grad}
@@ -142,7 +192,9 @@ def test_merged_export_loads_with_plain_transformers(base, tmp_path):
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     policy.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(plain(input_ids=ids).logits, policy.model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            plain(input_ids=ids).logits, policy.model(input_ids=ids).logits, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_lora_settings_from_the_config():
@@ -155,7 +207,9 @@ def test_lora_settings_from_the_config():
         GRPOConfig(lora_alpha=16)
 
 
-def test_a_lora_run_of_the_flow_loads_no_reference_and_checkpoints_adapters(tmp_path, tiny_model_dir, prefect_harness, monkeypatch):
+def test_a_lora_run_of_the_flow_loads_no_reference_and_checkpoints_adapters(
+    tmp_path, tiny_model_dir, prefect_harness, monkeypatch
+):
     import json
 
     from flows.config import GRPOConfig
@@ -166,9 +220,22 @@ def test_a_lora_run_of_the_flow_loads_no_reference_and_checkpoints_adapters(tmp_
     monkeypatch.setattr(tasks.generate, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps(p) + "\n" for p in builtin.train_problems(16, seed=3)))
-    config = GRPOConfig(run_dir=tmp_path / "run", model=str(tiny_model_dir), dataset=str(train), task="arithmetic", iterations=2,
-                        prompts_per_iteration=4, group_size=3, max_new_tokens=4, beta=0.04, micro_batch_size=6, lora_rank=4,
-                        learning_rate=1e-3, rewards={"exact_answer": 1.0}, score_workers=1)
+    config = GRPOConfig(
+        run_dir=tmp_path / "run",
+        model=str(tiny_model_dir),
+        dataset=str(train),
+        task="arithmetic",
+        iterations=2,
+        prompts_per_iteration=4,
+        group_size=3,
+        max_new_tokens=4,
+        beta=0.04,
+        micro_batch_size=6,
+        lora_rank=4,
+        learning_rate=1e-3,
+        rewards={"exact_answer": 1.0},
+        score_workers=1,
+    )
     metrics = grpo_train(config)
     assert loads == [] and metrics["kl"] >= 0
     for it in (1, 2):

@@ -25,7 +25,9 @@ def test_appending_an_iteration_equals_rebuilding_from_every_metrics_json(tmp_pa
         write_metrics(tmp_path, it, {"iteration": it, "reward": it / 10, "kl": 0.01 * it, "note": "text is left out"})
     appended = _table(tmp_path)
     assert len(parsed) == 4  # one metrics.json read per iteration, not all of them every time
-    assert sorted((r["iteration"], r["name"]) for r in appended) == [(it, name) for it in range(4) for name in ("kl", "reward")]
+    assert sorted((r["iteration"], r["name"]) for r in appended) == [
+        (it, name) for it in range(4) for name in ("kl", "reward")
+    ]
     write_metrics_table(tmp_path)  # a full rebuild
     assert _table(tmp_path) == appended
 
@@ -35,7 +37,9 @@ def test_a_table_that_misses_an_iteration_is_rebuilt_whole(tmp_path):
         iteration_dir(tmp_path, it).mkdir()
         (iteration_dir(tmp_path, it) / "metrics.json").write_text(json.dumps({"iteration": it, "reward": float(it)}))
     write_metrics_table(tmp_path)
-    (iteration_dir(tmp_path, 1) / "metrics.json").write_text(json.dumps({"iteration": 1, "reward": 5.0}))  # repaired by hand
+    (iteration_dir(tmp_path, 1) / "metrics.json").write_text(
+        json.dumps({"iteration": 1, "reward": 5.0})
+    )  # repaired by hand
     iteration_dir(tmp_path, 3).mkdir()
     (tmp_path / "metrics.parquet").unlink()  # lost: the next iteration rebuilds it
     write_metrics(tmp_path, 3, {"iteration": 3, "reward": 3.0})

@@ -54,7 +54,9 @@ def test_grpo_group_scaling_by_hand():
     expected = [-0.5 / (s1 + 1e-4)] * 2 + [0.5 / (s1 + 1e-4)] * 2 + [0.0] * 4 + [-1 / (s3 + 1e-4), 0.0, 1 / (s3 + 1e-4)]
     assert adv(R, G) == pytest.approx(expected, abs=1e-12)
     # eps = 0: the textbook values, +-sqrt(3)/2 and +-1/sqrt(2).
-    assert adv(R, G, eps=0.0) == pytest.approx([-math.sqrt(3) / 2] * 2 + [math.sqrt(3) / 2] * 2 + [0.0] * 4 + [-1 / math.sqrt(2), 0, 1 / math.sqrt(2)])
+    assert adv(R, G, eps=0.0) == pytest.approx(
+        [-math.sqrt(3) / 2] * 2 + [math.sqrt(3) / 2] * 2 + [0.0] * 4 + [-1 / math.sqrt(2), 0, 1 / math.sqrt(2)]
+    )
 
 
 def test_grpo_batch_scaling_by_hand():
@@ -78,7 +80,9 @@ def test_rloo_by_hand():
 
 
 def test_group_statistics_leave_nan_out_and_detect_equal_rewards_exactly():
-    out = group_advantages(torch.tensor([0.1, 0.1, 0.1, NAN, NAN, 5.0, NAN], dtype=torch.float64), torch.tensor([0, 0, 0, 1, 1, 2, 2]))
+    out = group_advantages(
+        torch.tensor([0.1, 0.1, 0.1, NAN, NAN, 5.0, NAN], dtype=torch.float64), torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    )
     # [0.1, 0.1, 0.1]: floating-point std would be ~1e-17, yet the group is exactly equal.
     assert out.zero_std.tolist() == [True] * 7  # equal / no valid reward / one valid reward
     assert out.advantage.tolist() == [0.0] * 7
@@ -121,7 +125,9 @@ def test_config_choices_are_the_tables_names():
 
 # Quarter-integers: sums and shifts are exact in binary, so "equal" stays equal under a shift.
 reward_values = st.integers(-16, 16).map(lambda k: k / 4)
-groups_strategy = st.lists(st.lists(st.one_of(reward_values, st.just(NAN)), min_size=1, max_size=6), min_size=1, max_size=5)
+groups_strategy = st.lists(
+    st.lists(st.one_of(reward_values, st.just(NAN)), min_size=1, max_size=6), min_size=1, max_size=5
+)
 
 
 def flat(groups: list[list[float]]) -> tuple[list[float], list[int]]:
@@ -144,7 +150,9 @@ def test_grpo_advantages_have_mean_zero_in_every_group_with_spread(groups, scale
 
 
 @settings(max_examples=150, deadline=None)
-@given(groups_strategy, st.integers(0, 4), st.integers(-40, 40).map(lambda k: k / 8), st.sampled_from(sorted(ESTIMATORS)))
+@given(
+    groups_strategy, st.integers(0, 4), st.integers(-40, 40).map(lambda k: k / 8), st.sampled_from(sorted(ESTIMATORS))
+)
 def test_adding_a_constant_to_a_group_changes_nothing(groups, which, c, estimator):
     which %= len(groups)
     shifted = [[r + c for r in g] if i == which else g for i, g in enumerate(groups)]
@@ -160,7 +168,9 @@ def test_scaling_rewards_leaves_grpo_unchanged_and_scales_dr_grpo(groups, c):
     scaled = [r * c for r in rewards]
     # With eps = 0 exactly; with eps > 0 grpo is unchanged up to the eps/std term.
     assert adv(scaled, ids, "grpo", eps=0.0) == pytest.approx(adv(rewards, ids, "grpo", eps=0.0), rel=1e-9, abs=1e-9)
-    assert adv(scaled, ids, "dr_grpo") == pytest.approx([c * x for x in adv(rewards, ids, "dr_grpo")], rel=1e-9, abs=1e-9)
+    assert adv(scaled, ids, "dr_grpo") == pytest.approx(
+        [c * x for x in adv(rewards, ids, "dr_grpo")], rel=1e-9, abs=1e-9
+    )
     assert adv(scaled, ids, "rloo") == pytest.approx([c * x for x in adv(rewards, ids, "rloo")], rel=1e-9, abs=1e-9)
 
 
@@ -177,7 +187,9 @@ def one_batch_loss(logp, old, advantages, mask, settings, ref=None, micro=None):
     totals = BatchTotals(sequences=b, tokens=int(mask.sum()), micro_batches=len(parts))
     total = 0.0
     for p in parts:
-        loss, _ = policy_loss(logp[p], old[p], advantages[p], mask[p], None if ref is None else ref[p], settings, totals)
+        loss, _ = policy_loss(
+            logp[p], old[p], advantages[p], mask[p], None if ref is None else ref[p], settings, totals
+        )
         total = total + loss
     return total
 
@@ -251,10 +263,31 @@ def test_clip_statistics():
     # ratios 0.5 (A < 0: low clip), 1.5 (A > 0: high clip), 0.5 (A > 0: not clipped), padding.
     logp = torch.log(torch.tensor([[0.5, 1.0], [1.5, 1.0], [0.5, 1.0]]))
     mask = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
-    _, stats = policy_loss(logp, torch.zeros(3, 2), torch.tensor([-1.0, 1.0, 1.0]), mask, None, LossSettings(beta=0.0), BatchTotals(3, 3, 1))
-    assert (stats["clip_low"], stats["clip_high"], stats["clip_region"], stats["clip_units"], stats["tokens"]) == (1, 1, 2, 3, 3)
-    _, seq = policy_loss(logp, torch.zeros(3, 2), torch.tensor([-1.0, 1.0, 1.0]), mask, None,
-                         LossSettings(beta=0.0, importance_sampling="sequence"), BatchTotals(3, 3, 1))
+    _, stats = policy_loss(
+        logp,
+        torch.zeros(3, 2),
+        torch.tensor([-1.0, 1.0, 1.0]),
+        mask,
+        None,
+        LossSettings(beta=0.0),
+        BatchTotals(3, 3, 1),
+    )
+    assert (stats["clip_low"], stats["clip_high"], stats["clip_region"], stats["clip_units"], stats["tokens"]) == (
+        1,
+        1,
+        2,
+        3,
+        3,
+    )
+    _, seq = policy_loss(
+        logp,
+        torch.zeros(3, 2),
+        torch.tensor([-1.0, 1.0, 1.0]),
+        mask,
+        None,
+        LossSettings(beta=0.0, importance_sampling="sequence"),
+        BatchTotals(3, 3, 1),
+    )
     assert (seq["clip_low"], seq["clip_high"], seq["clip_units"]) == (1, 1, 3)  # counted per completion
 
 
@@ -324,7 +357,12 @@ def reference_loss(logp, old, ref, advantages, lengths, truncated, s: LossSettin
     return loss
 
 
-ESTIMATOR_SCALES = [(e, sc) for e in ESTIMATORS for sc in SCALES if not (ESTIMATORS[e].fixed_scale and sc != ESTIMATORS[e].default_scale)]
+ESTIMATOR_SCALES = [
+    (e, sc)
+    for e in ESTIMATORS
+    for sc in SCALES
+    if not (ESTIMATORS[e].fixed_scale and sc != ESTIMATORS[e].default_scale)
+]
 
 
 @pytest.mark.parametrize("estimator,scale", ESTIMATOR_SCALES)
@@ -348,8 +386,15 @@ def test_vectorised_matches_the_loop_reference(estimator, scale, aggregation, le
     old = base + 0.4 * torch.randn(b, c, generator=gen, dtype=torch.float64)  # ratios well outside the clip range
     ref = base + 0.4 * torch.randn(b, c, generator=gen, dtype=torch.float64)
     for (lo, hi), beta, mask_trunc in itertools.product([(0.2, 0.2), (0.2, 0.28)], [0.0, 0.04], [False, True]):
-        s = LossSettings(epsilon_low=lo, epsilon_high=hi, beta=beta, importance_sampling=level, aggregation=aggregation,
-                         max_completion_length=7, mask_truncated_completions=mask_trunc)
+        s = LossSettings(
+            epsilon_low=lo,
+            epsilon_high=hi,
+            beta=beta,
+            importance_sampling=level,
+            aggregation=aggregation,
+            max_completion_length=7,
+            mask_truncated_completions=mask_trunc,
+        )
         logp = base.clone().requires_grad_(True)
         m = loss_mask(mask, torch.tensor(truncated), s)
         vec = one_batch_loss(logp, old, a, m, s, ref=ref, micro=3)
@@ -375,12 +420,14 @@ def aggregation_weight(aggregation, lengths, micro, max_len):
     for part in parts:
         tokens = sum(lengths[i] for i in part)
         for i in part:
-            weights.append({
-                "grpo": 1 / (b * max(lengths[i], 1)),
-                "bnpo": 1 / (max(tokens, 1) * len(parts)),
-                "dapo": 1 / max(sum(lengths), 1),
-                "dr_grpo": 1 / (b * max_len),
-            }[aggregation])
+            weights.append(
+                {
+                    "grpo": 1 / (b * max(lengths[i], 1)),
+                    "bnpo": 1 / (max(tokens, 1) * len(parts)),
+                    "dapo": 1 / max(sum(lengths), 1),
+                    "dr_grpo": 1 / (b * max_len),
+                }[aggregation]
+            )
     return weights
 
 
@@ -399,7 +446,14 @@ def test_gradient_at_ratio_one_is_minus_advantage_times_grad_log_pi(lengths, agg
     mask = torch.tensor([[1.0 if t < n else 0.0 for t in range(c)] for n in lengths], dtype=torch.float64)
     a = torch.randn(b, generator=gen, dtype=torch.float64)
     logp = (-torch.rand(b, c, generator=gen, dtype=torch.float64) * 4).requires_grad_(True)
-    s = LossSettings(epsilon_low=eps[0], epsilon_high=eps[1], beta=0.0, importance_sampling=level, aggregation=aggregation, max_completion_length=6)
+    s = LossSettings(
+        epsilon_low=eps[0],
+        epsilon_high=eps[1],
+        beta=0.0,
+        importance_sampling=level,
+        aggregation=aggregation,
+        max_completion_length=6,
+    )
     loss = one_batch_loss(logp, logp.detach(), a, mask, s, micro=micro)  # mu = 1: pi_old = pi_theta, rho = 1
     (grad,) = torch.autograd.grad(loss, logp)
     w = torch.tensor(aggregation_weight(aggregation, lengths, micro, 6), dtype=torch.float64)
@@ -423,8 +477,17 @@ def test_gradient_at_ratio_one_through_a_model(one_thread):
     from tasks.logprobs import completion_logprobs, pack
 
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=20, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         intermediate_size=64, max_position_embeddings=32))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=20,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
+    )
     prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11]]
     completions = [[12, 13], [14, 15, 16, 17], [18]]
     batch = pack(prompts, completions, 0, torch.device("cpu"))

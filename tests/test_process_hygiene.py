@@ -41,9 +41,33 @@ def test_sigkill_of_grpo_run_leaves_no_process_behind(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"OMP_NUM_THREADS": "1"}
     cli = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", "--run-dir", str(run), "--model", str(tiny_model_dir), "--dataset", str(data),
-         "--iterations", "200", "--prompts-per-iteration", "2", "--group-size", "2", "--max-new-tokens", "2", "--score-workers", "1"],
-        cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "run",
+            "--run-dir",
+            str(run),
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(data),
+            "--iterations",
+            "200",
+            "--prompts-per-iteration",
+            "2",
+            "--group-size",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--score-workers",
+            "1",
+        ],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 240
@@ -52,7 +76,9 @@ def test_sigkill_of_grpo_run_leaves_no_process_behind(tmp_path, tiny_model_dir):
             assert time.monotonic() < deadline, "the run did not reach iteration 2"
             time.sleep(0.2)
         children = _session_members(cli.pid)
-        assert any("uvicorn" in c and "prefect.server" in c for c in children.values()), children  # the API server is ours
+        assert any("uvicorn" in c and "prefect.server" in c for c in children.values()), (
+            children
+        )  # the API server is ours
         assert len(children) >= 3, children  # the CLI, the server, a scoring worker
         os.kill(cli.pid, signal.SIGKILL)
         cli.wait(timeout=10)

@@ -51,7 +51,12 @@ def run_dir(tmp_path):
     """A run folder with one scored iteration, made without any model."""
     run = tmp_path / "run"
     folder = run / "iter-0001"
-    prompts = prompts_table([normalise_row({"prompt": q, "answer": a, "task": "arithmetic"}, data_source="t", row=i) for i, (q, a) in enumerate(PROBLEMS)])
+    prompts = prompts_table(
+        [
+            normalise_row({"prompt": q, "answer": a, "task": "arithmetic"}, data_source="t", row=i)
+            for i, (q, a) in enumerate(PROBLEMS)
+        ]
+    )
     write_table(prompts, folder / "prompts.parquet", PROMPTS)
     write_generations(folder / "generations.parquet", prompts["prompt_id"].to_pylist(), COMPLETIONS)
     config = GRPOConfig(run_dir=run, rewards={"exact_answer": 1.0})
@@ -59,7 +64,9 @@ def run_dir(tmp_path):
     manifest = Manifest(folder)
     for name in ("prompts.parquet", "generations.parquet"):
         manifest.record(name)
-    score_generations(folder / "generations.parquet", folder / "prompts.parquet", folder / "rewards.parquet", {"exact_answer": 1.0})
+    score_generations(
+        folder / "generations.parquet", folder / "prompts.parquet", folder / "rewards.parquet", {"exact_answer": 1.0}
+    )
     compute_advantages(folder / "rewards.parquet", folder / "advantages.parquet")
     manifest.record("rewards.parquet")
     manifest.record("advantages.parquet")
@@ -100,7 +107,9 @@ def test_rescore_writes_tagged_files_beside_the_originals_and_compares(run_dir, 
     assert result["rows"] == 12
     assert result["mean_before"] == pytest.approx(sum(before) / 12)
     assert result["mean_after"] == pytest.approx(sum(expected) / 12)
-    assert result["changed"] == sum(b != a for b, a in zip(before, expected)) == 11  # the empty completion scores 0 both times
+    assert (
+        result["changed"] == sum(b != a for b, a in zip(before, expected)) == 11
+    )  # the empty completion scores 0 both times
     first = result["examples"][0]
     assert (first["sample_index"], first["before"], first["after"], first["completion"]) == (0, 1.0, 2.0, "42")
 
@@ -114,7 +123,9 @@ def test_an_existing_tag_is_never_overwritten_but_an_interrupted_one_goes_on(run
     folder = run_dir / "iter-0001"
     grpo_rescore(str(run_dir), "t", rewards={"tests.test_rescore:longer_is_better": 1.0})
     written = (folder / "rewards@t.parquet").read_bytes()
-    with pytest.raises(TagInUse, match=r"rewards@t\.parquet already exists \(re-scoring never overwrites\): choose another --tag"):
+    with pytest.raises(
+        TagInUse, match=r"rewards@t\.parquet already exists \(re-scoring never overwrites\): choose another --tag"
+    ):
         grpo_rescore(str(run_dir), "t", rewards={"exact_answer": 1.0})
     # Same tag, same rewards: an interrupted re-scoring finishes, done files kept as they are.
     (folder / "advantages@t.parquet").unlink()
@@ -156,8 +167,14 @@ def test_bad_rescore_arguments_are_one_line_errors(run_dir, capsys, argv, messag
 
 @pytest.mark.parametrize(
     "settings",
-    [{}, {"estimator": "rloo"}, {"estimator": "dr_grpo"}, {"scale_rewards": "batch"}, {"estimator": "rloo", "scale_rewards": "batch"},
-     {"dynamic_sampling": True, "target_groups": 1}],
+    [
+        {},
+        {"estimator": "rloo"},
+        {"estimator": "dr_grpo"},
+        {"scale_rewards": "batch"},
+        {"estimator": "rloo", "scale_rewards": "batch"},
+        {"dynamic_sampling": True, "target_groups": 1},
+    ],
 )
 def test_advantages_streamed_in_small_chunks_equal_one_pass(tmp_path, run_dir, settings):
     import torch
@@ -166,15 +183,28 @@ def test_advantages_streamed_in_small_chunks_equal_one_pass(tmp_path, run_dir, s
 
     rewards = run_dir / "iter-0001" / "rewards.parquet"
     whole = compute_advantages(rewards, tmp_path / "whole.parquet", chunk_rows=1_000_000, **settings)
-    chunked = compute_advantages(rewards, tmp_path / "chunked.parquet", chunk_rows=3, **settings)  # smaller than a group
+    chunked = compute_advantages(
+        rewards, tmp_path / "chunked.parquet", chunk_rows=3, **settings
+    )  # smaller than a group
     assert pq.read_table(tmp_path / "chunked.parquet").equals(pq.read_table(tmp_path / "whole.parquet"))
     assert chunked == pytest.approx(whole, rel=1e-12, nan_ok=True)
     # ... and the numbers are the objective's own, computed on the whole table at once.
     table = read_table(rewards, REWARDS)
-    ids = torch.tensor([[p for i, p in enumerate(table["prompt_id"].to_pylist()) if p not in table["prompt_id"].to_pylist()[:i]].index(p)
-                        for p in table["prompt_id"].to_pylist()])
-    expected = group_advantages(torch.tensor(table["reward"].to_pylist(), dtype=torch.float64), ids,
-                                settings.get("estimator", "grpo"), settings.get("scale_rewards"), 1e-4)
+    ids = torch.tensor(
+        [
+            [
+                p for i, p in enumerate(table["prompt_id"].to_pylist()) if p not in table["prompt_id"].to_pylist()[:i]
+            ].index(p)
+            for p in table["prompt_id"].to_pylist()
+        ]
+    )
+    expected = group_advantages(
+        torch.tensor(table["reward"].to_pylist(), dtype=torch.float64),
+        ids,
+        settings.get("estimator", "grpo"),
+        settings.get("scale_rewards"),
+        1e-4,
+    )
     got = read_table(tmp_path / "chunked.parquet", ADVANTAGES)["advantage"].to_pylist()
     assert got == pytest.approx(expected.advantage.float().tolist(), rel=1e-6)
     assert (whole["dynamic_sampling/groups"], whole["frac_reward_zero_std"]) == (3, pytest.approx(1 / 3))
@@ -183,12 +213,29 @@ def test_advantages_streamed_in_small_chunks_equal_one_pass(tmp_path, run_dir, s
 def test_a_group_split_across_the_file_is_an_error_naming_the_row(tmp_path):
     path = tmp_path / "rewards.parquet"
     ids = ["a", "a", "b", "b", "a"]
-    write_table(pa.table({"prompt_id": ids, "sample_index": pa.array([0, 1, 0, 1, 2], pa.int32()), "reward": [1.0] * 5}, schema=REWARDS.schema), path, REWARDS)
+    write_table(
+        pa.table(
+            {"prompt_id": ids, "sample_index": pa.array([0, 1, 0, 1, 2], pa.int32()), "reward": [1.0] * 5},
+            schema=REWARDS.schema,
+        ),
+        path,
+        REWARDS,
+    )
     with pytest.raises(SchemaError, match=r"rewards.parquet: row 4: prompt_id 'a' appears again after other groups"):
         list(iter_groups(path, REWARDS, batch_rows=2))
     # Adjacent groups stream whole, whatever the batch size.
-    write_table(pa.table({"prompt_id": ["a", "a", "a", "b", "c", "c"], "sample_index": pa.array([0, 1, 2, 0, 0, 1], pa.int32()),
-                          "reward": [1.0] * 6}, schema=REWARDS.schema), path, REWARDS)
+    write_table(
+        pa.table(
+            {
+                "prompt_id": ["a", "a", "a", "b", "c", "c"],
+                "sample_index": pa.array([0, 1, 2, 0, 0, 1], pa.int32()),
+                "reward": [1.0] * 6,
+            },
+            schema=REWARDS.schema,
+        ),
+        path,
+        REWARDS,
+    )
     for batch_rows in (1, 2, 4, 100):
         chunks = [t["prompt_id"].to_pylist() for t in iter_groups(path, REWARDS, batch_rows=batch_rows)]
         assert sum(chunks, []) == ["a", "a", "a", "b", "c", "c"]
@@ -199,9 +246,16 @@ def test_comparison_streams_in_chunks(run_dir, tmp_path):
     from flows.rescore import compare_rewards
 
     folder = run_dir / "iter-0001"
-    score_generations(folder / "generations.parquet", folder / "prompts.parquet", tmp_path / "new.parquet", {"tests.test_rescore:longer_is_better": 1.0})
+    score_generations(
+        folder / "generations.parquet",
+        folder / "prompts.parquet",
+        tmp_path / "new.parquet",
+        {"tests.test_rescore:longer_is_better": 1.0},
+    )
     whole = compare_rewards(folder / "rewards.parquet", tmp_path / "new.parquet", folder / "generations.parquet")
-    chunked = compare_rewards(folder / "rewards.parquet", tmp_path / "new.parquet", folder / "generations.parquet", chunk_rows=5)
+    chunked = compare_rewards(
+        folder / "rewards.parquet", tmp_path / "new.parquet", folder / "generations.parquet", chunk_rows=5
+    )
     assert whole == chunked and whole["changed"] == 11
     alone = compare_rewards(None, tmp_path / "new.parquet", folder / "generations.parquet")
     assert alone["changed"] is None and math.isclose(alone["mean_after"], whole["mean_after"])
@@ -217,14 +271,29 @@ def write_incompressible_generations(path, groups: int, rows: int) -> None:
     rng = np.random.default_rng(0)
     with ParquetStreamWriter(path, GENERATIONS) as out:
         for g in range(groups):
-            tokens = pa.ListArray.from_arrays(pa.array(np.arange(0, (rows + 1) * 30, 30, dtype=np.int32)),
-                                              pa.array(rng.integers(0, 50_000, rows * 30).astype(np.int32)))
-            out.write(pa.table({"prompt_id": [f"{i // 8}-{g}" for i in range(rows)], "sample_index": pa.array([i % 8 for i in range(rows)], pa.int32()),
-                                "prompt_text": ["q"] * rows, "completion": [f"a{g}-{i}" for i in range(rows)], "prompt_token_ids": tokens,
-                                "completion_token_ids": tokens,
-                                "old_logprobs": pa.nulls(rows, pa.list_(pa.float32())).fill_null(pa.scalar([], pa.list_(pa.float32()))),
-                                "ref_logprobs": pa.nulls(rows, pa.list_(pa.float32())), "finish_reason": ["eos"] * rows,
-                                "sampler_logprobs": pa.nulls(rows, pa.list_(pa.float32()))}, schema=GENERATIONS.schema))
+            tokens = pa.ListArray.from_arrays(
+                pa.array(np.arange(0, (rows + 1) * 30, 30, dtype=np.int32)),
+                pa.array(rng.integers(0, 50_000, rows * 30).astype(np.int32)),
+            )
+            out.write(
+                pa.table(
+                    {
+                        "prompt_id": [f"{i // 8}-{g}" for i in range(rows)],
+                        "sample_index": pa.array([i % 8 for i in range(rows)], pa.int32()),
+                        "prompt_text": ["q"] * rows,
+                        "completion": [f"a{g}-{i}" for i in range(rows)],
+                        "prompt_token_ids": tokens,
+                        "completion_token_ids": tokens,
+                        "old_logprobs": pa.nulls(rows, pa.list_(pa.float32())).fill_null(
+                            pa.scalar([], pa.list_(pa.float32()))
+                        ),
+                        "ref_logprobs": pa.nulls(rows, pa.list_(pa.float32())),
+                        "finish_reason": ["eos"] * rows,
+                        "sampler_logprobs": pa.nulls(rows, pa.list_(pa.float32())),
+                    },
+                    schema=GENERATIONS.schema,
+                )
+            )
 
 
 def test_streaming_a_file_holds_one_batch_not_the_file(tmp_path):
@@ -237,7 +306,9 @@ def test_streaming_a_file_holds_one_batch_not_the_file(tmp_path):
     write_incompressible_generations(path, groups=32, rows=rows)
     before = pa.total_allocated_bytes()
     most = 0
-    for batch in iter_batches(path, GENERATIONS, batch_size=rows, columns=["prompt_id", "completion", "completion_token_ids"]):
+    for batch in iter_batches(
+        path, GENERATIONS, batch_size=rows, columns=["prompt_id", "completion", "completion_token_ids"]
+    ):
         most = max(most, pa.total_allocated_bytes() - before)
     assert most < 2 * 2**20, f"{most / 2**20:.1f} MB held while streaming a {path.stat().st_size / 2**20:.1f} MB file"
 
@@ -256,12 +327,18 @@ def test_filtered_read_streams_and_keeps_only_the_matching_rows(tmp_path, arrow_
 
     def read() -> tuple[list[str], list[tuple]]:
         found = read_rows_where(path, GENERATIONS, "prompt_id", wanted, columns, batch_size=rows)
-        return found.column_names, [(r["prompt_id"], r["sample_index"], r["completion"]) for r in found.select(columns[:3]).to_pylist()]
+        return found.column_names, [
+            (r["prompt_id"], r["sample_index"], r["completion"]) for r in found.select(columns[:3]).to_pylist()
+        ]
 
     (names, found), most = arrow_peak(read)
     assert names == columns
-    assert found == [("0-3", i, f"a3-{i}") for i in range(8)] + [("255-31", i, f"a31-{2040 + i}") for i in range(8)]  # file order
-    assert most < 3 * 2**20, f"{most / 2**20:.1f} MB held to find 16 rows in a {path.stat().st_size / 2**20:.1f} MB file"
+    assert found == [("0-3", i, f"a3-{i}") for i in range(8)] + [
+        ("255-31", i, f"a31-{2040 + i}") for i in range(8)
+    ]  # file order
+    assert most < 3 * 2**20, (
+        f"{most / 2**20:.1f} MB held to find 16 rows in a {path.stat().st_size / 2**20:.1f} MB file"
+    )
     assert read_rows_where(path, GENERATIONS, "prompt_id", [], columns).num_rows == 0
 
     empty = tmp_path / "empty.parquet"

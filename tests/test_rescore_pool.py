@@ -22,7 +22,13 @@ def test_a_straggler_that_fills_the_window_does_not_stall_the_pool():
     outcomes: list = []
 
     def score() -> None:
-        with RewardPool([make_reward("tests.test_rescore_pool:slow_first_row")], workers=2, task_rows=1, window_rows=4, memory_mb=None) as pool:
+        with RewardPool(
+            [make_reward("tests.test_rescore_pool:slow_first_row")],
+            workers=2,
+            task_rows=1,
+            window_rows=4,
+            memory_mb=None,
+        ) as pool:
             outcomes.extend(o[0].value for o in pool.imap(rows))
 
     worker = threading.Thread(target=score, daemon=True)

@@ -34,9 +34,21 @@ def prefers_short(completion: str, example) -> float:
 
 def settings(run_dir: Path, model: Path, dataset: Path) -> dict:
     return dict(
-        run_dir=run_dir, model=str(model), dataset=str(dataset), task="arithmetic", iterations=ITERATIONS, save_every=2,
-        prompts_per_iteration=4, group_size=3, max_new_tokens=4, micro_batch_size=4, beta=0.04, learning_rate=0.01, seed=7,
-        rewards={"tests.test_resume:prefers_short": 1.0}, score_workers=1,
+        run_dir=run_dir,
+        model=str(model),
+        dataset=str(dataset),
+        task="arithmetic",
+        iterations=ITERATIONS,
+        save_every=2,
+        prompts_per_iteration=4,
+        group_size=3,
+        max_new_tokens=4,
+        micro_batch_size=4,
+        beta=0.04,
+        learning_rate=0.01,
+        seed=7,
+        rewards={"tests.test_resume:prefers_short": 1.0},
+        score_workers=1,
     )
 
 
@@ -60,14 +72,24 @@ class Child:
     def __init__(self, args: list[str], log: Path, pause_at: str | None, api_url: str):
         self.marker = log.with_suffix(".paused")
         # The tiny model's checkpoint written as a real model's is: on the background writer.
-        env = os.environ | {"PREFECT_API_URL": api_url, "GRPOFLOW_PAUSE_MARKER": str(self.marker), "GRPOFLOW_BACKGROUND_SAVE_MIN_BYTES": "0"}
+        env = os.environ | {
+            "PREFECT_API_URL": api_url,
+            "GRPOFLOW_PAUSE_MARKER": str(self.marker),
+            "GRPOFLOW_BACKGROUND_SAVE_MIN_BYTES": "0",
+        }
         env.pop("GRPOFLOW_PAUSE_AT", None)
         if pause_at is not None:
             env["GRPOFLOW_PAUSE_AT"] = pause_at
         self.log = log
         with open(log, "w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "flows.cli", *args],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def output(self) -> str:
         return self.log.read_text()
@@ -76,7 +98,9 @@ class Child:
         deadline = time.monotonic() + timeout
         while not self.marker.exists():
             if self.proc.poll() is not None:
-                pytest.fail(f"the run ended (status {self.proc.returncode}) before its pause point:\n{self.output()[-3000:]}")
+                pytest.fail(
+                    f"the run ended (status {self.proc.returncode}) before its pause point:\n{self.output()[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 pytest.fail(f"no pause within {timeout}s:\n{self.output()[-3000:]}")
             time.sleep(0.05)
@@ -118,7 +142,9 @@ def _without_timings(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.endswith(("seconds", "time", "tokens_per_second"))}
 
 
-def test_sigkill_at_every_stage_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, dataset, prefect_harness):
+def test_sigkill_at_every_stage_then_resume_equals_an_uninterrupted_run(
+    tmp_path, tiny_model_dir, dataset, prefect_harness
+):
     from prefect.settings import PREFECT_API_URL
 
     from flows.train import grpo_train
@@ -149,7 +175,9 @@ def test_sigkill_at_every_stage_then_resume_equals_an_uninterrupted_run(tmp_path
             child.stop()
         assert pause_at in label, what
         if leftover is not None:
-            assert any(p.name.startswith(leftover) for p in crashed.rglob(f"{TMP_PREFIX}*")), f"{what}: no partial file to clean up"
+            assert any(p.name.startswith(leftover) for p in crashed.rglob(f"{TMP_PREFIX}*")), (
+                f"{what}: no partial file to clean up"
+            )
         logs.append(child.output())
     # Iteration 1 was never checkpointed (save_every 2): the processes that must redo
     # iteration 2's update first replay iteration 1's from its stored artifacts.
@@ -171,21 +199,34 @@ def test_sigkill_at_every_stage_then_resume_equals_an_uninterrupted_run(tmp_path
         ref, got = iteration_dir(reference, it), iteration_dir(crashed, it)
         manifest = Manifest(got)
         assert set(manifest.entries()) == set(Manifest(ref).entries())
-        assert all(manifest.is_done(name) for name in manifest.entries()), f"iteration {it}: a recorded artifact does not match"
+        assert all(manifest.is_done(name) for name in manifest.entries()), (
+            f"iteration {it}: a recorded artifact does not match"
+        )
         for name in ("prompts.parquet", "generations.parquet", "rewards.parquet", "advantages.parquet"):
             assert (got / name).read_bytes() == (ref / name).read_bytes(), f"iteration {it}: {name} differs"
-        assert _without_timings(json.loads((got / "metrics.json").read_text())) == _without_timings(json.loads((ref / "metrics.json").read_text()))
+        assert _without_timings(json.loads((got / "metrics.json").read_text())) == _without_timings(
+            json.loads((ref / "metrics.json").read_text())
+        )
         if it == 1:
             assert not (got / "checkpoint").exists() and not (ref / "checkpoint").exists()  # save_every 2
         else:
-            assert (got / "checkpoint" / "model.safetensors").read_bytes() == (ref / "checkpoint" / "model.safetensors").read_bytes()
+            assert (got / "checkpoint" / "model.safetensors").read_bytes() == (
+                ref / "checkpoint" / "model.safetensors"
+            ).read_bytes()
         if it == ITERATIONS:  # only the resumable (last) checkpoint keeps its optimiser state
             assert _optimizer_states_equal(got / "checkpoint" / "optimizer.pt", ref / "checkpoint" / "optimizer.pt")
         else:
-            assert not (got / "checkpoint" / "optimizer.pt").exists() and not (ref / "checkpoint" / "optimizer.pt").exists()
-    assert (crashed / "final" / "model.safetensors").read_bytes() == (reference / "final" / "model.safetensors").read_bytes()
+            assert (
+                not (got / "checkpoint" / "optimizer.pt").exists()
+                and not (ref / "checkpoint" / "optimizer.pt").exists()
+            )
+    assert (crashed / "final" / "model.safetensors").read_bytes() == (
+        reference / "final" / "model.safetensors"
+    ).read_bytes()
     # The updates did train: the final weights are not the initial ones.
-    assert (crashed / "iter-0003" / "checkpoint" / "model.safetensors").read_bytes() != (tiny_model_dir / "model.safetensors").read_bytes()
+    assert (crashed / "iter-0003" / "checkpoint" / "model.safetensors").read_bytes() != (
+        tiny_model_dir / "model.safetensors"
+    ).read_bytes()
 
 
 def test_stale_temp_files_and_checkpoint_folders_are_removed(tmp_path):

@@ -97,7 +97,9 @@ def test_assert_list_all_or_nothing_and_fraction():
 
 def test_assert_list_restarts_a_program_that_crashed_on_one_test():
     crashes_on_zero = "import math, os\ndef area(r):\n    if r == 0:\n        os._exit(3)\n    return math.pi * r * r\n"
-    row = {"tests": ["import math", "assert area(0) == 0", "assert area(1) == math.pi", "assert area(2) == 4 * math.pi"]}
+    row = {
+        "tests": ["import math", "assert area(0) == 0", "assert area(1) == math.pi", "assert area(2) == 4 * math.pi"]
+    }
     assert code_reward(crashes_on_zero, row, mode="fraction") == pytest.approx(2 / 3)
 
 
@@ -146,7 +148,13 @@ def test_results_cross_the_boundary_as_plain_values():
     assert code_reward(program, row) == 1.0
 
 
-STDIO_ROW = {"io": [{"input": "2 3\n", "output": "5\n"}, {"input": "10 -4\n", "output": "6"}, {"input": "1 1\n", "output": "2\n"}]}
+STDIO_ROW = {
+    "io": [
+        {"input": "2 3\n", "output": "5\n"},
+        {"input": "10 -4\n", "output": "6"},
+        {"input": "1 1\n", "output": "2\n"},
+    ]
+}
 
 
 def test_stdin_stdout_cases():
@@ -163,7 +171,10 @@ def test_rows_the_reward_cannot_judge_raise():
     with pytest.raises(ValueError, match="needs 'test'"):
         code_reward("print(1)", {"prompt": "x"})
     with pytest.raises(ValueError, match="NameError"):
-        code_reward("def f():\n    return 1\n", {"test": "def check(candidate):\n    assert helper(candidate())\n", "entry_point": "f"})
+        code_reward(
+            "def f():\n    return 1\n",
+            {"test": "def check(candidate):\n    assert helper(candidate())\n", "entry_point": "f"},
+        )
     with pytest.raises(ValueError, match="not valid Python"):
         code_reward("def f():\n    return 1\n", {"tests": ["assert f( == 1"]})
 

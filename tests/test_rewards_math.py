@@ -194,7 +194,13 @@ def test_hedged_and_multi_answer_statements_score_zero_in_every_extraction_mode(
 
 
 def test_numbers_that_are_not_alternatives_still_count():
-    for text in ["So 3 + 4 = 70", "Adding 30 and 40 gives 70.", "Pages 10-15, then 70", r"\boxed{1\,000}", "5 apples or more, so 70"]:
+    for text in [
+        "So 3 + 4 = 70",
+        "Adding 30 and 40 gives 70.",
+        "Pages 10-15, then 70",
+        r"\boxed{1\,000}",
+        "5 apples or more, so 70",
+    ]:
         gold = "1000" if "000" in text else "70"
         assert math_reward(text, {"answer": gold}) == 1.0, text
     assert math_reward(r"\boxed{1, 2}", {"answer": r"\{1, 2\}"}) == 1.0  # a list gold takes a list

@@ -17,17 +17,32 @@ from data import builtin
 from data.store import Manifest, atomic_write_json, iteration_dir
 from flows.cli import main, prefect_api_error_line
 from flows.resume import CHECKPOINT, OPTIMIZER_FILE, prune_checkpoints, resume_point
-from tests.test_resume import cli_args
 from flows.train import grpo_train  # noqa: F401  imported now: Prefect's console handler must not bind to a test's capsys stream
+from tests.test_resume import cli_args
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def small_run_flags(run_dir: Path, model: Path, dataset: Path, **extra) -> list[str]:
     """`grpo run` flags of a seconds-long run on the tiny model."""
-    return cli_args(dict(run_dir=run_dir, model=model, dataset=dataset, task="arithmetic", iterations=3, prompts_per_iteration=4,
-                         group_size=3, max_new_tokens=4, micro_batch_size=12, learning_rate=0.01, eval_size=4, score_workers=1,
-                         rewards={"tests.test_resume:prefers_short": 1.0}) | extra)
+    return cli_args(
+        dict(
+            run_dir=run_dir,
+            model=model,
+            dataset=dataset,
+            task="arithmetic",
+            iterations=3,
+            prompts_per_iteration=4,
+            group_size=3,
+            max_new_tokens=4,
+            micro_batch_size=12,
+            learning_rate=0.01,
+            eval_size=4,
+            score_workers=1,
+            rewards={"tests.test_resume:prefers_short": 1.0},
+        )
+        | extra
+    )
 
 
 @pytest.fixture()
@@ -63,9 +78,16 @@ def test_rotation_keeps_the_newest_n_and_only_the_resumable_one_has_optimiser_st
     fake_iteration(tmp_path, 6, complete=False)
     removed = prune_checkpoints(tmp_path, keep=2)
     assert removed == {"checkpoints": [1, 2], "optimizer_states": [4]}
-    kept = {it: sorted(p.name for p in (iteration_dir(tmp_path, it) / CHECKPOINT).iterdir())
-            for it in range(1, 7) if (iteration_dir(tmp_path, it) / CHECKPOINT).is_dir()}
-    assert kept == {4: ["model.safetensors"], 5: ["model.safetensors", OPTIMIZER_FILE], 6: ["model.safetensors", OPTIMIZER_FILE]}
+    kept = {
+        it: sorted(p.name for p in (iteration_dir(tmp_path, it) / CHECKPOINT).iterdir())
+        for it in range(1, 7)
+        if (iteration_dir(tmp_path, it) / CHECKPOINT).is_dir()
+    }
+    assert kept == {
+        4: ["model.safetensors"],
+        5: ["model.safetensors", OPTIMIZER_FILE],
+        6: ["model.safetensors", OPTIMIZER_FILE],
+    }
     assert resume_point(tmp_path, 100).iteration == 5
     assert not list(tmp_path.rglob(".tmp-*"))
     # keep=None keeps every checkpoint, still with one optimiser state (the resumable one's).
@@ -76,13 +98,14 @@ def test_rotation_keeps_the_newest_n_and_only_the_resumable_one_has_optimiser_st
 
 
 # --- the final model -------------------------------------------------------------------------
-def test_final_model_loads_has_no_optimiser_state_and_is_the_last_line(tmp_path, tiny_model_dir, dataset, prefect_harness, capsys, monkeypatch):
+def test_final_model_loads_has_no_optimiser_state_and_is_the_last_line(
+    tmp_path, tiny_model_dir, dataset, prefect_harness, capsys, monkeypatch
+):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.model import final_model_dir
-
     import flows.train
+    from tasks.model import final_model_dir
 
     run = tmp_path / "run"
     assert final_model_dir(run) is None
@@ -94,12 +117,17 @@ def test_final_model_loads_has_no_optimiser_state_and_is_the_last_line(tmp_path,
     # The start block: what is trained on what, the key settings, the memory estimate.
     assert f"grpo: model     {tiny_model_dir} (1.0M parameters, float32 on cpu)" in captured.err
     assert "grpo: data      40 training prompts, no held-out set; longest prompt " in captured.err
-    assert "grpo: settings  3 iterations x 4 prompts x 3 completions, 4 new tokens, lr 0.01, micro-batch 12, gradient checkpointing on" in captured.err
+    assert (
+        "grpo: settings  3 iterations x 4 prompts x 3 completions, 4 new tokens, lr 0.01, micro-batch 12, gradient checkpointing on"
+        in captured.err
+    )
     assert "grpo: memory    update peak ~0.8 GiB (estimated) of 0.5 GiB RAM" in captured.err
     assert "grpo: warning: the update's estimated peak (0.8 GiB) exceeds this machine's RAM (0.5 GiB)" in captured.err
     final = final_model_dir(run)
     assert final == run / "final"
-    assert sorted(p.name for p in final.iterdir() if p.name.endswith((".safetensors", ".pt", ".bin"))) == ["model.safetensors"]
+    assert sorted(p.name for p in final.iterdir() if p.name.endswith((".safetensors", ".pt", ".bin"))) == [
+        "model.safetensors"
+    ]
     # Rotation ran in the flow: two checkpoints, the optimiser state in the newest only.
     assert not (iteration_dir(run, 1) / CHECKPOINT).exists()
     assert not (iteration_dir(run, 2) / CHECKPOINT / OPTIMIZER_FILE).exists()
@@ -110,11 +138,18 @@ def test_final_model_loads_has_no_optimiser_state_and_is_the_last_line(tmp_path,
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), last.state_dict().values()))
     assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))
-    assert AutoTokenizer.from_pretrained(final).decode(AutoTokenizer.from_pretrained(final)("12+3=")["input_ids"]).replace(" ", "") == "12+3="
+    assert (
+        AutoTokenizer.from_pretrained(final)
+        .decode(AutoTokenizer.from_pretrained(final)("12+3=")["input_ids"])
+        .replace(" ", "")
+        == "12+3="
+    )
     # Re-running the finished folder with more iterations re-exports final/ from the new last one.
     assert main(small_run_flags(run, tiny_model_dir, dataset, save_total_limit=2, iterations=4)) == 0
     assert Manifest(run).entries()["final"]["iteration"] == 4
-    assert (final / "model.safetensors").read_bytes() != (iteration_dir(run, 3) / CHECKPOINT / "model.safetensors").read_bytes()
+    assert (final / "model.safetensors").read_bytes() != (
+        iteration_dir(run, 3) / CHECKPOINT / "model.safetensors"
+    ).read_bytes()
 
 
 # --- one-line errors -------------------------------------------------------------------------
@@ -141,8 +176,14 @@ def mounted(target: Path, *options: str):
 
 def run_cli(flags: list[str], **env: str) -> subprocess.CompletedProcess:
     """`grpo` in a child process: its stderr is exactly what a user's console shows."""
-    return subprocess.run([sys.executable, "-m", "flows.cli", *flags], cwd=REPO, env=os.environ | env, capture_output=True,
-                          text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *flags],
+        cwd=REPO,
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def test_a_full_disk_is_one_line_saying_where_and_how_much(tmp_path, tiny_model_dir, prefect_harness, monkeypatch):
@@ -158,7 +199,11 @@ def test_a_full_disk_is_one_line_saying_where_and_how_much(tmp_path, tiny_model_
             from data.sources import normalise_row, prompts_table
             from data.store import DiskFull, ParquetStreamWriter
 
-            monkeypatch.setattr(pq.ParquetWriter, "write_table", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
+            monkeypatch.setattr(
+                pq.ParquetWriter,
+                "write_table",
+                lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")),
+            )
             table = prompts_table([normalise_row(builtin.train_problems(1)[0], data_source="x", row=0)])
             with pytest.raises(DiskFull, match=r"disk full writing .*prompts.parquet: .* free there"):
                 with ParquetStreamWriter(tmp_path / "prompts.parquet", PROMPTS) as writer:
@@ -170,7 +215,9 @@ def test_a_full_disk_is_one_line_saying_where_and_how_much(tmp_path, tiny_model_
         assert not list((small / "run").rglob(".tmp-*")), "the partial file was left behind"
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2, done.stderr[-3000:]
-    assert_one_line_first(lines, done.stderr, f"disk full writing {small / 'run' / 'dataset' / 'prompts.parquet'}: the write needs ")
+    assert_one_line_first(
+        lines, done.stderr, f"disk full writing {small / 'run' / 'dataset' / 'prompts.parquet'}: the write needs "
+    )
     assert "free there" in done.stderr
 
 
@@ -181,7 +228,10 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_writing(tmp_path, tiny
     with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=1m", "tmpfs") as small:
         if small is None:
             pytest.skip("cannot mount a tmpfs here (not root); the pre-check is the same as check_free_space's")
-        with pytest.raises(DiskFull, match=r"disk full writing .*/small/checkpoint: the write needs about 3\.\d MiB, 1\.0 MiB free there"):
+        with pytest.raises(
+            DiskFull,
+            match=r"disk full writing .*/small/checkpoint: the write needs about 3\.\d MiB, 1\.0 MiB free there",
+        ):
             save_checkpoint(live_policy(tiny_model_dir), small / "checkpoint")
         assert list(small.iterdir()) == []
     with pytest.raises(DiskFull, match="needs about"):
@@ -207,10 +257,22 @@ def test_a_read_only_run_folder_is_one_line(tmp_path, tiny_model_dir, dataset, c
 
 def test_an_uncached_hub_dataset_offline_is_one_line(tmp_path, tiny_model_dir, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = main(["run", "--run-dir", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--dataset", "no-such-org/no-such-data"])
+    code = main(
+        [
+            "run",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            "no-such-org/no-such-data",
+        ]
+    )
     lines, text = last_error_lines(capsys)
     assert code == 2
-    assert_one_line_first(lines, text, "dataset 'no-such-org/no-such-data' is not in the local Hugging Face cache and the hub is offline")
+    assert_one_line_first(
+        lines, text, "dataset 'no-such-org/no-such-data' is not in the local Hugging Face cache and the hub is offline"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -223,14 +285,29 @@ def test_a_prefect_api_that_does_not_answer_is_one_line(tmp_path, tiny_model_dir
     assert code == 2
     assert_one_line_first(lines, text, "the Prefect API at http://127.0.0.1:9/api/ (PREFECT_API_URL) does not answer")
     # The temporary server's failure to start, as Prefect words it, is one line too.
-    line = prefect_api_error_line("Timed out while attempting to connect to ephemeral Prefect API server. "
-                                  "Ephemeral server process exited with code 1. stdout: b'' stderr: b'...'")
-    assert line is not None and line.startswith("the temporary Prefect API server did not start (its process exited with code 1;")
+    line = prefect_api_error_line(
+        "Timed out while attempting to connect to ephemeral Prefect API server. "
+        "Ephemeral server process exited with code 1. stdout: b'' stderr: b'...'"
+    )
+    assert line is not None and line.startswith(
+        "the temporary Prefect API server did not start (its process exited with code 1;"
+    )
 
 
 def test_debug_prints_the_traceback_after_the_line(tmp_path, tiny_model_dir, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = main(["--debug", "run", "--run-dir", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--dataset", "no-such/data"])
+    code = main(
+        [
+            "--debug",
+            "run",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            "no-such/data",
+        ]
+    )
     text = capsys.readouterr().err
     assert code == 2
     assert text.index("grpo: error: ") < text.index("Traceback")
@@ -238,11 +315,15 @@ def test_debug_prints_the_traceback_after_the_line(tmp_path, tiny_model_dir, cap
 
 # --- resuming with the stored settings ---------------------------------------------------------
 def folder_state(run: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(run)): (p.read_bytes() if p.is_file() else b"", p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))}
+    return {
+        str(p.relative_to(run)): (p.read_bytes() if p.is_file() else b"", p.stat().st_mtime_ns)
+        for p in sorted(run.rglob("*"))
+    }
 
 
 def test_a_resume_refuses_other_settings_resumes_with_the_stored_ones_and_records_safe_changes(
-        tmp_path, tiny_model_dir, dataset, prefect_harness, capsys):
+    tmp_path, tiny_model_dir, dataset, prefect_harness, capsys
+):
     from flows.inspection import run_overview, settings_changes
 
     run = tmp_path / "run"
@@ -264,12 +345,21 @@ def test_a_resume_refuses_other_settings_resumes_with_the_stored_ones_and_record
     assert Manifest(third).entries()["generations.parquet"]["rows"] == 4 * 3
     assert str(iteration_dir(run, 2) / CHECKPOINT) in Manifest(third).entries()["generations.parquet"]["inputs"]
     saved = json.loads((run / "config.json").read_text())
-    assert saved["config"]["model"] == str(tiny_model_dir) and saved["config"]["rewards"] == {"tests.test_resume:prefers_short": 1.0}
-    assert saved["changes"] == [{"from_iteration": 3, "at": saved["changes"][0]["at"], "changed": {
-        "iterations": {"stored": 2, "given": 3}, "learning_rate": {"stored": 0.01, "given": 0.001}}}]
+    assert saved["config"]["model"] == str(tiny_model_dir) and saved["config"]["rewards"] == {
+        "tests.test_resume:prefers_short": 1.0
+    }
+    assert saved["changes"] == [
+        {
+            "from_iteration": 3,
+            "at": saved["changes"][0]["at"],
+            "changed": {"iterations": {"stored": 2, "given": 3}, "learning_rate": {"stored": 0.01, "given": 0.001}},
+        }
+    ]
     assert json.loads((third / "metrics.json").read_text())["settings"]["learning_rate"] == 0.001
     assert Manifest(third).entries()[CHECKPOINT]["learning_rate"] == 0.001
-    assert settings_changes(run_overview(run)) == ["iter-0003: settings changed: iterations 2 -> 3, learning_rate 0.01 -> 0.001"]
+    assert settings_changes(run_overview(run)) == [
+        "iter-0003: settings changed: iterations 2 -> 3, learning_rate 0.01 -> 0.001"
+    ]
 
     # No flags at all: the stored settings, nothing left to do, the same final model.
     capsys.readouterr()
@@ -304,7 +394,7 @@ def test_a_given_model_gets_real_model_defaults_and_explicit_settings_win():
     demo, real = GRPOConfig(), GRPOConfig(model="some/model")
     for name, value in REAL_MODEL_DEFAULTS.items():
         assert getattr(real, name) == value != getattr(demo, name), name
-        assert f"with --model the default is" in GRPOConfig.model_fields[name].description.lower()
+        assert "with --model the default is" in GRPOConfig.model_fields[name].description.lower()
     assert GRPOConfig(model="some/model", learning_rate=0.01, gradient_checkpointing=False).learning_rate == 0.01
     assert GRPOConfig(model="some/model", gradient_checkpointing=False).gradient_checkpointing is False
     # A stored config sets every field: reading it back changes nothing.
@@ -318,9 +408,29 @@ def test_update_memory_estimate_matches_the_smollm2_measurements():
     smollm2 = ModelShape(parameters=134_515_008, layers=30, hidden=576, intermediate=1536, heads=9, vocab=49152)
     measured = {False: 5565, True: 3333}  # MiB, benchmarks/RESULTS.md section 6 (micro-batch 8, 217-token rows, fp32)
     for checkpointing, mib in measured.items():
-        estimate = update_peak_bytes(smollm2, micro_batch=8, sequence=217, completion=32, dtype_bytes=4,
-                                     checkpointing=checkpointing, logprob_chunk_tokens=1024) / 2**20
+        estimate = (
+            update_peak_bytes(
+                smollm2,
+                micro_batch=8,
+                sequence=217,
+                completion=32,
+                dtype_bytes=4,
+                checkpointing=checkpointing,
+                logprob_chunk_tokens=1024,
+            )
+            / 2**20
+        )
         assert abs(estimate - mib) / mib < 0.1, (checkpointing, estimate)
     # Micro-batch 64 was OOM-killed at 20.4 GiB: the estimate says it does not fit in that.
-    assert update_peak_bytes(smollm2, micro_batch=64, sequence=217, completion=32, dtype_bytes=4, checkpointing=False,
-                             logprob_chunk_tokens=1024) > 20.4 * 2**30
+    assert (
+        update_peak_bytes(
+            smollm2,
+            micro_batch=64,
+            sequence=217,
+            completion=32,
+            dtype_bytes=4,
+            checkpointing=False,
+            logprob_chunk_tokens=1024,
+        )
+        > 20.4 * 2**30
+    )

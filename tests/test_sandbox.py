@@ -14,7 +14,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rewards.sandbox import trusted as sandbox
 from rewards.sandbox import (
     SANDBOX_USER,
     CandidateError,
@@ -25,6 +24,7 @@ from rewards.sandbox import (
     SessionBroken,
     run_script,
 )
+from rewards.sandbox import trusted as sandbox
 from rewards.sandbox.wire import WireError, decode, encode
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the user switch of a root scorer")
@@ -32,7 +32,9 @@ FALLBACK_PYTHON = "/usr/bin/python3" if os.geteuid() == 0 else None  # readable 
 
 
 def test_exit_status_output_and_stdin():
-    result = run_script("import sys\nprint(sys.stdin.read().upper())\nprint('oops', file=sys.stderr)\nsys.exit(3)", stdin=b"hello")
+    result = run_script(
+        "import sys\nprint(sys.stdin.read().upper())\nprint('oops', file=sys.stderr)\nsys.exit(3)", stdin=b"hello"
+    )
     assert (result.exit_code, result.stdout, result.stderr) == (3, b"HELLO\n", b"oops\n")
     assert not result.ok
     crashed = run_script("raise KeyError('k')")
@@ -170,10 +172,12 @@ def test_concurrent_runs_from_threads():
 
 _literals = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text() | st.binary(),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.tuples(inner, inner)
-    | st.dictionaries(st.text(max_size=5) | st.integers(), inner, max_size=4)
-    | st.frozensets(st.integers() | st.text(max_size=5), max_size=4).map(set),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=5) | st.integers(), inner, max_size=4)
+        | st.frozensets(st.integers() | st.text(max_size=5), max_size=4).map(set)
+    ),
     max_leaves=20,
 )
 

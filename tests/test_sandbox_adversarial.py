@@ -61,7 +61,10 @@ WORK_TEST = f"def check(candidate):\n    assert candidate(300_000) == {sum(i * i
 
 def test_correct_programs_beside_cpu_and_pid_hogs_score_correctly():
     code = make_reward("code", {"timeout_s": 3})
-    rows = [(HOGS["cpu_hog"] + adversarial.CORRECT_ADD, adversarial.ADD_TEST), (HOGS["pid_hog"] + adversarial.CORRECT_ADD, adversarial.ADD_TEST)] * 2
+    rows = [
+        (HOGS["cpu_hog"] + adversarial.CORRECT_ADD, adversarial.ADD_TEST),
+        (HOGS["pid_hog"] + adversarial.CORRECT_ADD, adversarial.ADD_TEST),
+    ] * 2
     rows += [(WORK, WORK_TEST)] * 8
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=len(rows)) as threads:  # all at once: hogs beside the correct ones

@@ -16,7 +16,6 @@ from data.store import read_table, write_table
 from rewards import RewardOptionsError, UnknownRewardError
 from tasks.score import TooManyRewardErrors, score_failure_is_transient, score_generations, score_task
 
-
 HANG = "test_score_rewards:hang_on_request"
 
 
@@ -94,8 +93,12 @@ def test_scores_each_row_with_each_reward_in_order_from_a_worker_thread(math_run
 
 
 def test_failed_rows_get_nan_and_the_stage_fails_loudly_above_the_limit(tmp_path):
-    _write_prompts(tmp_path / "prompts.parquet", [{"prompt_id": "ok", "answer": "4"}, {"prompt_id": "bad", "answer": None}])
-    _write_generations(tmp_path / "generations.parquet", [("ok", 0, "4"), ("ok", 1, "5"), ("bad", 0, "4"), ("bad", 1, "4")])
+    _write_prompts(
+        tmp_path / "prompts.parquet", [{"prompt_id": "ok", "answer": "4"}, {"prompt_id": "bad", "answer": None}]
+    )
+    _write_generations(
+        tmp_path / "generations.parquet", [("ok", 0, "4"), ("ok", 1, "5"), ("bad", 0, "4"), ("bad", 1, "4")]
+    )
     args = (tmp_path / "generations.parquet", tmp_path / "prompts.parquet")
     summary = score_generations(*args, tmp_path / "rewards.parquet", {"math": 1.0}, max_error_fraction=0.5)
     rows = read_table(tmp_path / "rewards.parquet", REWARDS).to_pylist()
@@ -136,7 +139,13 @@ def test_code_rows_with_reward_options(tmp_path):
     _write_prompts(
         tmp_path / "prompts.parquet",
         [
-            {"prompt_id": p["task_id"], "prompt": p["prompt"], "test": p["test"], "entry_point": p["entry_point"], "task": "code"}
+            {
+                "prompt_id": p["task_id"],
+                "prompt": p["prompt"],
+                "test": p["test"],
+                "entry_point": p["entry_point"],
+                "task": "code",
+            }
             for p in chosen
         ],
     )
@@ -173,7 +182,9 @@ def test_a_generation_without_its_prompt_names_file_and_row(tmp_path):
     _write_prompts(tmp_path / "prompts.parquet", [{"prompt_id": "p", "answer": "1"}])
     _write_generations(tmp_path / "generations.parquet", [("p", 0, "1"), ("q", 0, "1")])
     with pytest.raises(KeyError, match=r"generations.parquet: row 1: prompt_id q is not in .*prompts.parquet"):
-        score_generations(tmp_path / "generations.parquet", tmp_path / "prompts.parquet", tmp_path / "r.parquet", {"math": 1.0})
+        score_generations(
+            tmp_path / "generations.parquet", tmp_path / "prompts.parquet", tmp_path / "r.parquet", {"math": 1.0}
+        )
 
 
 def test_empty_generations_give_an_empty_rewards_file(tmp_path):
@@ -188,7 +199,10 @@ def test_empty_generations_give_an_empty_rewards_file(tmp_path):
 
 def test_the_prefect_task_wraps_the_function_and_retries_only_transient_failures(math_run):
     summary = score_task.fn(
-        str(math_run / "generations.parquet"), str(math_run / "prompts.parquet"), str(math_run / "t.parquet"), {"math": 1.0}
+        str(math_run / "generations.parquet"),
+        str(math_run / "prompts.parquet"),
+        str(math_run / "t.parquet"),
+        {"math": 1.0},
     )
     assert summary["rows"] == 20
     assert not score_failure_is_transient(None, None, Failed(data=RewardOptionsError("bad option")))
@@ -200,24 +214,36 @@ def test_prompts_are_read_in_step_with_the_generations_not_held_whole(tmp_path, 
     """The prompts file is walked one batch at a time alongside the generations (written
     in its order): holding it whole made the score stage's memory grow with the file."""
     n = 16384
-    _write_prompts(tmp_path / "prompts.parquet", [{"prompt_id": f"p{i}", "answer": str(i), "test": f"{i:08d}" * 250} for i in range(n)])
+    _write_prompts(
+        tmp_path / "prompts.parquet",
+        [{"prompt_id": f"p{i}", "answer": str(i), "test": f"{i:08d}" * 250} for i in range(n)],
+    )
     asked = range(0, n, 4)  # every prompt is walked through; a quarter of them keeps the test fast
     _write_generations(tmp_path / "generations.parquet", [(f"p{i}", 0, str(i - i % 8)) for i in asked])
     prompts_mb = read_table(tmp_path / "prompts.parquet", PROMPTS).nbytes / 2**20  # ~32 MB of tests
 
     def score() -> list[float]:
-        score_generations(tmp_path / "generations.parquet", tmp_path / "prompts.parquet", tmp_path / "rewards.parquet",
-                          {"exact_answer": 1.0}, chunk_rows=256)
+        score_generations(
+            tmp_path / "generations.parquet",
+            tmp_path / "prompts.parquet",
+            tmp_path / "rewards.parquet",
+            {"exact_answer": 1.0},
+            chunk_rows=256,
+        )
         return read_table(tmp_path / "rewards.parquet", REWARDS).column("reward").to_pylist()
 
     rewards, most = arrow_peak(score)
     assert rewards == [float(i % 8 == 0) for i in asked]
     # Walking holds a batch of prompts and the reader's decompressed page (~5 MB here,
     # whatever the number of prompts); holding the file held all of it.
-    assert most < prompts_mb / 4 * 2**20, f"{most / 2**20:.1f} MB held while scoring against {prompts_mb:.1f} MB of prompts"
+    assert most < prompts_mb / 4 * 2**20, (
+        f"{most / 2**20:.1f} MB held while scoring against {prompts_mb:.1f} MB of prompts"
+    )
 
 
-@pytest.mark.parametrize("order", ["in order, some prompts without generations", "back to an earlier prompt", "shuffled"])
+@pytest.mark.parametrize(
+    "order", ["in order, some prompts without generations", "back to an earlier prompt", "shuffled"]
+)
 def test_generations_in_any_order_find_their_prompts(tmp_path, order):
     prompts = [f"p{i}" for i in range(40)]
     _write_prompts(tmp_path / "prompts.parquet", [{"prompt_id": p, "answer": str(i)} for i, p in enumerate(prompts)])
@@ -229,7 +255,12 @@ def test_generations_in_any_order_find_their_prompts(tmp_path, order):
         asked = [(i * 17) % 40 for i in range(40)]
     # Each prompt's two completions: its own answer (reward 1) and the next number (0).
     _write_generations(tmp_path / "generations.parquet", [(f"p{i}", k, str(i + k)) for i in asked for k in (0, 1)])
-    score_generations(tmp_path / "generations.parquet", tmp_path / "prompts.parquet", tmp_path / "rewards.parquet",
-                      {"exact_answer": 1.0}, chunk_rows=4)
+    score_generations(
+        tmp_path / "generations.parquet",
+        tmp_path / "prompts.parquet",
+        tmp_path / "rewards.parquet",
+        {"exact_answer": 1.0},
+        chunk_rows=4,
+    )
     rows = read_table(tmp_path / "rewards.parquet", REWARDS).to_pylist()
     assert [(r["prompt_id"], r["reward"]) for r in rows] == [(f"p{i}", float(k == 0)) for i in asked for k in (0, 1)]

@@ -21,8 +21,8 @@ import pytest
 
 from data import builtin
 from data.schemas import PROMPTS
-from data.store import Manifest, atomic_write_json, iteration_dir, read_table, write_table
 from data.sources import normalise_row, prompts_table
+from data.store import Manifest, atomic_write_json, iteration_dir, read_table, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOYMENT = "grpo-scheduled/test"
@@ -35,7 +35,9 @@ def free_port() -> int:
 
 
 def get_json(url: str, data: dict | None = None):
-    request = urllib.request.Request(url, data=None if data is None else json.dumps(data).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=None if data is None else json.dumps(data).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
@@ -86,8 +88,27 @@ def test_served_deployment_runs_append_iterations_on_unseen_prompts(tmp_path, ti
         with open(logs[0], "w") as out:
             # No UI and no background services: runs are triggered by hand here, and the API
             # is all the runner needs.
-            procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                                           "--no-ui", "--no-services"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "prefect",
+                        "server",
+                        "start",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        "--no-ui",
+                        "--no-services",
+                    ],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
 
         def healthy() -> bool:
             try:
@@ -97,11 +118,43 @@ def test_served_deployment_runs_append_iterations_on_unseen_prompts(tmp_path, ti
 
         wait_for("server health", healthy, 90, procs, logs[:1])
         with open(logs[1], "w") as out:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "flows.cli", "serve", "--cron", "0 3 * * *", "--name", "test", "--run-dir", str(run_dir),
-                 "--model", str(tiny_model_dir), "--dataset", str(dataset), "--task", "arithmetic", "--iterations", "1",
-                 "--prompts-per-iteration", "4", "--group-size", "3", "--max-new-tokens", "4", "--beta", "0"],
-                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "flows.cli",
+                        "serve",
+                        "--cron",
+                        "0 3 * * *",
+                        "--name",
+                        "test",
+                        "--run-dir",
+                        str(run_dir),
+                        "--model",
+                        str(tiny_model_dir),
+                        "--dataset",
+                        str(dataset),
+                        "--task",
+                        "arithmetic",
+                        "--iterations",
+                        "1",
+                        "--prompts-per-iteration",
+                        "4",
+                        "--group-size",
+                        "3",
+                        "--max-new-tokens",
+                        "4",
+                        "--beta",
+                        "0",
+                    ],
+                    cwd=REPO,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
 
         def deployed() -> bool:
             try:
@@ -112,7 +165,13 @@ def test_served_deployment_runs_append_iterations_on_unseen_prompts(tmp_path, ti
         wait_for("deployment served", deployed, 90, procs, logs)
 
         def trigger_and_wait() -> None:
-            out = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", DEPLOYMENT], env=env, capture_output=True, text=True, timeout=60)
+            out = subprocess.run(
+                [sys.executable, "-m", "prefect", "deployment", "run", DEPLOYMENT],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert out.returncode == 0, out.stdout + out.stderr
             run_id = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
 
@@ -133,7 +192,10 @@ def test_served_deployment_runs_append_iterations_on_unseen_prompts(tmp_path, ti
 
     second = iteration_dir(run_dir, 2)
     assert (second / "metrics.json").is_file() and (second / "checkpoint" / "model.safetensors").is_file()
-    first_ids, second_ids = (set(read_table(iteration_dir(run_dir, it) / "prompts.parquet", PROMPTS)["prompt_id"].to_pylist()) for it in (1, 2))
+    first_ids, second_ids = (
+        set(read_table(iteration_dir(run_dir, it) / "prompts.parquet", PROMPTS)["prompt_id"].to_pylist())
+        for it in (1, 2)
+    )
     assert len(first_ids) == len(second_ids) == 4 and not first_ids & second_ids
     assert str(iteration_dir(run_dir, 1) / "checkpoint") in Manifest(second).entries()["generations.parquet"]["inputs"]
     assert json.loads((run_dir / "config.json").read_text())["config"]["iterations"] == 2
@@ -151,7 +213,12 @@ def test_a_run_with_no_unseen_prompts_adds_nothing_and_leaves_no_pool(tmp_path, 
     write_table(seen, iteration_dir(run_dir, 1) / "prompts.parquet", PROMPTS)
     Manifest(iteration_dir(run_dir, 1)).record("prompts.parquet")
     atomic_write_json(iteration_dir(run_dir, 1) / "metrics.json", {"iteration": 1, "reward": 0.0})
-    settings = {"dataset": str(dataset), "task": "arithmetic", "prompts_per_iteration": 2, "model": "unused-never-loaded"}
+    settings = {
+        "dataset": str(dataset),
+        "task": "arithmetic",
+        "prompts_per_iteration": 2,
+        "model": "unused-never-loaded",
+    }
 
     result = grpo_scheduled(str(run_dir), settings, iterations=3)
     assert result == {"iterations_added": 0, "last_iteration": 1, "unseen_prompts": 0}

@@ -7,14 +7,20 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from data.schemas import ADVANTAGES, REWARDS, SchemaError
-from data.store import Manifest, ParquetStreamWriter, atomic_write_bytes, read_table, remove_stale_temp_files, write_table
+from data.store import (
+    Manifest,
+    ParquetStreamWriter,
+    atomic_write_bytes,
+    read_table,
+    remove_stale_temp_files,
+    write_table,
+)
 
 
 def _advantages(n: int) -> pa.Table:
@@ -53,7 +59,16 @@ def test_reader_names_file_and_column_of_a_wrong_schema(tmp_path):
 
 def test_family_columns_are_accepted_only_with_their_type(tmp_path):
     schema = REWARDS.with_family_columns(["reward/math", "error/math"])
-    table = pa.table({"prompt_id": ["a"], "sample_index": pa.array([0], pa.int32()), "reward": [1.0], "reward/math": [1.0], "error/math": [None]}, schema=schema)
+    table = pa.table(
+        {
+            "prompt_id": ["a"],
+            "sample_index": pa.array([0], pa.int32()),
+            "reward": [1.0],
+            "reward/math": [1.0],
+            "error/math": [None],
+        },
+        schema=schema,
+    )
     write_table(table, tmp_path / "rewards.parquet", REWARDS)
     bad = table.append_column("score/other", pa.array([1.0]))
     with pytest.raises(SchemaError, match="unexpected column 'score/other'"):

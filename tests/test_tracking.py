@@ -43,14 +43,33 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("tracking-data")
-    return (write_jsonl(folder / "train.jsonl", builtin.train_problems(16, seed=5)),
-            write_jsonl(folder / "held.jsonl", builtin.held_out_problems(8)))
+    return (
+        write_jsonl(folder / "train.jsonl", builtin.train_problems(16, seed=5)),
+        write_jsonl(folder / "held.jsonl", builtin.held_out_problems(8)),
+    )
 
 
 def settings(run_dir: Path, model: Path, data: tuple[Path, Path], **extra) -> dict:
-    return dict(run_dir=run_dir, model=str(model), dataset=str(data[0]), eval_dataset=str(data[1]), task="arithmetic",
-                prompts_per_iteration=4, group_size=3, max_new_tokens=4, micro_batch_size=12, beta=0.0, eval_every=1, eval_size=8,
-                rewards={"exact_answer": 1.0}, score_workers=1, use_chat_template=False) | extra
+    return (
+        dict(
+            run_dir=run_dir,
+            model=str(model),
+            dataset=str(data[0]),
+            eval_dataset=str(data[1]),
+            task="arithmetic",
+            prompts_per_iteration=4,
+            group_size=3,
+            max_new_tokens=4,
+            micro_batch_size=12,
+            beta=0.0,
+            eval_every=1,
+            eval_size=8,
+            rewards={"exact_answer": 1.0},
+            score_workers=1,
+            use_chat_template=False,
+        )
+        | extra
+    )
 
 
 def metrics_table(run_dir: Path) -> list[tuple[int, str, float]]:
@@ -73,23 +92,38 @@ def tensorboard_scalars(logdir: Path) -> list[tuple[str, int, float]]:
     for path in sorted(logdir.glob("events.out.tfevents.*")):
         data, at = path.read_bytes(), 0
         while at < len(data):
-            (length,) = struct.unpack("<Q", data[at:at + 8])
-            event = Event.FromString(data[at + 12:at + 12 + length])
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = Event.FromString(data[at + 12 : at + 12 + length])
             at += 12 + length + 4
             found += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
     return found
 
 
-def test_params_metrics_steps_artifacts_and_a_resumed_run_continues_its_mlflow_run(tmp_path, tiny_model_dir, data_files, prefect_harness,
-                                                                                  monkeypatch):
+def test_params_metrics_steps_artifacts_and_a_resumed_run_continues_its_mlflow_run(
+    tmp_path, tiny_model_dir, data_files, prefect_harness, monkeypatch
+):
     import flows.train
     from flows.rescore import grpo_rescore
-    from flows.train import grpo_train
     from flows.tracking import param_values, read_state
+    from flows.train import grpo_train
 
-    run_dir, store, board = tmp_path / "exp-a", tmp_path / "store", tmp_path / "tb"  # a folder: a SQLite store inside it
-    config = GRPOConfig(**settings(run_dir, tiny_model_dir, data_files, iterations=3, learning_rate=1e-3,
-                                   rewards={"tests.test_tracking:shorter_is_better": 1.0}, tracking_uri=str(store), tensorboard=board))
+    run_dir, store, board = (
+        tmp_path / "exp-a",
+        tmp_path / "store",
+        tmp_path / "tb",
+    )  # a folder: a SQLite store inside it
+    config = GRPOConfig(
+        **settings(
+            run_dir,
+            tiny_model_dir,
+            data_files,
+            iterations=3,
+            learning_rate=1e-3,
+            rewards={"tests.test_tracking:shorter_is_better": 1.0},
+            tracking_uri=str(store),
+            tensorboard=board,
+        )
+    )
 
     # The first process dies right after iteration 2's metrics are written: they were never sent.
     real = flows.train.write_metrics
@@ -122,15 +156,30 @@ def test_params_metrics_steps_artifacts_and_a_resumed_run_continues_its_mlflow_r
         assert [s for s, _ in history] == [s for s, _ in expected], name  # every step exactly once
         assert all(same(a, b) for (_, a), (_, b) in zip(history, expected)), name
     assert {"reward", "held_out_accuracy", "frac_reward_zero_std", "policy_loss"} <= set(run.data.metrics)
-    artifacts = {a.path for a in client.list_artifacts(first_id)} | {a.path for a in client.list_artifacts(first_id, "stage_reports")}
-    assert {"config.json", "learning_curve.png", "stage_reports/iter-0001.md", "stage_reports/iter-0003.md"} <= artifacts
-    report = Path(mlflow.artifacts.download_artifacts(f"runs:/{first_id}/stage_reports/iter-0002.md", tracking_uri=f"sqlite:///{store}/mlflow.db"))
+    artifacts = {a.path for a in client.list_artifacts(first_id)} | {
+        a.path for a in client.list_artifacts(first_id, "stage_reports")
+    }
+    assert {
+        "config.json",
+        "learning_curve.png",
+        "stage_reports/iter-0001.md",
+        "stage_reports/iter-0003.md",
+    } <= artifacts
+    report = Path(
+        mlflow.artifacts.download_artifacts(
+            f"runs:/{first_id}/stage_reports/iter-0002.md", tracking_uri=f"sqlite:///{store}/mlflow.db"
+        )
+    )
     assert "rewards.parquet" in report.read_text() and "| reward |" in report.read_text()
     assert (store / "mlflow-artifacts").is_dir()  # beside the database, not in the working folder
 
     scalars = tensorboard_scalars(board)
-    tb_name = lambda name: re.sub(r"[^-/\w.]", "_", name)  # TensorBoard's tag rule (":" of an import-path reward becomes "_")
-    assert sorted((n, it) for n, it, _ in scalars) == sorted((tb_name(n), it) for it, n, _ in rows)  # the same metrics, once each
+    tb_name = lambda name: re.sub(
+        r"[^-/\w.]", "_", name
+    )  # TensorBoard's tag rule (":" of an import-path reward becomes "_")
+    assert sorted((n, it) for n, it, _ in scalars) == sorted(
+        (tb_name(n), it) for it, n, _ in rows
+    )  # the same metrics, once each
     by_key = {(n, it): v for n, it, v in scalars}
     assert all(same(by_key[(tb_name(n), it)], v) for it, n, v in rows if not math.isnan(v))
 
@@ -172,9 +221,27 @@ class MlflowServer:
         self.log = folder / "mlflow-server.log"
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-                 "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "server-artifacts")],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+                [
+                    sys.executable,
+                    "-m",
+                    "mlflow",
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    "1",
+                    "--backend-store-uri",
+                    f"sqlite:///{folder / 'server.db'}",
+                    "--artifacts-destination",
+                    str(folder / "server-artifacts"),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            )
 
     def wait_healthy(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -203,7 +270,9 @@ class MlflowServer:
             pass
 
 
-def test_two_scheduled_runs_against_a_server_the_worse_one_is_registered_not_promoted(tmp_path, data_files, prefect_harness, capsys):
+def test_two_scheduled_runs_against_a_server_the_worse_one_is_registered_not_promoted(
+    tmp_path, data_files, prefect_harness, capsys
+):
     from transformers import AutoModelForCausalLM
 
     from flows.inspection import inspect_path
@@ -215,8 +284,15 @@ def test_two_scheduled_runs_against_a_server_the_worse_one_is_registered_not_pro
         model = memorising_model(tmp_path / "good-model", builtin.held_out_problems(8))
         server.wait_healthy()
         run_dir = tmp_path / "prod"
-        base = settings(run_dir, model, data_files, rewards={"exact_answer": 1.0, "tests.test_tracking:shorter_is_better": 0.01},
-                        tracking_uri=server.url, register_as="arith", learning_rate=1e-5)
+        base = settings(
+            run_dir,
+            model,
+            data_files,
+            rewards={"exact_answer": 1.0, "tests.test_tracking:shorter_is_better": 0.01},
+            tracking_uri=server.url,
+            register_as="arith",
+            learning_rate=1e-5,
+        )
         base.pop("run_dir")
         first = grpo_scheduled(str(run_dir), base, iterations=1)
         assert first["registered"]["promoted"] and first["held_out_accuracy"] >= 0.75
@@ -224,7 +300,11 @@ def test_two_scheduled_runs_against_a_server_the_worse_one_is_registered_not_pro
         second = grpo_scheduled(str(run_dir), base | {"learning_rate": 0.5}, iterations=1)
         assert second["held_out_accuracy"] < first["held_out_accuracy"]
         reason = second["registered"]["reason"]
-        assert not second["registered"]["promoted"] and reason.startswith("not promoted: held_out_accuracy") and " < champion v1's " in reason
+        assert (
+            not second["registered"]["promoted"]
+            and reason.startswith("not promoted: held_out_accuracy")
+            and " < champion v1's " in reason
+        )
 
         client = mlflow.tracking.MlflowClient(tracking_uri=server.url)
         versions = sorted(client.search_model_versions("name = 'arith'"), key=lambda v: int(v.version))
@@ -232,12 +312,16 @@ def test_two_scheduled_runs_against_a_server_the_worse_one_is_registered_not_pro
         assert client.get_model_version_by_alias("arith", "champion").version == "1"
         assert versions[1].tags["grpoflow.gate"] == reason
         assert versions[0].tags["grpoflow.heldout_sha256"] == versions[1].tags["grpoflow.heldout_sha256"]
-        assert {r.info.run_id for r in client.search_runs([client.get_experiment_by_name("prod").experiment_id])} == \
-            {first["registered"]["run_id"], second["registered"]["run_id"]}  # one MLflow run per scheduled run
+        assert {r.info.run_id for r in client.search_runs([client.get_experiment_by_name("prod").experiment_id])} == {
+            first["registered"]["run_id"],
+            second["registered"]["run_id"],
+        }  # one MLflow run per scheduled run
 
         # The champion loads with plain from_pretrained from its registered files; they are iteration 1's weights.
         registered = client.get_model_version_by_alias("arith", "champion").source
-        local = mlflow.artifacts.download_artifacts(registered, dst_path=str(tmp_path / "champion"), tracking_uri=server.url)
+        local = mlflow.artifacts.download_artifacts(
+            registered, dst_path=str(tmp_path / "champion"), tracking_uri=server.url
+        )
         champion = AutoModelForCausalLM.from_pretrained(local)
         trained = AutoModelForCausalLM.from_pretrained(run_dir / "iter-0001" / "checkpoint")
         assert all((a == b).all() for a, b in zip(champion.state_dict().values(), trained.state_dict().values()))
@@ -249,13 +333,18 @@ def test_two_scheduled_runs_against_a_server_the_worse_one_is_registered_not_pro
         assert champion_start(continued_config(run_dir, base)) == champion_checkpoint
         grpo_scheduled(str(run_dir), base, iterations=1)
         third = Manifest(run_dir / "iter-0003").entries()
-        assert third["start-policy"]["policy"] == champion_checkpoint and champion_checkpoint in third["generations.parquet"]["inputs"]
+        assert (
+            third["start-policy"]["policy"] == champion_checkpoint
+            and champion_checkpoint in third["generations.parquet"]["inputs"]
+        )
 
         # ... and `grpo inspect` lists the folder's versions and which one is champion.
         shown = inspect_path(run_dir, as_json=True)["registry"]
         assert [(v["name"], v["version"]) for v in shown] == [("arith", 1), ("arith", 2), ("arith", 3)]
         champion_now = client.get_model_version_by_alias("arith", "champion").version
-        assert [v["champion"] for v in shown] == [str(v["version"]) == champion_now for v in shown] and not shown[1]["champion"]
+        assert [v["champion"] for v in shown] == [str(v["version"]) == champion_now for v in shown] and not shown[1][
+            "champion"
+        ]
         inspect_path(run_dir)
         out = capsys.readouterr().out
         assert "arith" in out and "champion" in out

@@ -27,11 +27,21 @@ from tasks.generate import generate_completions
 from tasks.logprobs import completion_logprobs, pack
 from tasks.model import forget_live_policies, live_policy, load_model
 from tasks.objective import BatchTotals, LossSettings, policy_loss
-from tests.conftest import save_tiny_qwen2
 from tasks.update import ArtifactMismatch, load_training_rows, split_mini_batches, update_policy
+from tests.conftest import save_tiny_qwen2
 
-PRACTITIONER_METRICS = {"policy_loss", "kl", "entropy", "grad_norm", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-                        "completions/mean_length", "completions/clipped_ratio", "update/tokens_per_second"}
+PRACTITIONER_METRICS = {
+    "policy_loss",
+    "kl",
+    "entropy",
+    "grad_norm",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "completions/mean_length",
+    "completions/clipped_ratio",
+    "update/tokens_per_second",
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,13 +79,28 @@ def artifacts(tmp_path_factory):
     out = {"model": str(model_dir), "root": root}
     for g in (4, 8):
         gens = root / f"generations-{g}.parquet"
-        generate_completions(prompts, gens, str(model_dir), group_size=g, max_new_tokens=5, reference_path=str(model_dir),
-                             use_chat_template=False, seed=1, device="cpu")
+        generate_completions(
+            prompts,
+            gens,
+            str(model_dir),
+            group_size=g,
+            max_new_tokens=5,
+            reference_path=str(model_dir),
+            use_chat_template=False,
+            seed=1,
+            device="cpu",
+        )
         forget_live_policies()
         table = read_table(gens, GENERATIONS, columns=["prompt_id", "sample_index"])
         rng = random.Random(g)
-        rewards = pa.table({"prompt_id": table["prompt_id"], "sample_index": table["sample_index"],
-                            "reward": [float(rng.randint(0, 3)) for _ in range(table.num_rows)]}, schema=REWARDS.schema)
+        rewards = pa.table(
+            {
+                "prompt_id": table["prompt_id"],
+                "sample_index": table["sample_index"],
+                "reward": [float(rng.randint(0, 3)) for _ in range(table.num_rows)],
+            },
+            schema=REWARDS.schema,
+        )
         write_table(rewards, root / f"rewards-{g}.parquet", REWARDS)
         compute_advantages(root / f"rewards-{g}.parquet", root / f"advantages-{g}.parquet")
         out[g] = (str(gens), str(root / f"advantages-{g}.parquet"))
@@ -85,8 +110,12 @@ def artifacts(tmp_path_factory):
 
 def run(artifacts, group=4, gens=None, **kw):
     gens_path, adv_path = artifacts[group]
-    settings = dict(learning_rate=1e-3, loss=LossSettings(beta=0.04), micro_batch_size=64, save=False, seed=3, device="cpu")
-    return update_policy(gens or gens_path, adv_path, artifacts["model"], str(artifacts["root"] / "out"), **settings | kw)
+    settings = dict(
+        learning_rate=1e-3, loss=LossSettings(beta=0.04), micro_batch_size=64, save=False, seed=3, device="cpu"
+    )
+    return update_policy(
+        gens or gens_path, adv_path, artifacts["model"], str(artifacts["root"] / "out"), **settings | kw
+    )
 
 
 def live_models() -> int:
@@ -165,7 +194,12 @@ def test_mu_and_mini_batches_follow_a_plain_ppo_loop_on_stored_old_logprobs(arti
         for _ in range(2):
             for mini in split_mini_batches(len(rows), 2, rng):
                 chunk = [rows[i] for i in mini]
-                batch = pack([r["prompt_token_ids"] for r in chunk], [r["completion_token_ids"] for r in chunk], 0, torch.device("cpu"))
+                batch = pack(
+                    [r["prompt_token_ids"] for r in chunk],
+                    [r["completion_token_ids"] for r in chunk],
+                    0,
+                    torch.device("cpu"),
+                )
                 logp = completion_logprobs(model, batch, 1.0)
                 width = logp.shape[1]
 
@@ -174,7 +208,15 @@ def test_mu_and_mini_batches_follow_a_plain_ppo_loop_on_stored_old_logprobs(arti
 
                 old = pad("old_logprobs") if use_stored_old else logp.detach()
                 totals = BatchTotals(len(chunk), int(batch.completion_mask.sum()), 1)
-                value, _ = policy_loss(logp, old, torch.tensor([r["advantage"] for r in chunk]), batch.completion_mask, pad("ref_logprobs"), loss, totals)
+                value, _ = policy_loss(
+                    logp,
+                    old,
+                    torch.tensor([r["advantage"] for r in chunk]),
+                    batch.completion_mask,
+                    pad("ref_logprobs"),
+                    loss,
+                    totals,
+                )
                 value.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
@@ -188,7 +230,11 @@ def test_mu_and_mini_batches_follow_a_plain_ppo_loop_on_stored_old_logprobs(arti
 
 
 def test_the_ratio_uses_the_stored_old_logprobs(artifacts, tmp_path):
-    shifted = _rewrite(artifacts[4][0], tmp_path / "generations.parquet", lambda r: r | {"old_logprobs": [x + 0.5 for x in r["old_logprobs"]]})
+    shifted = _rewrite(
+        artifacts[4][0],
+        tmp_path / "generations.parquet",
+        lambda r: r | {"old_logprobs": [x + 0.5 for x in r["old_logprobs"]]},
+    )
     metrics = run(artifacts, gens=str(shifted), loss=LossSettings(beta=0.0))
     # rho = exp(-0.5) = 0.61 < 0.8 on every token: clipped wherever A < 0, never above.
     assert metrics["clip_ratio/low_mean"] > 0.2 and metrics["clip_ratio/high_mean"] == 0.0
@@ -199,7 +245,11 @@ def test_the_ratio_uses_the_stored_old_logprobs(artifacts, tmp_path):
 def test_micro_batches_bound_the_forward_size_whatever_the_group_size(artifacts, monkeypatch):
     sizes = []
     original = tasks.update.completion_logprobs
-    monkeypatch.setattr(tasks.update, "completion_logprobs", lambda model, batch, *a, **k: sizes.append(batch.input_ids.shape[0]) or original(model, batch, *a, **k))
+    monkeypatch.setattr(
+        tasks.update,
+        "completion_logprobs",
+        lambda model, batch, *a, **k: sizes.append(batch.input_ids.shape[0]) or original(model, batch, *a, **k),
+    )
     metrics = run(artifacts, group=8, micro_batch_size=3, mini_batches=2)
     kept = metrics["update/trained_completions"]
     assert max(sizes) <= 3 and sum(sizes) == kept == 48
@@ -207,11 +257,21 @@ def test_micro_batches_bound_the_forward_size_whatever_the_group_size(artifacts,
 
 
 def test_only_kept_rows_are_trained(artifacts, tmp_path):
-    compute_advantages(artifacts["root"] / "rewards-4.parquet", tmp_path / "adv.parquet", dynamic_sampling=True, target_groups=2)
+    compute_advantages(
+        artifacts["root"] / "rewards-4.parquet", tmp_path / "adv.parquet", dynamic_sampling=True, target_groups=2
+    )
     kept = read_table(tmp_path / "adv.parquet", ADVANTAGES)["kept"].to_pylist()
     assert sum(kept) == 8  # 2 groups of 4
-    metrics = update_policy(artifacts[4][0], tmp_path / "adv.parquet", artifacts["model"], str(tmp_path / "out"),
-                            learning_rate=1e-3, loss=LossSettings(beta=0.0), save=False, device="cpu")
+    metrics = update_policy(
+        artifacts[4][0],
+        tmp_path / "adv.parquet",
+        artifacts["model"],
+        str(tmp_path / "out"),
+        learning_rate=1e-3,
+        loss=LossSettings(beta=0.0),
+        save=False,
+        device="cpu",
+    )
     assert metrics["update/trained_completions"] == 8
     assert metrics["completions/mean_length"] > 0  # length metrics cover every sampled completion
 
@@ -280,7 +340,11 @@ def test_gradient_checkpointing_gives_the_same_step(artifacts, monkeypatch):
     steps = capture_gradients(monkeypatch)
     during = []
     original = tasks.update.completion_logprobs
-    monkeypatch.setattr(tasks.update, "completion_logprobs", lambda model, *a, **k: during.append(_checkpointing(model)) or original(model, *a, **k))
+    monkeypatch.setattr(
+        tasks.update,
+        "completion_logprobs",
+        lambda model, *a, **k: during.append(_checkpointing(model)) or original(model, *a, **k),
+    )
     plain = run(artifacts, micro_batch_size=10)
     forget_live_policies()
     checkpointed = run(artifacts, micro_batch_size=10, gradient_checkpointing=True)
@@ -288,7 +352,9 @@ def test_gradient_checkpointing_gives_the_same_step(artifacts, monkeypatch):
     for a, b in zip(*steps):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
     assert checkpointed["policy_loss"] == pytest.approx(plain["policy_loss"], abs=1e-6)
-    assert not _checkpointing(live_policy(str(artifacts["root"] / "out")).model)  # off again: the live policy goes on to generate
+    assert not _checkpointing(
+        live_policy(str(artifacts["root"] / "out")).model
+    )  # off again: the live policy goes on to generate
 
 
 def _advantages_with_flat_groups(artifacts, tmp_path, flat_every: int = 2, group: int = 4) -> str:
@@ -296,9 +362,13 @@ def _advantages_with_flat_groups(artifacts, tmp_path, flat_every: int = 2, group
     advantages are exactly 0) and spread in the others."""
     gens = read_table(artifacts[group][0], GENERATIONS, columns=["prompt_id", "sample_index"])
     order = list(dict.fromkeys(gens["prompt_id"].to_pylist()))
-    rewards = [1.0 if order.index(pid) % flat_every == 0 else float(k % 3) for pid, k in
-               zip(gens["prompt_id"].to_pylist(), gens["sample_index"].to_pylist())]
-    table = pa.table({"prompt_id": gens["prompt_id"], "sample_index": gens["sample_index"], "reward": rewards}, schema=REWARDS.schema)
+    rewards = [
+        1.0 if order.index(pid) % flat_every == 0 else float(k % 3)
+        for pid, k in zip(gens["prompt_id"].to_pylist(), gens["sample_index"].to_pylist())
+    ]
+    table = pa.table(
+        {"prompt_id": gens["prompt_id"], "sample_index": gens["sample_index"], "reward": rewards}, schema=REWARDS.schema
+    )
     write_table(table, tmp_path / "rewards.parquet", REWARDS)
     compute_advantages(tmp_path / "rewards.parquet", tmp_path / "advantages.parquet")
     return str(tmp_path / "advantages.parquet")
@@ -313,14 +383,32 @@ def _weights_at(path) -> list[torch.Tensor]:
 def _forward_rows(monkeypatch) -> list[int]:
     rows = []
     original = tasks.update.completion_logprobs
-    monkeypatch.setattr(tasks.update, "completion_logprobs", lambda model, batch, *a, **k: rows.append(batch.input_ids.shape[0]) or original(model, batch, *a, **k))
+    monkeypatch.setattr(
+        tasks.update,
+        "completion_logprobs",
+        lambda model, batch, *a, **k: rows.append(batch.input_ids.shape[0]) or original(model, batch, *a, **k),
+    )
     return rows
 
 
-@pytest.mark.parametrize("schedule", [dict(aggregation="grpo"), dict(aggregation="dapo", mu=2, mini_batches=2), dict(aggregation="dr_grpo", level="sequence")])
-def test_with_beta_0_zero_advantage_completions_are_not_forwarded_and_the_step_is_the_same(artifacts, tmp_path, monkeypatch, schedule):
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        dict(aggregation="grpo"),
+        dict(aggregation="dapo", mu=2, mini_batches=2),
+        dict(aggregation="dr_grpo", level="sequence"),
+    ],
+)
+def test_with_beta_0_zero_advantage_completions_are_not_forwarded_and_the_step_is_the_same(
+    artifacts, tmp_path, monkeypatch, schedule
+):
     schedule = dict(schedule)
-    loss = LossSettings(beta=0.0, aggregation=schedule.pop("aggregation"), importance_sampling=schedule.pop("level", "token"), max_completion_length=5)
+    loss = LossSettings(
+        beta=0.0,
+        aggregation=schedule.pop("aggregation"),
+        importance_sampling=schedule.pop("level", "token"),
+        max_completion_length=5,
+    )
     adv = _advantages_with_flat_groups(artifacts, tmp_path)
     zero = sum(a == 0.0 for a in read_table(adv, ADVANTAGES)["advantage"].to_pylist())
     assert zero == 12  # 3 of the 6 groups are flat
@@ -329,15 +417,28 @@ def test_with_beta_0_zero_advantage_completions_are_not_forwarded_and_the_step_i
         if not skip:
             monkeypatch.setattr(tasks.update, "zero_gradient", lambda row, loss: False)
         rows, grads = _forward_rows(monkeypatch), capture_gradients(monkeypatch)
-        metrics = update_policy(artifacts[4][0], adv, artifacts["model"], str(tmp_path / "out"), learning_rate=1e-4, loss=loss,
-                                micro_batch_size=5, save=False, seed=3, device="cpu", **schedule)
+        metrics = update_policy(
+            artifacts[4][0],
+            adv,
+            artifacts["model"],
+            str(tmp_path / "out"),
+            learning_rate=1e-4,
+            loss=loss,
+            micro_batch_size=5,
+            save=False,
+            seed=3,
+            device="cpu",
+            **schedule,
+        )
         monkeypatch.undo()
         return metrics, _weights_at(tmp_path / "out"), rows, grads
 
     skipped, skipped_weights, skipped_rows, skipped_grads = update(skip=True)
     full, full_weights, full_rows, full_grads = update(skip=False)
     passes = schedule.get("mu", 1)
-    assert sum(full_rows) == 24 * passes and sum(skipped_rows) == 12 * passes  # the flat groups never went through the model
+    assert (
+        sum(full_rows) == 24 * passes and sum(skipped_rows) == 12 * passes
+    )  # the flat groups never went through the model
     assert skipped["update/zero_gradient_completions"] == 12 and full["update/zero_gradient_completions"] == 0
     for a, b in zip([g for step in skipped_grads for g in step], [g for step in full_grads for g in step]):
         assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)  # the same gradient at every step
@@ -362,7 +463,9 @@ def test_a_step_with_nothing_to_forward_still_moves_adam_as_zero_gradients_do(ar
     settings = dict(learning_rate=1e-3, loss=LossSettings(beta=0.0), micro_batch_size=8, save=False, device="cpu")
 
     def two_steps(skip: bool) -> tuple[dict, list[torch.Tensor], list[int]]:
-        update_policy(artifacts[4][0], spread, artifacts["model"], str(tmp_path / "one"), **settings)  # gives AdamW moments
+        update_policy(
+            artifacts[4][0], spread, artifacts["model"], str(tmp_path / "one"), **settings
+        )  # gives AdamW moments
         if not skip:
             monkeypatch.setattr(tasks.update, "zero_gradient", lambda row, loss: False)
         rows = _forward_rows(monkeypatch)
@@ -379,7 +482,9 @@ def test_a_step_with_nothing_to_forward_still_moves_adam_as_zero_gradients_do(ar
     for a, b in zip(skipped_weights, full_weights):
         assert torch.allclose(a, b, atol=1e-6, rtol=0)
     assert skipped["grad_norm"] == full["grad_norm"] == 0.0 and skipped["update/optimizer_steps"] == 1
-    assert skipped["update/zero_gradient_completions"] == 24 and skipped["entropy"] != skipped["entropy"]  # NaN: nothing forwarded
+    assert (
+        skipped["update/zero_gradient_completions"] == 24 and skipped["entropy"] != skipped["entropy"]
+    )  # NaN: nothing forwarded
 
 
 def test_micro_batches_hold_completions_of_similar_length(artifacts, monkeypatch):
@@ -387,7 +492,11 @@ def test_micro_batches_hold_completions_of_similar_length(artifacts, monkeypatch
     same step (test_micro_batches_accumulate_to_the_full_batch_gradient); bnpo keeps the order."""
     shapes = []
     original = tasks.update.completion_logprobs
-    monkeypatch.setattr(tasks.update, "completion_logprobs", lambda model, batch, *a, **k: shapes.append(tuple(batch.input_ids.shape)) or original(model, batch, *a, **k))
+    monkeypatch.setattr(
+        tasks.update,
+        "completion_logprobs",
+        lambda model, batch, *a, **k: shapes.append(tuple(batch.input_ids.shape)) or original(model, batch, *a, **k),
+    )
     rows = load_training_rows(*artifacts[8])
     lengths = {len(r["prompt_token_ids"]) + len(r["completion_token_ids"]) for r in rows}
     assert len(lengths) > 3  # the fixture's completions and prompts do vary in length
@@ -402,7 +511,15 @@ def test_micro_batches_hold_completions_of_similar_length(artifacts, monkeypatch
 
 def test_bnpo_micro_batches_are_cut_in_the_shuffled_order_with_every_completion():
     loss = LossSettings(beta=0.0, aggregation="bnpo")
-    rows = [{"prompt_token_ids": [1] * n, "completion_token_ids": [2] * (6 - n), "finish_reason": "eos", "advantage": float(n % 2)} for n in range(6)]
+    rows = [
+        {
+            "prompt_token_ids": [1] * n,
+            "completion_token_ids": [2] * (6 - n),
+            "finish_reason": "eos",
+            "advantage": float(n % 2),
+        }
+        for n in range(6)
+    ]
     micro, idle = tasks.update.plan_micro_batches(rows, 4, loss)
     assert micro == [rows[:4], rows[4:]] and idle == []  # its normaliser is each micro-batch's own token count
     micro, idle = tasks.update.plan_micro_batches(rows, 4, LossSettings(beta=0.0))

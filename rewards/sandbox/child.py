@@ -59,9 +59,25 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 # Imported once by the zygote, so that candidates (forked from it) find them loaded: the
 # modules HumanEval/MBPP-style programs import, and what the serve loop itself needs.
 PRELOAD = (
-    "ast", "bisect", "builtins", "collections", "copy", "fractions", "functools", "hashlib",
-    "heapq", "itertools", "math", "operator", "random", "re", "statistics", "string",
-    "traceback", "typing", "json",
+    "ast",
+    "bisect",
+    "builtins",
+    "collections",
+    "copy",
+    "fractions",
+    "functools",
+    "hashlib",
+    "heapq",
+    "itertools",
+    "math",
+    "operator",
+    "random",
+    "re",
+    "statistics",
+    "string",
+    "traceback",
+    "typing",
+    "json",
 )
 _FILTER: bytes | str = "the zygote did not build a seccomp filter"
 _SITE_FOLDERS: list[str] = []  # the scorer's package folders, given to the zygote
@@ -402,7 +418,9 @@ def _candidate_process(config, folders, hidden, namespaced, root_scorer, out_w, 
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
         _close_fds_except({0, 1, 2, status_w, *(fd for fd in (config.get("req_fd"), config.get("resp_fd")) if fd)})
-        isolation.set_limits(config["cpu_s"], config["memory_bytes"], config["processes"], config["file_bytes"], config["open_files"])
+        isolation.set_limits(
+            config["cpu_s"], config["memory_bytes"], config["processes"], config["file_bytes"], config["open_files"]
+        )
         stdlib = os.path.dirname(os.__file__)
         if not os.access(stdlib, os.R_OK | os.X_OK):
             raise PermissionError(
@@ -422,7 +440,9 @@ def _candidate_process(config, folders, hidden, namespaced, root_scorer, out_w, 
         policy.load(_FILTER)
         sys.path[:] = [p for p in sys.path if any(p == f or p.startswith(f + "/") for f in folders) and p not in hidden]
         os.environ.clear()
-        os.environ.update({"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8"} | ({"TMPDIR": "/tmp"} if writable else {}))
+        os.environ.update(
+            {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8"} | ({"TMPDIR": "/tmp"} if writable else {})
+        )
     except BaseException as err:  # report set-up failures as the scorer's problem, not a verdict
         try:
             frame = err.__traceback__

@@ -114,11 +114,21 @@ def enter_namespaces(root_scorer: bool, uid: int, gid: int, ask_for_maps) -> tup
     else:
         if _libc.unshare(CLONE_NEWUSER) != 0:
             return [], f"user namespaces refused: {os.strerror(ctypes.get_errno())}"
-        maps = [("setgroups", "deny"), ("uid_map", f"{SANDBOX_ID} {host_uid} 1"), ("gid_map", f"{SANDBOX_ID} {host_gid} 1")]
+        maps = [
+            ("setgroups", "deny"),
+            ("uid_map", f"{SANDBOX_ID} {host_uid} 1"),
+            ("gid_map", f"{SANDBOX_ID} {host_gid} 1"),
+        ]
         for path, text in maps:
             with open(f"/proc/self/{path}", "w") as fh:
                 fh.write(text)
-    others = [("pid", CLONE_NEWPID), ("net", CLONE_NEWNET), ("ipc", CLONE_NEWIPC), ("uts", CLONE_NEWUTS), ("cgroup", CLONE_NEWCGROUP)]
+    others = [
+        ("pid", CLONE_NEWPID),
+        ("net", CLONE_NEWNET),
+        ("ipc", CLONE_NEWIPC),
+        ("uts", CLONE_NEWUTS),
+        ("cgroup", CLONE_NEWCGROUP),
+    ]
     for name, flag in others:
         _check(_libc.unshare(flag), f"unshare {name} namespace")
     return ["user", *(name for name, _ in others), "mount"], None
@@ -126,7 +136,9 @@ def enter_namespaces(root_scorer: bool, uid: int, gid: int, ask_for_maps) -> tup
 
 def exposed_folders(python_paths: list[str]) -> list[str]:
     """The folders a candidate may read: system folders and the interpreter's, outermost only."""
-    wanted = {os.path.realpath(p) for p in (*SYSTEM_FOLDERS, *python_paths) if os.path.isdir(p) and not os.path.islink(p)}
+    wanted = {
+        os.path.realpath(p) for p in (*SYSTEM_FOLDERS, *python_paths) if os.path.isdir(p) and not os.path.islink(p)
+    }
     return sorted(p for p in wanted if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in wanted))
 
 
@@ -182,7 +194,12 @@ def private_root(folders: list[str], hidden: list[str], tmpfs_bytes: int, base: 
 
 
 class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64), ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
 
 
 def _read_only(path: str, recursive: bool) -> None:
@@ -200,7 +217,11 @@ def _read_only(path: str, recursive: bool) -> None:
 
 
 class _RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
 
 
 class _PathBeneath(ctypes.Structure):
@@ -237,7 +258,9 @@ def landlock(readable: list[str], hidden: list[str], writable: list[str], device
         read = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
         rules = [(p, read) for p in _without(readable, hidden)] + [(p, fs_all) for p in writable]
         for device in devices:
-            rights = FS_READ_FILE | (FS_WRITE_FILE | (FS_TRUNCATE if abi >= 3 else 0) if os.path.basename(device) in WRITABLE_DEVICES else 0)
+            rights = FS_READ_FILE | (
+                FS_WRITE_FILE | (FS_TRUNCATE if abi >= 3 else 0) if os.path.basename(device) in WRITABLE_DEVICES else 0
+            )
             rules.append((device, rights))
         for path, rights in rules:
             if not os.path.exists(path):
@@ -247,7 +270,10 @@ def landlock(readable: list[str], hidden: list[str], writable: list[str], device
                 if not os.path.isdir(path):
                     rights &= _FILE_RIGHTS
                 rule = _PathBeneath(rights & fs_all, fd)
-                _check(0 if _libc.syscall(SYS_LANDLOCK[1], ruleset, 1, ctypes.byref(rule), 0) == 0 else -1, f"landlock rule {path}")
+                _check(
+                    0 if _libc.syscall(SYS_LANDLOCK[1], ruleset, 1, ctypes.byref(rule), 0) == 0 else -1,
+                    f"landlock rule {path}",
+                )
             finally:
                 os.close(fd)
         prctl(PR_SET_NO_NEW_PRIVS, 1)

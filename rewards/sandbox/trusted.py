@@ -85,7 +85,9 @@ class RunResult:
     stdout: bytes
     stderr: bytes
     duration_s: float
-    isolation: tuple[str, ...]  # e.g. ("user", "pid", "net", "ipc", "uts", "cgroup", "mount", "landlock-fs", ..., "seccomp")
+    isolation: tuple[
+        str, ...
+    ]  # e.g. ("user", "pid", "net", "ipc", "uts", "cgroup", "mount", "landlock-fs", ..., "seccomp")
     user: int  # the host user the program ran as
     leftover_processes: int  # descendants still alive after the program ended, then killed
     cpu_s: float = 0.0  # CPU time of all its processes
@@ -112,7 +114,9 @@ class Isolation:
     packages: bool = False
 
 
-def run_script(source: str, stdin: bytes = b"", limits: Limits = Limits(), isolation: Isolation = Isolation()) -> RunResult:
+def run_script(
+    source: str, stdin: bytes = b"", limits: Limits = Limits(), isolation: Isolation = Isolation()
+) -> RunResult:
     """Run `source` as a program with `stdin`; return its exit status and captured output."""
     return _collect(_launch("script", source, limits, isolation, stdin=stdin))
 
@@ -313,7 +317,9 @@ def _collect(run: _Run) -> RunResult:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 _kill_group(run.pid)
-                raise SandboxError(f"the sandbox supervisor did not report within {_SUPERVISOR_GRACE_S:g}s of its limit; killed")
+                raise SandboxError(
+                    f"the sandbox supervisor did not report within {_SUPERVISOR_GRACE_S:g}s of its limit; killed"
+                )
             for fd in select.select(open_fds, [], [], remaining)[0]:
                 chunk = os.read(fd, 1 << 16)
                 if chunk:

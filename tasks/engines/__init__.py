@@ -74,8 +74,14 @@ class Engine(ABC):
         stays up."""
 
     @abstractmethod
-    def sample(self, prompt_ids: Sequence[Sequence[int]], num_samples: int, settings: SamplingSettings,
-               seed: int | None = None, desc: str = "generate") -> list[Sample]:
+    def sample(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        num_samples: int,
+        settings: SamplingSettings,
+        seed: int | None = None,
+        desc: str = "generate",
+    ) -> list[Sample]:
         """`num_samples` completions of every prompt (token ids, no padding), group members
         adjacent: prompt 0's samples first. `seed` makes the draw reproducible as far as the
         engine allows (see each engine's docstring)."""

@@ -29,8 +29,15 @@ import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
-from transformers import (LogitsProcessor, LogitsProcessorList, MinPLogitsWarper, StoppingCriteria, StoppingCriteriaList, TopKLogitsWarper,
-                          TopPLogitsWarper)
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from tasks.engines import Engine, Sample, SamplingSettings
 from tasks.progress import progress
@@ -43,8 +50,15 @@ class _RecordLogprobs(LogitsProcessor):
     def __init__(self, temperature: float, top_p: float, top_k: int = 0, min_p: float = 0.0):
         self.temperature = temperature
         # transformers' warper order: temperature, top-k, top-p, min-p
-        self.warpers = [w for w in (TopKLogitsWarper(top_k=top_k) if top_k else None, TopPLogitsWarper(top_p=top_p) if top_p < 1 else None,
-                                    MinPLogitsWarper(min_p=min_p) if min_p else None) if w is not None]
+        self.warpers = [
+            w
+            for w in (
+                TopKLogitsWarper(top_k=top_k) if top_k else None,
+                TopPLogitsWarper(top_p=top_p) if top_p < 1 else None,
+                MinPLogitsWarper(min_p=min_p) if min_p else None,
+            )
+            if w is not None
+        ]
         self.last: torch.Tensor | None = None  # (B, V) log-probs of the previous step
         self.steps: list[torch.Tensor] = []  # one (B,) per generated token but the last
 
@@ -61,7 +75,9 @@ class _RecordLogprobs(LogitsProcessor):
         """(B, C) log-probs of `new_tokens` (B, C), the tokens generate returned."""
         steps = list(self.steps)
         if self.last is not None and len(steps) < new_tokens.shape[1]:
-            steps.append(self.last.gather(-1, new_tokens[:, len(steps) : len(steps) + 1].to(self.last.device)).squeeze(-1))
+            steps.append(
+                self.last.gather(-1, new_tokens[:, len(steps) : len(steps) + 1].to(self.last.device)).squeeze(-1)
+            )
         return torch.stack(steps, dim=1).cpu() if steps else torch.zeros((new_tokens.shape[0], 0))
 
 
@@ -81,6 +97,7 @@ class StopStrings(StoppingCriteria):
 def stop_index(tokenizer, tokens: Sequence[int], stop: Sequence[str]) -> int | None:
     """Index of the token with which the decoded `tokens` first contain one of `stop`, or
     None. Containment only grows with the prefix, so a binary search needs ~log2(C) decodes."""
+
     def contains(n: int) -> bool:
         text = tokenizer.decode(tokens[:n], skip_special_tokens=False)
         return any(s in text for s in stop)
@@ -134,8 +151,14 @@ class HFEngine(Engine):
                     own[name].copy_(tensor)
 
     @torch.no_grad()
-    def sample(self, prompt_ids: Sequence[Sequence[int]], num_samples: int, settings: SamplingSettings,
-               seed: int | None = None, desc: str = "generate") -> list[Sample]:
+    def sample(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        num_samples: int,
+        settings: SamplingSettings,
+        seed: int | None = None,
+        desc: str = "generate",
+    ) -> list[Sample]:
         """`settings.batch_size` sequences per ``generate`` call, left-padded."""
         model, tokenizer = self.model, self.tokenizer
         if seed is not None:
@@ -156,17 +179,25 @@ class HFEngine(Engine):
                 for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
                     ids[row, width - len(prompt_ids[i]) :] = torch.as_tensor(prompt_ids[i])
                     mask[row, width - len(prompt_ids[i]) :] = 1
-                recorder = _RecordLogprobs(settings.temperature, settings.top_p, settings.top_k, settings.min_p) if record else None
+                recorder = (
+                    _RecordLogprobs(settings.temperature, settings.top_p, settings.top_k, settings.min_p)
+                    if record
+                    else None
+                )
                 result = model.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
                     do_sample=not greedy,
                     temperature=settings.temperature if not greedy else None,
                     top_p=settings.top_p if not greedy else None,
-                    top_k=settings.top_k if settings.top_k and not greedy else None,  # None, not generation_config's top_k=50
+                    top_k=settings.top_k
+                    if settings.top_k and not greedy
+                    else None,  # None, not generation_config's top_k=50
                     min_p=settings.min_p if settings.min_p and not greedy else None,
                     repetition_penalty=settings.repetition_penalty if settings.repetition_penalty != 1.0 else None,
-                    stopping_criteria=StoppingCriteriaList([StopStrings(tokenizer, settings.stop, width)]) if settings.stop else None,
+                    stopping_criteria=StoppingCriteriaList([StopStrings(tokenizer, settings.stop, width)])
+                    if settings.stop
+                    else None,
                     max_new_tokens=settings.max_new_tokens,
                     eos_token_id=stop_ids,
                     pad_token_id=tokenizer.pad_token_id,

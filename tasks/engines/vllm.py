@@ -152,7 +152,11 @@ class VLLMEngine(Engine):
         model.generation_config.save_pretrained(self.folder)
         tokenizer.save_pretrained(self.folder)
         on_gpu = next(model.parameters()).device.type == "cuda"
-        memory = {"gpu_memory_utilization": self.gpu_memory_utilization} if on_gpu else {"kv_cache_memory_bytes": int(self.cpu_kv_cache_gb * GiB)}
+        memory = (
+            {"gpu_memory_utilization": self.gpu_memory_utilization}
+            if on_gpu
+            else {"kv_cache_memory_bytes": int(self.cpu_kv_cache_gb * GiB)}
+        )
         # vLLM's CPU worker sets torch's thread count and replaces torch.set_num_threads with
         # a no-op in its process (it expects to own the cores); this process also trains, so
         # both are put back.
@@ -193,8 +197,14 @@ class VLLMEngine(Engine):
 
     # -- sample ------------------------------------------------------------------------------
 
-    def sample(self, prompt_ids: Sequence[Sequence[int]], num_samples: int, settings: SamplingSettings,
-               seed: int | None = None, desc: str = "generate") -> list[Sample]:
+    def sample(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        num_samples: int,
+        settings: SamplingSettings,
+        seed: int | None = None,
+        desc: str = "generate",
+    ) -> list[Sample]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -202,7 +212,9 @@ class VLLMEngine(Engine):
             n=num_samples,
             temperature=0.0 if settings.greedy else settings.temperature,
             top_p=1.0 if settings.greedy else settings.top_p,
-            top_k=settings.top_k if settings.top_k and not settings.greedy else 0,  # 0 = off: generation_config defaults must not truncate
+            top_k=settings.top_k
+            if settings.top_k and not settings.greedy
+            else 0,  # 0 = off: generation_config defaults must not truncate
             min_p=settings.min_p if not settings.greedy else 0.0,
             repetition_penalty=settings.repetition_penalty,
             max_tokens=settings.max_new_tokens,
