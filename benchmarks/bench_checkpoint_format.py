@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (sets the offline/quiet environment and sys.path)
+import common  # sets the offline/quiet environment and sys.path
 from common import fmt, set_threads, summary
 
 from data.store import _fsync_dir as fsync  # opens read-only and fsyncs: a file as well as a folder

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (sets the offline/quiet environment and sys.path)
+import common  # sets the offline/quiet environment and sys.path
 from common import ROOT, fmt, machine_info, set_threads, summary
 
 SIDES = ["bare", "sample", "old_forward", "stage", "stage_old"]

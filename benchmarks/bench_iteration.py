@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (sets the offline/quiet environment and sys.path)
+import common  # sets the offline/quiet environment and sys.path
 from common import ROOT, fmt, machine_info, peak_rss_mib, set_threads, summary
 
 PYTHON = sys.executable

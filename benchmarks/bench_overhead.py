@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import bench_iteration
-import common  # noqa: F401  (sets the offline/quiet environment and sys.path)
+import common  # sets the offline/quiet environment and sys.path
 from common import ROOT, machine_info
 
 OVERHEAD = ["orchestration", "manifest", "parquet_io", "checkpoint_write", "model_load"]

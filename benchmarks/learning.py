@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import common  # noqa: F401  (sets the offline/quiet environment and sys.path)
+import common  # sets the offline/quiet environment and sys.path
 from common import ROOT, machine_info
 
 PYTHON = sys.executable

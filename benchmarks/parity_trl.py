@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import common  # noqa: F401  (sets the offline/quiet environment and sys.path)
+import common  # sets the offline/quiet environment and sys.path
 from common import ROOT, exact_answer_for_trl, machine_info, set_threads, trl_trainer, write_builtin_jsonl
 
 PYTHON = sys.executable

@@ -2,11 +2,11 @@
 
 # Built-in reward modules: each registers its functions on import.
 from rewards import (
-    arithmetic,  # noqa: E402,F401  (registers "exact_answer")
-    code_tests,  # noqa: E402,F401  (registers "code")
-    countdown,  # noqa: E402,F401  (registers "countdown")
-    format_length,  # noqa: E402,F401  (registers "format", "overlong")
-    math_answers,  # noqa: E402,F401  (registers "math")
+    arithmetic,  # noqa: F401  (registers "exact_answer")
+    code_tests,  # noqa: F401  (registers "code")
+    countdown,  # noqa: F401  (registers "countdown")
+    format_length,  # noqa: F401  (registers "format", "overlong")
+    math_answers,  # noqa: F401  (registers "math")
 )
 from rewards.registry import (
     BoundReward,

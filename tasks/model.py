@@ -289,7 +289,7 @@ def wait_for_saves() -> None:
         except DiskFull:
             _PENDING.clear()  # what ran after it did nothing
             raise
-        except Exception as err:  # noqa: BLE001 - any failure of the write is reported the same way
+        except Exception as err:  # any failure of the write is reported the same way
             _PENDING.clear()
             raise CheckpointNotSaved(
                 f"{path}: the checkpoint written in the background failed: {type(err).__name__}: {err}"

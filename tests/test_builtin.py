@@ -15,7 +15,7 @@ def test_held_out_problems_never_appear_in_training():
     assert (
         builtin.train_problems(10, seed=1) == builtin.train_problems(10, seed=1) != builtin.train_problems(10, seed=2)
     )
-    assert all(int(p["answer"]) == eval(p["prompt"][:-1]) for p in builtin.held_out_problems(50))  # noqa: S307
+    assert all(int(p["answer"]) == eval(p["prompt"][:-1]) for p in builtin.held_out_problems(50))
 
 
 def test_exact_answer_reward_is_strict():
