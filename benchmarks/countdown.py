@@ -48,7 +48,7 @@ def format_warmup(folder: Path, steps: int, batch_size: int, lr: float, seed: in
     model = build_model(len(tok), seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
-    for step in range(steps):
+    for _step in range(steps):
         ids, labels = [], []
         for _ in range(batch_size):
             numbers = [rng.randint(countdown.LOW, countdown.HIGH) for _ in range(countdown.COUNT)]

@@ -172,7 +172,7 @@ def plot(curves: dict[str, list[list[float]]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     colours = {"grpoflow": "tab:blue", "trl": "tab:orange"}
     for side, runs in curves.items():
-        for k, c in enumerate(runs):
+        for c in runs:
             ax.plot(range(1, len(c) + 1), c, color=colours[side], alpha=0.25, lw=0.8)
         steps = min(map(len, runs))
         mean = [statistics.fmean(c[i] for c in runs) for i in range(steps)]

@@ -4,19 +4,6 @@ the kept groups, the metrics (metrics.json and the run's metrics.parquet), and a
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from pathlib import Path
-
-_SCRATCH = Path(tempfile.mkdtemp(prefix="grpoflow-objective-flow-"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_HOME", str(_SCRATCH / "prefect"))
-os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
-os.environ.setdefault("GRPOFLOW_CACHE", str(_SCRATCH / "cache"))
-os.environ.setdefault("GRPOFLOW_PROGRESS", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch

@@ -17,7 +17,12 @@ from data.store import DiskFull
 from tasks.model import CheckpointNotSaved, forget_live_policies, wait_for_saves
 from tasks.objective import LossSettings
 from tasks.update import update_policy
-from tests.test_update_stage import _one_thread, artifacts  # noqa: F401  (module fixtures: one thread, tiny artifacts)
+from tests import test_update_stage
+
+# test_update_stage's module fixtures, shared by name (pytest finds a fixture as a module attribute):
+# one torch thread for tiny matrices, and the tiny model with its generations and advantages.
+_one_thread = test_update_stage._one_thread
+artifacts = test_update_stage.artifacts
 
 
 @pytest.fixture(autouse=True)

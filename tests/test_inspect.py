@@ -14,11 +14,14 @@ from data.store import TMP_PREFIX, Manifest, atomic_write_json
 from flows.cli import main
 from flows.inspection import inspect_path
 from flows.report import PLOT_NAME, artifact_key, plot_learning_curve, stage_markdown
-from tests.test_rescore import COMPLETIONS, run_dir  # noqa: F401  (the fixture: one scored iteration, no model)
+from tests import test_rescore
+from tests.test_rescore import COMPLETIONS
+
+run_dir = test_rescore.run_dir  # test_rescore's fixture, shared by name: one scored iteration, no model
 
 
 @pytest.fixture()
-def run(run_dir):  # noqa: F811
+def run(run_dir):
     """The scored iteration plus what a training run adds: timings, an update, metrics, and
     a second iteration killed while generating."""
     folder = run_dir / "iter-0001"

@@ -306,7 +306,7 @@ def test_streaming_a_file_holds_one_batch_not_the_file(tmp_path):
     write_incompressible_generations(path, groups=32, rows=rows)
     before = pa.total_allocated_bytes()
     most = 0
-    for batch in iter_batches(
+    for _batch in iter_batches(
         path, GENERATIONS, batch_size=rows, columns=["prompt_id", "completion", "completion_token_ids"]
     ):
         most = max(most, pa.total_allocated_bytes() - before)

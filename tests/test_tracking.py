@@ -174,9 +174,10 @@ def test_params_metrics_steps_artifacts_and_a_resumed_run_continues_its_mlflow_r
     assert (store / "mlflow-artifacts").is_dir()  # beside the database, not in the working folder
 
     scalars = tensorboard_scalars(board)
-    tb_name = lambda name: re.sub(
-        r"[^-/\w.]", "_", name
-    )  # TensorBoard's tag rule (":" of an import-path reward becomes "_")
+
+    def tb_name(name: str) -> str:
+        return re.sub(r"[^-/\w.]", "_", name)  # TensorBoard's tag rule (":" of an import-path reward becomes "_")
+
     assert sorted((n, it) for n, it, _ in scalars) == sorted(
         (tb_name(n), it) for it, n, _ in rows
     )  # the same metrics, once each

@@ -86,7 +86,7 @@ class Engine(ABC):
         adjacent: prompt 0's samples first. `seed` makes the draw reproducible as far as the
         engine allows (see each engine's docstring)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a no-op by design: an engine that holds nothing (HF) has nothing to free
         """Free what the engine holds (a vLLM engine's weights and KV cache)."""
 
 
