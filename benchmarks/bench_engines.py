@@ -195,7 +195,7 @@ def main() -> None:
         ("vllm_bare", "hf_generate"),
     ):
         if num in sides and den in sides:
-            ratio = [x / y for x, y in zip(rates[num], rates[den])]
+            ratio = [x / y for x, y in zip(rates[num], rates[den], strict=True)]
             report[f"{num}/{den}"] = summary(ratio)
             print(
                 f"  {num} / {den}: median {statistics.median(ratio):.2f}x (per-rep {min(ratio):.2f}-{max(ratio):.2f})"

@@ -198,7 +198,7 @@ def main() -> None:
     same = all(tokens[name] == tokens["bare"] for name in sides if name != "old_forward")
     print(f"  same tokens sampled on every side: {same}")
     for name in [n for n in ("sample", "stage", "stage_old") if n in sides]:
-        ratio = [x / y for x, y in zip(rates[name], rates["bare"])]
+        ratio = [x / y for x, y in zip(rates[name], rates["bare"], strict=True)]
         report["sides"][name]["ratio_to_bare"] = summary(ratio)
         print(
             f"  {name} / bare: median {statistics.median(ratio):.3f}x (per-rep ratios {min(ratio):.3f}-{max(ratio):.3f})"

@@ -136,7 +136,9 @@ def main() -> None:
         again = batched_completion_logprobs(
             policy.model, [g["prompt_token_ids"] for g in gens], [g["completion_token_ids"] for g in gens], 0, 1.0, 64
         )
-        diffs = [abs(a - b) for g, r in zip(gens, again) for a, b in zip(g["old_logprobs"], r)]
+        diffs = [
+            abs(a - b) for g, r in zip(gens, again, strict=True) for a, b in zip(g["old_logprobs"], r, strict=True)
+        ]
         print(
             f"{dtype_name}: |stored old log-prob - recomputed| max {max(diffs):.2e}, mean {statistics.mean(diffs):.2e} over {len(diffs):,} tokens"
         )

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -162,7 +163,7 @@ def worker_trl(a: argparse.Namespace, gradient_checkpointing: bool) -> dict:
     trainer.train()
     profile = {k: v for h in trainer.state.log_history for k, v in h.items() if k.startswith("profiling/")}
     return {
-        "iterations": [b - a_ for a_, b in zip(stamps, stamps[1:])],
+        "iterations": [b - a_ for a_, b in itertools.pairwise(stamps)],
         "peak_rss_mib": peak_rss_mib(),
         "profiling_last": profile,
     }
@@ -209,7 +210,9 @@ def worker_floor(a: argparse.Namespace) -> dict:
                 pad_token_id=tok.pad_token_id,
             )
         sampled = time.perf_counter()
-        prompts = [[t for t, m in zip(r.tolist(), mr.tolist()) if m] for r, mr in zip(ids, mask)]
+        prompts = [
+            [t for t, m in zip(r.tolist(), mr.tolist(), strict=True) if m] for r, mr in zip(ids, mask, strict=True)
+        ]
         comps = [c.tolist() for c in out[:, ids.shape[1] :]]
         batch = pack(prompts, comps, tok.pad_token_id, torch.device("cpu"))
         if ref is not None:

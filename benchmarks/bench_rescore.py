@@ -85,7 +85,7 @@ def write_iteration(folder: Path, rows: int, group_size: int, seed: int = 0) -> 
                     data_source="bench",
                     row=i,
                 )
-                for i, g in zip(range(start, start + WRITE_BATCH), golds[start : start + WRITE_BATCH])
+                for i, g in enumerate(golds[start : start + WRITE_BATCH], start)
             ]
             out.write(prompts_table(batch))
     prompt_ids = pq.read_table(folder / "prompts.parquet", columns=["prompt_id"]).column("prompt_id").to_pylist()
@@ -244,7 +244,7 @@ COLUMNS = [
 
 
 def _line(values: list) -> str:
-    return " ".join(fmt.format(v) for (_, _, fmt), v in zip(COLUMNS, values))
+    return " ".join(fmt.format(v) for (_, _, fmt), v in zip(COLUMNS, values, strict=True))
 
 
 def _figures(r: dict) -> list:
@@ -317,7 +317,7 @@ def main() -> None:
         print("medians:")
         for results in runs.values():
             figures = [_figures(r) for r in results]
-            print(_line([_median(column) for column in zip(*figures)]))
+            print(_line([_median(column) for column in zip(*figures, strict=True)]))
     if args.keep is None:
         import shutil
 

@@ -114,7 +114,7 @@ def main() -> None:
     for name, values in seconds.items():
         print(f"  {name:14s} {fmt(summary(values), 's')}")
     for name in ("update", "update-nosave"):
-        ratios = [x / y for x, y in zip(seconds[name], seconds["bare"])]
+        ratios = [x / y for x, y in zip(seconds[name], seconds["bare"], strict=True)]
         print(f"  {name} / bare: median {statistics.median(ratios):.2f}x (per-rep {min(ratios):.2f}-{max(ratios):.2f})")
 
 

@@ -210,7 +210,7 @@ def exact_answer_for_trl(completions, answer, **_):
     """grpoflow's `exact_answer` reward in TRL's calling convention (lists per batch)."""
     from rewards.arithmetic import exact_answer
 
-    return [exact_answer(c, {"answer": a}) for c, a in zip(completions, answer)]
+    return [exact_answer(c, {"answer": a}) for c, a in zip(completions, answer, strict=True)]
 
 
 class PrefectServer:

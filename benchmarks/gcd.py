@@ -119,7 +119,7 @@ def held_out_split(model_dir: str, held: Path, max_new_tokens: int) -> dict:
     )
     texts = policy.tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
     reward = make_reward("math", None)
-    solved = [reward(t, r) >= 1.0 for t, r in zip(texts, rows)]
+    solved = [reward(t, r) >= 1.0 for t, r in zip(texts, rows, strict=True)]
     last = [(re.findall(r"-?\d+", t) or [None])[-1] for t in texts]
     classes = {"gcd_1": lambda a: a == "1", "gcd_2": lambda a: a == "2", "gcd_3_or_more": lambda a: a not in ("1", "2")}
     split = {}

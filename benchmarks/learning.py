@@ -127,7 +127,7 @@ def sft_control(model_dir: str, cpu_budget: float, seed: int, lr: float, batch_s
     def accuracy() -> float:
         samples = engine.sample(held_ids, 1, greedy, desc="evaluate")
         texts = tok.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
-        return sum(exact_answer(t, p) for t, p in zip(texts, held)) / len(held)
+        return sum(exact_answer(t, p) for t, p in zip(texts, held, strict=True)) / len(held)
 
     # A stream of training problems different from the warm-up's; never held-out ones.
     problems = builtin.train_problems(100_000, seed + 1_000_003)

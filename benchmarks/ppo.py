@@ -157,7 +157,7 @@ def _eval(model, tok, problems, max_new_tokens, reward) -> float:
     greedy = SamplingSettings(max_new_tokens=max_new_tokens, greedy=True, batch_size=256, with_logprobs=False)
     samples = _hf_engine(model, tok).sample(ids, 1, greedy, desc="evaluate")
     texts = tok.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
-    return sum(reward(t, p) >= 1.0 for t, p in zip(texts, problems)) / len(problems)
+    return sum(reward(t, p) >= 1.0 for t, p in zip(texts, problems, strict=True)) / len(problems)
 
 
 def run_one(a: argparse.Namespace) -> dict:
@@ -206,7 +206,8 @@ def run_one(a: argparse.Namespace) -> dict:
         )
         texts = tok.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
         outcome = torch.tensor(
-            [reward(t, batch_problems[s.prompt_index]) for t, s in zip(texts, samples)], dtype=torch.float32
+            [reward(t, batch_problems[s.prompt_index]) for t, s in zip(texts, samples, strict=True)],
+            dtype=torch.float32,
         )
         prompts = [prompt_ids[s.prompt_index] for s in samples]
         completions = [s.completion_ids for s in samples]
@@ -218,7 +219,7 @@ def run_one(a: argparse.Namespace) -> dict:
         n = len(samples)
         micro = [list(range(s, min(s + a.micro_batch, n))) for s in range(0, n, a.micro_batch)]
         batches = [pack([prompts[i] for i in m], [completions[i] for i in m], tok.pad_token_id, cpu) for m in micro]
-        refs = [_pad([ref_lists[i] for i in m], b.completion_ids.shape[1]) for m, b in zip(micro, batches)]
+        refs = [_pad([ref_lists[i] for i in m], b.completion_ids.shape[1]) for m, b in zip(micro, batches, strict=True)]
         if a.algorithm == "ppo":
             policy.eval()
             value.train(False)
@@ -226,14 +227,16 @@ def run_one(a: argparse.Namespace) -> dict:
                 olds = [completion_logprobs(policy, b, 1.0) for b in batches]
                 old_values = [value(b) for b in batches]
             token_adv, returns = [], []
-            for m, b, old, ref_lp, v in zip(micro, batches, olds, refs, old_values):
+            for m, b, old, ref_lp, v in zip(micro, batches, olds, refs, old_values, strict=True):
                 adv_t, ret = gae(token_rewards(outcome[m], old, ref_lp, b.completion_mask), v, b.completion_mask)
                 token_adv.append(adv_t)
                 returns.append(ret)
             # whiten over every token of the batch (micro-batches have different widths)
-            flat = torch.cat([x[b.completion_mask > 0] for x, b in zip(token_adv, batches)])
+            flat = torch.cat([x[b.completion_mask > 0] for x, b in zip(token_adv, batches, strict=True)])
             mean, std = flat.mean(), flat.std(unbiased=False)
-            token_adv = [((x - mean) / (std + 1e-8)) * b.completion_mask for x, b in zip(token_adv, batches)]
+            token_adv = [
+                ((x - mean) / (std + 1e-8)) * b.completion_mask for x, b in zip(token_adv, batches, strict=True)
+            ]
         else:
             seq_adv = group_advantages(outcome, torch.arange(n) // a.group_size).advantage.float()
         tokens = sum(int(b.completion_mask.sum()) for b in batches)
@@ -245,7 +248,7 @@ def run_one(a: argparse.Namespace) -> dict:
         if value is not None:
             value.train(True)
         vloss_total = 0.0
-        for k, (m, b) in enumerate(zip(micro, batches)):
+        for k, (m, b) in enumerate(zip(micro, batches, strict=True)):
             logp = completion_logprobs(policy, b, 1.0)  # (b, C)
             if a.algorithm == "ppo":
                 ratio = torch.exp(torch.where(b.completion_mask > 0, logp - olds[k], torch.zeros_like(logp)))
@@ -339,7 +342,7 @@ def summarize(results: list[dict], algorithms: list[str]) -> None:
         rs = [r for r in results if r["algorithm"] == algorithm]
         if not rs:
             continue
-        curves = list(zip(*[r["rewards"] for r in rs]))  # per iteration, across seeds
+        curves = list(zip(*[r["rewards"] for r in rs], strict=True))  # per iteration, across seeds
         spread = [statistics.pstdev(c) for c in curves] if len(rs) > 1 else [0.0]
         reward_gains = [statistics.mean(r["rewards"][-5:]) - statistics.mean(r["rewards"][:5]) for r in rs]
         gains = [r["evals"][max(r["evals"], key=int)] - r["evals"]["0"] for r in rs if r["evals"]]
@@ -347,7 +350,7 @@ def summarize(results: list[dict], algorithms: list[str]) -> None:
         print(
             f"{algorithm:4s}: {len(rs)} runs; s/it median {statistics.median(x for r in rs for x in r['seconds']):.2f}; "
             f"update peak median {statistics.median(max(r['update_peak_mib']) for r in rs):.0f} MiB "
-            f"(+{statistics.median(max(p - b for p, b in zip(r['update_peak_mib'], r['before_update_mib'])) for r in rs):.0f}"
+            f"(+{statistics.median(max(p - b for p, b in zip(r['update_peak_mib'], r['before_update_mib'], strict=True)) for r in rs):.0f}"
             f" over the RSS before it); reward spread across seeds (std per iteration) mean {statistics.mean(spread):.3f} "
             f"max {max(spread):.3f}; reward gain (last 5 - first 5) mean {statistics.mean(reward_gains):+.3f} "
             f"std {statistics.pstdev(reward_gains):.3f}; held-out gain {' '.join(f'{g:+.3f}' for g in gains)}; "
@@ -376,7 +379,7 @@ def plot(results: list[dict], path: Path) -> None:
             for r in results
             if r["algorithm"] == algorithm
         ]
-        per_iteration = list(zip(*smoothed))
+        per_iteration = list(zip(*smoothed, strict=True))
         its = range(1, len(per_iteration) + 1)
         reward_ax.plot(
             its,
@@ -495,7 +498,7 @@ def main() -> None:
             evals = " ".join(f"{k}:{v:.3f}" for k, v in r["evals"].items())
             print(
                 f"{algorithm:4s} seed {seed}: s/it {statistics.median(r['seconds']):.2f} (update {statistics.median(r['update_seconds']):.2f}), "
-                f"update peak {max(r['update_peak_mib']):.0f} MiB (+{max(p - b for p, b in zip(r['update_peak_mib'], r['before_update_mib'])):.0f} over the RSS before it), reward first/last 5 {statistics.mean(r['rewards'][:5]):.3f}/"
+                f"update peak {max(r['update_peak_mib']):.0f} MiB (+{max(p - b for p, b in zip(r['update_peak_mib'], r['before_update_mib'], strict=True)):.0f} over the RSS before it), reward first/last 5 {statistics.mean(r['rewards'][:5]):.3f}/"
                 f"{statistics.mean(r['rewards'][-5:]):.3f}, held-out {evals}, collapsed {collapsed(r['evals'])}, "
                 f"load {' '.join(f'{x:.2f}' for x in r['load_average_after'])}",
                 flush=True,

@@ -228,7 +228,7 @@ def _read_csv(fh, label: str) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise SourceError(
                     f"{label} line {reader.line_num}: {len(cells)} fields, but the header has {len(header)}"
                 )
-            yield row, {name: _csv_cell(name, cell) for name, cell in zip(header, cells)}
+            yield row, {name: _csv_cell(name, cell) for name, cell in zip(header, cells, strict=True)}
     except csv.Error as err:
         raise SourceError(f"{label} line {reader.line_num}: not valid CSV ({err})") from None
 
@@ -595,7 +595,7 @@ def _parallel_io(inputs: Any, outputs: Any, prefix: str, bad: _Complaint) -> lis
             "input": _required_gold_text(i, f"{dot}inputs[{n}]", bad),
             "output": _required_gold_text(o, f"{dot}outputs[{n}]", bad),
         }
-        for n, (i, o) in enumerate(zip(inputs, outputs))
+        for n, (i, o) in enumerate(zip(inputs, outputs, strict=True))
     ] or None
 
 

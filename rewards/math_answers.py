@@ -35,6 +35,7 @@ NaN plus the error text.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import re
@@ -150,7 +151,9 @@ def hedged(text: str, single_gold: bool, only_last: bool = False) -> bool:
     """
     text = _SPACED_THOUSANDS.sub("", text)  # 1\,000 is one number
     numbers = list(_NUMBER.finditer(text))
-    pairs = list(zip(numbers, numbers[1:]))[-1:] if only_last else list(zip(numbers, numbers[1:]))
+    pairs = list(itertools.pairwise(numbers))
+    if only_last:
+        pairs = pairs[-1:]
     for first, second in pairs:
         if _number_value(first.group()) == _number_value(second.group()):
             continue

@@ -138,7 +138,7 @@ def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
     if rank_and_world()[1] == 1:
         return dict(values)
     keys = sorted(values)
-    return dict(zip(keys, _reduce([values[k] for k in keys], dist.ReduceOp.SUM)))
+    return dict(zip(keys, _reduce([values[k] for k in keys], dist.ReduceOp.SUM), strict=True))
 
 
 def full_state_dict(

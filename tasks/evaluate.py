@@ -61,8 +61,8 @@ def evaluate_policy(
     # The same killable worker pool as the score stage: a reward that hangs on a held-out
     # answer costs that answer, never the run.
     with shared_pool(bound, workers) as pool:  # workers kept for the next evaluation
-        for outcomes in pool.imap(zip(completions, rows)):
-            total = sum(w * o.value for w, o in zip(weights, outcomes))
+        for outcomes in pool.imap(zip(completions, rows, strict=True)):
+            total = sum(w * o.value for w, o in zip(weights, outcomes, strict=True))
             if math.isnan(total):  # unscorable is not solved; counted, never hidden
                 errored += 1
             solved += not math.isnan(total) and total >= threshold

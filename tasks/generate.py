@@ -200,7 +200,7 @@ def generate_completions(
     if too_long and prompt_overflow == "truncate_left":  # the text column says what the model saw
         texts = [
             tokenizer.decode(ids, skip_special_tokens=False) if n > len(ids) else t
-            for ids, n, t in zip(prompt_ids, lengths, texts)
+            for ids, n, t in zip(prompt_ids, lengths, texts, strict=True)
         ]
     rows, texts = [rows[i] for i in kept], [texts[i] for i in kept]
     settings = SamplingSettings(

@@ -41,7 +41,7 @@ def pack(
     batch = len(prompts)
     ids = torch.full((batch, width_p + width_c), pad_id, dtype=torch.long)
     mask = torch.zeros((batch, width_p + width_c), dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
         ids[i, width_p - len(p) : width_p] = torch.as_tensor(p, dtype=torch.long)
         ids[i, width_p : width_p + len(c)] = torch.as_tensor(c, dtype=torch.long)
         mask[i, width_p - len(p) : width_p + len(c)] = 1

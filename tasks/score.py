@@ -95,7 +95,7 @@ def score_generations(
             for outcomes in pool.imap(rows):
                 bar.advance()
                 prompt_id, sample_index = keys.popleft()
-                total = sum(w * o.value for w, o in zip(weights, outcomes))
+                total = sum(w * o.value for w, o in zip(weights, outcomes, strict=True))
                 chunk.add(prompt_id, sample_index, total, outcomes)
                 for index, outcome in enumerate(outcomes):
                     # A value with an error text is scored (the candidate's failure explained);
@@ -201,7 +201,7 @@ class _PromptRows:
     def _take(self, prompt_ids: list[str]) -> dict[str, dict[str, Any]]:
         if not prompt_ids:
             return {}
-        return dict(zip(prompt_ids, self._window.take([self._row_of[p] for p in prompt_ids]).to_pylist()))
+        return dict(zip(prompt_ids, self._window.take([self._row_of[p] for p in prompt_ids]).to_pylist(), strict=True))
 
 
 class _PromptIndex:
@@ -219,7 +219,7 @@ class _PromptIndex:
             row = first_row + prompt_ids.index(missing[0])
             raise KeyError(f"{generations_path}: row {row}: prompt_id {missing[0]} is not in {self.path}")
         examples = self.table.take([self.row_of[p] for p in wanted]).to_pylist()
-        return dict(zip(wanted, examples))
+        return dict(zip(wanted, examples, strict=True))
 
 
 def _first_rows(prompt_ids: pa.Array | pa.ChunkedArray) -> dict[str, int]:
@@ -243,6 +243,7 @@ def _rows(generations_path, prompts: _PromptRows, keys: deque, batch_rows: int) 
             batch.column("completion").to_pylist(),
             lengths,
             batch.column("finish_reason").to_pylist(),
+            strict=True,
         ):
             keys.append((prompt_id, sample_index))
             yield completion, examples[prompt_id], {"completion_tokens": length, "finish_reason": finish}

@@ -56,7 +56,7 @@ def mix_counts(weights: list[float], slots: int) -> list[int]:
     shares = [w / total for w in weights]
     given = [0] * len(weights)
     for slot in range(slots):
-        deficits = [(slot + 1) * share - g for share, g in zip(shares, given)]
+        deficits = [(slot + 1) * share - g for share, g in zip(shares, given, strict=True)]
         given[deficits.index(max(deficits))] += 1
     return given
 

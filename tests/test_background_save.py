@@ -87,7 +87,7 @@ def test_the_next_update_waits_for_the_write_and_each_checkpoint_holds_its_own_u
     assert events == ["step", "write starts", "write ends", "step", "write starts", "write ends"]
     assert threading.active_count() <= threads_before + 1  # one writer thread, reused
 
-    for sync, bg in zip(synchronous, background):
+    for sync, bg in zip(synchronous, background, strict=True):
         assert (bg / "model.safetensors").is_file() and not list(bg.parent.glob(".tmp-*"))
         mine, theirs = load_file(bg / "model.safetensors"), load_file(sync / "model.safetensors")
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)

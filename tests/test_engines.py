@@ -87,7 +87,7 @@ def test_engine_contract(engine_name, tiny_model_dir):
         assert s.logprobs == pytest.approx(want, abs=TOLERANCE[engine_name])
 
     greedy = engine.sample(prompts, 1, SamplingSettings(max_new_tokens=4, greedy=True, with_logprobs=False))
-    for s, prompt in zip(greedy, prompts):
+    for s, prompt in zip(greedy, prompts, strict=True):
         assert s.logprobs is None
         seq = list(prompt)
         for tok in s.completion_ids:  # every greedy token is the argmax after the ones before it
@@ -133,7 +133,7 @@ def test_engine_follows_the_updated_policy(engine_name, tiny_model_dir):
         s.completion_ids
         for s in engine_for(engine_name, str(tiny_model_dir) + "@updated", policy).sample(prompts, 1, greedy)
     ]
-    for prompt, got in zip(prompts, after):  # the engine samples from the changed weights
+    for prompt, got in zip(prompts, after, strict=True):  # the engine samples from the changed weights
         with torch.no_grad():
             assert got[0] == int(policy.model(torch.tensor([prompt])).logits[0, -1].argmax())
     assert after != before

@@ -164,10 +164,10 @@ def test_hf_engine_logprobs_are_of_the_top_k_distribution_sampled(tiny_model_dir
     full = batched_completion_logprobs(
         policy.model, [prompt[0]] * len(out), [s.completion_ids for s in out], policy.tokenizer.pad_token_id, 1.0, 6
     )
-    for s, untruncated in zip(out, full):
-        assert all(a >= b - 1e-5 for a, b in zip(s.logprobs, untruncated))
+    for s, untruncated in zip(out, full, strict=True):
+        assert all(a >= b - 1e-5 for a, b in zip(s.logprobs, untruncated, strict=True))
         assert any(
-            a > b + 1e-3 for a, b in zip(s.logprobs, untruncated)
+            a > b + 1e-3 for a, b in zip(s.logprobs, untruncated, strict=True)
         )  # mass of the dropped tokens moved to the kept two
 
 
@@ -232,8 +232,8 @@ def test_mix_counts_keep_every_source_within_one_of_its_share():
     for slots in range(0, 400, 7):
         counts = mix_counts(weights, slots)
         assert sum(counts) == slots
-        assert all(abs(c - slots * w) < 1 for c, w in zip(counts, weights))
-        assert all(c >= p for c, p in zip(counts, previous))  # never takes back a prompt
+        assert all(abs(c - slots * w) < 1 for c, w in zip(counts, weights, strict=True))
+        assert all(c >= p for c, p in zip(counts, previous, strict=True))  # never takes back a prompt
         previous = counts
 
 

@@ -85,7 +85,9 @@ def test_two_iterations_write_every_artifact_and_a_loadable_checkpoint(
     # The final checkpoint is the trained policy: it loads and differs from the start.
     final = AutoModelForCausalLM.from_pretrained(iteration_dir(run, 2) / "checkpoint")
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert any(not torch.equal(a, b) for a, b in zip(final.state_dict().values(), start.state_dict().values()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(final.state_dict().values(), start.state_dict().values(), strict=True)
+    )
 
     # Re-running the same run folder skips every done stage and changes nothing.
     before = {p: p.read_bytes() for p in run.rglob("*.parquet")}

@@ -89,7 +89,7 @@ def test_batched_reference_logprobs_match_unchunked():
     chunked = batched_completion_logprobs(model, PROMPTS, COMPLETIONS, 0, 1.0, batch_size=3, chunk_tokens=5)
     whole = batched_completion_logprobs(model, PROMPTS, COMPLETIONS, 0, 1.0, batch_size=3, chunk_tokens=None)
     assert [len(r) for r in chunked] == [len(c) for c in COMPLETIONS]
-    for a, b in zip(chunked, whole):
+    for a, b in zip(chunked, whole, strict=True):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-6, rtol=0)
 
 

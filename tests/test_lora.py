@@ -144,9 +144,9 @@ def test_only_the_adapter_trains_and_the_reference_is_the_base_weights(base, mon
     expected = batched_completion_logprobs(
         fresh, [r["prompt_token_ids"] for r in rows], [r["completion_token_ids"] for r in rows], 0, 1.0, 64
     )
-    for r, e in zip(rows, expected):
+    for r, e in zip(rows, expected, strict=True):
         assert torch.allclose(torch.tensor(r["ref_logprobs"]), torch.tensor(e), atol=1e-6)
-    assert max(abs(a - b) for r in rows for a, b in zip(r["old_logprobs"], r["ref_logprobs"])) > 1e-3
+    assert max(abs(a - b) for r in rows for a, b in zip(r["old_logprobs"], r["ref_logprobs"], strict=True)) > 1e-3
 
 
 def test_checkpoint_holds_the_adapter_and_resume_continues_exactly(base, tmp_path):

@@ -15,7 +15,7 @@ def test_checkpoint_round_trips_through_from_pretrained(tmp_path, tiny_model_dir
     out = save_checkpoint(policy, tmp_path / "checkpoint")
     assert (out / "model.safetensors").exists() and (out / "optimizer.pt").exists()
     loaded = AutoModelForCausalLM.from_pretrained(out)
-    for (name, a), (_, b) in zip(policy.model.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (_, b) in zip(policy.model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a.cpu().float(), b.float()), name
     assert AutoTokenizer.from_pretrained(out).encode("12+34=") == policy.tokenizer.encode("12+34=")
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]  # no temp folder left

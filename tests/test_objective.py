@@ -504,5 +504,5 @@ def test_gradient_at_ratio_one_through_a_model(one_thread):
             logp = completion_logprobs(model, batch, 1.0)
             w = torch.tensor(aggregation_weight(aggregation, lengths, len(lengths), 5)).unsqueeze(1)
             (-(a.unsqueeze(1) * w * logp * batch.completion_mask).sum()).backward()
-            for g, p in zip(grads, model.parameters()):
+            for g, p in zip(grads, model.parameters(), strict=True):
                 assert torch.allclose(g, p.grad, atol=1e-7, rtol=1e-4), (aggregation, level)

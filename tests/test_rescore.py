@@ -3,6 +3,7 @@ comparison with the earlier scoring, streamed, and no model loaded."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -27,7 +28,7 @@ def longer_is_better(completion: str, example) -> float:
 
 
 def write_generations(path, prompt_ids: list[str], completions: list[list[str]]) -> None:
-    rows = [(pid, i, c) for pid, group in zip(prompt_ids, completions) for i, c in enumerate(group)]
+    rows = [(pid, i, c) for pid, group in zip(prompt_ids, completions, strict=True) for i, c in enumerate(group)]
     table = pa.table(
         {
             "prompt_id": [r[0] for r in rows],
@@ -98,17 +99,17 @@ def test_rescore_writes_tagged_files_beside_the_originals_and_compares(run_dir, 
     adv = read_table(folder / "advantages@v2.parquet", ADVANTAGES).to_pylist()
     flat = [c for group in COMPLETIONS for c in group]
     golds = [a for _, a in PROBLEMS for _ in range(4)]
-    expected = [float(c == g) + 0.5 * len(c) for c, g in zip(flat, golds)]
+    expected = [float(c == g) + 0.5 * len(c) for c, g in zip(flat, golds, strict=True)]
     assert [r["reward"] for r in new] == expected
     assert [r["reward"] for r in adv] == expected
     assert all(set(r) >= {"reward/exact_answer", "reward/tests.test_rescore:longer_is_better"} for r in new)
 
-    before = [float(c == g) for c, g in zip(flat, golds)]
+    before = [float(c == g) for c, g in zip(flat, golds, strict=True)]
     assert result["rows"] == 12
     assert result["mean_before"] == pytest.approx(sum(before) / 12)
     assert result["mean_after"] == pytest.approx(sum(expected) / 12)
     assert (
-        result["changed"] == sum(b != a for b, a in zip(before, expected)) == 11
+        result["changed"] == sum(b != a for b, a in zip(before, expected, strict=True)) == 11
     )  # the empty completion scores 0 both times
     first = result["examples"][0]
     assert (first["sample_index"], first["before"], first["after"], first["completion"]) == (0, 1.0, 2.0, "42")
@@ -239,7 +240,7 @@ def test_a_group_split_across_the_file_is_an_error_naming_the_row(tmp_path):
     for batch_rows in (1, 2, 4, 100):
         chunks = [t["prompt_id"].to_pylist() for t in iter_groups(path, REWARDS, batch_rows=batch_rows)]
         assert sum(chunks, []) == ["a", "a", "a", "b", "c", "c"]
-        assert all(len({c[-1]} & set(nxt)) == 0 for c, nxt in zip(chunks, chunks[1:]))  # no group split
+        assert all(len({c[-1]} & set(nxt)) == 0 for c, nxt in itertools.pairwise(chunks))  # no group split
 
 
 def test_comparison_streams_in_chunks(run_dir, tmp_path):

@@ -132,7 +132,9 @@ def _optimizer_states_equal(a: Path, b: Path) -> bool:
         if isinstance(x, dict):
             return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
         if isinstance(x, (list, tuple)):
-            return isinstance(y, (list, tuple)) and len(x) == len(y) and all(same(p, q) for p, q in zip(x, y))
+            return (
+                isinstance(y, (list, tuple)) and len(x) == len(y) and all(same(p, q) for p, q in zip(x, y, strict=True))
+            )
         return x == y
 
     return same(left, right)

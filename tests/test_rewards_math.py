@@ -124,7 +124,7 @@ def test_math_table_in_killable_workers():
         assert pool.timeouts == sum(expected == TIMEOUT for *_, expected in CASES)
     elapsed = time.monotonic() - started
     wrong = []
-    for (completion, gold, expected), outcome in zip(CASES, outcomes):
+    for (completion, gold, expected), outcome in zip(CASES, outcomes, strict=True):
         if expected == TIMEOUT:
             ok = math.isnan(outcome.value) and "time limit" in (outcome.error or "")
         else:

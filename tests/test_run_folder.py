@@ -136,8 +136,10 @@ def test_final_model_loads_has_no_optimiser_state_and_is_the_last_line(
     model = AutoModelForCausalLM.from_pretrained(final)
     last = AutoModelForCausalLM.from_pretrained(iteration_dir(run, 3) / CHECKPOINT)
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), last.state_dict().values()))
-    assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), last.state_dict().values(), strict=True))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values(), strict=True)
+    )
     assert (
         AutoTokenizer.from_pretrained(final)
         .decode(AutoTokenizer.from_pretrained(final)("12+3=")["input_ids"])

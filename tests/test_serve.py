@@ -48,7 +48,7 @@ def wait_for(what: str, check, timeout: float, procs: list[subprocess.Popen], lo
         result = check()
         if result:
             return result
-        for proc, log in zip(procs, logs):
+        for proc, log in zip(procs, logs, strict=True):
             if proc.poll() is not None:
                 pytest.fail(f"{what}: a process exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
         time.sleep(0.25)

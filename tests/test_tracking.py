@@ -76,7 +76,7 @@ def metrics_table(run_dir: Path) -> list[tuple[int, str, float]]:
     import pyarrow.parquet as pq
 
     t = pq.read_table(run_dir / "metrics.parquet")
-    return list(zip(t["iteration"].to_pylist(), t["name"].to_pylist(), t["value"].to_pylist()))
+    return list(zip(t["iteration"].to_pylist(), t["name"].to_pylist(), t["value"].to_pylist(), strict=True))
 
 
 def same(a: float, b: float) -> bool:
@@ -154,7 +154,7 @@ def test_params_metrics_steps_artifacts_and_a_resumed_run_continues_its_mlflow_r
         history = sorted((m.step, m.value) for m in client.get_metric_history(first_id, name))
         expected = sorted((it, v) for it, n, v in rows if n == name)
         assert [s for s, _ in history] == [s for s, _ in expected], name  # every step exactly once
-        assert all(same(a, b) for (_, a), (_, b) in zip(history, expected)), name
+        assert all(same(a, b) for (_, a), (_, b) in zip(history, expected, strict=True)), name
     assert {"reward", "held_out_accuracy", "frac_reward_zero_std", "policy_loss"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(first_id)} | {
         a.path for a in client.list_artifacts(first_id, "stage_reports")
@@ -325,7 +325,9 @@ def test_two_scheduled_runs_against_a_server_the_worse_one_is_registered_not_pro
         )
         champion = AutoModelForCausalLM.from_pretrained(local)
         trained = AutoModelForCausalLM.from_pretrained(run_dir / "iter-0001" / "checkpoint")
-        assert all((a == b).all() for a, b in zip(champion.state_dict().values(), trained.state_dict().values()))
+        assert all(
+            (a == b).all() for a, b in zip(champion.state_dict().values(), trained.state_dict().values(), strict=True)
+        )
         assert not (Path(local) / "optimizer.pt").exists()
 
         # The next scheduled run trains from the champion (iteration 1), not from the wrecked iteration 2 ...

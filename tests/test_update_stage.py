@@ -171,7 +171,7 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(artifacts, monkeypa
     forget_live_policies()
     split = run(artifacts, loss=loss, micro_batch_size=5)
     assert len(steps) == 2
-    for a, b in zip(*steps):
+    for a, b in zip(*steps, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
     assert whole["policy_loss"] == pytest.approx(split["policy_loss"], abs=1e-6)
 
@@ -223,10 +223,10 @@ def test_mu_and_mini_batches_follow_a_plain_ppo_loop_on_stored_old_logprobs(arti
                 optimizer.zero_grad()
         return [p.detach().clone() for p in model.parameters()]
 
-    for a, b in zip(trained, by_hand(use_stored_old=True)):
+    for a, b in zip(trained, by_hand(use_stored_old=True), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
     # ...and not the loop that (wrongly) takes the current policy as pi_old at every step.
-    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(trained, by_hand(use_stored_old=False)))
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(trained, by_hand(use_stored_old=False), strict=True))
 
 
 def test_the_ratio_uses_the_stored_old_logprobs(artifacts, tmp_path):
@@ -317,9 +317,9 @@ def test_a_single_step_without_stored_old_logprobs_equals_one_with_them(artifact
     with_stored = _trained_weights(artifacts)
     detached = run(artifacts, gens=str(bare), loss=loss, micro_batch_size=10)
     without = _trained_weights(artifacts)
-    for a, b in zip(*steps):
+    for a, b in zip(*steps, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
-    for a, b in zip(with_stored, without):
+    for a, b in zip(with_stored, without, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
     assert detached["policy_loss"] == pytest.approx(stored["policy_loss"], abs=1e-6)
     assert detached["clip_ratio/region_mean"] == 0.0
@@ -349,7 +349,7 @@ def test_gradient_checkpointing_gives_the_same_step(artifacts, monkeypatch):
     forget_live_policies()
     checkpointed = run(artifacts, micro_batch_size=10, gradient_checkpointing=True)
     assert during == [False] * 3 + [True] * 3
-    for a, b in zip(*steps):
+    for a, b in zip(*steps, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
     assert checkpointed["policy_loss"] == pytest.approx(plain["policy_loss"], abs=1e-6)
     assert not _checkpointing(
@@ -364,7 +364,7 @@ def _advantages_with_flat_groups(artifacts, tmp_path, flat_every: int = 2, group
     order = list(dict.fromkeys(gens["prompt_id"].to_pylist()))
     rewards = [
         1.0 if order.index(pid) % flat_every == 0 else float(k % 3)
-        for pid, k in zip(gens["prompt_id"].to_pylist(), gens["sample_index"].to_pylist())
+        for pid, k in zip(gens["prompt_id"].to_pylist(), gens["sample_index"].to_pylist(), strict=True)
     ]
     table = pa.table(
         {"prompt_id": gens["prompt_id"], "sample_index": gens["sample_index"], "reward": rewards}, schema=REWARDS.schema
@@ -440,14 +440,16 @@ def test_with_beta_0_zero_advantage_completions_are_not_forwarded_and_the_step_i
         sum(full_rows) == 24 * passes and sum(skipped_rows) == 12 * passes
     )  # the flat groups never went through the model
     assert skipped["update/zero_gradient_completions"] == 12 and full["update/zero_gradient_completions"] == 0
-    for a, b in zip([g for step in skipped_grads for g in step], [g for step in full_grads for g in step]):
+    for a, b in zip([g for step in skipped_grads for g in step], [g for step in full_grads for g in step], strict=True):
         assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)  # the same gradient at every step
     start = [p.detach() for p in load_model(artifacts["model"], torch.device("cpu"), torch.float32).parameters()]
-    assert max(float((a - b).abs().max()) for a, b in zip(full_weights, start)) > 5e-5  # the step is a real one...
+    assert (
+        max(float((a - b).abs().max()) for a, b in zip(full_weights, start, strict=True)) > 5e-5
+    )  # the step is a real one...
     # ...and the same to 1e-6 without the zero-advantage completions. (Adam divides by the root
     # of the squared gradient, so float noise of ~1e-9 in a near-zero gradient entry moves that
     # weight by up to ~lr: any change of summation order, micro-batching included, does that.)
-    for a, b in zip(skipped_weights, full_weights):
+    for a, b in zip(skipped_weights, full_weights, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=0)
     for name in ("policy_loss", "grad_norm", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
         assert skipped[name] == pytest.approx(full[name], abs=1e-6), name
@@ -473,13 +475,15 @@ def test_a_step_with_nothing_to_forward_still_moves_adam_as_zero_gradients_do(ar
         metrics = update_policy(artifacts[4][0], all_flat, str(tmp_path / "one"), str(tmp_path / "out"), **settings)
         monkeypatch.undo()
         after = _weights_at(tmp_path / "out")
-        assert any(not torch.equal(a, b) for a, b in zip(before, after))  # momentum alone moves the weights
+        assert any(
+            not torch.equal(a, b) for a, b in zip(before, after, strict=True)
+        )  # momentum alone moves the weights
         return metrics, after, rows
 
     skipped, skipped_weights, skipped_rows = two_steps(skip=True)
     full, full_weights, full_rows = two_steps(skip=False)
     assert skipped_rows == [] and sum(full_rows) == 24
-    for a, b in zip(skipped_weights, full_weights):
+    for a, b in zip(skipped_weights, full_weights, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=0)
     assert skipped["grad_norm"] == full["grad_norm"] == 0.0 and skipped["update/optimizer_steps"] == 1
     assert (

@@ -247,7 +247,7 @@ class VLLMEngine(Engine):
         stopped = completion.finish_reason == "stop"
         logprobs = None
         if completion.logprobs is not None:
-            logprobs = [step[tok].logprob for step, tok in zip(completion.logprobs, tokens)]
+            logprobs = [step[tok].logprob for step, tok in zip(completion.logprobs, tokens, strict=True)]
         reason = "eos" if stopped else "length"
         # Stop strings cut here, as in the HF engine (vLLM's own need detokenize=True, and the
         # stage decodes with the policy's tokenizer): the tokens after the stop are dropped.
