@@ -185,7 +185,8 @@ def main() -> None:
             )
     base = summary([i["step_time"] for res in results.get("local", []) for i in res["iterations"]])
     print(
-        f"\nmodel {a.model}, {a.prompts} prompts x {a.group_size} samples x {a.max_new_tokens} tokens; load average {os.getloadavg()}"
+        f"\nmodel {a.model}, {a.prompts} prompts x {a.group_size} samples x {a.max_new_tokens} tokens; load average "
+        f"{os.getloadavg()}"
     )
     for side in a.sides:
         its = [i for res in results[side] for i in res["iterations"]]

@@ -172,10 +172,10 @@ def main() -> None:
                 rates[name].append(n / seconds)
         loads.append(os.getloadavg()[0])
     print(
-        f"engines benchmark: model {a.model}, {len(jobs)} sequences ({a.prompts} prompts x {a.group_size}), up to {a.max_new_tokens} new "
-        f"tokens, {a.threads} torch thread(s), {a.reps} interleaved reps (+1 warm-up); vLLM engine built in {build_seconds:.1f}s, "
-        f"weight sync {', '.join(f'{x:.2f}' for x in sync_seconds)}s; "
-        f"1-min load average per rep {', '.join(f'{x:.1f}' for x in loads)}"
+        f"engines benchmark: model {a.model}, {len(jobs)} sequences ({a.prompts} prompts x {a.group_size}), up to "
+        f"{a.max_new_tokens} new tokens, {a.threads} torch thread(s), {a.reps} interleaved reps (+1 warm-up); vLLM "
+        f"engine built in {build_seconds:.1f}s, weight sync {', '.join(f'{x:.2f}' for x in sync_seconds)}s; 1-min load "
+        f"average per rep {', '.join(f'{x:.1f}' for x in loads)}"
     )
     report = {
         "machine": machine_info(),

@@ -45,7 +45,8 @@ def main() -> None:
         nargs="+",
         default=SIDES,
         choices=SIDES,
-        help="in the order they run in each rep; bare and stage always run; sample, old_forward and stage_old are the diagnostics",
+        help="in the order they run in each rep; bare and stage always run; "
+        "sample, old_forward and stage_old are the diagnostics",
     )
     p.add_argument("--scratch", type=Path, default=ROOT / "benchmarks" / "out" / "generation")
     a = p.parse_args()
@@ -187,8 +188,8 @@ def main() -> None:
                 seconds_of[name].append(seconds)
                 tokens[name].append(n)
     print(
-        f"generation benchmark: model {a.model}, {batch} sequences ({a.prompts} prompts x {a.group_size}), {a.max_new_tokens} new tokens, "
-        f"{a.threads} torch thread(s), {a.reps} interleaved reps; load {os.getloadavg()}"
+        f"generation benchmark: model {a.model}, {batch} sequences ({a.prompts} prompts x {a.group_size}), "
+        f"{a.max_new_tokens} new tokens, {a.threads} torch thread(s), {a.reps} interleaved reps; load {os.getloadavg()}"
     )
     report = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(a).items()}, "sides": {}}
     for name in sides:
@@ -201,7 +202,8 @@ def main() -> None:
         ratio = [x / y for x, y in zip(rates[name], rates["bare"], strict=True)]
         report["sides"][name]["ratio_to_bare"] = summary(ratio)
         print(
-            f"  {name} / bare: median {statistics.median(ratio):.3f}x (per-rep ratios {min(ratio):.3f}-{max(ratio):.3f})"
+            f"  {name} / bare: median {statistics.median(ratio):.3f}x (per-rep ratios "
+            f"{min(ratio):.3f}-{max(ratio):.3f})"
         )
     (a.scratch / f"summary-{a.model}.json").write_text(json.dumps(report, indent=2))
 

@@ -128,9 +128,10 @@ def main() -> None:
         bare_tps = [bare_tokens / t for t in bare_times]
         ratio = statistics.median(stage_tps) / statistics.median(bare_tps)
         print(
-            f"{dtype_name}: generate stage {statistics.median(stage_tps):,.0f} tok/s (min {min(stage_tps):,.0f}, max {max(stage_tps):,.0f}); "
-            f"bare generate {statistics.median(bare_tps):,.0f} tok/s (min {min(bare_tps):,.0f}, max {max(bare_tps):,.0f}); ratio {ratio:.3f} "
-            f"[{sequences} sequences x {args.new_tokens} tokens, {args.repeats} interleaved repeats]"
+            f"{dtype_name}: generate stage {statistics.median(stage_tps):,.0f} tok/s (min {min(stage_tps):,.0f}, max "
+            f"{max(stage_tps):,.0f}); bare generate {statistics.median(bare_tps):,.0f} tok/s (min "
+            f"{min(bare_tps):,.0f}, max {max(bare_tps):,.0f}); ratio {ratio:.3f} [{sequences} sequences x "
+            f"{args.new_tokens} tokens, {args.repeats} interleaved repeats]"
         )
         gens = read_table(work / "gen.parquet", GENERATIONS).to_pylist()
         again = batched_completion_logprobs(
@@ -140,7 +141,8 @@ def main() -> None:
             abs(a - b) for g, r in zip(gens, again, strict=True) for a, b in zip(g["old_logprobs"], r, strict=True)
         ]
         print(
-            f"{dtype_name}: |stored old log-prob - recomputed| max {max(diffs):.2e}, mean {statistics.mean(diffs):.2e} over {len(diffs):,} tokens"
+            f"{dtype_name}: |stored old log-prob - recomputed| max {max(diffs):.2e}, mean {statistics.mean(diffs):.2e} "
+            f"over {len(diffs):,} tokens"
         )
         forget_live_policies()
         if device == "cuda":

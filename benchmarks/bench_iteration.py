@@ -351,7 +351,8 @@ def main() -> None:
         "--warmup",
         type=int,
         default=1,
-        help="untimed first iterations per process (0 for real models, where one-off costs are small against minutes per iteration)",
+        help="untimed first iterations per process "
+        "(0 for real models, where one-off costs are small against minutes per iteration)",
     )
     p.add_argument("--reward", default=None)
     p.add_argument("--task", default=None)
@@ -395,8 +396,9 @@ def main() -> None:
 
 def drive(a: argparse.Namespace, server) -> dict:
     print(
-        f"iteration benchmark: model {a.model} ({a.model_path}), {a.prompts} prompts x {a.group_size}, {a.max_new_tokens} new tokens, "
-        f"{a.threads} torch thread(s), {a.rounds} rounds x {a.per_round} timed iterations per side; load {os.getloadavg()}",
+        f"iteration benchmark: model {a.model} ({a.model_path}), {a.prompts} prompts x {a.group_size}, "
+        f"{a.max_new_tokens} new tokens, {a.threads} torch thread(s), {a.rounds} rounds x {a.per_round} timed "
+        f"iterations per side; load {os.getloadavg()}",
         flush=True,
     )
     results: dict = {beta: {side: [] for side in a.sides} for beta in a.betas}
@@ -444,8 +446,8 @@ def drive(a: argparse.Namespace, server) -> dict:
             recs = [rec for res in results[beta][ours] for rec in res["records"]]
             skipped = sum(r.get("zero_gradient_completions") or 0 for r in recs)
             print(
-                f"  {ours}: {skipped} of {sum(r.get('trained_completions') or 0 for r in recs)} completions of the timed iterations "
-                "carried no gradient and were not forwarded in the update"
+                f"  {ours}: {skipped} of {sum(r.get('trained_completions') or 0 for r in recs)} completions of the "
+                "timed iterations carried no gradient and were not forwarded in the update"
             )
             split = stage_split(recs)
             rep[ours]["split"] = split

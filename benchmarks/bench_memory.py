@@ -22,7 +22,8 @@ included:
              model prepared by accelerate) then the AdamW step)
 
 Sides:
-  grpoflow          update stage defaults: chunked log-probs (logprob_chunk_tokens --chunk-tokens, default 256), no gradient checkpointing
+  grpoflow          update stage defaults: chunked log-probs (logprob_chunk_tokens --chunk-tokens,
+                    default 256), no gradient checkpointing
   grpoflow-gc       the same with gradient checkpointing (TRL's default)
   grpoflow-whole    whole-logits path (logprob_chunk_tokens 0), no gradient checkpointing
   grpoflow-whole-gc whole-logits path with gradient checkpointing
@@ -343,7 +344,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown sides {unknown}; known: {', '.join(SIDES)}")
     print(
-        f"model {a.model_path}; {a.sequences} completions x {a.completion_tokens} tokens, micro-batch {a.micro_batch}, beta {BETA}, "
+        f"model {a.model_path}; {a.sequences} completions x {a.completion_tokens} tokens, micro-batch "
+        f"{a.micro_batch}, beta {BETA}, "
         f"{a.threads} thread(s), log-prob chunks of {a.chunk_tokens} positions"
     )
     results = {}
@@ -354,8 +356,10 @@ def main() -> None:
             print(f"{side:18s} FAILED: {r['error']}")
             continue
         print(
-            f"{side:18s} update peak {r['update_peak_mib']:8.0f} MiB ({r['update_seconds']:6.1f} s, before {r['before_update_rss_mib']:6.0f} MiB)"
-            f"  reference peak {r['reference_peak_mib']:7.0f} MiB ({r['reference_seconds']:5.1f} s)  trained params {r['trained_parameters']:,}"
+            f"{side:18s} update peak {r['update_peak_mib']:8.0f} MiB ({r['update_seconds']:6.1f} s, before "
+            f"{r['before_update_rss_mib']:6.0f} MiB)"
+            f"  reference peak {r['reference_peak_mib']:7.0f} MiB ({r['reference_seconds']:5.1f} s)  trained params "
+            f"{r['trained_parameters']:,}"
             f"  load {' '.join(f'{x:.2f}' for x in r['load_average_after'])}"
         )
     base = results.get("trl", {}).get("update_peak_mib")

@@ -69,8 +69,8 @@ def main() -> None:
     with_ckpt = [x for x in records if x["timers"].get("checkpoint_write", 0) > 0]
     without = [x for x in records if x["timers"].get("checkpoint_write", 0) == 0]
     print(
-        f"\noverhead benchmark: model {a.model}, {a.prompts}x{a.group_size}, {a.max_new_tokens} new tokens, beta {a.beta:g}, "
-        f"{a.threads} threads, save_every {a.save_every}; load {os.getloadavg()}"
+        f"\noverhead benchmark: model {a.model}, {a.prompts}x{a.group_size}, {a.max_new_tokens} new tokens, beta "
+        f"{a.beta:g}, {a.threads} threads, save_every {a.save_every}; load {os.getloadavg()}"
     )
     report = {
         "machine": machine_info(),
@@ -92,7 +92,8 @@ def main() -> None:
             if k != "iteration":
                 print(f"  {k:20s} {v:8.3f}s {100 * v / total:6.1f}%")
         print(
-            f"  => orchestration + I/O + checkpoints + model loads: {overhead:.3f}s = {100 * overhead / total:.1f}% of the iteration"
+            f"  => orchestration + I/O + checkpoints + model loads: {overhead:.3f}s = {100 * overhead / total:.1f}% of "
+            "the iteration"
         )
         report[name] = {
             "split": split,
@@ -102,7 +103,8 @@ def main() -> None:
         }
     first = bench_iteration.stage_split(firsts)
     print(
-        f"\nfirst iteration of a process (policy load, warm-ups): median {first['iteration']:.3f}s, model_load {first.get('model_load', 0):.3f}s"
+        f"\nfirst iteration of a process (policy load, warm-ups): median {first['iteration']:.3f}s, model_load "
+        f"{first.get('model_load', 0):.3f}s"
     )
     print(f"peak RSS of the flow process {max(rss):.0f} MiB; Prefect API server {server_rss:.0f} MiB")
     report["first_iteration"] = first

@@ -290,8 +290,8 @@ def main() -> None:
 
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-rescore-"))
     print(
-        f"cores {os.cpu_count()}, Python {sys.version.split()[0]}, workers {args.workers or os.cpu_count()}, group size {args.group_size}, "
-        f"load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())} before"
+        f"cores {os.cpu_count()}, Python {sys.version.split()[0]}, workers {args.workers or os.cpu_count()}, group "
+        f"size {args.group_size}, load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())} before"
     )
     print(" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS))
     runs: dict[int, list[dict]] = {}
@@ -301,7 +301,8 @@ def main() -> None:
             t = time.perf_counter()
             write_iteration(folder, rows, args.group_size)
             print(
-                f"  (wrote {rows} synthetic rows in {time.perf_counter() - t:.0f}s, generations file {(folder / 'generations.parquet').stat().st_size / 2**20:.0f} MB)"
+                f"  (wrote {rows} synthetic rows in {time.perf_counter() - t:.0f}s, generations file "
+                f"{(folder / 'generations.parquet').stat().st_size / 2**20:.0f} MB)"
             )
         for _ in range(args.repeat):
             for name in ("rewards@bench.parquet", "advantages@bench.parquet"):

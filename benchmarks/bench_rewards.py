@@ -122,7 +122,8 @@ def main() -> None:
     pool = RewardPool([make_reward("code")], workers=args.workers)
     pool.score(rows[: args.workers])  # workers up, zygotes started
     print(
-        f"\nHumanEval, {len(rows)} canonical solutions per round (pool start-up {time.perf_counter() - started:.2f}s, once)"
+        f"\nHumanEval, {len(rows)} canonical solutions per round (pool start-up {time.perf_counter() - started:.2f}s, "
+        "once)"
     )
     our_rates, their_rates = [], []
     with pool:

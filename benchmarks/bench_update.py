@@ -1,7 +1,7 @@
 """The update stage alone against the bare work it has to do, on a stored iteration of a real
 run folder: is the update slower than forward + backward + AdamW, and by what?
 
-    python benchmarks/bench_iteration.py --sides grpoflow --rounds 1     # leaves run folders in benchmarks/out/iteration
+    python benchmarks/bench_iteration.py --sides grpoflow --rounds 1   # leaves run folders in benchmarks/out/iteration
     python benchmarks/bench_update.py --run-dir benchmarks/out/iteration/bench-grpoflow-XXXX --iteration 3
 
 Sides, interleaved rep by rep in this one process, same thread count (the first rep warms up):
@@ -108,7 +108,8 @@ def main() -> None:
                 seconds[name].append(took)
     tokens = sum(len(r["completion_token_ids"]) for r in rows)
     print(
-        f"update benchmark: {it} ({len(rows)} completions, {tokens} completion tokens, micro-batch {config['micro_batch_size']}, "
+        f"update benchmark: {it} ({len(rows)} completions, {tokens} completion tokens, micro-batch "
+        f"{config['micro_batch_size']}, "
         f"beta {config['beta']}), {a.threads} thread(s), {a.reps} interleaved reps (+1 warm-up)"
     )
     for name, values in seconds.items():

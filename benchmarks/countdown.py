@@ -145,7 +145,8 @@ def main() -> None:
     print("held-out success by iteration: " + ", ".join(f"{i}: {a:.1%}" for i, a in curve))
     first, last = rewards[:10], rewards[-10:]
     print(
-        f"training batch success: first 10 iterations {sum(r for _, r in first) / len(first):.1%}, last 10 {sum(r for _, r in last) / len(last):.1%}"
+        f"training batch success: first 10 iterations {sum(r for _, r in first) / len(first):.1%}, last 10 "
+        f"{sum(r for _, r in last) / len(last):.1%}"
     )
 
     import matplotlib

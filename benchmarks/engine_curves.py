@@ -112,8 +112,8 @@ def main() -> None:
     runs = [run(engine, seed, a) for seed in a.seeds for engine in ENGINES]
     points = sorted(set.intersection(*(set(r["curve"]) for r in runs)))
     print(
-        f"tiny default task, {len(a.seeds)} seeds, {a.iterations} iterations, {a.eval_size} held-out problems every {a.eval_every}; "
-        f"load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}"
+        f"tiny default task, {len(a.seeds)} seeds, {a.iterations} iterations, {a.eval_size} held-out problems every "
+        f"{a.eval_every}; load {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}"
     )
     print(
         "iteration  " + "  ".join(f"{e}: mean (min-max)".ljust(26) for e in ENGINES) + "  vLLM mean within HF's range"

@@ -305,8 +305,8 @@ def plot_summary(summary: dict, held: Path) -> None:
         else f" (load {summary['load_before'][0]:.1f}-{summary['load_after'][0]:.1f})"
     )
     title = (
-        f"SmolLM2-135M-Instruct, reasoning-gym gcd, vLLM engine, seed {summary['seed']}: held-out {summary['before']:.1%} -> "
-        f"{summary['after']:.1%} in {summary['wall_minutes']:.0f} min{load}"
+        f"SmolLM2-135M-Instruct, reasoning-gym gcd, vLLM engine, seed {summary['seed']}: held-out "
+        f"{summary['before']:.1%} -> {summary['after']:.1%} in {summary['wall_minutes']:.0f} min{load}"
     )
     plot(summary["points"], ROOT / "docs" / "gcd_curve.png", title, constant_answer(held))
 

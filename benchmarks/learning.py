@@ -209,7 +209,8 @@ def timing_run(out: Path) -> None:
     usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
     print(
-        f"default `grpo run`, cold cache: {time.perf_counter() - started:.0f}s wall, {cpu:.0f} CPU seconds; load before {load0}, after {os.getloadavg()}"
+        f"default `grpo run`, cold cache: {time.perf_counter() - started:.0f}s wall, {cpu:.0f} CPU seconds; load "
+        f"before {load0}, after {os.getloadavg()}"
     )
 
 
@@ -268,9 +269,10 @@ def main() -> None:
         )
         r = json.loads((args.out / f"seed{seed}.json").read_text())
         print(
-            f"seed {seed}: warm-up {r['warmup']['cpu']:.0f} CPU-s; GRPO {r['grpo_cpu']:.0f} CPU-s ({r['grpo_wall']:.0f}s wall): held-out "
-            f"{r['before']:.1%} -> {r['after']:.1%} ({100 * (r['after'] - r['before']):+.1f} points, best {r['best']:.1%}); "
-            f"SFT control {r['sft']['steps']} steps in {r['sft']['cpu']:.0f} CPU-s: {r['sft']['before']:.1%} -> {r['sft']['after']:.1%}",
+            f"seed {seed}: warm-up {r['warmup']['cpu']:.0f} CPU-s; GRPO {r['grpo_cpu']:.0f} CPU-s "
+            f"({r['grpo_wall']:.0f}s wall): held-out {r['before']:.1%} -> {r['after']:.1%} "
+            f"({100 * (r['after'] - r['before']):+.1f} points, best {r['best']:.1%}); SFT control {r['sft']['steps']} "
+            f"steps in {r['sft']['cpu']:.0f} CPU-s: {r['sft']['before']:.1%} -> {r['sft']['after']:.1%}",
             flush=True,
         )
         return r

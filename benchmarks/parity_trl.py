@@ -281,21 +281,22 @@ def main() -> None:
     }
     rows = agreement(curves, block=10)
     print(
-        "\nmean reward per block of 10 steps (mean of the seeds; 95% interval of the difference from the between-seed spread)"
+        "\nmean reward per block of 10 steps (mean of the seeds; 95% interval of the difference from the between-seed "
+        "spread)"
     )
     print(f"{'steps':>8} {'grpoflow':>9} {'trl':>7} {'diff':>7} {'+-95%':>7}  within  grpoflow in TRL's seed range")
     for r in rows:
         print(
-            f"{r['steps']:>8} {r['grpoflow']:9.3f} {r['trl']:7.3f} {r['diff']:+7.3f} {r['ci95']:7.3f}  {'yes' if r['within'] else 'NO':6s}  "
-            f"{'yes' if r['in_trl_seed_range'] else 'no'}"
+            f"{r['steps']:>8} {r['grpoflow']:9.3f} {r['trl']:7.3f} {r['diff']:+7.3f} {r['ci95']:7.3f}  "
+            f"{'yes' if r['within'] else 'NO':6s}  {'yes' if r['in_trl_seed_range'] else 'no'}"
         )
     overall = {side: [statistics.fmean(c) for c in runs] for side, runs in curves.items()}
     print("\nmean reward over all steps, per seed:")
     for side, vals in overall.items():
         print(f"  {side:9s} " + "  ".join(f"{v:.3f}" for v in vals) + f"   (mean {statistics.fmean(vals):.3f})")
     print(
-        f"blocks whose difference is within its 95% interval: {sum(r['within'] for r in rows)}/{len(rows)}; "
-        f"blocks where grpoflow's mean lies in TRL's seed range: {sum(r['in_trl_seed_range'] for r in rows)}/{len(rows)}"
+        f"blocks whose difference is within its 95% interval: {sum(r['within'] for r in rows)}/{len(rows)}; blocks "
+        f"where grpoflow's mean lies in TRL's seed range: {sum(r['in_trl_seed_range'] for r in rows)}/{len(rows)}"
     )
     print("wall seconds per run: " + ", ".join(f"{s} {statistics.fmean(v):.0f}" for s, v in walls.items()))
     title = (

@@ -2,7 +2,8 @@
 claims GRPO saves (the value model's memory) and whether it costs stability.
 
     python benchmarks/ppo.py --seeds 0,1,2,3,4 --iterations 30          # tiny default task, stability
-    python benchmarks/ppo.py --model smollm2 --seeds 0 --iterations 2 --prompts 4 --group-size 4 --max-new-tokens 64 --micro-batch 8
+    python benchmarks/ppo.py --model smollm2 --seeds 0 --iterations 2 --prompts 4 --group-size 4 \
+        --max-new-tokens 64 --micro-batch 8
 
 Both algorithms run in this one harness, in fresh processes, interleaved seed by seed, with the
 same model, prompts, completions per prompt (G), sampling, completion length, learning rate,
@@ -347,11 +348,14 @@ def summarize(results: list[dict], algorithms: list[str]) -> None:
         reward_gains = [statistics.mean(r["rewards"][-5:]) - statistics.mean(r["rewards"][:5]) for r in rs]
         gains = [r["evals"][max(r["evals"], key=int)] - r["evals"]["0"] for r in rs if r["evals"]]
         falls = [drawdown(r["evals"]) for r in rs if r["evals"]]
+        peak_rises = [max(p - b for p, b in zip(r["update_peak_mib"], r["before_update_mib"], strict=True)) for r in rs]
         print(
-            f"{algorithm:4s}: {len(rs)} runs; s/it median {statistics.median(x for r in rs for x in r['seconds']):.2f}; "
+            f"{algorithm:4s}: {len(rs)} runs; s/it median "
+            f"{statistics.median(x for r in rs for x in r['seconds']):.2f}; "
             f"update peak median {statistics.median(max(r['update_peak_mib']) for r in rs):.0f} MiB "
-            f"(+{statistics.median(max(p - b for p, b in zip(r['update_peak_mib'], r['before_update_mib'], strict=True)) for r in rs):.0f}"
-            f" over the RSS before it); reward spread across seeds (std per iteration) mean {statistics.mean(spread):.3f} "
+            f"(+{statistics.median(peak_rises):.0f}"
+            " over the RSS before it); reward spread across seeds (std per iteration) mean "
+            f"{statistics.mean(spread):.3f} "
             f"max {max(spread):.3f}; reward gain (last 5 - first 5) mean {statistics.mean(reward_gains):+.3f} "
             f"std {statistics.pstdev(reward_gains):.3f}; held-out gain {' '.join(f'{g:+.3f}' for g in gains)}; "
             f"largest held-out fall from its best {' '.join(f'{x:.3f}' for x in falls)}; "
@@ -497,8 +501,11 @@ def main() -> None:
             results.append(r)
             evals = " ".join(f"{k}:{v:.3f}" for k, v in r["evals"].items())
             print(
-                f"{algorithm:4s} seed {seed}: s/it {statistics.median(r['seconds']):.2f} (update {statistics.median(r['update_seconds']):.2f}), "
-                f"update peak {max(r['update_peak_mib']):.0f} MiB (+{max(p - b for p, b in zip(r['update_peak_mib'], r['before_update_mib'], strict=True)):.0f} over the RSS before it), reward first/last 5 {statistics.mean(r['rewards'][:5]):.3f}/"
+                f"{algorithm:4s} seed {seed}: s/it {statistics.median(r['seconds']):.2f} (update "
+                f"{statistics.median(r['update_seconds']):.2f}), "
+                f"update peak {max(r['update_peak_mib']):.0f} MiB "
+                f"(+{max(p - b for p, b in zip(r['update_peak_mib'], r['before_update_mib'], strict=True)):.0f} over "
+                f"the RSS before it), reward first/last 5 {statistics.mean(r['rewards'][:5]):.3f}/"
                 f"{statistics.mean(r['rewards'][-5:]):.3f}, held-out {evals}, collapsed {collapsed(r['evals'])}, "
                 f"load {' '.join(f'{x:.2f}' for x in r['load_average_after'])}",
                 flush=True,

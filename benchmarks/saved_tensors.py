@@ -69,8 +69,8 @@ def main() -> None:
             set_activation_checkpointing(model, checkpointing)
             mib = saved_bytes(model, input_ids) / 2**20
             print(
-                f"{'LoRA r' + str(a.lora_rank) if lora else 'full':8s} checkpointing {'on ' if checkpointing else 'off'}: "
-                f"{mib:7.0f} MiB saved for backward ({a.tokens} tokens)"
+                f"{'LoRA r' + str(a.lora_rank) if lora else 'full':8s} checkpointing "
+                f"{'on ' if checkpointing else 'off'}: {mib:7.0f} MiB saved for backward ({a.tokens} tokens)"
             )
 
 

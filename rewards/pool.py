@@ -266,7 +266,8 @@ class RewardPool:
                 task = worker.task
                 if task is None or task_id != task.id or pair != worker.pair:
                     raise RuntimeError(
-                        f"scoring worker out of step: sent {(task_id, pair)}, expected {(task and task.id, worker.pair)}"
+                        f"scoring worker out of step: sent {(task_id, pair)}, expected "
+                        f"{(task and task.id, worker.pair)}"
                     )
                 row, reward = divmod(pair, len(self.rewards))
                 results[task.first_row + row][reward] = Outcome(value, error)

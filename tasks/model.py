@@ -11,9 +11,10 @@ full disk is found before the write starts (the model's size against the free sp
 failing that, reported as `DiskFull` naming the folder, never as torch's zip-writer error.
 
 A checkpoint can also be written in the background (`save_in_background`: the local flow's
-way for checkpoints of BACKGROUND_SAVE_MIN_BYTES and more): the weights it writes are the live policy's, which nothing changes until the next
-update, so that update (`update_policy` calls `wait_for_saves` first) and the end of the flow
-are the only places that wait for it. A failed write is raised there, naming the folder.
+way for checkpoints of BACKGROUND_SAVE_MIN_BYTES and more): the weights it writes are the live
+policy's, which nothing changes until the next update, so that update (`update_policy` calls
+`wait_for_saves` first) and the end of the flow are the only places that wait for it. A failed
+write is raised there, naming the folder.
 
 A run ends with ``<run_dir>/final/``: the trained weights and tokenizer (safetensors, no
 optimiser state), the folder to hand to ``from_pretrained``, vLLM or a model registry.

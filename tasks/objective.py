@@ -19,10 +19,12 @@ Advantages (one number per completion, computed once per iteration)::
 
 Policy loss (per micro-batch, summed over micro-batches into one optimiser step)::
 
-    w_i,t  = pi_theta(o_i,t | q, o_i,<t) / pi_old(o_i,t | q, o_i,<t)            token level (DeepSeekMath)
-    s_i    = exp( 1/|o_i| sum_t log w_i,t )                                   sequence level (GSPO, arXiv:2507.18071)
-    l_i,t  = -min( w A_i, clip(w, 1 - eps_low, 1 + eps_high) A_i ) + beta D_i,t   (clip-higher: DAPO, arXiv:2503.14476 sec. 3.1)
-    D_i,t  = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1                        k3 estimator of KL(pi_theta || pi_ref), DeepSeekMath eq. 4
+    w_i,t  = pi_theta(o_i,t | q, o_i,<t) / pi_old(o_i,t | q, o_i,<t)   token level (DeepSeekMath)
+    s_i    = exp( 1/|o_i| sum_t log w_i,t )                            sequence level (GSPO, arXiv:2507.18071)
+    l_i,t  = -min( w A_i, clip(w, 1 - eps_low, 1 + eps_high) A_i ) + beta D_i,t
+                                                                       clip-higher: DAPO, arXiv:2503.14476 sec. 3.1
+    D_i,t  = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1                k3 estimator of KL(pi_theta || pi_ref),
+                                                                       DeepSeekMath eq. 4
 
     aggregation (B completions of one optimisation batch, micro-batches m of it):
     grpo     1/B sum_i 1/|o_i| sum_t l_i,t                   DeepSeekMath eq. 3
@@ -225,11 +227,13 @@ class LossSettings:
         pick(AGGREGATIONS, self.aggregation, "loss aggregation")
         if self.aggregation == "dr_grpo" and not (self.max_completion_length and self.max_completion_length > 0):
             raise ValueError(
-                "loss aggregation 'dr_grpo' divides by batch size x max_completion_length: set max_completion_length > 0"
+                "loss aggregation 'dr_grpo' divides by batch size x max_completion_length: "
+                "set max_completion_length > 0"
             )
         if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
             raise ValueError(
-                f"clip range needs 0 <= epsilon_low < 1 and epsilon_high >= 0 (got {self.epsilon_low}, {self.epsilon_high})"
+                "clip range needs 0 <= epsilon_low < 1 and epsilon_high >= 0 "
+                f"(got {self.epsilon_low}, {self.epsilon_high})"
             )
 
 

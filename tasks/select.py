@@ -87,7 +87,8 @@ def select_prompts(
         rows = [i for i, s in enumerate(sources) if s == label]
         if not rows:
             raise ValueError(
-                f"{dataset_path}: no prompts from '{label}', one of the mixed datasets (found: {', '.join(sorted(set(sources)))})"
+                f"{dataset_path}: no prompts from '{label}', one of the mixed datasets "
+                f"(found: {', '.join(sorted(set(sources)))})"
             )
         picks += [rows[i] for i in _walk(len(rows), before[k], after[k] - before[k], f"{seed}:{label}")]
         summary[f"mix/{k}"] = after[k] - before[k]

@@ -145,7 +145,8 @@ def ensure_tiny_model(
             if say is None
             else (
                 lambda seconds: say(
-                    f"building the built-in tiny model once ({steps} supervised steps, about {seconds:.0f}s; cached in {folder})"
+                    f"building the built-in tiny model once ({steps} supervised steps, about {seconds:.0f}s; "
+                    f"cached in {folder})"
                 )
             )
         )

@@ -118,8 +118,8 @@ def test_final_model_loads_has_no_optimiser_state_and_is_the_last_line(
     assert f"grpo: model     {tiny_model_dir} (1.0M parameters, float32 on cpu)" in captured.err
     assert "grpo: data      40 training prompts, no held-out set; longest prompt " in captured.err
     assert (
-        "grpo: settings  3 iterations x 4 prompts x 3 completions, 4 new tokens, lr 0.01, micro-batch 12, gradient checkpointing on"
-        in captured.err
+        "grpo: settings  3 iterations x 4 prompts x 3 completions, 4 new tokens, "
+        "lr 0.01, micro-batch 12, gradient checkpointing on" in captured.err
     )
     assert "grpo: memory    update peak ~0.8 GiB (estimated) of 0.5 GiB RAM" in captured.err
     assert "grpo: warning: the update's estimated peak (0.8 GiB) exceeds this machine's RAM (0.5 GiB)" in captured.err

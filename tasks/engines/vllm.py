@@ -34,8 +34,9 @@ Reproducibility (tests/test_engines_vllm.py states it as tests): per-request see
 offset"), so the engine re-seeds its sampler's generator (torch's global one, in this
 process) with the stage's seed before every ``generate``. Then the same weights, prompts,
 settings, seed, machine and thread count give the same completions (tested within one
-engine; a resumed run builds a new one, which re-seeds the same way). Not reproducible: a prompt's completions depend on every other request of the call
-(the random stream is shared by the batch), and nothing matches the HF engine's draws.
+engine; a resumed run builds a new one, which re-seeds the same way). Not reproducible: a
+prompt's completions depend on every other request of the call (the random stream is shared
+by the batch), and nothing matches the HF engine's draws.
 """
 
 from __future__ import annotations
