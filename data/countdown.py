@@ -23,6 +23,7 @@ import random
 from fractions import Fraction
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 TASK = "countdown"
 COUNT = 3  # numbers per problem
@@ -67,7 +68,7 @@ def is_held_out(numbers: tuple[int, ...], target: int) -> bool:
     return int(hashlib.sha256(key).hexdigest(), 16) % 100 < HELD_OUT_PERCENT
 
 
-def problem(numbers: tuple[int, ...], target: int) -> dict:
+def problem(numbers: tuple[int, ...], target: int) -> dict[str, Any]:
     """One row in TRL's layout; `numbers` and `target` travel to the reward in extra_info."""
     return {
         "prompt": f"{' '.join(map(str, numbers))}:{target}=",
@@ -78,12 +79,12 @@ def problem(numbers: tuple[int, ...], target: int) -> dict:
     }
 
 
-def problems(n: int, seed: int, held_out: bool = False) -> list[dict]:
+def problems(n: int, seed: int, held_out: bool = False) -> list[dict[str, Any]]:
     """`n` solvable problems from the training (or held-out) share, seeded; no duplicates
     when that many distinct problems exist."""
     rng = random.Random(f"countdown:{seed}:{held_out}")
     seen: set[tuple[tuple[int, ...], int]] = set()
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
     attempts = 0
     while len(out) < n:
         attempts += 1

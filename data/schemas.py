@@ -47,7 +47,7 @@ class ArtifactSchema:
         fields = list(self.schema)
         for name in names:
             fields.append(pa.field(name, self._family_type(name), nullable=True))
-        return pa.schema(fields, metadata=self.metadata())
+        return pa.schema(fields).with_metadata(self.metadata())
 
     def _family_type(self, column: str) -> pa.DataType:
         for prefix, dtype in self.families.items():
@@ -86,7 +86,9 @@ GENERATIONS = ArtifactSchema(
     name="generations",
     version=3,  # 2: old_logprobs may be null (not computed when the update takes one step); 3: sampler_logprobs
     schema=pa.schema(
-        [
+        # Ignored: pyarrow-stubs types each Field by its Arrow type, and against pa.schema's union
+        # of accepted inputs mypy joins a list of differently typed ones to list[object].
+        [  # type: ignore[arg-type]
             pa.field("prompt_id", pa.string(), nullable=False),
             pa.field("sample_index", pa.int32(), nullable=False),  # 0..G-1 within the group
             pa.field("prompt_text", pa.string(), nullable=False),  # as fed to the model
@@ -113,7 +115,7 @@ REWARDS = ArtifactSchema(
     name="rewards",
     version=1,
     schema=pa.schema(
-        [
+        [  # type: ignore[arg-type]  # a list of differently typed Fields: see GENERATIONS
             pa.field("prompt_id", pa.string(), nullable=False),
             pa.field("sample_index", pa.int32(), nullable=False),
             # Weighted sum over reward functions; NaN when any function failed on the row.
@@ -127,7 +129,7 @@ ADVANTAGES = ArtifactSchema(
     name="advantages",
     version=1,
     schema=pa.schema(
-        [
+        [  # type: ignore[arg-type]  # a list of differently typed Fields: see GENERATIONS
             pa.field("prompt_id", pa.string(), nullable=False),
             pa.field("sample_index", pa.int32(), nullable=False),
             pa.field("reward", pa.float64(), nullable=False),
@@ -144,7 +146,7 @@ REJECTED = ArtifactSchema(
     name="rejected",
     version=1,
     schema=pa.schema(
-        [
+        [  # type: ignore[arg-type]  # a list of differently typed Fields: see GENERATIONS
             pa.field("data_source", pa.string(), nullable=False),
             pa.field("source_row", pa.int64(), nullable=False),
             pa.field("field", pa.string(), nullable=False),
@@ -161,7 +163,7 @@ METRICS = ArtifactSchema(
     name="metrics",
     version=1,
     schema=pa.schema(
-        [
+        [  # type: ignore[arg-type]  # a list of differently typed Fields: see GENERATIONS
             pa.field("iteration", pa.int32(), nullable=False),  # 0 = before training
             pa.field("name", pa.string(), nullable=False),  # e.g. "reward", "clip_ratio/low_mean"
             pa.field("value", pa.float64(), nullable=False),  # NaN when undefined that iteration

@@ -43,12 +43,15 @@ import sys
 from collections.abc import Iterator, Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.schemas import PROMPTS
+
+if TYPE_CHECKING:
+    import datasets
 
 # Rows are read from Parquet in batches of this many: bounded memory for any file size.
 PARQUET_BATCH_ROWS = 1024
@@ -75,7 +78,8 @@ class InvalidRow(ValueError):
         self.reason = reason
         super().__init__(f"{data_source} row {row}, field '{field}': {reason}")
 
-    def __reduce__(self):  # an exception unpickles as cls(*args), and args is the one message
+    def __reduce__(self) -> tuple[type[InvalidRow], tuple[str, int, str, str]]:
+        # an exception unpickles as cls(*args), and args is the one message
         return (InvalidRow, (self.data_source, self.row, self.field, self.reason))
 
 
@@ -156,14 +160,14 @@ def _read_file(path: Path, label: str) -> Iterator[tuple[int, dict[str, Any]]]:
         raise SourceError(f"{label}: unsupported file type (expected one of {', '.join(FILE_SUFFIXES)})")
 
 
-def _first_char(fh) -> str:
+def _first_char(fh: TextIO) -> str:
     while (char := fh.read(1)) and char.isspace():
         pass
     fh.seek(0)
     return char
 
 
-def _read_json_lines(fh, label: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def _read_json_lines(fh: TextIO, label: str) -> Iterator[tuple[int, dict[str, Any]]]:
     row = 0
     for line_no, line in enumerate(fh, start=1):
         if not line.strip():
@@ -181,7 +185,7 @@ def _read_json_lines(fh, label: str) -> Iterator[tuple[int, dict[str, Any]]]:
         row += 1
 
 
-def _read_json_array(fh, label: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def _read_json_array(fh: TextIO, label: str) -> Iterator[tuple[int, dict[str, Any]]]:
     # A JSON array has no streaming parser in the standard library; JSON Lines is the
     # format for large sources, and the docs say so.
     try:
@@ -213,7 +217,7 @@ _CSV_JSON_COLUMNS = frozenset(
 )
 
 
-def _read_csv(fh, label: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def _read_csv(fh: TextIO, label: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """Every cell stays text (no type guessing: an answer "007" stays "007"); an empty
     cell is a missing value, since CSV cannot tell the two apart."""
     # Code prompts and test suites easily exceed the csv module's default 128 KiB cell limit.
@@ -272,7 +276,7 @@ def _read_hub_dataset(name: str, config: str | None, split: str) -> Iterator[tup
     yield from enumerate(_load_dataset(label, name, config, split))
 
 
-def _load_dataset(label: str, path: str, config: str | None, split: str):
+def _load_dataset(label: str, path: str, config: str | None, split: str) -> datasets.Dataset:
     import datasets
     from datasets.exceptions import DatasetGenerationError
 

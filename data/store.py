@@ -23,9 +23,10 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -168,7 +169,9 @@ class ParquetStreamWriter:
     def __enter__(self) -> ParquetStreamWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             self._writer.close()  # writes the footer: it can fail too (a full disk)
         except BaseException as err:
@@ -197,7 +200,10 @@ def read_table(path: str | Path, artifact: ArtifactSchema, columns: list[str] | 
     return _with_null_columns(table, artifact, absent if columns is None else [c for c in columns if c in absent])
 
 
-def _with_null_columns(data, artifact: ArtifactSchema, names: list[str]):
+_TableOrBatch = TypeVar("_TableOrBatch", pa.Table, pa.RecordBatch)
+
+
+def _with_null_columns(data: _TableOrBatch, artifact: ArtifactSchema, names: list[str]) -> _TableOrBatch:
     """A table or record batch of an older file, with the columns added since as nulls."""
     for name in names:
         data = data.append_column(
@@ -206,7 +212,9 @@ def _with_null_columns(data, artifact: ArtifactSchema, names: list[str]):
     return data
 
 
-def iter_batches(path: str | Path, artifact: ArtifactSchema, batch_size: int = 4096, columns=None):
+def iter_batches(
+    path: str | Path, artifact: ArtifactSchema, batch_size: int = 4096, columns: list[str] | None = None
+) -> Iterator[pa.RecordBatch]:
     """Stream a Parquet artifact in record batches (bounded memory for any file size)."""
     path = Path(path)
     if not path.exists():
@@ -230,7 +238,7 @@ def read_rows_where(
     path: str | Path,
     artifact: ArtifactSchema,
     key: str,
-    values,
+    values: Iterable[str],
     columns: list[str] | None = None,
     batch_size: int = 8192,
 ) -> pa.Table:
@@ -273,7 +281,8 @@ class Manifest:
         if not self.path.exists():
             return {}
         try:
-            return json.loads(self.path.read_text())
+            entries: dict[str, dict[str, Any]] = json.loads(self.path.read_text())
+            return entries
         except json.JSONDecodeError as err:
             raise SchemaError(f"{self.path}: manifest is not valid JSON ({err})") from None
 
@@ -380,10 +389,10 @@ def iter_groups(
     `RepeatedGroup` naming the file and row, rather than giving two half-groups wrong
     statistics. Memory: one batch plus one group, and 16 bytes per group seen (the check).
     """
-    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     wanted = None if columns is None else list(dict.fromkeys([key, *columns]))
     seen = _SeenGroups()
-    for index, path in enumerate(paths):
+    for index, path in enumerate(files):
         pending: pa.Table | None = None  # the last group of the previous batch: it may go on
         row = 0  # file row number of the first row of `pending` / of the batch
         for batch in iter_batches(path, artifact, batch_size=batch_rows, columns=wanted):
@@ -392,14 +401,14 @@ def iter_groups(
                 table = pa.concat_tables([pending, table])
             keys = table.column(key).to_pylist()
             starts = [0] + [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]]
-            seen.add(table, starts[:-1], key, paths, index, row)  # every group but the last is complete
+            seen.add(table, starts[:-1], key, files, index, row)  # every group but the last is complete
             last = starts[-1]
             if last > 0:
                 yield table.slice(0, last).combine_chunks()
             pending = table.slice(last)
             row += last
         if pending is not None and pending.num_rows:
-            seen.add(pending, [0], key, paths, index, row)
+            seen.add(pending, [0], key, files, index, row)
             yield pending.combine_chunks()
 
 
@@ -452,21 +461,24 @@ def iter_aligned(*streams: Iterator[pa.RecordBatch]) -> Iterator[tuple[pa.Table,
     buffers: list[pa.Table | None] = [None] * len(streams)
     while True:
         for i, stream in enumerate(streams):
-            while buffers[i] is None or buffers[i].num_rows == 0:
+            buffer = buffers[i]
+            while buffer is None or buffer.num_rows == 0:
                 batch = next(stream, None)
                 if batch is None:
                     break
-                buffers[i] = pa.Table.from_batches([batch])
-        lengths = [0 if b is None else b.num_rows for b in buffers]
-        if not any(lengths):
+                buffer = pa.Table.from_batches([batch])
+            buffers[i] = buffer
+        ready = [b for b in buffers if b is not None and b.num_rows]
+        if not ready:
             return
-        if not all(lengths):
+        if len(ready) < len(buffers):
             raise ValueError(
-                f"the files have different numbers of rows (one ended while another has {max(lengths)} rows left)"
+                "the files have different numbers of rows "
+                f"(one ended while another has {max(b.num_rows for b in ready)} rows left)"
             )
-        n = min(lengths)
-        yield tuple(b.slice(0, n) for b in buffers)
-        buffers = [b.slice(n) for b in buffers]
+        n = min(b.num_rows for b in ready)
+        yield tuple(b.slice(0, n) for b in ready)
+        buffers = [b.slice(n) for b in ready]
 
 
 # --- crash-test hook --------------------------------------------------------------------

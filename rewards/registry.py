@@ -56,7 +56,7 @@ class Explained(float):
         self.why = why
         return self
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[Explained], tuple[float, str]]:
         return (Explained, (float(self), self.why))
 
 

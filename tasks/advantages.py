@@ -24,9 +24,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -81,8 +82,8 @@ def reward_groups(
         ) from None
 
 
-def _group_ids(prompt_ids: list[str]) -> tuple[torch.Tensor, int]:
-    group_of: dict[str, int] = {}
+def _group_ids(prompt_ids: Sequence[Hashable]) -> tuple[torch.Tensor, int]:
+    group_of: dict[Hashable, int] = {}
     ids = torch.tensor([group_of.setdefault(p, len(group_of)) for p in prompt_ids], dtype=torch.long)
     return ids, len(group_of)
 
@@ -143,7 +144,7 @@ class _Totals:
     per_function: dict[str, _Moments] = field(default_factory=dict)
 
 
-def _batch_std(rewards_paths, chunk_rows: int) -> float:
+def _batch_std(rewards_paths: Sequence[str | Path], chunk_rows: int) -> float:
     """One std (Bessel) over every valid reward of the iteration, as `tasks.objective.
     scale_batch` computes it (the same torch call, so the numbers are the same)."""
     valid = [t["reward"].to_numpy(zero_copy_only=False) for t in reward_groups(rewards_paths, [], chunk_rows)]
@@ -162,7 +163,7 @@ def compute_advantages(
     dynamic_sampling: bool = False,
     target_groups: int | None = None,
     chunk_rows: int = CHUNK_ROWS,
-) -> dict:
+) -> dict[str, float]:
     """Write the advantages artifact for the rewards of one iteration (all its sampling
     rounds); return the iteration's reward and advantage metrics (names as TRL logs them).
 
@@ -232,7 +233,7 @@ def compute_advantages(
                 moments.add(table[column].to_numpy(zero_copy_only=False).astype(np.float64))
 
     n, groups = totals.rows, totals.groups
-    metrics: dict = {
+    metrics: dict[str, float] = {
         "reward": totals.reward.mean_std()[0],
         "reward_std": totals.shown_std_sum / n if n else math.nan,
         "frac_reward_zero_std": totals.zero_std_groups / groups if groups else 0.0,
@@ -259,7 +260,7 @@ def refill_prompts(
     exclude_paths: Sequence[str | Path],
     count: int,
     seed: int | str,
-) -> dict:
+) -> dict[str, int]:
     """Dynamic sampling's next round: up to `count` dataset prompts not among the prompts of
     `exclude_paths` (the iteration's earlier rounds), in a permutation fixed by `seed`.
 
@@ -273,7 +274,8 @@ def refill_prompts(
     order = list(range(table.num_rows))
     random.Random(f"refill:{seed}").shuffle(order)
     ids = table["prompt_id"].to_pylist()
-    picks, seen = [], set(used)
+    picks: list[int] = []
+    seen = set(used)
     for i in order:
         if len(picks) == count:
             break
@@ -285,10 +287,10 @@ def refill_prompts(
 
 
 @task(name="advantages", cache_policy=NO_CACHE)
-def advantages_task(rewards_paths: str | list[str], out_path: str, **settings) -> dict:
+def advantages_task(rewards_paths: str | list[str], out_path: str, **settings: Any) -> dict[str, float]:
     return compute_advantages(rewards_paths, out_path, **settings)
 
 
 @task(name="refill-prompts", cache_policy=NO_CACHE)
-def refill_prompts_task(dataset_path: str, out_path: str, **settings) -> dict:
+def refill_prompts_task(dataset_path: str, out_path: str, **settings: Any) -> dict[str, int]:
     return refill_prompts(dataset_path, out_path, **settings)

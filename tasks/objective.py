@@ -325,6 +325,7 @@ def aggregate_dr_grpo(
 ) -> torch.Tensor:
     """sum_{i,t} l_i,t / (B * L_max): Dr. GRPO's constant normaliser (sec. 3.2), B the
     completions of the optimisation batch and L_max the generation length limit."""
+    assert settings.max_completion_length, "LossSettings requires max_completion_length > 0 for dr_grpo"
     return (per_token * mask).sum() / (totals.sequences * settings.max_completion_length)
 
 
