@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install install-dev install-vllm clean ci install-lora install-cluster install-tracking
+.PHONY: demo test test-fast lint hooks install install-dev install-vllm clean ci install-lora install-cluster install-tracking
 
 # Every optional part's install target; CI installs them all so their tests run, not skip.
 OPTIONAL_INSTALLS :=
@@ -39,8 +39,25 @@ demo: install
 # fills the idle core. --dist loadfile keeps each test file (and its module-scoped Ray
 # cluster or vLLM engine) on one worker. TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: install-dev
-	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	$(PYTEST)
+
+# The inner loop: every test but the slow ones (a `grpo run`, a Prefect API, Ray, vLLM) and
+# those of optional extras (markers in pyproject.toml); under 2 minutes on 2 quiet cores.
+test-fast: install-dev
+	$(PYTEST) -m "not slow and not optional"
+
+# Format, lint, and strict types of the modules listed in pyproject.toml's [tool.mypy] files
+# (the one list of them). pre-commit runs the same three (.pre-commit-config.yaml).
+lint: install-dev
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+# Runs `make lint`'s checks on every `git commit` in this clone.
+hooks: install-dev
+	$(BIN)/pre-commit install
 
 # MLflow tracking, the model registry and TensorBoard event files (flows/tracking.py).
 $(VENV)/.installed-tracking: pyproject.toml $(VENV)/.installed-dev

@@ -16,6 +16,8 @@ from flows.config import GRPOConfig
 from tasks.model import LivePolicy, forget_live_policies, save_checkpoint
 from tasks.tiny_model import build_tokenizer
 
+pytestmark = pytest.mark.slow  # its own Prefect API and three runs of the flow
+
 
 @pytest.fixture(scope="module")
 def prefect_api():

@@ -31,6 +31,8 @@ from tasks.objective import LossSettings  # noqa: E402
 from tasks.score import score_generations  # noqa: E402
 from tasks.update import update_policy  # noqa: E402
 
+pytestmark = [pytest.mark.optional, pytest.mark.slow]  # the cluster extra (Ray): a local Ray cluster
+
 
 @pytest.fixture(scope="module")
 def local_ray():

@@ -35,7 +35,7 @@ def test_a_missing_optional_engine_is_reported_before_the_run(monkeypatch):
         check_available("vllm")
 
 
-@pytest.fixture(params=["hf", "vllm"])
+@pytest.fixture(params=["hf", pytest.param("vllm", marks=[pytest.mark.optional, pytest.mark.slow])])
 def engine_name(request):
     if request.param == "vllm":
         from tests.conftest import require

@@ -30,6 +30,8 @@ from flows.config import GRPOConfig  # noqa: E402
 from tasks.engines import SamplingSettings, engine_for  # noqa: E402
 from tasks.model import live_policy  # noqa: E402
 
+pytestmark = [pytest.mark.optional, pytest.mark.slow]  # the vllm extra: a vLLM engine per test
+
 REPO = Path(__file__).resolve().parents[1]
 
 

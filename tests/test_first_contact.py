@@ -305,6 +305,7 @@ def test_tokenizer_that_loses_characters_is_detected(tiny_model_dir):
         assert tokenization_loss(tok, ["12+34=", "1 + 2 ="])["lossy"] == 0
 
 
+@pytest.mark.slow  # a `grpo run` on a Prefect API
 def test_flow_warns_about_lost_characters_and_no_signal_and_counts_long_prompts(
     tmp_path, tiny_model_dir, prefect_harness, capfd, caplog
 ):

@@ -14,6 +14,8 @@ from data.store import Manifest, iteration_dir, read_table
 from flows.config import GRPOConfig
 from flows.report import PLOT_NAME
 
+pytestmark = pytest.mark.slow  # two iterations of the flow on a Prefect API
+
 
 def shorter_is_better(completion: str, example) -> float:
     """A reward with spread on a random model (exact answers are all 0 there), loaded by

@@ -136,6 +136,7 @@ def test_stage_report_has_counts_reward_statistics_and_best_and_worst(run):
     assert artifact_key(run / "dataset", "prompts.parquet") == "run-prompts"
 
 
+@pytest.mark.slow  # the rescore flow on a Prefect API
 def test_each_stage_publishes_a_prefect_artifact(run, prefect_harness):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey

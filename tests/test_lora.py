@@ -29,6 +29,8 @@ from tasks.objective import LossSettings  # noqa: E402
 from tasks.tiny_model import build_tokenizer  # noqa: E402
 from tasks.update import update_policy  # noqa: E402
 
+pytestmark = pytest.mark.optional  # the lora extra (peft)
+
 LORA = LoraSettings(rank=4)
 
 
@@ -207,6 +209,7 @@ def test_lora_settings_from_the_config():
         GRPOConfig(lora_alpha=16)
 
 
+@pytest.mark.slow  # a `grpo run` on a Prefect API
 def test_a_lora_run_of_the_flow_loads_no_reference_and_checkpoints_adapters(
     tmp_path, tiny_model_dir, prefect_harness, monkeypatch
 ):

@@ -15,6 +15,8 @@ import pytest
 
 from data import builtin
 
+pytestmark = pytest.mark.slow  # kills a `grpo run` subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -86,6 +86,7 @@ def no_model(monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
 
 
+@pytest.mark.slow  # the rescore flow on a Prefect API
 def test_rescore_writes_tagged_files_beside_the_originals_and_compares(run_dir, no_model, prefect_harness):
     from flows.rescore import grpo_rescore
 
@@ -118,6 +119,7 @@ def test_rescore_writes_tagged_files_beside_the_originals_and_compares(run_dir, 
     assert entry["rescore"] == {"tag": "v2", "rewards": rewards} and Manifest(folder).is_done("rewards@v2.parquet")
 
 
+@pytest.mark.slow  # the rescore flow on a Prefect API
 def test_an_existing_tag_is_never_overwritten_but_an_interrupted_one_goes_on(run_dir, prefect_harness):
     from flows.rescore import TagInUse, grpo_rescore
 
@@ -139,6 +141,7 @@ def test_an_existing_tag_is_never_overwritten_but_an_interrupted_one_goes_on(run
     assert (folder / "rewards@mine.parquet").read_bytes() == b"not ours"
 
 
+@pytest.mark.slow  # the rescore flow on a Prefect API
 def test_one_generations_file_can_be_rescored_and_the_cli_prints_the_comparison(run_dir, capsys, prefect_harness):
     from flows.cli import main
 

@@ -144,6 +144,7 @@ def _without_timings(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.endswith(("seconds", "time", "tokens_per_second"))}
 
 
+@pytest.mark.slow  # kills and resumes `grpo run` at every stage
 def test_sigkill_at_every_stage_then_resume_equals_an_uninterrupted_run(
     tmp_path, tiny_model_dir, dataset, prefect_harness
 ):

@@ -98,6 +98,7 @@ def test_rotation_keeps_the_newest_n_and_only_the_resumable_one_has_optimiser_st
 
 
 # --- the final model -------------------------------------------------------------------------
+@pytest.mark.slow  # a `grpo run` on a Prefect API
 def test_final_model_loads_has_no_optimiser_state_and_is_the_last_line(
     tmp_path, tiny_model_dir, dataset, prefect_harness, capsys, monkeypatch
 ):
@@ -188,6 +189,7 @@ def run_cli(flags: list[str], **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a `grpo run` subprocess on a Prefect API
 def test_a_full_disk_is_one_line_saying_where_and_how_much(tmp_path, tiny_model_dir, prefect_harness, monkeypatch):
     from prefect.settings import PREFECT_API_URL
 
@@ -323,6 +325,7 @@ def folder_state(run: Path) -> dict[str, tuple[bytes, int]]:
     }
 
 
+@pytest.mark.slow  # three `grpo run`s on a Prefect API
 def test_a_resume_refuses_other_settings_resumes_with_the_stored_ones_and_records_safe_changes(
     tmp_path, tiny_model_dir, dataset, prefect_harness, capsys
 ):

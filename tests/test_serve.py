@@ -70,6 +70,7 @@ def stop(proc: subprocess.Popen, grace: float = 10) -> None:
         pass
 
 
+@pytest.mark.slow  # `grpo serve` and its scheduled runs
 def test_served_deployment_runs_append_iterations_on_unseen_prompts(tmp_path, tiny_model_dir):
     dataset = tmp_path / "train.jsonl"
     dataset.write_text("".join(json.dumps(p) + "\n" for p in builtin.train_problems(8, seed=11)))
@@ -201,6 +202,7 @@ def test_served_deployment_runs_append_iterations_on_unseen_prompts(tmp_path, ti
     assert json.loads((run_dir / "config.json").read_text())["config"]["iterations"] == 2
 
 
+@pytest.mark.slow  # a flow run on a Prefect API
 def test_a_run_with_no_unseen_prompts_adds_nothing_and_leaves_no_pool(tmp_path, prefect_harness):
     from flows.serve import grpo_scheduled
 

@@ -28,6 +28,8 @@ from tests.test_serve import free_port
 mlflow = require("mlflow", "tracking")
 tensorboardX = require("tensorboardX", "tracking")
 
+pytestmark = pytest.mark.optional  # the tracking extra (MLflow, tensorboardX)
+
 
 def shorter_is_better(completion: str, example) -> float:
     """A reward with spread on any model, so every update moves the weights; never
@@ -99,6 +101,7 @@ def tensorboard_scalars(logdir: Path) -> list[tuple[str, int, float]]:
     return found
 
 
+@pytest.mark.slow  # runs of the flow on a Prefect API
 def test_params_metrics_steps_artifacts_and_a_resumed_run_continues_its_mlflow_run(
     tmp_path, tiny_model_dir, data_files, prefect_harness, monkeypatch
 ):
@@ -271,6 +274,7 @@ class MlflowServer:
             pass
 
 
+@pytest.mark.slow  # an MLflow server and two flow runs
 def test_two_scheduled_runs_against_a_server_the_worse_one_is_registered_not_promoted(
     tmp_path, data_files, prefect_harness, capsys
 ):
