@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from data import builtin
 from rewards import get_reward
 from tasks.tiny_model import ensure_tiny_model
@@ -30,6 +32,7 @@ def test_exact_answer_reward_is_strict():
     )
 
 
+@pytest.mark.slow  # three supervised warm-ups of the built-in tiny model
 def test_tiny_model_is_built_once_and_cached(tmp_path):
     folder = ensure_tiny_model(steps=3, cache_dir=tmp_path)
     assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
