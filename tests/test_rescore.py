@@ -153,6 +153,7 @@ def test_one_generations_file_can_be_rescored_and_the_cli_prints_the_comparison(
     assert "#0: 1 -> 2  '42'" in out
 
 
+@pytest.mark.slow  # the rescore command on a Prefect API
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
