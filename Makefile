@@ -93,8 +93,9 @@ $(VENV)/.installed-docs: pyproject.toml $(VENV)/.installed
 install-docs: $(VENV)/.installed-docs
 
 # --strict: a broken link, a missing anchor or a page left out of the nav fails the build.
+# NO_MKDOCS_2_WARNING: mkdocs-material's banner about its successor, printed on every build.
 docs: install-docs
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache site

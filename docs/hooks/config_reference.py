@@ -103,7 +103,8 @@ def render_reference(sections: list[tuple[str, list[Setting]]]) -> str:
             rows.append(f"| {_flag_cell(setting)} | {_default_cell(setting.default)} | {description} |")
         heading = _TRACKER_REFERENCE.sub("", title)
         blocks.append(f"### {heading[:1].upper()}{heading[1:]}\n\n" + "\n".join(rows))
-    return "\n\n".join(blocks)
+    # The class lets docs/stylesheets/extra.css keep each flag on one line.
+    return '<div class="config-reference" markdown>\n\n' + "\n\n".join(blocks) + "\n\n</div>"
 
 
 def on_config(config, **kwargs):
