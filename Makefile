@@ -42,7 +42,7 @@ TEST_WORKERS ?= 2
 test: install-dev
 	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
-# MLflow tracking, the model registry and TensorBoard event files (flows/tracking.py).
+# MLflow tracking, the model registry and TensorBoard event files (flows/observe/tracking.py).
 $(VENV)/.installed-tracking: pyproject.toml $(VENV)/.installed-dev
 	$(BIN)/pip install -q -e '.[tracking]'
 	touch $@
@@ -74,7 +74,7 @@ install-lora: $(VENV)/.installed-dev
 	$(BIN)/pip install -q -e '.[lora]'
 OPTIONAL_INSTALLS += install-lora
 
-# The Ray cluster (flows/ray_cluster.py): --cluster auto | ray://host:port.
+# The Ray cluster (flows/cluster/ray_cluster.py): --cluster auto | ray://host:port.
 install-cluster: $(VENV)/.installed-dev
 	$(BIN)/pip install -q -e '.[cluster]'
 OPTIONAL_INSTALLS += install-cluster

@@ -164,7 +164,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The run's Prefect API starts now, before torch and Prefect are imported, so its
     # start-up overlaps theirs; it dies with this process however that dies.
     server = start_own_server()
-    from flows.train import grpo_train, preflight  # imported late: Prefect reads its settings at import
+    from flows.start import preflight  # imported late: Prefect reads its settings at import
+    from flows.train import grpo_train  # imported late: Prefect reads its settings at import
 
     if not _debugging(args):
         quiet_failure_reports()
@@ -244,7 +245,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from flows.inspection import dumps, inspect_path
+    from flows.observe.inspection import dumps, inspect_path
 
     data = inspect_path(
         args.target,
@@ -271,7 +272,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = (
         GRPOConfig.from_file(args.config).model_dump(mode="json", exclude_unset=True) if args.config else {}
     ) | overrides
-    from flows.tracking import check_installed
+    from flows.observe.tracking import check_installed
 
     check_installed(GRPOConfig(**settings))  # invalid settings, or tracking without its extra, fail now, not at 3 a.m.
     if not os.environ.get("PREFECT_API_URL"):
@@ -411,11 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
 # Errors that mean "your input is wrong", reported in one line; anything else is a bug and
 # keeps its traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from data.run_folder import RunFolderBusy
     from data.schemas import SchemaError
     from data.sources import InvalidRow, SourceError
     from data.store import DiskFull
-    from flows.resume import RunFolderBusy
-    from flows.tracking import MissingExtra
+    from flows.observe.tracking import MissingExtra
     from rewards.registry import UnknownRewardError
     from tasks.model import ModelLoadError
 

@@ -96,5 +96,7 @@ def select_prompts(
 
 
 @task(name="select-prompts", cache_policy=NO_CACHE)
-def select_prompts_task(dataset_path: str, out_path: str, **settings) -> dict:
-    return select_prompts(dataset_path, out_path, **settings)
+def select_prompts_task(
+    dataset_path: str, out_path: str, iteration: int, per_iteration: int, seed: int, mix: list[tuple[str, float]] | None
+) -> dict:
+    return select_prompts(dataset_path, out_path, iteration=iteration, per_iteration=per_iteration, seed=seed, mix=mix)

@@ -117,7 +117,7 @@ def test_version_names_grpoflow_and_the_libraries(capsys):
 
 
 def test_stage_line_stays_short_and_counts_what_it_leaves_out():
-    from flows.train import STAGE_LINE_LIMIT, stage_line
+    from flows.runner import STAGE_LINE_LIMIT, stage_line
 
     summary = {f"update/metric_number_{k}": k / 7 for k in range(20)} | {"curve": [1, 2]}
     line = stage_line("iter-0003/checkpoint", summary, 12.5)
