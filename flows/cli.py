@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from data.errors import UserError
 from flows.config import GRPOConfig, field_sections
 from flows.prefect_server import PrefectServerError, start_own_server
 
@@ -245,17 +246,21 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from data.schemas import SchemaError
     from flows.observe.inspection import dumps, inspect_path
 
-    data = inspect_path(
-        args.target,
-        prompt_id=args.prompt_id,
-        sample=args.sample,
-        sort=args.sort,
-        tag=args.tag,
-        seed=args.seed,
-        as_json=args.json,
-    )
+    try:
+        data = inspect_path(
+            args.target,
+            prompt_id=args.prompt_id,
+            sample=args.sample,
+            sort=args.sort,
+            tag=args.tag,
+            seed=args.seed,
+            as_json=args.json,
+        )
+    except SchemaError as err:  # the file the user pointed at is not a grpoflow artifact (or not this version's)
+        raise UserError(str(err)) from err
     if args.json:
         print(dumps(data))
     return 0
@@ -268,7 +273,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     iterations = int(overrides.pop("iterations", 1))
     run_dir = overrides.pop("run_dir", None)
     if run_dir is None:
-        raise ValueError("grpo serve needs --run-dir: the run folder every scheduled run continues")
+        raise UserError("grpo serve needs --run-dir: the run folder every scheduled run continues")
     settings = (
         GRPOConfig.from_file(args.config).model_dump(mode="json", exclude_unset=True) if args.config else {}
     ) | overrides
@@ -413,17 +418,15 @@ def build_parser() -> argparse.ArgumentParser:
 # keeps its traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
     from data.run_folder import RunFolderBusy
-    from data.schemas import SchemaError
-    from data.sources import InvalidRow, SourceError
     from data.store import DiskFull
     from flows.observe.tracking import MissingExtra
     from rewards.registry import UnknownRewardError
     from tasks.model import ModelLoadError
 
+    # Not ValueError as such: a library's or our own internal ValueError (a schema mismatch
+    # in a run's own artifact, say) is a bug, and its traceback is what a report needs.
     return (
-        SchemaError,
-        InvalidRow,
-        SourceError,
+        UserError,
         UnknownRewardError,
         ModelLoadError,
         RunFolderBusy,
@@ -431,7 +434,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         MissingExtra,
         PrefectServerError,
         FileNotFoundError,
-        ValueError,
     )
 
 
