@@ -45,6 +45,7 @@ def _quiet_offline_defaults() -> None:
 
 _FAILURE_REPORT = re.compile(
     r"Finished in state (Failed|Crashed)|Encountered exception|failed with exception|Retry \d+/\d+ will start"
+    r"|Crash detected!"
 )
 
 
@@ -180,9 +181,9 @@ class CommandState:
         return f"{resume.completed_iterations(self.run_dir)} iteration(s) complete in {self.run_dir}"
 
     def stop_line(self, signum: int, during: str) -> str:
-        where = ", ".join(x for x in (f"during {during}" if during else "", self.progress()) if x)
+        where = "; ".join(x for x in (f"during {during}" if during else "", self.progress()) if x)
         return (
-            f"grpo: stopped by {Stopped(signum).signal_name}{' (' + where + ')' if where else ''}; "
+            f"grpo: stopping on {Stopped(signum).signal_name}{' (' + where + ')' if where else ''}; "
             f"resume with: {self.resume()}"
         )
 
@@ -213,7 +214,7 @@ def _watch_server(state: CommandState, stop: StopOnSignals) -> None:
     def lost(code: int) -> None:
         stop.fail_now(
             f"grpo: error: the Prefect API server of this command (pid {server.proc.pid}, {server.url}) exited with "
-            f"status {code}; stopped, since no stage can be recorded without it; resume with: {state.resume()}",
+            f"status {code}; stopped at once, since no stage can be recorded without it; resume with: {state.resume()}",
             2,
         )
 
@@ -567,8 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 if state.server is not None:
                     state.server.stopping.set()  # what the server does from here is no loss to the command
-    except Stopped as stopped:
-        print(state.stop_line(stopped.signum, stopped.during), file=sys.stderr)
+    except Stopped as stopped:  # its line was printed when the signal came
         return exit_status(stopped.signum)
     except KeyboardInterrupt:  # SIGINT without our handler: the command called in-process, from a thread
         print(f"grpo: interrupted; resume with: {state.resume()}", file=sys.stderr)

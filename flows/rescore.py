@@ -40,6 +40,7 @@ from data.store import Manifest, iter_aligned, iter_batches, read_rows_where, re
 from flows.config import GRPOConfig
 from flows.report import VIEWS
 from flows.resume import iteration_numbers
+from flows.stopping import take_over_sigterm
 from flows.tracking import STATE_FILE, log_rescoring
 from flows.train import run_stage, score_settings
 from tasks.advantages import advantages_task
@@ -311,6 +312,7 @@ def grpo_rescore(
 ) -> list[dict]:
     """Re-score `target` (a run folder or a generations file) as `tag`; return one
     comparison per iteration."""
+    take_over_sigterm()  # SIGTERM stops `grpo rescore` as Ctrl-C does (flows/stopping.py)
     if not TAG.fullmatch(tag):
         raise ValueError(f"tag '{tag}': use letters, digits, '.', '_' or '-' (at most 64, not starting with a symbol)")
     targets = find_targets(target)

@@ -1,7 +1,8 @@
 """How `grpo run`, `grpo rescore` and `grpo serve` stop on SIGINT (Ctrl-C) and SIGTERM
 (`timeout`, systemd, Kubernetes, Prefect workers).
 
-The first signal raises `Stopped` in the main thread, where the flow runs (Prefect runs a
+The first signal prints one line (where the command stopped, and the command that resumes
+it) and raises `Stopped` in the main thread, where the flow runs (Prefect runs a
 synchronous flow and its tasks there). `Stopped` is a BaseException, as KeyboardInterrupt
 is, so no `except Exception` on its way mistakes it for a stage's error: Prefect records
 the flow run as crashed (its API is still up, see flows/prefect_server.py), every
@@ -22,7 +23,6 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import sys
 import threading
 from collections.abc import Callable, Sequence
 
@@ -55,10 +55,13 @@ class Stopped(BaseException):
 class StopOnSignals:
     """Installed by the command line around one command (`with StopOnSignals(...) as stop:`).
 
-    `describe(signum, during)` returns the one line printed when the process has to end at
-    once (second signal, or a clean-up past STOP_GRACE_S); `on_exit_now()` kills what must
-    not wait for its parent-death signal (the Prefect API, which is in a process group of
-    its own). `during()` names the running stage at the moment of the first signal.
+    At the first signal it prints the one line `describe(signum, during)` at once (where the
+    command stopped, and the command that resumes it), then raises `Stopped`; the process
+    exits when the clean-up is done. The line comes first because the clean-up takes a few
+    seconds, and a Ctrl-C that seems ignored gets pressed again, which stops at once.
+    `during()` names the running stage; `on_exit_now()` ends, on an exit without clean-up,
+    the children that no parent-death signal reaches in time (the Prefect API, in a process
+    group of its own).
     """
 
     def __init__(
@@ -73,45 +76,67 @@ class StopOnSignals:
         self._during = during
         self._grace_s = grace_s
         self._previous: dict[int, object] = {}
-        self._lock = threading.Lock()
         self.first: Stopped | None = None
 
     def __enter__(self) -> StopOnSignals:
         for signum in STOP_SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._on_signal)
+            self._previous[signum] = signal.signal(signum, self.on_signal)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
-    def _on_signal(self, signum: int, frame) -> None:
-        with self._lock:
-            repeated = self.first is not None
-            if not repeated:
-                self.first = Stopped(signum, self._during())
-        if repeated:
-            self.exit_now(signum, "at once (second signal)")
-        # The clean-up runs on this thread; a timer ends the process if it hangs.
-        timer = threading.Timer(self._grace_s, self.exit_now, (signum, f"at once ({self._grace_s:.0f} s after it)"))
+    def on_signal(self, signum: int, frame) -> None:
+        """The handler of SIGINT and SIGTERM (it runs in the main thread, between two bytecodes
+        of whatever that thread was doing)."""
+        if self.first is not None:
+            self.fail_now(f"grpo: stopped at once by a second {signal.Signals(signum).name}", exit_status(signum))
+        self.first = Stopped(signum, self._during())
+        again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        _say(f"{self._describe(signum, self.first.during)} ({again} again stops at once)")
+        timer = threading.Timer(
+            self._grace_s,
+            self.fail_now,
+            (
+                f"grpo: clean-up still running {self._grace_s:.0f} s after the signal: stopped at once",
+                exit_status(signum),
+            ),
+        )
         timer.daemon = True
         timer.start()
         raise self.first
-
-    def exit_now(self, signum: int, how: str) -> None:
-        """Print the stop line, end the processes that need it, and leave without clean-up."""
-        during = self.first.during if self.first is not None else ""
-        self.fail_now(self._describe(signum, during) + f" [{how}]", exit_status(signum))
 
     def fail_now(self, line: str, status: int) -> None:
         """Print `line`, end the processes that need it, and leave with `status` without
         clean-up (from any thread: also for a failure that no clean-up can help)."""
         try:
-            print(line, file=sys.stderr, flush=True)
-            sys.stdout.flush()
+            _say(line)
             self._on_exit_now()
         finally:
             os._exit(status)
+
+
+def take_over_sigterm() -> None:
+    """Inside a flow run: make SIGTERM stop the command the way SIGINT does.
+
+    Prefect swaps in its own SIGTERM handler for the length of each flow run (it raises
+    TerminationSignal, reports the run as crashed, then sends SIGTERM again to the
+    process). Under the command line's `StopOnSignals` that handler is given back to it,
+    so the stop line names the stage that was running and comes at once. Outside the
+    command line (a flow run started by a Prefect worker or `grpo serve`'s runner, which
+    cancels runs with SIGTERM) Prefect's handler stays: there the runner decides."""
+    ours = signal.getsignal(signal.SIGINT)
+    if isinstance(getattr(ours, "__self__", None), StopOnSignals):
+        signal.signal(signal.SIGTERM, ours)
+
+
+def _say(line: str) -> None:
+    """One line on stderr, written with os.write: a signal handler may run while the main
+    thread is inside a write to sys.stderr, and a buffered stream is not reentrant."""
+    data = (line + "\n").encode(errors="replace")
+    while data:
+        data = data[os.write(2, data) :]
 
 
 def resume_command(argv: Sequence[str], needed: dict[str, str]) -> str:

@@ -58,6 +58,7 @@ from flows.resume import (
     setting_changes,
     start_policy,
 )
+from flows.stopping import take_over_sigterm
 from flows.tracking import Tracking, check_installed
 from tasks.advantages import advantages_task, informative_groups, refill_prompts_task
 from tasks.engines import check_available
@@ -416,6 +417,7 @@ def refill_rounds(
 @flow(name="grpo-train")
 def grpo_train(config: GRPOConfig) -> dict:
     """Run GRPO for `config.iterations` iterations; return the final metrics."""
+    take_over_sigterm()  # SIGTERM stops `grpo run` as Ctrl-C does (flows/stopping.py)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     hold_run_folder(run_dir)  # before touching anything: another process may be writing here
