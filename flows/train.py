@@ -179,7 +179,19 @@ def prepare_model_task(config: GRPOConfig) -> str:
     """The policy's starting checkpoint: the given model, or the built-in tiny one."""
     if config.model is not None:
         return config.model
-    return str(ensure_tiny_model(steps=config.tiny_model_sft_steps, seed=config.seed, say=get_run_logger().info))
+    # Said with the flow run's logger: a cold build takes minutes, and the task runs' logger is
+    # kept at WARNING on the console (flows/cli.py), so its line never reached a user.
+    return str(ensure_tiny_model(steps=config.tiny_model_sft_steps, seed=config.seed, say=flow_run_log().info))
+
+
+def flow_run_log():
+    """The logger of the flow run this task belongs to (its lines reach the console at INFO),
+    or the task's own outside a flow run."""
+    from prefect.context import FlowRunContext
+    from prefect.logging.loggers import flow_run_logger
+
+    context = FlowRunContext.get()
+    return flow_run_logger(context.flow_run, context.flow) if context is not None else get_run_logger()
 
 
 @task(name="export-final-model", cache_policy=NO_CACHE)
