@@ -133,7 +133,8 @@ class Command:
     def __init__(self, args: list[str], log: Path, pause_at: str | None = None, env: dict[str, str] | None = None):
         self.log, self.marker = log, log.with_suffix(".paused")
         env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "GRPOFLOW_PAUSE_AT")} | (env or {})
-        env |= {"GRPOFLOW_PAUSE_MARKER": str(self.marker), "OMP_NUM_THREADS": "1"}
+        # (no OMP_NUM_THREADS here: the reference run's thread count gives its exact samples)
+        env |= {"GRPOFLOW_PAUSE_MARKER": str(self.marker)}
         if pause_at is not None:
             env["GRPOFLOW_PAUSE_AT"] = pause_at
         with open(log, "w") as out:
