@@ -6,6 +6,11 @@ config key, a full disk, a read-only folder, an offline hub, a Prefect API that 
 answer) print one line naming what and where, and exit with status 2. That line comes first:
 Prefect's own report of the failed run (its traceback) is kept off the console unless
 `grpo --debug` (or GRPOFLOW_DEBUG=1), which also prints the traceback after the line.
+
+SIGINT (Ctrl-C) and SIGTERM stop `grpo run`, `grpo rescore` and `grpo serve` (flows/stopping.py):
+one line says where the command stopped and which command resumes it, and the exit status is
+130 or 143. A Prefect API server that the command started and that dies under it ends the
+command in one line too (status 2), instead of leaving it to retry a dead API.
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ import re
 import sys
 import time
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from data.errors import UserError
 from flows.config import GRPOConfig, field_sections
-from flows.prefect_server import PrefectServerError, start_own_server
+from flows.prefect_server import PrefectServerError, ServerChild, start_own_server
+from flows.stopping import StopOnSignals, Stopped, exit_status, resume_command
 
 
 def _quiet_offline_defaults() -> None:
@@ -39,6 +46,7 @@ def _quiet_offline_defaults() -> None:
 
 _FAILURE_REPORT = re.compile(
     r"Finished in state (Failed|Crashed)|Encountered exception|failed with exception|Retry \d+/\d+ will start"
+    r"|Crash detected!"
 )
 
 
@@ -154,17 +162,81 @@ def format_validation_error(err: ValidationError) -> str:
     return "invalid config: " + "; ".join(parts)
 
 
-def _announce_ready(server) -> None:
+@dataclass
+class CommandState:
+    """What a stopping command says about itself: how to resume it, and its run folder."""
+
+    argv: list[str]
+    resume_options: dict[str, str] = field(default_factory=dict)  # defaults written out (see resume_command)
+    run_dir: Path | None = None
+    server: ServerChild | None = None
+
+    def resume(self) -> str:
+        return resume_command(self.argv, self.resume_options)
+
+    def progress(self) -> str:
+        """How far the run folder got, for the stop line ("" when there is no run folder yet)."""
+        resume = sys.modules.get("flows.resume")  # loaded by then, unless stopped during start-up
+        if self.run_dir is None or not self.run_dir.is_dir() or resume is None:
+            return ""
+        return f"{resume.completed_iterations(self.run_dir)} iteration(s) complete in {self.run_dir}"
+
+    def stop_line(self, signum: int, during: str) -> str:
+        where = "; ".join(x for x in (f"during {during}" if during else "", self.progress()) if x)
+        return (
+            f"grpo: stopping on {Stopped(signum).signal_name}{' (' + where + ')' if where else ''}; "
+            f"resume with: {self.resume()}"
+        )
+
+    def kill_children_now(self) -> None:
+        """For an exit without clean-up: the API server is in a process group of its own, so it
+        is ended here (the kernel's parent-death signal would reach it too, a moment later)."""
+        if self.server is not None:
+            self.server.stopping.set()
+            if self.server.proc.poll() is None:
+                self.server.proc.kill()
+
+
+def start_server(state: CommandState) -> ServerChild | None:
+    """The command's own Prefect API (flows/prefect_server.py), kept where `kill_children_now`
+    finds it."""
+    state.server = start_own_server()
+    return state.server
+
+
+def _watch_server(state: CommandState, stop: StopOnSignals) -> None:
+    """If the command's own API server dies while the command runs, the command ends at once
+    in one line: a run that went on against a dead API retried every Prefect call and ran
+    ~15x slower, and a finished one waited minutes for its last reports."""
+    server = state.server
+    if server is None:
+        return
+
+    def lost(code: int) -> None:
+        stop.fail_now(
+            f"grpo: error: the Prefect API server of this command (pid {server.proc.pid}, {server.url}) exited with "
+            f"status {code}; stopped at once, since no stage can be recorded without it; resume with: {state.resume()}",
+            2,
+        )
+
+    server.watch(lost)
+
+
+def _announce_ready(server, state: CommandState | None = None, stop: StopOnSignals | None = None) -> None:
     seconds = server.wait_ready()
+    if state is not None and stop is not None:
+        _watch_server(state, stop)
     if os.environ.get("GRPOFLOW_TIMINGS") == "1":  # benchmarks/bench_startup.py reads it
         print(f"grpo: prefect api ready {seconds:.2f}s after start", file=sys.stderr)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, state: CommandState, stop: StopOnSignals) -> int:
     config = config_from_args(args)
+    state.run_dir = Path(config.run_dir)
+    state.resume_options["--run-dir"] = str(config.run_dir)
     # The run's Prefect API starts now, before torch and Prefect are imported, so its
     # start-up overlaps theirs; it dies with this process however that dies.
-    server = start_own_server()
+    server = start_server(state)
     from flows.start import preflight  # imported late: Prefect reads its settings at import
     from flows.train import grpo_train  # imported late: Prefect reads its settings at import
 
@@ -173,7 +245,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     preflight(config)
     print(f"grpo: run folder {config.run_dir}", file=sys.stderr)
     if server is not None:
-        _announce_ready(server)
+        _announce_ready(server, state, stop)
     started = time.perf_counter()
     metrics = grpo_train(config)
     if args.json:
@@ -219,16 +291,17 @@ def run_summary(run_dir: Path, metrics: dict, seconds: float) -> list[str]:
     return lines
 
 
-def cmd_rescore(args: argparse.Namespace) -> int:
-    server = start_own_server()  # see cmd_run
+def cmd_rescore(args: argparse.Namespace, state: CommandState, stop: StopOnSignals) -> int:
+    server = start_server(state)  # see cmd_run
     from flows.rescore import default_tag, format_comparison, grpo_rescore  # late: Prefect reads its settings at import
 
     if not _debugging(args):
         quiet_failure_reports()
 
     tag = args.tag or default_tag()
+    state.resume_options["--tag"] = tag  # the default tag is the time: resuming needs this one
     if server is not None:
-        _announce_ready(server)
+        _announce_ready(server, state, stop)
     results = grpo_rescore(
         str(args.target),
         tag,
@@ -245,7 +318,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
+def cmd_inspect(args: argparse.Namespace, state: CommandState, stop: StopOnSignals | None) -> int:
     from data.schemas import SchemaError
     from flows.observe.inspection import dumps, inspect_path
 
@@ -266,8 +339,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from flows.serve import serve
+def cmd_serve(args: argparse.Namespace, state: CommandState, stop: StopOnSignals) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k in GRPOConfig.model_fields}
     iterations = int(overrides.pop("iterations", 1))
@@ -280,12 +352,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flows.observe.tracking import check_installed
 
     check_installed(GRPOConfig(**settings))  # invalid settings, or tracking without its extra, fail now, not at 3 a.m.
+    state.run_dir = Path(run_dir)
     if not os.environ.get("PREFECT_API_URL"):
         print(
             "grpo: warning: PREFECT_API_URL is not set; runs can only be triggered from this process. "
             "Start a server (prefect server start) and set PREFECT_API_URL to trigger runs from elsewhere.",
             file=sys.stderr,
         )
+    # The temporary API (when none is configured) is ours, as for `grpo run`: out of the
+    # terminal's Ctrl-C, stopped after the served runs, watched while serving.
+    server = start_server(state)
+    from flows.serve import serve  # late: Prefect reads its settings at import
+
+    if server is not None:
+        _announce_ready(server, state, stop)
     print(
         f"grpo: serving {args.name} for {run_dir} (cron {args.cron or 'none'}, {iterations} iteration(s) per run)",
         file=sys.stderr,
@@ -473,13 +553,28 @@ def user_error_line(err: BaseException) -> str | None:
     return None
 
 
+STOPPABLE = ("run", "rescore", "serve")  # the commands that start processes and write artifacts
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_offline_defaults()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    state = CommandState(argv)
+    stop = StopOnSignals(state.stop_line, state.kill_children_now, during=_current_stage)
     try:
-        return args.handler(args)
-    except KeyboardInterrupt:
-        print("grpo: interrupted; re-run with the same --run-dir to resume", file=sys.stderr)
+        if args.command not in STOPPABLE:
+            return args.handler(args, state, None)
+        with stop:
+            try:
+                return args.handler(args, state, stop)
+            finally:
+                if state.server is not None:
+                    state.server.stopping.set()  # what the server does from here is no loss to the command
+    except Stopped as stopped:  # its line was printed when the signal came
+        return exit_status(stopped.signum)
+    except KeyboardInterrupt:  # SIGINT without our handler: the command called in-process, from a thread
+        print(f"grpo: interrupted; resume with: {state.resume()}", file=sys.stderr)
         return 130
     except Exception as err:
         line = user_error_line(err)
@@ -491,6 +586,13 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exception(err)
         return 2
+
+
+def _current_stage() -> str:
+    """The stage running now (tasks.progress), read from a signal handler: nothing imported
+    there (the signal may land in the middle of an import); no stage before it is loaded."""
+    progress = sys.modules.get("tasks.progress")
+    return progress.current_stage() if progress is not None else ""
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from flows.observe.state import STATE_FILE
 from flows.observe.tracking import log_rescoring
 from flows.runner import StageRunner
 from flows.settings import advantage_settings, score_settings
+from flows.stopping import take_over_sigterm
 from tasks.advantages import advantages_task
 from tasks.score import score_task
 
@@ -301,6 +302,7 @@ def grpo_rescore(
 ) -> list[dict]:
     """Re-score `target` (a run folder or a generations file) as `tag`; return one
     comparison per iteration."""
+    take_over_sigterm()  # SIGTERM stops `grpo rescore` as Ctrl-C does (flows/stopping.py)
     if not TAG.fullmatch(tag):
         raise UserError(f"tag '{tag}': use letters, digits, '.', '_' or '-' (at most 64, not starting with a symbol)")
     targets = find_targets(target)
