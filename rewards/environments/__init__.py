@@ -3,7 +3,10 @@
 Importing this package registers every built-in environment (see ``registry``)."""
 
 # Built-in environment modules: each registers its environments on import.
-from rewards.environments import guess_number  # noqa: F401  (registers "guess_number")
+from rewards.environments import (
+    calculator,  # noqa: F401  (registers "calculator")
+    guess_number,  # noqa: F401  (registers "guess_number")
+)
 from rewards.environments.base import (
     END_REASONS,
     Environment,
