@@ -6,6 +6,7 @@ Importing this package registers every built-in environment (see ``registry``)."
 from rewards.environments import (
     calculator,  # noqa: F401  (registers "calculator")
     guess_number,  # noqa: F401  (registers "guess_number")
+    reasoning_gym_adapter,  # noqa: F401  (registers "reasoning_gym:<task>"; the package is imported on use)
 )
 from rewards.environments.base import (
     END_REASONS,
