@@ -40,6 +40,7 @@ returns, one thread, never the stage.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -106,6 +107,31 @@ class EpisodeRecord:
             finish_reason=self.finish_reason,
             tool_calls=tuple(self.tool_calls),
         )
+
+    def generation_row(self, prompt_id: str, prompt_text: str, completion: str | None = None) -> dict[str, Any]:
+        """This episode as a row of the proposed generations schema (data.schemas.GENERATIONS_V4),
+        old/ref log-probs left null for the stage to fill."""
+        return {
+            "prompt_id": prompt_id,
+            "sample_index": self.sample_index,
+            "prompt_text": prompt_text,
+            "completion": self.trajectory().completion if completion is None else completion,
+            "prompt_token_ids": self.prompt_ids,
+            "completion_token_ids": self.completion_ids,
+            "old_logprobs": None,
+            "ref_logprobs": None,
+            "finish_reason": self.finish_reason,
+            "sampler_logprobs": self.sampler_logprobs,
+            "loss_mask": self.loss_mask,
+            "messages": [{"role": m["role"], "content": m["content"], "name": m.get("name")} for m in self.messages],
+            "prompt_messages": self.prompt_messages,
+            "turns": self.turns,
+            "end_reason": self.end_reason,
+            "env_error": self.error,
+            "tool_calls": [dataclasses.asdict(call) for call in self.tool_calls],
+            "env_info": json.dumps(self.info),
+            "env_chars_cut": self.env_chars_cut,
+        }
 
     def _end(self, reason: str, error: str | None = None) -> None:
         self.end_reason, self.error = reason, error
@@ -313,10 +339,11 @@ def rollout(
                 continue
             try:
                 messages = _checked_messages(outcome.result)
+                json.dumps(dict(outcome.result.info))  # stored as JSON with the trajectory: refuse what cannot be
                 record.info.update(outcome.result.info)
                 record.tool_calls += list(outcome.result.tool_calls)
             except (ValueError, TypeError) as err:
-                record._end(END_ERROR, f"{err}")
+                record._end(END_ERROR, f"the environment's reply is unusable: {err}")
                 continue
             if outcome.result.done:
                 record._end(END_DONE)

@@ -28,6 +28,7 @@ thread at a time.
 
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -124,6 +125,34 @@ class Trajectory:
         """The model's last turn ("" when it had none)."""
         turns = self.model_turns
         return turns[-1] if turns else ""
+
+
+def trajectory_from_row(row: Mapping[str, Any]) -> Trajectory:
+    """The trajectory stored in a generations row (schema version 4's trajectory columns), for
+    re-scoring without a model or an environment. A row without them (single-turn, or an older
+    file) is its prompt's conversation and the completion as the one model turn."""
+    if row.get("messages") is None:
+        return Trajectory(
+            messages=(
+                {"role": "user", "content": row.get("prompt_text", "")},
+                {"role": "assistant", "content": row["completion"]},
+            ),
+            prompt_messages=1,
+            end_reason=END_LENGTH if row.get("finish_reason") == "length" else END_DONE,
+            completion_tokens=len(row.get("completion_token_ids") or ()),
+            finish_reason=row.get("finish_reason") or "eos",
+        )
+    mask = row.get("loss_mask")
+    return Trajectory(
+        messages=tuple({k: v for k, v in m.items() if v is not None} for m in row["messages"]),
+        prompt_messages=int(row["prompt_messages"]),
+        end_reason=row["end_reason"],
+        info=json.loads(row.get("env_info") or "{}"),
+        error=row.get("env_error"),
+        completion_tokens=sum(mask) if mask is not None else len(row.get("completion_token_ids") or ()),
+        finish_reason=row.get("finish_reason") or "eos",
+        tool_calls=tuple(ToolCallRecord(**call) for call in row.get("tool_calls") or ()),
+    )
 
 
 RubricFn = Callable[[Trajectory, Mapping[str, Any]], float]
