@@ -127,6 +127,7 @@ _TOOL_CALL = pa.struct(
         ("result", pa.string()),  # what the model was shown (capped)
         ("error", pa.string()),  # why the call failed, else null
         ("duration_s", pa.float64()),
+        ("chars_cut", pa.int64()),  # of the result, by the tool's own cap (also in env_chars_cut)
     ]
 )
 _TURN_MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("name", pa.string())])
@@ -139,7 +140,8 @@ TRAJECTORY_FIELDS = [
     pa.field("env_error", pa.string()),  # the environment's error text (end_reason error / timeout)
     pa.field("tool_calls", pa.list_(_TOOL_CALL)),
     pa.field("env_info", pa.string()),  # the steps' info merged, as JSON: what rubrics read to re-score
-    pa.field("env_chars_cut", pa.int64()),  # environment text cut by max_env_chars, in characters
+    # environment text cut, in characters: replies by max_env_chars, tool results by their tool's cap
+    pa.field("env_chars_cut", pa.int64()),
 ]
 GENERATIONS_V4 = ArtifactSchema(
     name="generations",

@@ -90,7 +90,7 @@ class EpisodeRecord:
     finish_reason: str = "eos"  # how the last model turn ended
     tool_calls: list[ToolCallRecord] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
-    env_chars_cut: int = 0  # characters of environment text cut by max_env_chars
+    env_chars_cut: int = 0  # characters of environment text cut: max_env_chars, and tools' own caps
 
     @property
     def total_tokens(self) -> int:
@@ -342,6 +342,7 @@ def rollout(
                 json.dumps(dict(outcome.result.info))  # stored as JSON with the trajectory: refuse what cannot be
                 record.info.update(outcome.result.info)
                 record.tool_calls += list(outcome.result.tool_calls)
+                record.env_chars_cut += sum(call.chars_cut for call in outcome.result.tool_calls)
             except (ValueError, TypeError) as err:
                 record._end(END_ERROR, f"the environment's reply is unusable: {err}")
                 continue

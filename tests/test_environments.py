@@ -221,6 +221,7 @@ def test_every_tool_failure_is_a_message_never_a_crash():
     assert run("vanish").result == "error: the tool's process died (exit code 3)"
     capped = run("shout", text="ab")
     assert capped.result == "ABABABABAB\n[... 1990 more characters cut]" and capped.error is None
+    assert capped.chars_cut == 1990
     malformed = call_tool(TOOLS, MalformedCall("{oops", "the tool call is not JSON"), turn=0)
     assert malformed.result == "error: the tool call is not JSON" and malformed.name == ""
 

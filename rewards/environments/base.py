@@ -75,6 +75,7 @@ class ToolCallRecord:
     result: str  # what the model was shown
     error: str | None = None  # why the call failed (parse error, unknown tool, exception, timeout)
     duration_s: float = 0.0
+    chars_cut: int = 0  # characters of the result cut by the tool's max_result_chars
 
 
 @dataclass(frozen=True)

@@ -206,8 +206,8 @@ def call_tool(tools: Mapping[str, Tool], call: ToolCall | MalformedCall, turn: i
         text += f"\n[... {cut} more characters cut]"
     duration = time.monotonic() - started
     if ok:
-        return ToolCallRecord(turn, call.name, arguments_text, text, None, duration)
-    return ToolCallRecord(turn, call.name, arguments_text, f"error: {text}", text, duration)
+        return ToolCallRecord(turn, call.name, arguments_text, text, None, duration, cut)
+    return ToolCallRecord(turn, call.name, arguments_text, f"error: {text}", text, duration, cut)
 
 
 class ToolEpisode(Episode):
