@@ -22,7 +22,7 @@ from rewards.environments import (
     register_environment,
 )
 from rewards.environments.base import EpisodeLimits
-from rewards.environments.tools import MalformedCall, ToolCall, call_tool, make_tool, parse_hermes
+from rewards.environments.tools import MalformedCall, ToolCall, call_tool, make_tool, parse_hermes, python_tool
 from tasks.engines import SamplingSettings
 from tasks.rollout import rollout
 from tests.chat_fixtures import ScriptedEngine, char_chat_tokenizer
@@ -247,3 +247,13 @@ def test_the_calculator_environment_runs_tools_between_turns():
         ("calculate", 0, False),
     ]
     assert env.rubric.score(record.trajectory(), row).total == 1.0
+
+
+def test_a_code_tool_runs_the_models_program_in_the_sandbox():
+    tools = {"run_python": python_tool(wall_s=1.0)}
+    ran = call_tool(tools, ToolCall("run_python", {"code": "print(6 * 7)"}), turn=0)
+    assert (ran.result, ran.error) == ("42\n", None)
+    refused = call_tool(tools, ToolCall("run_python", {"code": "import socket\nsocket.socket()"}), turn=0)
+    assert "[failed: PermissionError" in refused.result  # no network in the sandbox
+    looping = call_tool(tools, ToolCall("run_python", {"code": "while True:\n    pass"}), turn=0)
+    assert "[stopped:" in looping.result and looping.duration_s < 10

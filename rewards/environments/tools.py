@@ -273,9 +273,13 @@ class ToolEnvironment(Environment):
         return ToolEpisode(self.initial_messages(row), self.tools, self._parse, self.max_calls_per_turn)
 
 
-def python_tool(*, wall_s: float = 5.0, memory_mb: int = 256, max_result_chars: int = DEFAULT_MAX_RESULT_CHARS) -> Tool:
+def python_tool(
+    *, wall_s: float = 5.0, memory_mb: int = 1024, max_result_chars: int = DEFAULT_MAX_RESULT_CHARS
+) -> Tool:
     """A tool that runs the model's Python program in the code sandbox (rewards/sandbox) and
-    returns what it printed; the sandbox enforces the limits, so it runs in process."""
+    returns what it printed; the sandbox enforces the limits, so it runs in process.
+    `memory_mb` defaults to the code reward's 1024: with 256 the sandbox's set-up itself died
+    in a process that had torch loaded (measured here)."""
     from rewards.sandbox import Isolation, Limits, SandboxError, run_script
 
     limits = Limits(wall_s=wall_s, memory_mb=memory_mb)
