@@ -7,6 +7,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from rewards.environments import EnvironmentOptionsError, make_environment
 from rewards.environments.base import EpisodeLimits, Trajectory
@@ -72,6 +73,15 @@ def test_a_missing_package_names_the_install_command(monkeypatch):
 
 def test_end_to_end_on_a_tiny_model():
     require("reasoning_gym", "reasoning-gym")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only synchronises (test_rollout.py)
+    try:
+        _end_to_end()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _end_to_end():
     tokenizer = char_chat_tokenizer("smollm2")
     model = tiny_chat_model(tokenizer)  # the engine holds it weakly
     engine = HFEngine()

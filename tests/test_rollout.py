@@ -20,6 +20,16 @@ from tasks.rollout import rollout
 from tests.chat_fixtures import ScriptedEngine, char_chat_tokenizer, tiny_chat_model
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices gain nothing from a second thread, and on a busy 2-core machine its
+    synchronisation makes every step several times slower (as in test_update_stage)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def chat_policy():
     tokenizer = char_chat_tokenizer("smollm2")
