@@ -1,6 +1,6 @@
 """Seconds per stage and per iteration of the GRPO flow in one process (`--cluster local`)
 against the same flow on a local Ray cluster with 1 and with 2 training ranks / generation
-workers (flows/ray_cluster.py), same model, prompts, seeds and settings.
+workers (flows/cluster/ray_cluster.py), same model, prompts, seeds and settings.
 
     python benchmarks/bench_cluster.py                                   # tiny model
     python benchmarks/bench_cluster.py --model smollm2 --prompts 4 --group-size 4 --max-new-tokens 32 --per-round 1

@@ -47,7 +47,7 @@ def main() -> None:
     from data.schemas import GENERATIONS
     from data.store import read_table
     from flows.config import GRPOConfig
-    from flows.train import loss_settings
+    from flows.settings import loss_settings
     from tasks.logprobs import completion_logprobs, pack
     from tasks.model import live_policy
     from tasks.update import update_policy

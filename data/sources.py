@@ -48,6 +48,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data.errors import UserError
 from data.schemas import PROMPTS
 
 # Rows are read from Parquet in batches of this many: bounded memory for any file size.
@@ -58,14 +59,14 @@ TEXT_SUFFIXES = (*JSON_SUFFIXES, ".csv")
 FILE_SUFFIXES = (*TEXT_SUFFIXES, ".parquet", *(f"{s}.gz" for s in TEXT_SUFFIXES))
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """A source cannot be read at all: missing, of an unknown kind, or not parseable.
 
     Deterministic, so the ingest task does not retry it (unlike a hub that is briefly down).
     """
 
 
-class InvalidRow(ValueError):
+class InvalidRow(UserError):
     """One row cannot become a prompt; names the source, the 0-based row and the field."""
 
     def __init__(self, data_source: str, row: int, field: str, reason: str):

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data.crash_points import pause_point
 from data.schemas import ArtifactSchema, SchemaError, check_schema
 
 MANIFEST = "_manifest.json"
@@ -335,10 +336,6 @@ class Manifest:
                 atomic_write_json(self.path, entries)
 
 
-def iteration_dir(run_dir: str | Path, iteration: int) -> Path:
-    return Path(run_dir) / f"iter-{iteration:04d}"
-
-
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     """Delete the ``.tmp-*`` leftovers of writers that were killed (files, and the temp
     folders of checkpoint writes); return what was removed."""
@@ -467,25 +464,3 @@ def iter_aligned(*streams: Iterator[pa.RecordBatch]) -> Iterator[tuple[pa.Table,
         n = min(lengths)
         yield tuple(b.slice(0, n) for b in buffers)
         buffers = [b.slice(n) for b in buffers]
-
-
-# --- crash-test hook --------------------------------------------------------------------
-# The resume tests must kill a run at exact points (half-way through writing an artifact,
-# in the middle of an update). With GRPOFLOW_PAUSE_AT set, the first pause point whose label
-# contains that text writes its label to the file GRPOFLOW_PAUSE_MARKER and waits there to
-# be killed, so the test can SIGKILL the process at a known place. Unset, it costs one
-# dictionary lookup.
-PAUSE_AT_ENV = "GRPOFLOW_PAUSE_AT"
-PAUSE_MARKER_ENV = "GRPOFLOW_PAUSE_MARKER"
-
-
-def pause_point(label: str) -> None:
-    wanted = os.environ.get(PAUSE_AT_ENV)
-    if not wanted or wanted not in label:
-        return
-    marker = os.environ.get(PAUSE_MARKER_ENV)
-    if marker:  # renamed into place: a test that sees the marker can read the label at once
-        Path(marker + ".tmp").write_text(label)
-        os.replace(marker + ".tmp", marker)
-    time.sleep(600)
-    raise RuntimeError(f"paused at '{label}' ({PAUSE_AT_ENV}) for 600 s and was not killed")

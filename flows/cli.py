@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from data.errors import UserError
 from flows.config import GRPOConfig, field_sections
 from flows.prefect_server import PrefectServerError, start_own_server
 
@@ -164,7 +165,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The run's Prefect API starts now, before torch and Prefect are imported, so its
     # start-up overlaps theirs; it dies with this process however that dies.
     server = start_own_server()
-    from flows.train import grpo_train, preflight  # imported late: Prefect reads its settings at import
+    from flows.start import preflight  # imported late: Prefect reads its settings at import
+    from flows.train import grpo_train  # imported late: Prefect reads its settings at import
 
     if not _debugging(args):
         quiet_failure_reports()
@@ -244,17 +246,21 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from flows.inspection import dumps, inspect_path
+    from data.schemas import SchemaError
+    from flows.observe.inspection import dumps, inspect_path
 
-    data = inspect_path(
-        args.target,
-        prompt_id=args.prompt_id,
-        sample=args.sample,
-        sort=args.sort,
-        tag=args.tag,
-        seed=args.seed,
-        as_json=args.json,
-    )
+    try:
+        data = inspect_path(
+            args.target,
+            prompt_id=args.prompt_id,
+            sample=args.sample,
+            sort=args.sort,
+            tag=args.tag,
+            seed=args.seed,
+            as_json=args.json,
+        )
+    except SchemaError as err:  # the file the user pointed at is not a grpoflow artifact (or not this version's)
+        raise UserError(str(err)) from err
     if args.json:
         print(dumps(data))
     return 0
@@ -267,11 +273,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     iterations = int(overrides.pop("iterations", 1))
     run_dir = overrides.pop("run_dir", None)
     if run_dir is None:
-        raise ValueError("grpo serve needs --run-dir: the run folder every scheduled run continues")
+        raise UserError("grpo serve needs --run-dir: the run folder every scheduled run continues")
     settings = (
         GRPOConfig.from_file(args.config).model_dump(mode="json", exclude_unset=True) if args.config else {}
     ) | overrides
-    from flows.tracking import check_installed
+    from flows.observe.tracking import check_installed
 
     check_installed(GRPOConfig(**settings))  # invalid settings, or tracking without its extra, fail now, not at 3 a.m.
     if not os.environ.get("PREFECT_API_URL"):
@@ -411,18 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
 # Errors that mean "your input is wrong", reported in one line; anything else is a bug and
 # keeps its traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from data.schemas import SchemaError
-    from data.sources import InvalidRow, SourceError
+    from data.run_folder import RunFolderBusy
     from data.store import DiskFull
-    from flows.resume import RunFolderBusy
-    from flows.tracking import MissingExtra
+    from flows.observe.tracking import MissingExtra
     from rewards.registry import UnknownRewardError
     from tasks.model import ModelLoadError
 
+    # Not ValueError as such: a library's or our own internal ValueError (a schema mismatch
+    # in a run's own artifact, say) is a bug, and its traceback is what a report needs.
     return (
-        SchemaError,
-        InvalidRow,
-        SourceError,
+        UserError,
         UnknownRewardError,
         ModelLoadError,
         RunFolderBusy,
@@ -430,7 +434,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         MissingExtra,
         PrefectServerError,
         FileNotFoundError,
-        ValueError,
     )
 
 

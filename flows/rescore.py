@@ -35,13 +35,15 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from data.errors import UserError
+from data.run_folder import iteration_numbers
 from data.schemas import ADVANTAGES, GENERATIONS, REWARDS, check_schema
 from data.store import Manifest, iter_aligned, iter_batches, read_rows_where, remove_stale_temp_files
 from flows.config import GRPOConfig
-from flows.report import VIEWS
-from flows.resume import iteration_numbers
-from flows.tracking import STATE_FILE, log_rescoring
-from flows.train import run_stage, score_settings
+from flows.observe.state import STATE_FILE
+from flows.observe.tracking import log_rescoring
+from flows.runner import StageRunner
+from flows.settings import advantage_settings, score_settings
 from tasks.advantages import advantages_task
 from tasks.score import score_task
 
@@ -50,7 +52,7 @@ EXAMPLES = 5  # changed rows shown in the comparison
 CHUNK_ROWS = 8192  # rows compared at a time; larger chunks only raise the memory high-water mark
 
 
-class TagInUse(ValueError):
+class TagInUse(UserError):
     """rewards@TAG.parquet exists from another re-scoring: it is never overwritten."""
 
 
@@ -141,7 +143,7 @@ def rescoring_config(
         kept = {name: opts for name, opts in settings.get("reward_options", {}).items() if name in rewards}
         settings |= {"rewards": rewards, "reward_options": kept}
     elif config is None:
-        raise ValueError("not in a run folder with a config.json, so give the rewards to score with (--rewards)")
+        raise UserError("not in a run folder with a config.json, so give the rewards to score with (--rewards)")
     if reward_options is not None:
         settings["reward_options"] = settings.get("reward_options", {}) | reward_options
     if max_error_fraction is not None:
@@ -156,7 +158,7 @@ def default_tag() -> str:
 def check_tag(targets: list[Target], tag: str, rewards: dict[str, float]) -> None:
     """Fail before any work if the tag is malformed or names another re-scoring's files."""
     if not TAG.fullmatch(tag):
-        raise ValueError(f"tag '{tag}': use letters, digits, '.', '_' or '-' (at most 64, not starting with a symbol)")
+        raise UserError(f"tag '{tag}': use letters, digits, '.', '_' or '-' (at most 64, not starting with a symbol)")
     for t in targets:
         entries = Manifest(t.folder).entries()
         for name in t.outputs(tag):
@@ -195,7 +197,7 @@ def compare_rewards(
         if before is not None:
             old = chunk[0]
             if not (old["prompt_id"].equals(new["prompt_id"]) and old["sample_index"].equals(new["sample_index"])):
-                raise ValueError(
+                raise UserError(
                     f"{before} and {after}: rows {rows}..{rows + old.num_rows - 1} are not the same completions"
                 )
             a = old["reward"].to_numpy(zero_copy_only=False)
@@ -289,18 +291,6 @@ def compare_task(before: str | None, after: str, generations: str) -> dict:
 
 
 # --- the flow ---------------------------------------------------------------------------------
-def advantages_settings(config: GRPOConfig) -> dict[str, Any]:
-    """The advantages stage's settings as flows/train.py passes them, so a re-scoring's
-    advantages are those training would have used."""
-    return dict(
-        estimator=config.advantage_estimator,
-        scale_rewards=config.scale_rewards,
-        eps=config.advantage_eps,
-        dynamic_sampling=config.dynamic_sampling,
-        target_groups=config.prompts_per_iteration,
-    )
-
-
 @flow(name="grpo-rescore")
 def grpo_rescore(
     target: str,
@@ -312,15 +302,13 @@ def grpo_rescore(
     """Re-score `target` (a run folder or a generations file) as `tag`; return one
     comparison per iteration."""
     if not TAG.fullmatch(tag):
-        raise ValueError(f"tag '{tag}': use letters, digits, '.', '_' or '-' (at most 64, not starting with a symbol)")
+        raise UserError(f"tag '{tag}': use letters, digits, '.', '_' or '-' (at most 64, not starting with a symbol)")
     targets = find_targets(target)
     config = rescoring_config(run_config(targets[0].folder), rewards, reward_options, max_error_fraction)
     check_tag(targets, tag, dict(config.rewards))
 
-    try:
-        results = rescore_targets(targets, tag, config)
-    finally:
-        VIEWS.drain()  # the stage artifacts published in the background
+    with StageRunner(get_run_logger()) as runner:  # leaving it publishes the stage views still being built
+        results = rescore_targets(runner, targets, tag, config)
     run_dir = targets[0].folder.parent
     if (run_dir / STATE_FILE).is_file():
         log_rescoring(
@@ -329,9 +317,10 @@ def grpo_rescore(
     return results
 
 
-def rescore_targets(targets: list[Target], tag: str, config: GRPOConfig) -> list[dict]:
-    """The body of `grpo_rescore`: score + advantages per iteration, then the comparison."""
-    log = get_run_logger()
+def rescore_targets(runner: StageRunner, targets: list[Target], tag: str, config: GRPOConfig) -> list[dict]:
+    """The body of `grpo_rescore`: score + advantages per iteration (the same settings training
+    used, so a re-scoring's advantages are those training would have had), then the comparison."""
+    log = runner.log
     results = []
     recorded = {"rescore": {"tag": tag, "rewards": dict(config.rewards)}}
     for t in targets:
@@ -340,26 +329,26 @@ def rescore_targets(targets: list[Target], tag: str, config: GRPOConfig) -> list
         rewards_out = []
         for r in t.rounds:
             out = str(t.folder / r.rewards_name(tag))
-            run_stage(
+            runner.run(
                 manifest,
                 r.rewards_name(tag),
                 score_task,
                 str(r.generations),
                 str(r.prompts),
                 out,
-                **score_settings(config),
+                settings=score_settings(config),
                 schema_version=REWARDS.version,
                 manifest_extra=recorded,
             )
             rewards_out.append(out)
         advantages_name = f"advantages@{tag}.parquet"
-        run_stage(
+        runner.run(
             manifest,
             advantages_name,
             advantages_task,
             rewards_out,
             str(t.folder / advantages_name),
-            **advantages_settings(config),
+            settings=advantage_settings(config),
             schema_version=ADVANTAGES.version,
             manifest_extra=recorded,
         )

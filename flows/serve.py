@@ -16,7 +16,7 @@ serves a Prefect deployment (``flow.serve``) of the `grpo_scheduled` flow. Each 
    ``train_from`` "champion", the default) iteration L+1 starts from the registered
    champion instead when the latest checkpoint is not the champion (an un-promoted run is
    not trained on), and each run's final model goes through the promotion gate
-   (flows/registry.py).
+   (flows/observe/registry.py).
 
 A run that dies half-way is finished by the next one: the same resume rules as `grpo run`.
 The deployment runs one flow run at a time (two runs must never write one folder; the
@@ -30,17 +30,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from data.store import Manifest, iteration_dir
+from data.run_folder import completed_iterations, iteration_dir, pool_name, record_start_policy, resume_point
+from data.store import Manifest
 from flows.config import GRPOConfig
-from flows.registry import champion_start
-from flows.resume import (
-    completed_iterations,
-    pool_name,
-    record_start_policy,
-    resume_point,
-    stored_settings,
-)
-from flows.train import grpo_train, run_stage, write_builtin_prompts_task
+from flows.observe.registry import champion_start
+from flows.resume import stored_settings
+from flows.runner import StageRunner
+from flows.train import grpo_train, write_builtin_prompts_task
 from tasks.fresh_prompts import unseen_prompts_task
 from tasks.ingest import ingest_task
 
@@ -101,15 +97,16 @@ def continue_run(run_dir: str | Path, settings: dict[str, Any] | None, iteration
         incoming = data_dir / "incoming.parquet"
         write_candidates(config, str(incoming))
         seen = [str(p) for p in sorted(folder.glob("iter-*/prompts.parquet"))]
-        run_stage(
-            data_manifest,
-            pool,
-            unseen_prompts_task,
-            str(incoming),
-            seen,
-            str(data_dir / pool),
-            manifest_extra={"first_iteration": last + 1},
-        )
+        with StageRunner(log) as runner:
+            runner.run(
+                data_manifest,
+                pool,
+                unseen_prompts_task,
+                str(incoming),
+                seen,
+                str(data_dir / pool),
+                manifest_extra={"first_iteration": last + 1},
+            )
         incoming.unlink()
         incoming.with_name("incoming-rejected.parquet").unlink(missing_ok=True)
     unseen = data_manifest.entries()[pool]["rows"]

@@ -38,6 +38,7 @@ from prefect.cache_policies import NO_CACHE
 from data.schemas import ADVANTAGES, PROMPTS, REWARDS
 from data.store import ParquetStreamWriter, RepeatedGroup, iter_groups, read_table, write_table
 from tasks.objective import group_advantages, group_stats, resolve_scale
+from tasks.stage_settings import StageSettings
 
 ZERO_STD = "zero_std"  # every valid reward of the group is equal: all advantages are 0
 BATCH_FULL = "batch_full"  # dynamic sampling already has enough groups with signal
@@ -284,11 +285,22 @@ def refill_prompts(
     return {"prompts": len(picks)}
 
 
+@dataclass(frozen=True)
+class AdvantageSettings(StageSettings):
+    """`compute_advantages`' settings, the same for every iteration of a run."""
+
+    estimator: str = "grpo"
+    scale_rewards: str | None = None
+    eps: float = 1e-4
+    dynamic_sampling: bool = False
+    target_groups: int | None = None
+
+
 @task(name="advantages", cache_policy=NO_CACHE)
-def advantages_task(rewards_paths: str | list[str], out_path: str, **settings) -> dict:
-    return compute_advantages(rewards_paths, out_path, **settings)
+def advantages_task(rewards_paths: str | list[str], out_path: str, settings: AdvantageSettings) -> dict:
+    return compute_advantages(rewards_paths, out_path, **settings.keywords())
 
 
 @task(name="refill-prompts", cache_policy=NO_CACHE)
-def refill_prompts_task(dataset_path: str, out_path: str, **settings) -> dict:
-    return refill_prompts(dataset_path, out_path, **settings)
+def refill_prompts_task(dataset_path: str, out_path: str, exclude_paths: list[str], count: int, seed: str) -> dict:
+    return refill_prompts(dataset_path, out_path, exclude_paths=exclude_paths, count=count, seed=seed)

@@ -1,7 +1,7 @@
 """The update stage on N ranks of one torch.distributed process group (gloo on CPU, NCCL on
 GPU): DDP for a model that fits one device, FSDP2 (`fully_shard`) for one that does not.
 
-Who starts the ranks and the process group is not decided here (flows/cluster.py: Ray actors,
+Who starts the ranks and the process group is not decided here (flows/cluster/: Ray actors,
 or any launcher that calls `torch.distributed.init_process_group`): with no process group the
 update runs as one rank and nothing here changes it.
 

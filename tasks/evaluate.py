@@ -5,7 +5,9 @@ run's rewards. Accuracy is the fraction of problems whose total reward is at lea
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -17,6 +19,7 @@ from rewards.pool import shared_pool
 from tasks.engines import SamplingSettings, engine_for
 from tasks.generate import fit_prompts, render_prompt
 from tasks.model import live_policy
+from tasks.stage_settings import StageSettings
 
 
 def evaluate_policy(
@@ -72,6 +75,23 @@ def evaluate_policy(
     return summary
 
 
+@dataclass(frozen=True)
+class EvaluateSettings(StageSettings):
+    """`evaluate_policy`'s settings, the same for every evaluation of a run."""
+
+    rewards: dict[str, float]
+    max_new_tokens: int
+    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    use_chat_template: bool = True
+    max_prompt_length: int | None = None
+    prompt_overflow: str = "truncate_left"
+    stop: tuple[str, ...] = ()
+    engine: str = "hf"
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+    dtype: str = "auto"
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(prompts_path: str, policy_path: str, **settings) -> dict:
-    return evaluate_policy(prompts_path, policy_path, **settings)
+def evaluate_task(prompts_path: str, policy_path: str, settings: EvaluateSettings) -> dict:
+    return evaluate_policy(prompts_path, policy_path, **settings.keywords())

@@ -38,18 +38,22 @@ sampler's numerics and the trainer's forward pass.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from data.errors import UserError
 from data.schemas import GENERATIONS, PROMPTS
 from data.store import read_table, write_table
 from tasks.engines import SamplingSettings, engine_for
 from tasks.logprobs import DEFAULT_CHUNK_TOKENS, batched_completion_logprobs
 from tasks.lora import reference_weights
 from tasks.model import live_policy, load_model, pick_dtype
+from tasks.stage_settings import StageSettings
 
 
 def render_prompt(row: dict, tokenizer, use_chat_template: bool) -> str:
@@ -59,7 +63,7 @@ def render_prompt(row: dict, tokenizer, use_chat_template: bool) -> str:
     messages = row.get("messages")
     if messages:
         if not has_template:
-            raise ValueError(f"prompt {row['prompt_id']} is a chat but the tokenizer has no chat template")
+            raise UserError(f"prompt {row['prompt_id']} is a chat but the tokenizer has no chat template")
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if use_chat_template and has_template:
         return tokenizer.apply_chat_template(
@@ -193,7 +197,7 @@ def generate_completions(
     lengths = [len(ids) for ids in prompt_ids]
     kept, prompt_ids, too_long = fit_prompts(prompt_ids, max_prompt_length, prompt_overflow)
     if not kept:
-        raise ValueError(
+        raise UserError(
             f"{prompts_path}: all {len(rows)} prompts are longer than max_prompt_length={max_prompt_length} tokens "
             "(prompt_overflow skip); raise max_prompt_length or use prompt_overflow truncate_left"
         )
@@ -298,6 +302,47 @@ def generate_completions(
     }
 
 
+def combined_summary(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One summary for a stage whose prompts were generated in shards (a Ray cluster's
+    workers): counts add up, means are weighted by completions."""
+    completions = sum(s["completions"] for s in summaries)
+    tokens = sum(s["tokens"] for s in summaries)
+    return {
+        "completions": completions,
+        "tokens": tokens,
+        "mean_length": tokens / max(completions, 1),
+        "clipped_ratio": sum(s["clipped_ratio"] * s["completions"] for s in summaries) / max(completions, 1),
+        "prompts/truncated": sum(s.get("prompts/truncated", 0) for s in summaries),
+        "prompts/skipped": sum(s.get("prompts/skipped", 0) for s in summaries),
+    }
+
+
+@dataclass(frozen=True)
+class GenerateSettings(StageSettings):
+    """`generate_completions`'s settings, the same for every iteration of a run."""
+
+    group_size: int
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 64
+    reference_path: str | None = None
+    reference_from_base: bool = False
+    use_chat_template: bool = True
+    with_old_logprobs: bool = True
+    logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    max_prompt_length: int | None = None
+    prompt_overflow: str = "truncate_left"
+    engine: str = "hf"
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+    dtype: str = "auto"
+
+
 @task(name="generate", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def generate_task(prompts_path: str, out_path: str, policy_path: str, **settings) -> dict:
-    return generate_completions(prompts_path, out_path, policy_path, **settings)
+def generate_task(prompts_path: str, out_path: str, policy_path: str, settings: GenerateSettings, seed: int) -> dict:
+    return generate_completions(prompts_path, out_path, policy_path, **settings.keywords(), seed=seed)

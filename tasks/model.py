@@ -36,7 +36,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from data.store import TMP_PREFIX, DiskFull, check_free_space, disk_full, is_no_space, pause_point
+from data.crash_points import pause_point
+from data.store import TMP_PREFIX, DiskFull, check_free_space, disk_full, is_no_space
 from tasks.lora import is_adapted, is_adapter_checkpoint, load_adapted, merged_copy
 
 OPTIMIZER_FILE = "optimizer.pt"

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from data.store import pause_point
+from data.crash_points import pause_point
 
 # "iter-0003/checkpoint" while the flow runs that stage; empty outside a flow.
 _STAGE: contextvars.ContextVar[str] = contextvars.ContextVar("grpoflow_stage", default="")

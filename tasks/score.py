@@ -31,6 +31,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from data.store import DiskFull, ParquetStreamWriter, iter_batches, read_table
 from rewards import RewardOptionsError, make_reward
 from rewards.pool import shared_pool
 from tasks.progress import progress
+from tasks.stage_settings import StageSettings
 
 _GENERATION_COLUMNS = ["prompt_id", "sample_index", "completion", "completion_token_ids", "finish_reason"]
 
@@ -285,33 +287,25 @@ class _Chunk:
 
 def score_failure_is_transient(task, task_run, state) -> bool:
     """Retry only what may be transient: a wrong config or file fails the same way again (shared
-    by the Ray cluster's score task, flows/ray_cluster.py)."""
+    by the Ray cluster's score task, flows/cluster/ray_cluster.py)."""
     error = state.result(raise_on_failure=False)
     # ValueError covers RewardOptionsError and SchemaError; KeyError covers UnknownRewardError
     # and a prompt_id missing from the prompts file.
     return not isinstance(error, (ValueError, KeyError, FileNotFoundError, DiskFull))
 
 
+@dataclass(frozen=True)
+class ScoreSettings(StageSettings):
+    """`score_generations`' settings, the same for every iteration of a run."""
+
+    rewards: dict[str, float]
+    max_error_fraction: float = 0.05
+    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    workers: int | None = None
+    chunk_rows: int = 4096
+    worker_memory_mb: int | None = 4096
+
+
 @task(name="score", retries=2, retry_delay_seconds=1, retry_condition_fn=score_failure_is_transient)
-def score_task(
-    generations_path: str,
-    prompts_path: str,
-    out_path: str,
-    rewards: dict[str, float],
-    max_error_fraction: float = 0.05,
-    reward_options: dict[str, dict[str, Any]] | None = None,
-    workers: int | None = None,
-    chunk_rows: int = 4096,
-    worker_memory_mb: int | None = 4096,
-) -> dict:
-    return score_generations(
-        generations_path,
-        prompts_path,
-        out_path,
-        rewards,
-        max_error_fraction,
-        reward_options=reward_options,
-        workers=workers,
-        chunk_rows=chunk_rows,
-        worker_memory_mb=worker_memory_mb,
-    )
+def score_task(generations_path: str, prompts_path: str, out_path: str, settings: ScoreSettings) -> dict:
+    return score_generations(generations_path, prompts_path, out_path, **settings.keywords())

@@ -37,7 +37,9 @@ import math
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from prefect import task
@@ -73,6 +75,7 @@ from tasks.model import (
 from tasks.objective import SPLIT_INVARIANT_AGGREGATIONS, BatchTotals, LossSettings, loss_mask, policy_loss
 from tasks.progress import progress
 from tasks.schedule import LRSchedule
+from tasks.stage_settings import StageSettings
 
 
 class ArtifactMismatch(ValueError):
@@ -520,8 +523,53 @@ def _worth_retrying(task_obj, task_run, state) -> bool:
     return not isinstance(state.result(raise_on_failure=False), (DiskFull, CheckpointNotSaved))
 
 
+@dataclass(frozen=True)
+class UpdateSettings(StageSettings):
+    """`update_policy`'s settings that stay the same for every iteration of a run."""
+
+    loss: LossSettings
+    lr_schedule: LRSchedule | None = None
+    mu: int = 1
+    mini_batches: int = 1
+    micro_batch_size: int = 32
+    gradient_checkpointing: bool = False
+    logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    lora: LoraSettings | None = None
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    background_save: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass(frozen=True)
+class UpdateStep:
+    """What changes from one iteration's update to the next."""
+
+    learning_rate: float  # the base rate this update runs with (a replayed update keeps its own)
+    first_step: int  # optimiser steps taken before this update: where the LR schedule stands
+    save: bool  # write the checkpoint (save_every), or leave the weights in memory only
+    seed: int  # the shuffling of micro-batches
+
+    def keywords(self, settings: UpdateSettings) -> dict[str, Any]:
+        """`update_policy`'s keyword arguments: the run's settings with this step's values."""
+        schedule = None if settings.lr_schedule is None else replace(settings.lr_schedule, base=self.learning_rate)
+        return settings.keywords() | {
+            "learning_rate": self.learning_rate,
+            "lr_schedule": schedule,
+            "first_step": self.first_step,
+            "save": self.save,
+            "seed": self.seed,
+        }
+
+
 @task(name="update", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, retry_condition_fn=_worth_retrying)
 def update_task(
-    generations_path: str | list[str], advantages_path: str, policy_path: str, out_checkpoint: str, **settings
+    generations_path: str | list[str],
+    advantages_path: str,
+    policy_path: str,
+    out_checkpoint: str,
+    settings: UpdateSettings,
+    step: UpdateStep,
 ) -> dict:
-    return update_policy(generations_path, advantages_path, policy_path, out_checkpoint, **settings)
+    return update_policy(generations_path, advantages_path, policy_path, out_checkpoint, **step.keywords(settings))

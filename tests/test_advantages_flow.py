@@ -23,8 +23,9 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from data import builtin
+from data.run_folder import iteration_dir
 from data.schemas import ADVANTAGES, GENERATIONS, METRICS, PROMPTS, REWARDS
-from data.store import iteration_dir, read_table
+from data.store import read_table
 from flows.config import GRPOConfig
 from tasks.model import LivePolicy, forget_live_policies, save_checkpoint
 from tasks.tiny_model import build_tokenizer

@@ -80,7 +80,8 @@ def test_run_help_is_grouped_by_the_config_sections(capsys, monkeypatch):
     text = capsys.readouterr().out
     sections = field_sections()
     assert {n for _, names in sections for n in names} == set(GRPOConfig.model_fields)
-    assert [t for t, _ in sections][:3] == ["where", "how long", "sampling"]
+    assert [t for t, _ in sections][:3] == ["run", "model and machine", "data"]
+    assert "issue" not in text.lower()  # help is for users: no tracker numbers
     for title, names in sections:  # every flag is printed after its section's header, before the next one
         start = text.index(f"\n{title}:\n")
         following = [text.index(f"\n{t}:\n") for t, _ in sections if text.index(f"\n{t}:\n") > start]
@@ -117,7 +118,7 @@ def test_version_names_grpoflow_and_the_libraries(capsys):
 
 
 def test_stage_line_stays_short_and_counts_what_it_leaves_out():
-    from flows.train import STAGE_LINE_LIMIT, stage_line
+    from flows.runner import STAGE_LINE_LIMIT, stage_line
 
     summary = {f"update/metric_number_{k}": k / 7 for k in range(20)} | {"curve": [1, 2]}
     line = stage_line("iter-0003/checkpoint", summary, 12.5)

@@ -1,4 +1,4 @@
-"""The stages on a local Ray cluster (flows/ray_cluster.py): the update on 2 gloo ranks is the
+"""The stages on a local Ray cluster (flows/cluster/ray_cluster.py): the update on 2 gloo ranks is the
 update on 1, generation on 2 workers gives the rows of 1 worker, a killed worker's stage is
 retried to the same artifact. One Ray cluster (127.0.0.1 only) for the whole module."""
 
@@ -23,8 +23,8 @@ from data import builtin  # noqa: E402
 from data.schemas import GENERATIONS, PROMPTS, REWARDS  # noqa: E402
 from data.sources import normalise_row, prompts_table  # noqa: E402
 from data.store import read_table, write_table  # noqa: E402
+from flows.cluster.ray_cluster import ClusterError, RayCluster, TrainingRankDied, check_shared_storage  # noqa: E402
 from flows.config import GRPOConfig  # noqa: E402
-from flows.ray_cluster import ClusterError, RayCluster, TrainingRankDied, check_shared_storage  # noqa: E402
 from tasks.advantages import compute_advantages  # noqa: E402
 from tasks.model import forget_live_policies  # noqa: E402
 from tasks.objective import LossSettings  # noqa: E402
@@ -149,7 +149,7 @@ def test_fsdp2_ranks_take_the_steps_of_one_and_save_one_whole_checkpoint(ddp_ran
 
 def test_a_run_folder_no_node_can_see_is_refused(local_ray, tmp_path, monkeypatch):
     check_shared_storage(tmp_path)  # this machine's only node sees it
-    import flows.ray_cluster as rc
+    import flows.cluster.ray_cluster as rc
 
     # One machine cannot hide a folder from itself: the probe written differs from the one expected.
     monkeypatch.setattr(rc.Path, "write_text", lambda self, text: self.write_bytes(b"another machine's file"))

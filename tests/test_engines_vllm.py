@@ -24,8 +24,9 @@ from tests.conftest import require
 require("vllm", "vllm")
 
 from data import builtin  # noqa: E402
+from data.run_folder import iteration_dir
 from data.schemas import ARTIFACTS, GENERATIONS  # noqa: E402
-from data.store import TMP_PREFIX, Manifest, iteration_dir, read_table  # noqa: E402
+from data.store import TMP_PREFIX, Manifest, read_table  # noqa: E402
 from flows.config import GRPOConfig  # noqa: E402
 from tasks.engines import SamplingSettings, engine_for  # noqa: E402
 from tasks.model import live_policy  # noqa: E402

@@ -12,9 +12,10 @@ import torch
 from pydantic import ValidationError
 
 from data import builtin
+from data.run_folder import iteration_dir
 from data.schemas import GENERATIONS, PROMPTS
 from data.sources import normalise_row, prompts_table
-from data.store import iteration_dir, read_table, write_table
+from data.store import read_table, write_table
 from flows.config import GRPOConfig
 from tasks.schedule import LRSchedule, known_schedules
 
@@ -276,7 +277,7 @@ def test_no_signal_warning_names_the_groups():
 
 
 def test_repeated_warnings_are_said_three_times_then_every_tenth(caplog):
-    from flows.train import RunWarnings
+    from flows.runner import RunWarnings
 
     log = logging.getLogger("test-warnings")
     warnings = RunWarnings()

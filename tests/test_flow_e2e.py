@@ -9,10 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from data import builtin
+from data.run_folder import iteration_dir
 from data.schemas import ADVANTAGES, GENERATIONS, PROMPTS, REWARDS
-from data.store import Manifest, iteration_dir, read_table
+from data.store import Manifest, read_table
 from flows.config import GRPOConfig
-from flows.report import PLOT_NAME
+from flows.observe.views import PLOT_NAME
 
 
 def shorter_is_better(completion: str, example) -> float:

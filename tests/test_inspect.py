@@ -12,8 +12,8 @@ import pytest
 
 from data.store import TMP_PREFIX, Manifest, atomic_write_json
 from flows.cli import main
-from flows.inspection import inspect_path
-from flows.report import PLOT_NAME, artifact_key, plot_learning_curve, stage_markdown
+from flows.observe.inspection import inspect_path
+from flows.observe.views import PLOT_NAME, artifact_key, plot_learning_curve, stage_markdown
 from tests.test_rescore import COMPLETIONS, run_dir  # noqa: F401  (the fixture: one scored iteration, no model)
 
 
@@ -158,7 +158,7 @@ def test_learning_curve_png_is_written_atomically(run, tmp_path):
 
 
 def test_learning_curve_redraws_are_rate_limited_but_forced_ones_always_happen(run, monkeypatch):
-    import flows.report
+    import flows.observe.views
 
     drawn = []
 
@@ -166,8 +166,8 @@ def test_learning_curve_redraws_are_rate_limited_but_forced_ones_always_happen(r
         time.sleep(0.05)  # a redraw this slow may run at most once per 0.05 / PLOT_BUDGET seconds
         drawn.append(run_dir)
 
-    monkeypatch.setattr(flows.report, "plot_learning_curve", slow_plot)
-    views = flows.report.BackgroundViews()
+    monkeypatch.setattr(flows.observe.views, "plot_learning_curve", slow_plot)
+    views = flows.observe.views.BackgroundViews()
     views.refresh_learning_curve(run)
     views.drain()
     views.refresh_learning_curve(run)  # right after a redraw: skipped
@@ -176,7 +176,7 @@ def test_learning_curve_redraws_are_rate_limited_but_forced_ones_always_happen(r
     views.refresh_learning_curve(run, force=True)  # held-out accuracy or the last iteration
     views.drain()
     assert drawn == [run, run]
-    time.sleep(0.05 / flows.report.PLOT_BUDGET)
+    time.sleep(0.05 / flows.observe.views.PLOT_BUDGET)
     views.refresh_learning_curve(run)
     views.drain()
     assert drawn == [run, run, run]
@@ -185,7 +185,7 @@ def test_learning_curve_redraws_are_rate_limited_but_forced_ones_always_happen(r
 def test_stage_reports_over_budget_wait_and_the_latest_of_each_stage_is_published(run, monkeypatch):
     import prefect.context
 
-    import flows.report
+    import flows.observe.views
 
     published = []
 
@@ -193,11 +193,11 @@ def test_stage_reports_over_budget_wait_and_the_latest_of_each_stage_is_publishe
         time.sleep(0.01)  # reports this slow may take at most REPORT_BUDGET of the wall time
         published.append((output, summary["n"]))
 
-    monkeypatch.setattr(flows.report, "publish_stage_report", slow_report)
+    monkeypatch.setattr(flows.observe.views, "publish_stage_report", slow_report)
     monkeypatch.setattr(
         prefect.context.FlowRunContext, "get", classmethod(lambda cls: object())
     )  # as inside a flow run
-    views = flows.report.BackgroundViews()
+    views = flows.observe.views.BackgroundViews()
     folder = run / "iter-0001"
     views.publish_stage_report(folder, "rewards.parquet", {"n": 1})
     views.drain()
@@ -207,7 +207,7 @@ def test_stage_reports_over_budget_wait_and_the_latest_of_each_stage_is_publishe
     assert published == [("rewards.parquet", 1)]
     views.drain()  # the flow's end publishes what is held
     assert published == [("rewards.parquet", 1), ("rewards.parquet", 3), ("advantages.parquet", 4)]
-    time.sleep(0.08 / flows.report.REPORT_BUDGET)  # 3 x 0.01 s of reports: back under budget, published at once
+    time.sleep(0.08 / flows.observe.views.REPORT_BUDGET)  # 3 x 0.01 s of reports: back under budget, published at once
     views.publish_stage_report(folder, "rewards.parquet", {"n": 5})
     time.sleep(0.2)
     assert published[-1] == ("rewards.parquet", 5)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
+from data.run_folder import iteration_dir
 from data.schemas import METRICS
-from data.store import iteration_dir, read_table
-from flows.train import write_metrics, write_metrics_table
+from data.store import read_table
+from data.metrics import write_metrics, write_metrics_table
 
 
 def _table(run):
@@ -15,11 +16,11 @@ def _table(run):
 
 
 def test_appending_an_iteration_equals_rebuilding_from_every_metrics_json(tmp_path, monkeypatch):
-    import flows.train
+    import data.metrics
 
     parsed = []
-    original = flows.train._metric_rows
-    monkeypatch.setattr(flows.train, "_metric_rows", lambda path: parsed.append(path) or original(path))
+    original = data.metrics._metric_rows
+    monkeypatch.setattr(data.metrics, "_metric_rows", lambda path: parsed.append(path) or original(path))
     for it in range(4):
         iteration_dir(tmp_path, it).mkdir()
         write_metrics(tmp_path, it, {"iteration": it, "reward": it / 10, "kl": 0.01 * it, "note": "text is left out"})

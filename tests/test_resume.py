@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from data import builtin
-from data.store import TMP_PREFIX, Manifest, iteration_dir, remove_stale_temp_files
+from data.run_folder import iteration_dir
+from data.store import TMP_PREFIX, Manifest, remove_stale_temp_files
 from flows.config import GRPOConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,7 +251,7 @@ def test_pause_point_is_inert_unless_asked(tmp_path, monkeypatch):
 def test_a_second_writer_of_a_run_folder_is_refused(tmp_path):
     import fcntl
 
-    from flows.resume import RunFolderBusy, hold_run_folder, release_run_folder
+    from data.run_folder import RunFolderBusy, hold_run_folder
 
     # Another process's lock, as hold_run_folder leaves it (flock locks are per open file,
     # so a second open in this process stands for that other process).
@@ -258,9 +259,10 @@ def test_a_second_writer_of_a_run_folder_is_refused(tmp_path):
     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.write(other, b"4242")
     with pytest.raises(RunFolderBusy, match=r"in use by another grpo process \(pid 4242\)"):
-        hold_run_folder(tmp_path)
+        with hold_run_folder(tmp_path):
+            pass
     os.close(other)  # what the OS does when that process dies, killed or not
-    hold_run_folder(tmp_path)
-    hold_run_folder(tmp_path)  # the same process may take it again
-    assert (tmp_path / ".lock").read_text() == str(os.getpid())
-    release_run_folder(tmp_path)
+    with hold_run_folder(tmp_path):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    with hold_run_folder(tmp_path):  # released when the block ends: the same process may take it again
+        pass

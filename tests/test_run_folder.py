@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from data import builtin
-from data.store import Manifest, atomic_write_json, iteration_dir
+from data.run_folder import CHECKPOINT, OPTIMIZER_FILE, iteration_dir, prune_checkpoints, resume_point
+from data.store import Manifest, atomic_write_json
 from flows.cli import main, prefect_api_error_line
-from flows.resume import CHECKPOINT, OPTIMIZER_FILE, prune_checkpoints, resume_point
 from flows.train import grpo_train  # noqa: F401  imported now: Prefect's console handler must not bind to a test's capsys stream
 from tests.test_resume import cli_args
 
@@ -104,12 +104,12 @@ def test_final_model_loads_has_no_optimiser_state_and_is_the_last_line(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import flows.train
+    import flows.start
     from tasks.model import final_model_dir
 
     run = tmp_path / "run"
     assert final_model_dir(run) is None
-    monkeypatch.setattr(flows.train, "machine_memory_bytes", lambda device: (2**29, "RAM"))  # a 0.5 GiB machine
+    monkeypatch.setattr(flows.start, "machine_memory_bytes", lambda device: (2**29, "RAM"))  # a 0.5 GiB machine
     assert main(small_run_flags(run, tiny_model_dir, dataset, save_total_limit=2)) == 0
     captured = capsys.readouterr()
     out = captured.out.strip().splitlines()
@@ -324,7 +324,7 @@ def folder_state(run: Path) -> dict[str, tuple[bytes, int]]:
 def test_a_resume_refuses_other_settings_resumes_with_the_stored_ones_and_records_safe_changes(
     tmp_path, tiny_model_dir, dataset, prefect_harness, capsys
 ):
-    from flows.inspection import run_overview, settings_changes
+    from flows.observe.inspection import run_overview, settings_changes
 
     run = tmp_path / "run"
     assert main(small_run_flags(run, tiny_model_dir, dataset, iterations=2)) == 0

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 
 from data import builtin
+from data.run_folder import iteration_dir
 from data.schemas import PROMPTS
 from data.sources import normalise_row, prompts_table
-from data.store import Manifest, atomic_write_json, iteration_dir, read_table, write_table
+from data.store import Manifest, atomic_write_json, read_table, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOYMENT = "grpo-scheduled/test"

@@ -103,8 +103,9 @@ def test_params_metrics_steps_artifacts_and_a_resumed_run_continues_its_mlflow_r
     tmp_path, tiny_model_dir, data_files, prefect_harness, monkeypatch
 ):
     import flows.train
+    from flows.observe.state import read_state
+    from flows.observe.tracking import param_values
     from flows.rescore import grpo_rescore
-    from flows.tracking import param_values, read_state
     from flows.train import grpo_train
 
     run_dir, store, board = (
@@ -275,8 +276,8 @@ def test_two_scheduled_runs_against_a_server_the_worse_one_is_registered_not_pro
 ):
     from transformers import AutoModelForCausalLM
 
-    from flows.inspection import inspect_path
-    from flows.registry import champion_start
+    from flows.observe.inspection import inspect_path
+    from flows.observe.registry import champion_start
     from flows.serve import continued_config, grpo_scheduled
 
     server = MlflowServer(tmp_path)
@@ -353,7 +354,7 @@ def test_two_scheduled_runs_against_a_server_the_worse_one_is_registered_not_pro
 
 
 def test_the_gate_never_compares_metrics_of_different_held_out_sets():
-    from flows.registry import gate
+    from flows.observe.registry import gate
 
     champion = {"version": "3", "grpoflow.heldout_sha256": "a" * 64, "grpoflow.metric.held_out_accuracy": "0.5"}
     assert gate("held_out_accuracy", 0.5, "a" * 64, champion).promoted  # at least the champion's

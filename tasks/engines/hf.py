@@ -39,7 +39,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from tasks.engines import Engine, Sample, SamplingSettings
+from tasks.engines.base import Engine, Sample, SamplingSettings
 from tasks.progress import progress
 
 

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.engines import Engine, Sample, SamplingSettings
+from tasks.engines.base import Engine, Sample, SamplingSettings
 from tasks.engines.hf import eos_ids, stop_index
 from tasks.progress import progress
 

@@ -26,9 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data.errors import UserError
+from data.run_folder import CHECKPOINT, iteration_numbers
 from data.schemas import ARTIFACTS, SchemaError
 from data.store import MANIFEST, TMP_PREFIX, Manifest, read_rows_where
-from flows.resume import CHECKPOINT, iteration_numbers
+from flows.observe.state import read_state
 
 # (column title, file or entry name in an iteration folder), in pipeline order.
 STAGES = [
@@ -39,6 +41,7 @@ STAGES = [
     ("update", CHECKPOINT),
     ("eval", "eval"),
 ]
+CHAMPION = "champion"  # the registry alias of the model a scheduled run starts from
 GROUP_ARTIFACTS = ("generations", "rewards", "advantages")
 
 
@@ -182,12 +185,33 @@ def render_run(run_dir: str | Path, console) -> None:
 
 
 def registry_versions(run_dir: Path) -> list[dict[str, Any]]:
-    """The model versions this run folder registered (flows/registry.py), if it registered any."""
-    if not (run_dir / "tracking.json").is_file():
-        return []
-    from flows.registry import registered_versions  # here: only a tracked folder pays for these imports
+    """The model versions this run folder registered (flows/observe/registry.py), each with
+    `champion`: whether it is the champion now (asked of the registry when mlflow is
+    installed and the store answers; else as decided at registration, with
+    `champion_source` saying which)."""
+    entries = [dict(e) for e in read_state(run_dir).get("registry", [])]
+    current: dict[tuple[str, str], int | None] = {}
+    for e in entries:
+        key = (e["tracking_uri"], e["name"])
+        if key not in current:
+            current[key] = _current_champion(*key)
+        found = current[key]
+        e["champion"] = e["promoted"] if found is None else found == e["version"]
+        e["champion_source"] = "recorded at registration" if found is None else "registry"
+    return entries
 
-    return registered_versions(run_dir)
+
+def _current_champion(uri: str, name: str) -> int | None:
+    try:  # only a tracked folder pays for these imports; without the extra, the recorded decision stands
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        return None
+    try:
+        version = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(name, CHAMPION)
+    except (MlflowException, OSError):
+        return None
+    return int(version.version)
 
 
 def render_registry(versions: list[dict[str, Any]], console) -> None:
@@ -460,7 +484,7 @@ def inspect_path(
         ids = choose_prompt_ids(target, prompt_id=prompt_id, sample=sample, seed=seed)
         groups = load_groups(paths, ids, sort=sort)
         if prompt_id is not None and not any(g.completions for g in groups):
-            raise ValueError(f"{target}: no rows with prompt_id {prompt_id}")
+            raise UserError(f"{target}: no rows with prompt_id {prompt_id}")
         if console is not None:
             console.print(
                 f"{target}: {pq.read_metadata(target).num_rows} rows; joined with {', '.join(p.name for k, p in paths.items() if p != target) or 'nothing'}"

@@ -1,4 +1,4 @@
-"""The stages on a Ray cluster (`--cluster auto` or `ray://host:port`); see flows/cluster.py.
+"""The stages on a Ray cluster (`--cluster auto` or `ray://host:port`); see flows/cluster/.
 
 * Training ranks: `training_ranks` long-lived actors, one torch.distributed process group
   (gloo on CPU, NCCL on GPUs) made once per flow run; each runs tasks.update.update_policy,
@@ -44,13 +44,14 @@ from prefect.cache_policies import NO_CACHE
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from data.crash_points import PAUSE_AT_ENV, PAUSE_MARKER_ENV
 from data.schemas import GENERATIONS, PROMPTS, REWARDS
-from data.store import PAUSE_AT_ENV, PAUSE_MARKER_ENV, TMP_PREFIX, read_table, write_table
-from flows.cluster import Stages
-from tasks.generate import generate_completions
+from data.store import TMP_PREFIX, read_table, write_table
+from flows.cluster.base import Stages
+from tasks.generate import GenerateSettings, combined_summary, generate_completions
 from tasks.model import adopt_weights, live_policy
-from tasks.score import TooManyRewardErrors, score_failure_is_transient, score_generations
-from tasks.update import update_policy
+from tasks.score import ScoreSettings, TooManyRewardErrors, score_failure_is_transient, score_generations
+from tasks.update import UpdateSettings, UpdateStep, update_policy
 
 # What the workers need of the flow process's environment (offline hub, caches, progress bars).
 _PASSED_ENV = (
@@ -210,8 +211,10 @@ class RayCluster:
 
     def stages(self) -> Stages:
         @task(name="generate", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
-        def generate(prompts_path: str, out_path: str, policy_path: str, **settings: Any) -> dict:
-            return self.generate(prompts_path, out_path, policy_path, **settings)
+        def generate(
+            prompts_path: str, out_path: str, policy_path: str, settings: GenerateSettings, seed: int
+        ) -> dict[str, Any]:
+            return self.generate(prompts_path, out_path, policy_path, seed=seed, **settings.keywords())
 
         @task(
             name="score",
@@ -220,14 +223,21 @@ class RayCluster:
             retry_condition_fn=score_failure_is_transient,
             cache_policy=NO_CACHE,
         )
-        def score(generations_path: str, prompts_path: str, out_path: str, **settings: Any) -> dict:
-            return self.score(generations_path, prompts_path, out_path, **settings)
+        def score(generations_path: str, prompts_path: str, out_path: str, settings: ScoreSettings) -> dict[str, Any]:
+            return self.score(generations_path, prompts_path, out_path, **settings.keywords())
 
         @task(name="update", retries=0, cache_policy=NO_CACHE)
         def update(
-            generations_path, advantages_path: str, policy_path: str, out_checkpoint: str, **settings: Any
-        ) -> dict:
-            return self.update(generations_path, advantages_path, policy_path, out_checkpoint, **settings)
+            generations_path: str | list[str],
+            advantages_path: str,
+            policy_path: str,
+            out_checkpoint: str,
+            settings: UpdateSettings,
+            step: UpdateStep,
+        ) -> dict[str, Any]:
+            return self.update(
+                generations_path, advantages_path, policy_path, out_checkpoint, **step.keywords(settings)
+            )
 
         return Stages(generate, score, update, close=self.close)
 
@@ -294,15 +304,7 @@ class RayCluster:
             for p, g in paths:
                 p.unlink(missing_ok=True)
                 g.unlink(missing_ok=True)
-        completions = sum(s["completions"] for s in summaries)
-        tokens = sum(s["tokens"] for s in summaries)
-        return {
-            "completions": completions,
-            "tokens": tokens,
-            "mean_length": tokens / max(completions, 1),
-            "clipped_ratio": sum(s["clipped_ratio"] * s["completions"] for s in summaries) / max(completions, 1),
-            "generation_workers": len(workers),
-        }
+        return combined_summary(summaries) | {"generation_workers": len(workers)}
 
     def score(
         self,

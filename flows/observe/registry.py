@@ -27,15 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data.run_folder import CHECKPOINT, iteration_dir
 from data.schemas import PROMPTS
-from data.store import TMP_PREFIX, iteration_dir, read_table
+from data.store import TMP_PREFIX, read_table
 from flows.config import GRPOConfig
-from flows.resume import CHECKPOINT
-from flows.tracking import MlflowSink, read_state, require_tracking, store_uri, update_state
+from flows.observe.inspection import CHAMPION
+from flows.observe.state import read_state, update_state
+from flows.observe.tracking import MlflowSink, Tracking, require_tracking, store_uri
 
 log = logging.getLogger("grpoflow.registry")
 
-CHAMPION = "champion"
 TAG = "grpoflow."  # prefix of the version tags written here
 LEFT_OUT = {"optimizer.pt"}  # training state, not part of the model a registry serves
 
@@ -120,7 +121,9 @@ def _ensure_registered_model(client, name: str) -> None:
         client.get_registered_model(name)
     except MlflowException:
         try:
-            client.create_registered_model(name, description="GRPO policies registered by grpoflow (flows/registry.py)")
+            client.create_registered_model(
+                name, description="GRPO policies registered by grpoflow (flows/observe/registry.py)"
+            )
         except MlflowException:
             client.get_registered_model(name)  # created meanwhile by another process; anything else raises here
 
@@ -223,30 +226,9 @@ def champion_start(config: GRPOConfig) -> str | None:
     return str(local)
 
 
-def registered_versions(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The versions this run folder registered (from tracking.json), each with `champion`:
-    whether it is the champion now (asked of the registry when mlflow is installed and the
-    store answers; else as decided at registration, with `champion_source` saying which)."""
-    entries = [dict(e) for e in read_state(run_dir).get("registry", [])]
-    current: dict[tuple[str, str], int | None] = {}
-    for e in entries:
-        key = (e["tracking_uri"], e["name"])
-        if key not in current:
-            current[key] = _current_champion(*key)
-        found = current[key]
-        e["champion"] = e["promoted"] if found is None else found == e["version"]
-        e["champion_source"] = "recorded at registration" if found is None else "registry"
-    return entries
-
-
-def _current_champion(uri: str, name: str) -> int | None:
-    try:
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-    except ImportError:
-        return None
-    try:
-        version = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(name, CHAMPION)
-    except (MlflowException, OSError):
-        return None
-    return int(version.version)
+def register(tracking: Tracking, config: GRPOConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+    """At the end of a successful run: register the final model and apply the promotion
+    gate, when the config asks for it ({} otherwise)."""
+    if config.register_as is None or tracking.mlflow is None:
+        return {}
+    return {"registered": register_final_model(tracking.mlflow, config, metrics)}

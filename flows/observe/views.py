@@ -3,7 +3,7 @@ shows the numbers `grpo inspect` prints, and a learning-curve PNG in the run fol
 
 Both are read-only views built from the files the stages wrote; a failure to build or
 publish one is logged and never fails the stage it describes. The flows build them on one
-background thread (`VIEWS`): on the tiny model the Prefect API round trips and matplotlib
+background thread (`BackgroundViews`, one per flow run: flows/runner.py): on the tiny model the Prefect API round trips and matplotlib
 took 0.4 s of a 1.3 s iteration when the flow waited for them (benchmarks/RESULTS.md). The
 plot is CPU work under the GIL, which a thread does not hide, so it is also rate-limited to
 at most PLOT_BUDGET of the wall time: every iteration on real models, every few on tiny ones,
@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from data.schemas import SchemaError
 from data.store import atomic_path
-from flows.inspection import artifact_kind, load_groups, sibling_paths
+from flows.observe.inspection import artifact_kind, load_groups, sibling_paths
 
 log = logging.getLogger("grpoflow.report")
 
@@ -296,6 +296,3 @@ class BackgroundViews:
         for job in jobs:
             if job.exception() is not None:  # a view is never worth failing (or masking the error of) the run
                 log.error("building a run view failed", exc_info=job.exception())
-
-
-VIEWS = BackgroundViews()

@@ -26,39 +26,22 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
+from data.run_folder import iteration_dir, iteration_numbers
 from data.schemas import METRICS, check_schema
-from data.store import Manifest, atomic_write_json, iteration_dir
+from data.store import Manifest
 from flows.config import GRPOConfig
-from flows.report import PLOT_NAME, VIEWS, stage_markdown
-from flows.resume import iteration_numbers
+from flows.observe.state import read_state, update_state
+from flows.observe.views import PLOT_NAME, BackgroundViews, stage_markdown
 
 log = logging.getLogger("grpoflow.tracking")
 
-STATE_FILE = "tracking.json"
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
-_STATE_LOCK = threading.Lock()  # sinks write tracking.json from the flow's and the views' thread
-
-
-# --- the run folder's record of what was sent where --------------------------------------
-def read_state(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def update_state(run_dir: str | Path, key: str, change: Callable[[Any], Any]) -> None:
-    """tracking.json[key] = change(tracking.json.get(key)), atomically."""
-    with _STATE_LOCK:
-        state = read_state(run_dir)
-        state[key] = change(state.get(key))
-        atomic_write_json(Path(run_dir) / STATE_FILE, state)
 
 
 def store_uri(value: str) -> str:
@@ -333,12 +316,13 @@ class Tracking:
     """The sinks a config asks for (none: every method does nothing and nothing is imported).
 
     `iteration_done` after each iteration's metrics are written: the sinks send them from the
-    views' background thread, so an iteration never waits on a tracking server. `register`
-    at the end of a successful run (flows/registry.py). Used as a context manager by the
+    views' background thread, so an iteration never waits on a tracking server. The registry
+    (flows/observe/registry.py) registers the final model through its MLflow sink. Used as a context manager by the
     flow: leaving it sends the rest and ends every sink, FINISHED or FAILED."""
 
-    def __init__(self, config: GRPOConfig) -> None:
+    def __init__(self, config: GRPOConfig, views: BackgroundViews) -> None:
         self.config = config
+        self.views = views  # the flow run's background thread: sinks send from there
         self.sinks = [cls(config) for cls in SINKS.values() if cls.wanted(config)]
         self._warned: set[str] = set()
 
@@ -355,22 +339,18 @@ class Tracking:
 
     def iteration_done(self) -> None:
         for s in self.sinks:
-            VIEWS.submit(self._sync, s)
+            self.views.submit(self._sync, s)
 
-    def register(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        """Register the final model and apply the promotion gate, when asked to."""
-        mlflow = next((s for s in self.sinks if isinstance(s, MlflowSink)), None)
-        if self.config.register_as is None or mlflow is None:
-            return {}
-        from flows.registry import register_final_model
-
-        return {"registered": register_final_model(mlflow, self.config, metrics)}
+    @property
+    def mlflow(self) -> MlflowSink | None:
+        """The MLflow sink, when the run tracks to MLflow (the registry needs it)."""
+        return next((s for s in self.sinks if isinstance(s, MlflowSink)), None)
 
     def __enter__(self) -> Tracking:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        VIEWS.drain()  # the syncs still queued
+        self.views.drain()  # the syncs still queued
         for s in self.sinks:
             try:
                 s.sync()

@@ -6,36 +6,28 @@ tasks/ stay plain. `--cluster local` (the default) runs everything in the flow p
 always. A Ray address (`auto`, `ray://host:port`) runs the update on `training_ranks`
 long-lived Ray actors forming one torch.distributed process group, the generation on
 `generation_workers` long-lived actors holding the policy, and scoring as Ray tasks over the
-cluster's CPUs (flows/ray_cluster.py; Ray is imported only then).
+cluster's CPUs (flows/cluster/ray_cluster.py; Ray is imported only then).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
+from flows.cluster.base import Stages
+from flows.config import GRPOConfig
 from tasks.generate import generate_task
 from tasks.score import score_task
 from tasks.update import update_task
 
-
-@dataclass
-class Stages:
-    generate: Callable[..., dict]  # generate_task's signature
-    score: Callable[..., dict]  # score_task's
-    update: Callable[..., dict]  # update_task's
-    close: Callable[[], None] = field(default=lambda: None)  # ends every process the cluster started
-    # The update's checkpoint is written on a thread of this process while the next iteration
-    # runs (tasks.model.save_in_background): only where the flow process holds the policy.
-    saves_in_background: bool = False
+__all__ = ["Stages", "stages_for"]
 
 
-def _local(config) -> Stages:
+def _local(config: GRPOConfig) -> Stages:
     return Stages(generate_task, score_task, update_task, saves_in_background=True)
 
 
-def _ray(config) -> Stages:
-    from flows.ray_cluster import RayCluster  # the optional part: only imported when asked for
+def _ray(config: GRPOConfig) -> Stages:
+    from flows.cluster.ray_cluster import RayCluster  # the optional part: only imported when asked for
 
     return RayCluster.connect(config).stages()
 
@@ -48,5 +40,5 @@ def cluster_kind(address: str) -> str:
     return "local" if address == "local" else "ray"
 
 
-def stages_for(config) -> Stages:
+def stages_for(config: GRPOConfig) -> Stages:
     return CLUSTERS[cluster_kind(config.cluster)](config)
