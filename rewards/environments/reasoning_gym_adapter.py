@@ -22,6 +22,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from data.errors import UserError
 from rewards.environments.base import (
     Environment,
     Episode,
@@ -39,7 +40,7 @@ AnswerFormat = Literal["answer_tag", "last_number", "raw"]
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-class MissingPackageError(ImportError):
+class MissingPackageError(UserError, ImportError):
     """An optional package an environment needs is not installed (one line: how to install it)."""
 
 

@@ -21,17 +21,20 @@ from typing import Any
 
 import pydantic
 
+from data.errors import UserError
 from rewards.environments.base import Environment, SingleTurnEnvironment
 
 EnvironmentFactory = Callable[..., Environment]
 
 
-class UnknownEnvironmentError(KeyError):
+class UnknownEnvironmentError(UserError, KeyError):
+    """An environment name that is neither registered nor importable (the CLI prints it in one line)."""
+
     def __str__(self) -> str:  # KeyError quotes its message; a user should read it plainly
         return str(self.args[0])
 
 
-class EnvironmentOptionsError(ValueError):
+class EnvironmentOptionsError(UserError):
     """Options that the named environment does not have, or values of the wrong type."""
 
 
