@@ -10,7 +10,8 @@ export HF_DATASETS_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install install-dev install-vllm clean ci install-lora install-cluster install-tracking install-docs docs
+.PHONY: demo test install install-dev install-vllm clean ci install-lora install-cluster install-tracking install-docs docs \
+	install-reasoning-gym
 
 # Every optional part's install target; CI installs them all so their tests run, not skip.
 OPTIONAL_INSTALLS :=
@@ -73,6 +74,11 @@ OPTIONAL_INSTALLS += install-vllm
 install-lora: $(VENV)/.installed-dev
 	$(BIN)/pip install -q -e '.[lora]'
 OPTIONAL_INSTALLS += install-lora
+
+# reasoning-gym tasks as environments (--env reasoning_gym:<task>, rewards/environments).
+install-reasoning-gym: $(VENV)/.installed-dev
+	$(BIN)/pip install -q -e '.[reasoning-gym]'
+OPTIONAL_INSTALLS += install-reasoning-gym
 
 # The Ray cluster (flows/cluster/ray_cluster.py): --cluster auto | ray://host:port.
 install-cluster: $(VENV)/.installed-dev

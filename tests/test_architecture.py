@@ -108,6 +108,7 @@ def test_imports_point_downward_data_rewards_tasks_flows():
 DOCUMENTED = {
     # registries, filled by their decorator when the modules that register are imported
     "rewards/registry.py:_REGISTRY": "reward registry (@register_reward; duplicates rejected)",
+    "rewards/environments/registry.py:_REGISTRY": "environment registry (@register_environment; duplicates rejected)",
     "flows/observe/tracking.py:SINKS": "tracking sinks (@sink)",
     "tasks/engines/__init__.py:ENGINES": "generation engines (@register_engine)",
     "tasks/engines/__init__.py:REQUIREMENTS": "the optional package each engine needs, registered with it",
