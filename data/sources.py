@@ -486,7 +486,7 @@ def _gold(raw: Mapping[str, Any], bad: _Complaint, extra: dict[str, Any], used: 
     tests_column = _first_present(raw, _TESTS_COLUMNS)
     if tests_column is not None:
         used.add(tests_column)
-        if _is_assert_list(raw[tests_column]):
+        if not _looks_like_cases(raw[tests_column]):
             gold["tests"] = _assert_list(raw[tests_column], tests_column, bad)
         else:  # DeepCoder keeps its cases in `tests`, as JSON text
             _add_cases(gold, _cases(raw[tests_column], tests_column, bad, _func_name(raw, bad)), tests_column, bad)
@@ -597,8 +597,11 @@ def _all_cases(items: list) -> bool:
     return all(isinstance(c, Mapping) and "input" in c and "output" in c for c in items)
 
 
-def _is_assert_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(t, str) for t in value)
+def _looks_like_cases(value: Any) -> bool:
+    """Test cases (DeepCoder's `tests`), as opposed to a list of assert statements."""
+    if isinstance(value, str):
+        return value.lstrip()[:1] in ("{", "[")
+    return isinstance(value, Mapping) or (isinstance(value, list) and bool(value) and _all_cases(value))
 
 
 def _func_name(raw: Mapping[str, Any], bad: _Complaint) -> str | None:
