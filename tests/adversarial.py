@@ -531,7 +531,9 @@ def _pytest_file_attacks(marker: str) -> list[Attack]:
     (conftest.py, a module named like the file's imports, pytest.skip, sys.exit(0)) while
     the program's answers are wrong."""
     row = {"test": KOD_TEST}
-    wrong = "def solve(a, b):\n    return 0\n"
+    # Right on integers only: test_add passes, the other two pass only if the escape works.
+    partly = "def solve(a, b):\n    if type(a) is int and type(b) is int:\n        return a + b\n    {escape}\n"
+    wrong = partly.format(escape="return 0")
     conftest = (
         "def pytest_collection_modifyitems(items):\n    items.clear()\n"
         "def pytest_runtest_call(item):\n    return True\n"
@@ -548,10 +550,11 @@ def _pytest_file_attacks(marker: str) -> list[Attack]:
         "        import contextlib\n        return contextlib.suppress(BaseException)\n"
         "math = None\n" + wrong,
         "pytest_skip_at_import": "import pytest\npytest.skip('nothing to see', allow_module_level=True)\n" + wrong,
-        "pytest_skip_in_call": "class Skipped(BaseException):\n    pass\ndef solve(a, b):\n    raise Skipped('skip')\n",
+        "pytest_skip_in_call": "class Skipped(BaseException):\n    pass\nSkipped.__module__ = '_pytest.outcomes'\n"
+        + partly.format(escape="raise Skipped('skip')"),
         "pytest_exit_zero_at_import": "import sys\n" + wrong + "sys.exit(0)\n",
-        "pytest_exit_zero_in_call": "import sys\ndef solve(a, b):\n    sys.exit(0)\n",
-        "pytest_os_exit_in_call": "import os\ndef solve(a, b):\n    os._exit(0)\n",
+        "pytest_exit_zero_in_call": "import sys\n" + partly.format(escape="sys.exit(0)"),
+        "pytest_os_exit_in_call": "import os\n" + partly.format(escape="os._exit(0)"),
     }
     return [Attack(1, name, program, "", row=row) for name, program in programs.items()]
 
