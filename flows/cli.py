@@ -61,15 +61,33 @@ class _NoFailureReports(logging.Filter):
         return not (record.exc_info or _FAILURE_REPORT.search(record.getMessage()))
 
 
-def quiet_failure_reports() -> None:
-    """Install `_NoFailureReports` on Prefect's console handler (call after importing Prefect)."""
+class _NoDetails(logging.Filter):
+    """Drop the lines a flow marks as details (flows.runner.DETAIL: one per stage) from the
+    console, which keeps one line per iteration and what needs a human; `grpo --verbose`
+    shows them. The Prefect API still receives every line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "grpoflow_detail", False)
+
+
+def tidy_console(args: argparse.Namespace) -> None:
+    """Install the console filters on Prefect's console handler (call after importing Prefect):
+    failure reports unless --debug, per-stage details unless --verbose."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
+    wanted = ([] if _debugging(args) else [_NoFailureReports]) + ([] if _verbose(args) else [_NoDetails])
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler) and not any(
-            isinstance(f, _NoFailureReports) for f in handler.filters
-        ):
-            handler.addFilter(_NoFailureReports())
+        if isinstance(handler, PrefectConsoleHandler):
+            for kind in wanted:
+                if not any(isinstance(f, kind) for f in handler.filters):
+                    handler.addFilter(kind())
+
+
+VERBOSE_HELP = "print every stage's one-line summary (default: one line per iteration and what needs you)"
+
+
+def _verbose(args: argparse.Namespace | None = None) -> bool:
+    return bool(getattr(args, "verbose", False)) or os.environ.get("GRPOFLOW_VERBOSE") == "1"
 
 
 def _debugging(args: argparse.Namespace | None = None) -> bool:
@@ -240,8 +258,7 @@ def cmd_run(args: argparse.Namespace, state: CommandState, stop: StopOnSignals) 
     from flows.start import preflight  # imported late: Prefect reads its settings at import
     from flows.train import grpo_train  # imported late: Prefect reads its settings at import
 
-    if not _debugging(args):
-        quiet_failure_reports()
+    tidy_console(args)
     preflight(config)
     print(f"grpo: run folder {config.run_dir}", file=sys.stderr)
     if server is not None:
@@ -295,8 +312,7 @@ def cmd_rescore(args: argparse.Namespace, state: CommandState, stop: StopOnSigna
     server = start_server(state)  # see cmd_run
     from flows.rescore import default_tag, format_comparison, grpo_rescore  # late: Prefect reads its settings at import
 
-    if not _debugging(args):
-        quiet_failure_reports()
+    tidy_console(args)
 
     tag = args.tag or default_tag()
     state.resume_options["--tag"] = tag  # the default tag is the time: resuming needs this one
@@ -400,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=version_text())
     parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help=VERBOSE_HELP,
+    )
+    parser.add_argument(
         "--debug",
         action="store_true",
         help="print the traceback (and Prefect's failure reports) after an error's one line",
@@ -413,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         "arithmetic task, then train it and report held-out accuracy before and after. Re-using --run-dir resumes.",
     )
     run.add_argument("--json", action="store_true", help="print the final metrics as JSON instead of the short summary")
+    run.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     add_config_flags(run)
     run.set_defaults(handler=cmd_run)
 
@@ -449,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fail when more than this fraction of rows cannot be scored (default: the run's setting)",
     )
     rescore.add_argument("--json", action="store_true", help="print the comparisons as JSON")
+    rescore.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     rescore.set_defaults(handler=cmd_rescore)
 
     inspect = commands.add_parser(
