@@ -16,6 +16,7 @@ command in one line too (status 2), instead of leaving it to retry a dead API.
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import json
 import logging
@@ -30,7 +31,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from data.errors import UserError
-from flows.config import GRPOConfig, field_sections
+from flows.config import ESSENTIAL, GRPOConfig, field_sections
 from flows.prefect_server import PrefectServerError, ServerChild, start_own_server
 from flows.stopping import StopOnSignals, Stopped, exit_status, resume_command
 
@@ -124,34 +125,61 @@ def _help_text(field) -> str:
     return text.replace("%", "%%")  # argparse formats help with %
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+# TRL's names for our settings, accepted as they are (TRL's GRPOConfig; the docs' mapping table).
+TRL_FLAGS: dict[str, str] = {
+    "--num-generations": "group_size",
+    "--max-completion-length": "max_new_tokens",
+    "--max-prompt-length": "max_prompt_length",
+    "--num-iterations": "mu",  # TRL's PPO epochs per generation batch, GRPO's mu (not our --iterations)
+    "--per-device-train-batch-size": "micro_batch_size",
+    "--save-steps": "save_every",
+    "--save-total-limit": "save_total_limit",
+    "--loss-type": "loss_aggregation",
+    "--lr-scheduler-type": "lr_scheduler",
+}
+# TRL flags with no one-to-one setting here, and what to use instead.
+TRL_INSTEAD: dict[str, str] = {
+    "--gradient-accumulation-steps": "gradients always accumulate over --micro-batch-size chunks to one step per "
+    "--mini-batches; set --micro-batch-size for memory",
+    "--logging-steps": "every iteration is logged (metrics.parquet); --verbose prints every stage",
+    "--report-to": "--tracking-uri (MLflow) and/or --tensorboard DIR",
+    "--output-dir": "--run-dir",
+    "--num-train-epochs": "--iterations (prompts are drawn in seeded epochs over the dataset)",
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, show_all: bool = True) -> None:
     """One flag per config field, help = the field's description, grouped by the config's
-    section comments; Literal fields list their allowed values. Only flags the user gives
-    are applied, on top of --config and the defaults."""
+    sections; Literal fields list their allowed values; TRL's names are accepted too. With
+    `show_all` False, only the essential settings are listed (`--help`; `--help-all` lists
+    all). Only flags the user gives are applied, on top of --config and the defaults."""
     parser.add_argument("--config", type=Path, default=None, help="YAML or JSON file of settings; flags override it.")
+    aliases = {field: [flag for flag, f in TRL_FLAGS.items() if f == field] for field in GRPOConfig.model_fields}
     for title, names in field_sections():
-        group = parser.add_argument_group(title)
+        shown = [n for n in names if show_all or n in ESSENTIAL]
+        group = parser.add_argument_group(title) if shown else parser
         for name in names:
             field = GRPOConfig.model_fields[name]
-            flag = "--" + name.replace("_", "-")
+            flags = ["--" + name.replace("_", "-"), *aliases[name]]
+            help_text = _help_text(field) if name in shown else argparse.SUPPRESS
             if field.annotation is bool:
                 group.add_argument(
-                    flag,
+                    *flags,
                     dest=name,
                     action=argparse.BooleanOptionalAction,
                     default=argparse.SUPPRESS,
-                    help=_help_text(field),
+                    help=help_text,
                 )
                 continue
             choices = _allowed_values(field.annotation)
             group.add_argument(
-                flag,
+                *flags,
                 dest=name,
                 type=_flag_type(field.annotation),
                 default=argparse.SUPPRESS,
                 choices=choices,
                 metavar="{" + ",".join(choices) + "}" if choices else name.upper(),
-                help=_help_text(field),
+                help=help_text,
             )
 
 
@@ -409,8 +437,32 @@ def version_text() -> str:
     return f"grpo {version('grpoflow')} (torch {version('torch')}, transformers {version('transformers')}, prefect {version('prefect')})"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a hint for a flag it does not know: the closest known one, or what to
+    use instead of a TRL flag that has no one-to-one setting here."""
+
+    known_flags: list[str] = []
+
+    def error(self, message: str) -> typing.NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            unknown = [a.split("=")[0] for a in message.split(":", 1)[1].split() if a.startswith("--")]
+            if unknown:
+                message = "; ".join(unknown_flag_hint(flag, self.known_flags) for flag in unknown)
+        super().error(message)
+
+
+def unknown_flag_hint(flag: str, known: list[str]) -> str:
+    if flag in TRL_INSTEAD:
+        return f"{flag} (TRL's) has no one-to-one setting here: {TRL_INSTEAD[flag]}"
+    close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+    return f"unknown flag {flag}" + (
+        f"; did you mean {close[0]}?" if close else " (grpo run --help-all lists every flag)"
+    )
+
+
+def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
+    """`show_all`: `grpo run --help` lists every setting, not only the essential ones."""
+    parser = _Parser(
         prog="grpo",
         description="GRPO training as a Prefect pipeline: every stage writes a Parquet artifact you can inspect or re-run.",
     )
@@ -428,14 +480,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser(
         "run",
-        usage="grpo run [--config FILE] [--SETTING VALUE ...] (every setting below, by section)",
+        usage="grpo run [--config FILE] [--SETTING VALUE ...] (--help: the essential settings; --help-all: every one)",
         help="train with GRPO (no arguments: the built-in tiny model on 2-digit addition)",
         description="Run GRPO iterations. With no arguments: build (once, cached) a tiny model on the built-in "
         "arithmetic task, then train it and report held-out accuracy before and after. Re-using --run-dir resumes.",
     )
     run.add_argument("--json", action="store_true", help="print the final metrics as JSON instead of the short summary")
     run.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
-    add_config_flags(run)
+    add_config_flags(run, show_all)
     run.set_defaults(handler=cmd_run)
 
     rescore = commands.add_parser(
@@ -512,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cron", default=None, help='schedule, e.g. "0 3 * * *" (default: none, runs are triggered by hand)'
     )
     serve.add_argument("--name", default="default", help="deployment name (default: default)")
-    add_config_flags(serve)
+    add_config_flags(serve, show_all)
     serve.set_defaults(handler=cmd_serve)
     return parser
 
@@ -579,10 +631,18 @@ def user_error_line(err: BaseException) -> str | None:
 STOPPABLE = ("run", "rescore", "serve")  # the commands that start processes and write artifacts
 
 
+def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [parser, *(p for action in subparsers for p in action.choices.values())]
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_offline_defaults()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    show_all = "--help-all" in argv
+    parser = build_parser(show_all)
+    parser.known_flags = sorted({flag for p in _all_parsers(parser) for a in p._actions for flag in a.option_strings})
+    args = parser.parse_args(["--help" if a == "--help-all" else a for a in argv])
     state = CommandState(argv)
     stop = StopOnSignals(state.stop_line, state.kill_children_now, during=_current_stage)
     try:

@@ -717,11 +717,38 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+# What `grpo run --help` lists; `grpo run --help-all` lists every field. The settings a first
+# run and most later ones touch: what to train on what, how long, and the objective's knobs.
+ESSENTIAL: tuple[str, ...] = (
+    "run_dir",
+    "iterations",
+    "prompts_per_iteration",
+    "group_size",
+    "seed",
+    "model",
+    "device",
+    "dtype",
+    "dataset",
+    "task",
+    "eval_dataset",
+    "rewards",
+    "max_new_tokens",
+    "temperature",
+    "generation_engine",
+    "learning_rate",
+    "beta",
+    "lora_rank",
+    "save_every",
+    "tracking_uri",
+)
+
+
 def _check_sections() -> None:
     placed = [name for names in SECTIONS.values() for name in names]
     missing = sorted(set(GRPOConfig.model_fields) - set(placed))
     twice = sorted({name for name in placed if placed.count(name) > 1})
     unknown = sorted(set(placed) - set(GRPOConfig.model_fields))
+    unknown += sorted(set(ESSENTIAL) - set(GRPOConfig.model_fields))
     if missing or twice or unknown:
         raise RuntimeError(f"flows.config.SECTIONS: missing {missing}, listed twice {twice}, not fields {unknown}")
 

@@ -125,4 +125,18 @@ def on_page_markdown(markdown: str, page, config, files, **kwargs) -> str:
         sections = config_settings()
     except ImportError as err:
         raise PluginError(f"docs/{PAGE}: cannot import the config model ({err}); install grpoflow first") from err
-    return markdown.replace(MARKER, render_reference(sections))
+    return markdown.replace(MARKER, render_reference(sections)).replace(TRL_MARKER, render_trl_names())
+
+
+TRL_MARKER = "<!-- trl-names -->"
+
+
+def render_trl_names() -> str:
+    """TRL's flag names that `grpo run` accepts, and those it answers with what to use instead
+    (flows.cli.TRL_FLAGS and TRL_INSTEAD: the CLI's own tables)."""
+    from flows.cli import TRL_FLAGS, TRL_INSTEAD
+
+    rows = ["| TRL flag | here |", "|---|---|"]
+    rows += [f"| `{flag}` | `--{field.replace('_', '-')}` (accepted as it is) |" for flag, field in TRL_FLAGS.items()]
+    rows += [f"| `{flag}` | {advice} |" for flag, advice in TRL_INSTEAD.items()]
+    return "\n".join(rows)
