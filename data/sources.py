@@ -14,7 +14,14 @@ they are instead of asking for a conversion script:
   ending in ``#### x``); MATH (``problem``, ``solution``); HumanEval (``prompt``, ``test``,
   ``entry_point``); assert lists (``tests`` or MBPP's ``test_list``); stdin/stdout cases
   (``io: [{input, output}]`` or parallel ``inputs``/``outputs``, also as verl's
-  ``reward_model.ground_truth``).
+  ``reward_model.ground_truth``); the code-RL datasets' test cases: APPS/TACO
+  ``input_output`` (``{inputs, outputs, fn_name?}``, as JSON text), DeepCoder's ``tests``
+  (that object, or a list of ``{input, output, testtype}`` cases), LiveCodeBench's
+  ``public_test_cases``/``private_test_cases`` with ``metadata.func_name``, the same JSON in
+  verl's ``reward_model.ground_truth``; KodCode's pytest file in ``test``. Call-based cases
+  (a ``fn_name``, or LiveCodeBench's ``testtype: functional``) become ``entry_point`` =
+  the function and ``io`` cases whose input is one JSON value per argument and line and
+  whose output is the return value as JSON (``rewards/code_tests.py`` calls the function).
 
 Row numbers are 0-based, as ``datasets`` and pandas index rows (for a JSON Lines file without
 blank lines, row N is line N + 1). A file that does not parse raises `SourceError` naming the
@@ -33,21 +40,26 @@ values, the row's ``extra_info`` keeps the key and the column is stored as ``col
 
 from __future__ import annotations
 
+import base64
 import csv
 import gzip
 import hashlib
+import io
 import json
 import math
 import os
+import pickle
 import sys
-from collections.abc import Iterator, Mapping
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data.errors import UserError
 from data.schemas import PROMPTS
 
 if TYPE_CHECKING:
@@ -61,14 +73,14 @@ TEXT_SUFFIXES = (*JSON_SUFFIXES, ".csv")
 FILE_SUFFIXES = (*TEXT_SUFFIXES, ".parquet", *(f"{s}.gz" for s in TEXT_SUFFIXES))
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """A source cannot be read at all: missing, of an unknown kind, or not parseable.
 
     Deterministic, so the ingest task does not retry it (unlike a hub that is briefly down).
     """
 
 
-class InvalidRow(ValueError):
+class InvalidRow(UserError):
     """One row cannot become a prompt; names the source, the 0-based row and the field."""
 
     def __init__(self, data_source: str, row: int, field: str, reason: str):
@@ -314,9 +326,11 @@ def _root_cause(err: BaseException) -> str:
 
 # Columns that become a PROMPTS field. The first present one of each alias list is used; the
 # others, if any, go to extra_info like every other unmapped column.
-_PROMPT_COLUMNS = ("messages", "prompt", "question", "problem")
+_PROMPT_COLUMNS = ("messages", "prompt", "question", "problem", "question_content")
 _ANSWER_COLUMNS = ("answer", "solution")
 _TESTS_COLUMNS = ("tests", "test_list")
+# Test-case columns of the code-RL datasets: APPS/TACO, LiveCodeBench (public and private).
+_CASE_COLUMNS = ("input_output", "public_test_cases", "private_test_cases")
 _GOLD_FIELDS = ("answer", "test", "entry_point", "tests", "io")
 
 
@@ -477,7 +491,14 @@ def _gold(raw: Mapping[str, Any], bad: _Complaint, extra: dict[str, Any], used: 
     tests_column = _first_present(raw, _TESTS_COLUMNS)
     if tests_column is not None:
         used.add(tests_column)
-        gold["tests"] = _assert_list(raw[tests_column], tests_column, bad)
+        if not _looks_like_cases(raw[tests_column]):
+            gold["tests"] = _assert_list(raw[tests_column], tests_column, bad)
+        else:  # DeepCoder keeps its cases in `tests`, as JSON text
+            _add_cases(gold, _cases(raw[tests_column], tests_column, bad, _func_name(raw, bad)), tests_column, bad)
+    for column in _CASE_COLUMNS:
+        if raw.get(column) is not None:
+            used.add(column)
+            _add_cases(gold, _cases(raw[column], column, bad, _func_name(raw, bad)), column, bad)
 
     answer_column = _first_present(raw, _ANSWER_COLUMNS)
     if answer_column is not None:
@@ -545,7 +566,7 @@ def _verl_reward_model(value: Any, gold: dict[str, Any], bad: _Complaint, extra:
     truth = rest.get("ground_truth")
     cases = _io_from_ground_truth(truth, bad)
     if cases is not None and gold["io"] is None:
-        gold["io"] = cases
+        _add_cases(gold, cases, "reward_model.ground_truth", bad)
         rest.pop("ground_truth")
     elif cases is None and truth is not None and gold["answer"] is None:
         gold["answer"] = _answer_text(truth, "reward_model.ground_truth", bad, extra)
@@ -555,17 +576,153 @@ def _verl_reward_model(value: Any, gold: dict[str, Any], bad: _Complaint, extra:
         _put(extra, "reward_model", rest, "column")
 
 
-def _io_from_ground_truth(truth: Any, bad: _Complaint) -> list[dict[str, str]] | None:
-    if isinstance(truth, str) and truth.lstrip().startswith("{"):
+def _io_from_ground_truth(truth: Any, bad: _Complaint) -> _Cases | None:
+    field = "reward_model.ground_truth"
+    if isinstance(truth, str) and truth.lstrip()[:1] in ("{", "["):
         try:
-            truth = json.loads(truth)
+            decoded = json.loads(truth)
         except json.JSONDecodeError:
             return None  # an answer that happens to start with a brace, e.g. a set
+        if isinstance(decoded, Mapping) or (isinstance(decoded, list) and decoded and _all_cases(decoded)):
+            truth = decoded
     if isinstance(truth, Mapping) and "inputs" in truth and "outputs" in truth:
-        return _parallel_io(truth["inputs"], truth["outputs"], "reward_model.ground_truth", bad)
+        return _cases(truth, field, bad, None)
+    if isinstance(truth, list) and truth and _all_cases(truth):
+        return _cases(truth, field, bad, None)
     if isinstance(truth, Mapping):
-        raise bad("reward_model.ground_truth", "expected an answer or test cases {inputs, outputs}, got an object")
+        raise bad(field, "expected an answer or test cases {inputs, outputs}, got an object")
     return None
+
+
+# (io cases, the function name when they are call-based)
+_Cases = tuple[list[dict[str, str]], str | None]
+
+
+def _all_cases(items: Sequence[object]) -> bool:
+    return all(isinstance(c, Mapping) and "input" in c and "output" in c for c in items)
+
+
+def _looks_like_cases(value: Any) -> bool:
+    """Test cases (DeepCoder's `tests`), as opposed to a list of assert statements."""
+    if isinstance(value, str):
+        return value.lstrip()[:1] in ("{", "[")
+    return isinstance(value, Mapping) or (isinstance(value, list) and bool(value) and _all_cases(value))
+
+
+def _func_name(raw: Mapping[str, Any], bad: _Complaint) -> str | None:
+    """LiveCodeBench's function name: ``metadata`` (JSON text or an object) ``func_name``."""
+    metadata = raw.get("metadata")
+    if isinstance(metadata, str):
+        try:
+            metadata = json.loads(metadata)
+        except json.JSONDecodeError:
+            return None
+    name = metadata.get("func_name") if isinstance(metadata, Mapping) else None
+    if name is not None and not isinstance(name, str):
+        raise bad("metadata.func_name", f"expected text, got {_type_name(name)}")
+    return name or None
+
+
+def _cases(value: Any, field: str, bad: _Complaint, func_name: str | None) -> _Cases | None:
+    """Test cases as the code-RL datasets publish them, as `io` cases plus the function name
+    of call-based ones. `value`: ``{inputs, outputs, fn_name?}`` (APPS, TACO, PRIME), a list
+    of ``{input, output, testtype?, metadata?}`` (LiveCodeBench, DeepCoder), either as JSON
+    text, or LiveCodeBench's compressed private cases (base64 of zlib of a pickled JSON text)."""
+    if isinstance(value, str):
+        value = _decode_cases_text(value, field, bad)
+    if isinstance(value, Mapping):
+        if "inputs" not in value or "outputs" not in value:
+            raise bad(field, "expected test cases {inputs, outputs, fn_name}")
+        fn_name = value.get("fn_name") or None
+        if fn_name is None:
+            return _stdin_cases(value["inputs"], value["outputs"], field, bad), None
+        if not isinstance(fn_name, str):
+            raise bad(f"{field}.fn_name", f"expected text, got {_type_name(fn_name)}")
+        return _call_cases(value["inputs"], value["outputs"], field, bad), fn_name
+    if isinstance(value, list):
+        if not value:
+            return None
+        functional = []
+        for i, case in enumerate(value):
+            if not isinstance(case, Mapping) or "input" not in case or "output" not in case:
+                raise bad(f"{field}[{i}]", "expected a case {input, output}")
+            metadata = case.get("metadata")
+            name = case.get("fn_name") or (metadata.get("func_name") if isinstance(metadata, Mapping) else None)
+            functional.append(case.get("testtype") == "functional" or bool(name))
+            func_name = func_name or name
+        if any(functional) and not all(functional):
+            raise bad(field, "mixes functional and stdin cases")
+        inputs, outputs = [c["input"] for c in value], [c["output"] for c in value]
+        if not any(functional):
+            return _stdin_cases(inputs, outputs, field, bad), None
+        if not func_name:
+            raise bad(field, "functional cases without a function name (expected metadata.func_name or fn_name)")
+        return _call_cases(inputs, outputs, field, bad), func_name
+    raise bad(field, f"expected test cases (an object or a list), got {_type_name(value)}")
+
+
+def _decode_cases_text(text: str, field: str, bad: _Complaint) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:  # LiveCodeBench's private cases: base64(zlib(pickle(json text)))
+        decoded = _RestrictedUnpickler(io.BytesIO(zlib.decompress(base64.b64decode(text, validate=True)))).load()
+        return json.loads(decoded) if isinstance(decoded, str) else decoded
+    except (ValueError, zlib.error, pickle.UnpicklingError, EOFError, json.JSONDecodeError) as err:
+        raise bad(field, f"expected test cases as JSON text: {type(err).__name__}: {str(err)[:200]}") from None
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Builds strings, numbers and containers only: a pickle naming any class or function
+    (the only way a pickle runs code) is refused. The dataset's data, never a candidate's."""
+
+    def find_class(self, module: str, name: str) -> NoReturn:
+        raise pickle.UnpicklingError(f"refused to load {module}.{name} from the test cases")
+
+
+def _stdin_cases(inputs: Any, outputs: Any, field: str, bad: _Complaint) -> list[dict[str, str]]:
+    """APPS joins a case given as a list of lines with newlines; so does this."""
+    if isinstance(inputs, list) and isinstance(outputs, list):
+        inputs = ["\n".join(map(str, i)) if isinstance(i, list) else i for i in inputs]
+        outputs = ["\n".join(map(str, o)) if isinstance(o, list) else o for o in outputs]
+    return _parallel_io(inputs, outputs, field, bad) or []
+
+
+def _call_cases(inputs: Any, outputs: Any, field: str, bad: _Complaint) -> list[dict[str, str]]:
+    """Call-based cases: input one JSON value per argument and line, output JSON. Inputs
+    published as argument lists (APPS, TACO) are written so, their outputs as JSON; inputs
+    already in that text form (LiveCodeBench, PRIME) keep theirs and their output text."""
+    for name, values in (("inputs", inputs), ("outputs", outputs)):
+        if not isinstance(values, list):
+            raise bad(f"{field}.{name}", f"expected a list, got {_type_name(values)}")
+    if len(inputs) != len(outputs):
+        raise bad(f"{field}.outputs", f"{len(outputs)} outputs for {len(inputs)} inputs")
+    cases = []
+    for n, (args, output) in enumerate(zip(inputs, outputs, strict=True)):
+        if isinstance(args, list):
+            cases.append({"input": "\n".join(json.dumps(a) for a in args), "output": json.dumps(output)})
+        elif isinstance(args, str) and isinstance(output, str):
+            cases.append({"input": args, "output": output})
+        else:
+            raise bad(f"{field}.inputs[{n}]", f"expected an argument list or JSON lines, got {_type_name(args)}")
+    return cases
+
+
+def _add_cases(gold: dict[str, Any], cases: _Cases | None, field: str, bad: _Complaint) -> None:
+    """Add `cases` to the row's io; call-based ones set its entry_point to their function."""
+    if cases is None or not cases[0]:
+        return
+    io_cases, fn_name = cases
+    if fn_name is not None:
+        if gold["entry_point"] not in (None, fn_name):
+            raise bad(field, f"cases call {fn_name}() but the row's entry_point is {gold['entry_point']}")
+        if gold["io"] and gold["entry_point"] is None:
+            raise bad(field, "functional cases beside stdin/stdout cases")
+        gold["entry_point"] = fn_name
+    elif gold["io"] and gold["entry_point"] is not None:
+        raise bad(field, "stdin/stdout cases beside functional cases")
+    gold["io"] = [*(gold["io"] or []), *io_cases]
 
 
 def _io_cases(raw: Mapping[str, Any], bad: _Complaint, used: set[str]) -> list[dict[str, str]] | None:

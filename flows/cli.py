@@ -6,11 +6,17 @@ config key, a full disk, a read-only folder, an offline hub, a Prefect API that 
 answer) print one line naming what and where, and exit with status 2. That line comes first:
 Prefect's own report of the failed run (its traceback) is kept off the console unless
 `grpo --debug` (or GRPOFLOW_DEBUG=1), which also prints the traceback after the line.
+
+SIGINT (Ctrl-C) and SIGTERM stop `grpo run`, `grpo rescore` and `grpo serve` (flows/stopping.py):
+one line says where the command stopped and which command resumes it, and the exit status is
+130 or 143. A Prefect API server that the command started and that dies under it ends the
+command in one line too (status 2), instead of leaving it to retry a dead API.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import json
 import logging
@@ -19,12 +25,15 @@ import re
 import sys
 import time
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from flows.config import GRPOConfig, field_sections
-from flows.prefect_server import PrefectServerError, start_own_server
+from data.errors import UserError
+from flows.config import ESSENTIAL, GRPOConfig, field_sections
+from flows.prefect_server import PrefectServerError, ServerChild, start_own_server
+from flows.stopping import StopOnSignals, Stopped, exit_status, resume_command
 
 
 def _quiet_offline_defaults() -> None:
@@ -38,6 +47,7 @@ def _quiet_offline_defaults() -> None:
 
 _FAILURE_REPORT = re.compile(
     r"Finished in state (Failed|Crashed)|Encountered exception|failed with exception|Retry \d+/\d+ will start"
+    r"|Crash detected!"
 )
 
 
@@ -52,15 +62,33 @@ class _NoFailureReports(logging.Filter):
         return not (record.exc_info or _FAILURE_REPORT.search(record.getMessage()))
 
 
-def quiet_failure_reports() -> None:
-    """Install `_NoFailureReports` on Prefect's console handler (call after importing Prefect)."""
+class _NoDetails(logging.Filter):
+    """Drop the lines a flow marks as details (flows.runner.DETAIL: one per stage) from the
+    console, which keeps one line per iteration and what needs a human; `grpo --verbose`
+    shows them. The Prefect API still receives every line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "grpoflow_detail", False)
+
+
+def tidy_console(args: argparse.Namespace) -> None:
+    """Install the console filters on Prefect's console handler (call after importing Prefect):
+    failure reports unless --debug, per-stage details unless --verbose."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
+    wanted = ([] if _debugging(args) else [_NoFailureReports]) + ([] if _verbose(args) else [_NoDetails])
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler) and not any(
-            isinstance(f, _NoFailureReports) for f in handler.filters
-        ):
-            handler.addFilter(_NoFailureReports())
+        if isinstance(handler, PrefectConsoleHandler):
+            for kind in wanted:
+                if not any(isinstance(f, kind) for f in handler.filters):
+                    handler.addFilter(kind())
+
+
+VERBOSE_HELP = "print every stage's one-line summary (default: one line per iteration and what needs you)"
+
+
+def _verbose(args: argparse.Namespace | None = None) -> bool:
+    return bool(getattr(args, "verbose", False)) or os.environ.get("GRPOFLOW_VERBOSE") == "1"
 
 
 def _debugging(args: argparse.Namespace | None = None) -> bool:
@@ -97,34 +125,61 @@ def _help_text(field) -> str:
     return text.replace("%", "%%")  # argparse formats help with %
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+# TRL's names for our settings, accepted as they are (TRL's GRPOConfig; the docs' mapping table).
+TRL_FLAGS: dict[str, str] = {
+    "--num-generations": "group_size",
+    "--max-completion-length": "max_new_tokens",
+    "--max-prompt-length": "max_prompt_length",
+    "--num-iterations": "mu",  # TRL's PPO epochs per generation batch, GRPO's mu (not our --iterations)
+    "--per-device-train-batch-size": "micro_batch_size",
+    "--save-steps": "save_every",
+    "--save-total-limit": "save_total_limit",
+    "--loss-type": "loss_aggregation",
+    "--lr-scheduler-type": "lr_scheduler",
+}
+# TRL flags with no one-to-one setting here, and what to use instead.
+TRL_INSTEAD: dict[str, str] = {
+    "--gradient-accumulation-steps": "gradients always accumulate over --micro-batch-size chunks to one step per "
+    "--mini-batches; set --micro-batch-size for memory",
+    "--logging-steps": "every iteration is logged (metrics.parquet); --verbose prints every stage",
+    "--report-to": "--tracking-uri (MLflow) and/or --tensorboard DIR",
+    "--output-dir": "--run-dir",
+    "--num-train-epochs": "--iterations (prompts are drawn in seeded epochs over the dataset)",
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, show_all: bool = True) -> None:
     """One flag per config field, help = the field's description, grouped by the config's
-    section comments; Literal fields list their allowed values. Only flags the user gives
-    are applied, on top of --config and the defaults."""
+    sections; Literal fields list their allowed values; TRL's names are accepted too. With
+    `show_all` False, only the essential settings are listed (`--help`; `--help-all` lists
+    all). Only flags the user gives are applied, on top of --config and the defaults."""
     parser.add_argument("--config", type=Path, default=None, help="YAML or JSON file of settings; flags override it.")
+    aliases = {field: [flag for flag, f in TRL_FLAGS.items() if f == field] for field in GRPOConfig.model_fields}
     for title, names in field_sections():
-        group = parser.add_argument_group(title)
+        shown = [n for n in names if show_all or n in ESSENTIAL]
+        group = parser.add_argument_group(title) if shown else parser
         for name in names:
             field = GRPOConfig.model_fields[name]
-            flag = "--" + name.replace("_", "-")
+            flags = ["--" + name.replace("_", "-"), *aliases[name]]
+            help_text = _help_text(field) if name in shown else argparse.SUPPRESS
             if field.annotation is bool:
                 group.add_argument(
-                    flag,
+                    *flags,
                     dest=name,
                     action=argparse.BooleanOptionalAction,
                     default=argparse.SUPPRESS,
-                    help=_help_text(field),
+                    help=help_text,
                 )
                 continue
             choices = _allowed_values(field.annotation)
             group.add_argument(
-                flag,
+                *flags,
                 dest=name,
                 type=_flag_type(field.annotation),
                 default=argparse.SUPPRESS,
                 choices=choices,
                 metavar="{" + ",".join(choices) + "}" if choices else name.upper(),
-                help=_help_text(field),
+                help=help_text,
             )
 
 
@@ -153,26 +208,89 @@ def format_validation_error(err: ValidationError) -> str:
     return "invalid config: " + "; ".join(parts)
 
 
-def _announce_ready(server) -> None:
+@dataclass
+class CommandState:
+    """What a stopping command says about itself: how to resume it, and its run folder."""
+
+    argv: list[str]
+    resume_options: dict[str, str] = field(default_factory=dict)  # defaults written out (see resume_command)
+    run_dir: Path | None = None
+    server: ServerChild | None = None
+
+    def resume(self) -> str:
+        return resume_command(self.argv, self.resume_options)
+
+    def progress(self) -> str:
+        """How far the run folder got, for the stop line ("" when there is no run folder yet)."""
+        resume = sys.modules.get("flows.resume")  # loaded by then, unless stopped during start-up
+        if self.run_dir is None or not self.run_dir.is_dir() or resume is None:
+            return ""
+        return f"{resume.completed_iterations(self.run_dir)} iteration(s) complete in {self.run_dir}"
+
+    def stop_line(self, signum: int, during: str) -> str:
+        where = "; ".join(x for x in (f"during {during}" if during else "", self.progress()) if x)
+        return (
+            f"grpo: stopping on {Stopped(signum).signal_name}{' (' + where + ')' if where else ''}; "
+            f"resume with: {self.resume()}"
+        )
+
+    def kill_children_now(self) -> None:
+        """For an exit without clean-up: the API server is in a process group of its own, so it
+        is ended here (the kernel's parent-death signal would reach it too, a moment later)."""
+        if self.server is not None:
+            self.server.stopping.set()
+            if self.server.proc.poll() is None:
+                self.server.proc.kill()
+
+
+def start_server(state: CommandState) -> ServerChild | None:
+    """The command's own Prefect API (flows/prefect_server.py), kept where `kill_children_now`
+    finds it."""
+    state.server = start_own_server()
+    return state.server
+
+
+def _watch_server(state: CommandState, stop: StopOnSignals) -> None:
+    """If the command's own API server dies while the command runs, the command ends at once
+    in one line: a run that went on against a dead API retried every Prefect call and ran
+    ~15x slower, and a finished one waited minutes for its last reports."""
+    server = state.server
+    if server is None:
+        return
+
+    def lost(code: int) -> None:
+        stop.fail_now(
+            f"grpo: error: the Prefect API server of this command (pid {server.proc.pid}, {server.url}) exited with "
+            f"status {code}; stopped at once, since no stage can be recorded without it; resume with: {state.resume()}",
+            2,
+        )
+
+    server.watch(lost)
+
+
+def _announce_ready(server, state: CommandState | None = None, stop: StopOnSignals | None = None) -> None:
     seconds = server.wait_ready()
+    if state is not None and stop is not None:
+        _watch_server(state, stop)
     if os.environ.get("GRPOFLOW_TIMINGS") == "1":  # benchmarks/bench_startup.py reads it
         print(f"grpo: prefect api ready {seconds:.2f}s after start", file=sys.stderr)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, state: CommandState, stop: StopOnSignals) -> int:
     config = config_from_args(args)
+    state.run_dir = Path(config.run_dir)
+    state.resume_options["--run-dir"] = str(config.run_dir)
     # The run's Prefect API starts now, before torch and Prefect are imported, so its
     # start-up overlaps theirs; it dies with this process however that dies.
-    server = start_own_server()
+    server = start_server(state)
     from flows.start import preflight  # imported late: Prefect reads its settings at import
     from flows.train import grpo_train  # imported late: Prefect reads its settings at import
 
-    if not _debugging(args):
-        quiet_failure_reports()
+    tidy_console(args)
     preflight(config)
     print(f"grpo: run folder {config.run_dir}", file=sys.stderr)
     if server is not None:
-        _announce_ready(server)
+        _announce_ready(server, state, stop)
     started = time.perf_counter()
     metrics = grpo_train(config)
     if args.json:
@@ -218,16 +336,16 @@ def run_summary(run_dir: Path, metrics: dict, seconds: float) -> list[str]:
     return lines
 
 
-def cmd_rescore(args: argparse.Namespace) -> int:
-    server = start_own_server()  # see cmd_run
+def cmd_rescore(args: argparse.Namespace, state: CommandState, stop: StopOnSignals) -> int:
+    server = start_server(state)  # see cmd_run
     from flows.rescore import default_tag, format_comparison, grpo_rescore  # late: Prefect reads its settings at import
 
-    if not _debugging(args):
-        quiet_failure_reports()
+    tidy_console(args)
 
     tag = args.tag or default_tag()
+    state.resume_options["--tag"] = tag  # the default tag is the time: resuming needs this one
     if server is not None:
-        _announce_ready(server)
+        _announce_ready(server, state, stop)
     results = grpo_rescore(
         str(args.target),
         tag,
@@ -244,43 +362,54 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
+def cmd_inspect(args: argparse.Namespace, state: CommandState, stop: StopOnSignals | None) -> int:
+    from data.schemas import SchemaError
     from flows.observe.inspection import dumps, inspect_path
 
-    data = inspect_path(
-        args.target,
-        prompt_id=args.prompt_id,
-        sample=args.sample,
-        sort=args.sort,
-        tag=args.tag,
-        seed=args.seed,
-        as_json=args.json,
-    )
+    try:
+        data = inspect_path(
+            args.target,
+            prompt_id=args.prompt_id,
+            sample=args.sample,
+            sort=args.sort,
+            tag=args.tag,
+            seed=args.seed,
+            as_json=args.json,
+        )
+    except SchemaError as err:  # the file the user pointed at is not a grpoflow artifact (or not this version's)
+        raise UserError(str(err)) from err
     if args.json:
         print(dumps(data))
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from flows.serve import serve
+def cmd_serve(args: argparse.Namespace, state: CommandState, stop: StopOnSignals) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k in GRPOConfig.model_fields}
     iterations = int(overrides.pop("iterations", 1))
     run_dir = overrides.pop("run_dir", None)
     if run_dir is None:
-        raise ValueError("grpo serve needs --run-dir: the run folder every scheduled run continues")
+        raise UserError("grpo serve needs --run-dir: the run folder every scheduled run continues")
     settings = (
         GRPOConfig.from_file(args.config).model_dump(mode="json", exclude_unset=True) if args.config else {}
     ) | overrides
     from flows.observe.tracking import check_installed
 
     check_installed(GRPOConfig(**settings))  # invalid settings, or tracking without its extra, fail now, not at 3 a.m.
+    state.run_dir = Path(run_dir)
     if not os.environ.get("PREFECT_API_URL"):
         print(
             "grpo: warning: PREFECT_API_URL is not set; runs can only be triggered from this process. "
             "Start a server (prefect server start) and set PREFECT_API_URL to trigger runs from elsewhere.",
             file=sys.stderr,
         )
+    # The temporary API (when none is configured) is ours, as for `grpo run`: out of the
+    # terminal's Ctrl-C, stopped after the served runs, watched while serving.
+    server = start_server(state)
+    from flows.serve import serve  # late: Prefect reads its settings at import
+
+    if server is not None:
+        _announce_ready(server, state, stop)
     print(
         f"grpo: serving {args.name} for {run_dir} (cron {args.cron or 'none'}, {iterations} iteration(s) per run)",
         file=sys.stderr,
@@ -308,12 +437,41 @@ def version_text() -> str:
     return f"grpo {version('grpoflow')} (torch {version('torch')}, transformers {version('transformers')}, prefect {version('prefect')})"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a hint for a flag it does not know: the closest known one, or what to
+    use instead of a TRL flag that has no one-to-one setting here."""
+
+    known_flags: list[str] = []
+
+    def error(self, message: str) -> typing.NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            unknown = [a.split("=")[0] for a in message.split(":", 1)[1].split() if a.startswith("--")]
+            if unknown:
+                message = "; ".join(unknown_flag_hint(flag, self.known_flags) for flag in unknown)
+        super().error(message)
+
+
+def unknown_flag_hint(flag: str, known: list[str]) -> str:
+    if flag in TRL_INSTEAD:
+        return f"{flag} (TRL's) has no one-to-one setting here: {TRL_INSTEAD[flag]}"
+    close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+    return f"unknown flag {flag}" + (
+        f"; did you mean {close[0]}?" if close else " (grpo run --help-all lists every flag)"
+    )
+
+
+def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
+    """`show_all`: `grpo run --help` lists every setting, not only the essential ones."""
+    parser = _Parser(
         prog="grpo",
         description="GRPO training as a Prefect pipeline: every stage writes a Parquet artifact you can inspect or re-run.",
     )
     parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help=VERBOSE_HELP,
+    )
     parser.add_argument(
         "--debug",
         action="store_true",
@@ -322,13 +480,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser(
         "run",
-        usage="grpo run [--config FILE] [--SETTING VALUE ...] (every setting below, by section)",
+        usage="grpo run [--config FILE] [--SETTING VALUE ...] (--help: the essential settings; --help-all: every one)",
         help="train with GRPO (no arguments: the built-in tiny model on 2-digit addition)",
         description="Run GRPO iterations. With no arguments: build (once, cached) a tiny model on the built-in "
         "arithmetic task, then train it and report held-out accuracy before and after. Re-using --run-dir resumes.",
     )
     run.add_argument("--json", action="store_true", help="print the final metrics as JSON instead of the short summary")
-    add_config_flags(run)
+    run.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+    add_config_flags(run, show_all)
     run.set_defaults(handler=cmd_run)
 
     rescore = commands.add_parser(
@@ -364,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fail when more than this fraction of rows cannot be scored (default: the run's setting)",
     )
     rescore.add_argument("--json", action="store_true", help="print the comparisons as JSON")
+    rescore.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     rescore.set_defaults(handler=cmd_rescore)
 
     inspect = commands.add_parser(
@@ -404,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cron", default=None, help='schedule, e.g. "0 3 * * *" (default: none, runs are triggered by hand)'
     )
     serve.add_argument("--name", default="default", help="deployment name (default: default)")
-    add_config_flags(serve)
+    add_config_flags(serve, show_all)
     serve.set_defaults(handler=cmd_serve)
     return parser
 
@@ -413,17 +573,15 @@ def build_parser() -> argparse.ArgumentParser:
 # keeps its traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
     from data.run_folder import RunFolderBusy
-    from data.schemas import SchemaError
-    from data.sources import InvalidRow, SourceError
     from data.store import DiskFull
     from flows.observe.tracking import MissingExtra
     from rewards.registry import UnknownRewardError
     from tasks.model import ModelLoadError
 
+    # Not ValueError as such: a library's or our own internal ValueError (a schema mismatch
+    # in a run's own artifact, say) is a bug, and its traceback is what a report needs.
     return (
-        SchemaError,
-        InvalidRow,
-        SourceError,
+        UserError,
         UnknownRewardError,
         ModelLoadError,
         RunFolderBusy,
@@ -431,7 +589,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         MissingExtra,
         PrefectServerError,
         FileNotFoundError,
-        ValueError,
     )
 
 
@@ -471,13 +628,36 @@ def user_error_line(err: BaseException) -> str | None:
     return None
 
 
+STOPPABLE = ("run", "rescore", "serve")  # the commands that start processes and write artifacts
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [parser, *(p for action in subparsers for p in action.choices.values())]
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_offline_defaults()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    show_all = "--help-all" in argv
+    parser = build_parser(show_all)
+    parser.known_flags = sorted({flag for p in _all_parsers(parser) for a in p._actions for flag in a.option_strings})
+    args = parser.parse_args(["--help" if a == "--help-all" else a for a in argv])
+    state = CommandState(argv)
+    stop = StopOnSignals(state.stop_line, state.kill_children_now, during=_current_stage)
     try:
-        return args.handler(args)
-    except KeyboardInterrupt:
-        print("grpo: interrupted; re-run with the same --run-dir to resume", file=sys.stderr)
+        if args.command not in STOPPABLE:
+            return args.handler(args, state, None)
+        with stop:
+            try:
+                return args.handler(args, state, stop)
+            finally:
+                if state.server is not None:
+                    state.server.stopping.set()  # what the server does from here is no loss to the command
+    except Stopped as stopped:  # its line was printed when the signal came
+        return exit_status(stopped.signum)
+    except KeyboardInterrupt:  # SIGINT without our handler: the command called in-process, from a thread
+        print(f"grpo: interrupted; resume with: {state.resume()}", file=sys.stderr)
         return 130
     except Exception as err:
         line = user_error_line(err)
@@ -489,6 +669,13 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exception(err)
         return 2
+
+
+def _current_stage() -> str:
+    """The stage running now (tasks.progress), read from a signal handler: nothing imported
+    there (the signal may land in the middle of an import); no stage before it is loaded."""
+    progress = sys.modules.get("tasks.progress")
+    return progress.current_stage() if progress is not None else ""
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The one config model of a GRPO run. Each field's description is its only help text:
-`grpo run --help` prints it, and so does the README's config table.
+`grpo run --help` prints it, and so does the configuration reference (docs/configuration.md).
 
 Defaults are those of the embedded demo (a ~1M-parameter model on 2-digit addition, 2 CPU
 cores, about 5 minutes end to end); the reason for each sits beside it.
@@ -7,19 +7,18 @@ cores, about 5 minutes end to end); the reason for each sits beside it.
 
 from __future__ import annotations
 
-import inspect
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from data.errors import UserError
 from rewards import known_rewards, make_reward
 from tasks.lora import LoraSettings
 
-# --- which settings a resumed run folder may change (issue 13) -----------------------------
+# --- which settings a resumed run folder may change -----------------------------
 # The artifacts of a run folder mean what its config.json says: a resume that changed the
 # model, the data, the rewards or the objective would mix two runs in one folder. Only the
 # fields below may differ from the stored ones when a folder is resumed (each with why); the
@@ -45,7 +44,7 @@ MID_RUN_SAFE: dict[str, str] = {
     "vllm_cpu_kv_cache_gb": "memory only: the vLLM engine's KV cache on CPU",
     "device": "where it computes (another device rounds differently, the run's math is the same)",
 }
-# --- defaults for a real model (issue 13) ----------------------------------------------------
+# --- defaults for a real model ----------------------------------------------------
 # The field defaults suit the built-in 1M-parameter demo. When --model is given, these apply
 # instead to every field not set explicitly (flags and config files always win); the reason
 # for each is in the field's description. Measured on SmolLM2-135M, benchmarks/RESULTS.md.
@@ -327,7 +326,7 @@ class GRPOConfig(BaseModel):
         500, ge=1, description="Held-out problems scored per evaluation (at most the held-out set's size)."
     )
     save_every: int = Field(1, ge=1, description="Write a checkpoint every this many iterations (and after the last).")
-    # --- run folder: checkpoint rotation (issue 13) --------------------------------------------
+    # --- run folder: checkpoint rotation --------------------------------------------
     save_total_limit: int | None = Field(
         None,
         ge=1,
@@ -607,11 +606,11 @@ class GRPOConfig(BaseModel):
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as err:
             detail = " ".join(str(err).split())  # YAML errors span several lines; keep one
-            raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {detail}") from None
+            raise UserError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {detail}") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+            raise UserError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
         return data
 
     def lora_settings(self):
@@ -635,30 +634,128 @@ class GRPOConfig(BaseModel):
         return dict(self.datasets) if self.datasets is not None else {self.dataset: 1.0}
 
 
-_SECTION = re.compile(r"^\s*# --- (.+?) -*\s*$")
-_FIELD = re.compile(r"^    (\w+)\s*:")
+# The sections of `grpo run --help` and of the configuration reference (docs/), in order.
+# Every field is in exactly one (checked when this module is imported).
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "run": ("run_dir", "iterations", "prompts_per_iteration", "group_size", "seed"),
+    "model and machine": ("model", "device", "dtype", "tiny_model_sft_steps"),
+    "data": (
+        "dataset",
+        "datasets",
+        "dataset_split",
+        "task",
+        "skip_invalid",
+        "max_prompt_length",
+        "prompt_overflow",
+    ),
+    "sampling": (
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "stop",
+        "use_chat_template",
+        "generation_batch_size",
+    ),
+    "generation engine": (
+        "generation_engine",
+        "eval_engine",
+        "vllm_gpu_memory_utilization",
+        "vllm_cpu_kv_cache_gb",
+        "mismatch_correction",
+        "mismatch_cap",
+    ),
+    "rewards and scoring": (
+        "rewards",
+        "reward_options",
+        "max_reward_error_fraction",
+        "score_workers",
+        "score_chunk_rows",
+        "score_worker_memory_mb",
+    ),
+    "objective": (
+        "beta",
+        "epsilon",
+        "epsilon_high",
+        "advantage_estimator",
+        "scale_rewards",
+        "advantage_eps",
+        "importance_sampling_level",
+        "loss_aggregation",
+        "mask_truncated_completions",
+        "dynamic_sampling",
+        "max_refill_rounds",
+    ),
+    "optimiser and update": (
+        "learning_rate",
+        "lr_scheduler",
+        "warmup_ratio",
+        "max_grad_norm",
+        "weight_decay",
+        "micro_batch_size",
+        "mini_batches",
+        "mu",
+        "store_old_logprobs",
+        "gradient_checkpointing",
+        "logprob_chunk_tokens",
+    ),
+    "LoRA": ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules"),
+    "evaluation": ("eval_dataset", "eval_every", "eval_size"),
+    "checkpoints": ("save_every", "save_total_limit"),
+    "cluster": (
+        "cluster",
+        "training_ranks",
+        "parallelism",
+        "generation_workers",
+        "generation_shard_prompts",
+        "cpus_per_worker",
+        "gpus_per_worker",
+    ),
+    "tracking": ("tracking_uri", "experiment", "tensorboard", "register_as", "promote_on", "train_from"),
+}
+
+
+# What `grpo run --help` lists; `grpo run --help-all` lists every field. The settings a first
+# run and most later ones touch: what to train on what, how long, and the objective's knobs.
+ESSENTIAL: tuple[str, ...] = (
+    "run_dir",
+    "iterations",
+    "prompts_per_iteration",
+    "group_size",
+    "seed",
+    "model",
+    "device",
+    "dtype",
+    "dataset",
+    "task",
+    "eval_dataset",
+    "rewards",
+    "max_new_tokens",
+    "temperature",
+    "generation_engine",
+    "learning_rate",
+    "beta",
+    "lora_rank",
+    "save_every",
+    "tracking_uri",
+)
+
+
+def _check_sections() -> None:
+    placed = [name for names in SECTIONS.values() for name in names]
+    missing = sorted(set(GRPOConfig.model_fields) - set(placed))
+    twice = sorted({name for name in placed if placed.count(name) > 1})
+    unknown = sorted(set(placed) - set(GRPOConfig.model_fields))
+    unknown += sorted(set(ESSENTIAL) - set(GRPOConfig.model_fields))
+    if missing or twice or unknown:
+        raise RuntimeError(f"flows.config.SECTIONS: missing {missing}, listed twice {twice}, not fields {unknown}")
+
+
+_check_sections()
 
 
 def field_sections() -> list[tuple[str, list[str]]]:
-    """The config's fields grouped by the section comments above them (``# --- name ---``),
-    in source order, for `grpo run --help`. Each engineer's fields sit under their own
-    comment, so a new section needs no table to keep in step. Fields found under no comment
-    (or when the source cannot be read) come last, under "other settings"."""
-    sections: list[tuple[str, list[str]]] = []
-    placed: set[str] = set()
-    try:
-        lines = inspect.getsource(GRPOConfig).splitlines()
-    except (OSError, TypeError):
-        lines = []
-    for line in lines:
-        if (section := _SECTION.match(line)) is not None:
-            sections.append((section.group(1).strip(), []))
-        elif (name := _FIELD.match(line)) is not None and name.group(1) in GRPOConfig.model_fields:
-            if not sections:
-                sections.append(("settings", []))
-            sections[-1][1].append(name.group(1))
-            placed.add(name.group(1))
-    rest = [name for name in GRPOConfig.model_fields if name not in placed]
-    if rest:
-        sections.append(("other settings", rest))
-    return [(title, names) for title, names in sections if names]
+    """The config's fields grouped by section, in order, for `grpo run --help` and the docs."""
+    return [(title, list(names)) for title, names in SECTIONS.items()]

@@ -12,6 +12,12 @@ So the CLI starts the same server itself (the uvicorn command of Prefect's
 
 * the child asks the kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), so no
   server outlives the CLI, whatever killed it;
+* it runs in a process group of its own, so the Ctrl-C that a terminal sends to the CLI's
+  group does not reach it: the CLI stops it last, after the flow has recorded how it ended
+  (a server killed with the flow left the run training on, each Prefect call retrying a
+  dead API, and Ctrl-C had no other effect; flows/stopping.py);
+* `watch` tells the CLI when the server dies under a running command, which then ends in
+  one line instead of going on without its API;
 * its start-up overlaps the CLI's own imports, and the CLI waits for ``/health`` only right
   before the flow starts;
 * ``PREFECT_API_URL`` then points at it, so Prefect starts no server of its own;
@@ -34,9 +40,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # prctl.h
@@ -89,6 +97,7 @@ class ServerChild:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.started = time.perf_counter()
+        self.stopping = threading.Event()  # set by stop(): the server's exit is then ours, not a loss
         self.proc = self._spawn()
 
     def _spawn(self) -> subprocess.Popen:
@@ -111,7 +120,13 @@ class ServerChild:
             "on",
         ]
         parent = os.getpid()
-        return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, preexec_fn=lambda: _die_with_parent(parent))
+        return subprocess.Popen(
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            process_group=0,  # out of the terminal's Ctrl-C: the CLI decides when it stops
+            preexec_fn=lambda: _die_with_parent(parent),
+        )
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> float:
         """Block until the API answers /health; return the seconds since the server was started."""
@@ -138,11 +153,24 @@ class ServerChild:
         self.stop()
         raise PrefectServerError(f"the Prefect API server did not answer within {timeout:.0f}s on {self.url}")
 
-    def stop(self) -> None:
+    def watch(self, on_lost: Callable[[int], None]) -> None:
+        """Call `on_lost(exit status)` from a watcher thread if the server exits before `stop()`
+        (call after `wait_ready`, which may replace the process)."""
+        proc = self.proc
+
+        def wait_for_exit() -> None:
+            code = proc.wait()
+            if not self.stopping.is_set():
+                on_lost(code)
+
+        threading.Thread(target=wait_for_exit, name="grpoflow-api-watch", daemon=True).start()
+
+    def stop(self, wait_s: float = 5.0) -> None:
+        self.stopping.set()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=5)
+                self.proc.wait(timeout=wait_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

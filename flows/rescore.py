@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from data.errors import UserError
 from data.run_folder import iteration_numbers
 from data.schemas import ADVANTAGES, GENERATIONS, REWARDS, check_schema
 from data.store import Manifest, iter_aligned, iter_batches, read_rows_where, remove_stale_temp_files
@@ -43,6 +44,7 @@ from flows.observe.state import STATE_FILE
 from flows.observe.tracking import log_rescoring
 from flows.runner import StageRunner
 from flows.settings import advantage_settings, score_settings
+from flows.stopping import take_over_sigterm
 from tasks.advantages import advantages_task
 from tasks.score import score_task
 
@@ -51,7 +53,7 @@ EXAMPLES = 5  # changed rows shown in the comparison
 CHUNK_ROWS = 8192  # rows compared at a time; larger chunks only raise the memory high-water mark
 
 
-class TagInUse(ValueError):
+class TagInUse(UserError):
     """rewards@TAG.parquet exists from another re-scoring: it is never overwritten."""
 
 
@@ -142,7 +144,7 @@ def rescoring_config(
         kept = {name: opts for name, opts in settings.get("reward_options", {}).items() if name in rewards}
         settings |= {"rewards": rewards, "reward_options": kept}
     elif config is None:
-        raise ValueError("not in a run folder with a config.json, so give the rewards to score with (--rewards)")
+        raise UserError("not in a run folder with a config.json, so give the rewards to score with (--rewards)")
     if reward_options is not None:
         settings["reward_options"] = settings.get("reward_options", {}) | reward_options
     if max_error_fraction is not None:
@@ -157,7 +159,7 @@ def default_tag() -> str:
 def check_tag(targets: list[Target], tag: str, rewards: dict[str, float]) -> None:
     """Fail before any work if the tag is malformed or names another re-scoring's files."""
     if not TAG.fullmatch(tag):
-        raise ValueError(f"tag '{tag}': use letters, digits, '.', '_' or '-' (at most 64, not starting with a symbol)")
+        raise UserError(f"tag '{tag}': use letters, digits, '.', '_' or '-' (at most 64, not starting with a symbol)")
     for t in targets:
         entries = Manifest(t.folder).entries()
         for name in t.outputs(tag):
@@ -196,7 +198,7 @@ def compare_rewards(
         if before is not None:
             old = chunk[0]
             if not (old["prompt_id"].equals(new["prompt_id"]) and old["sample_index"].equals(new["sample_index"])):
-                raise ValueError(
+                raise UserError(
                     f"{before} and {after}: rows {rows}..{rows + old.num_rows - 1} are not the same completions"
                 )
             a = old["reward"].to_numpy(zero_copy_only=False)
@@ -300,8 +302,9 @@ def grpo_rescore(
 ) -> list[dict]:
     """Re-score `target` (a run folder or a generations file) as `tag`; return one
     comparison per iteration."""
+    take_over_sigterm()  # SIGTERM stops `grpo rescore` as Ctrl-C does (flows/stopping.py)
     if not TAG.fullmatch(tag):
-        raise ValueError(f"tag '{tag}': use letters, digits, '.', '_' or '-' (at most 64, not starting with a symbol)")
+        raise UserError(f"tag '{tag}': use letters, digits, '.', '_' or '-' (at most 64, not starting with a symbol)")
     targets = find_targets(target)
     config = rescoring_config(run_config(targets[0].folder), rewards, reward_options, max_error_fraction)
     check_tag(targets, tag, dict(config.rewards))

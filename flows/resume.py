@@ -11,11 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from data.errors import UserError
 from data.run_folder import completed_iterations
 from flows.config import GRPOConfig, may_change_mid_run
 
 
-class SettingsMismatch(ValueError):
+class SettingsMismatch(UserError):
     pass
 
 

@@ -34,6 +34,9 @@ from tasks.model import after_save, holds_live_policy
 from tasks.progress import stage_label
 
 STAGE_LINE_LIMIT = 120  # characters of a stage's log line; the rest of its summary is in metrics.json and the manifest
+# Marks a log line as a detail: the console shows it only with `grpo --verbose` (flows/cli.py);
+# the Prefect API (its UI) always receives it. A run's console is one line per iteration.
+DETAIL = {"grpoflow_detail": True}
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
@@ -105,7 +108,10 @@ class PendingUpdates:
             with stage_label(deferred.label):
                 deferred.call()
             seconds = time.perf_counter() - started
-            log.info(f"{deferred.label}: update replayed from the stored generations and advantages ({seconds:.1f}s)")
+            log.info(
+                f"{deferred.label}: update replayed from the stored generations and advantages ({seconds:.1f}s)",
+                extra=DETAIL,
+            )
         del self.deferred[: last + 1]
 
 
@@ -192,7 +198,7 @@ class StageRunner:
     ) -> tuple[dict[str, Any], bool]:
         where = f"{manifest.folder.name}/{output}"
         if manifest.is_done(output):
-            self.log.info(f"{where}: done already, skipped")
+            self.log.info(f"{where}: done already, skipped", extra=DETAIL)
             return manifest.entries()[output].get("summary", {}), False
         self.pending.catch_up([*args, *kwargs.values()], self.log)
         started = time.perf_counter()
@@ -208,7 +214,7 @@ class StageRunner:
             **(manifest_extra or {}),
         )
         self.views.publish_stage_report(manifest.folder, output, summary)
-        self.log.info(stage_line(where, summary, seconds))
+        self.log.info(stage_line(where, summary, seconds), extra=DETAIL)
         return summary, True
 
     def _record_when_saved(self, manifest: Manifest) -> None:

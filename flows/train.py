@@ -24,6 +24,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.logging.loggers import flow_run_logger
 
 from data import builtin
 from data.metrics import saved_metrics, write_metrics
@@ -47,6 +49,7 @@ from flows.observe.tracking import Tracking
 from flows.runner import Logger, StageRunner
 from flows.settings import StagePlan
 from flows.start import check_prompts_task, print_start_block, tokenization_warning, write_config_record
+from flows.stopping import take_over_sigterm
 from tasks.advantages import advantages_task, informative_groups, refill_prompts_task
 from tasks.evaluate import evaluate_task
 from tasks.ingest import ingest_task, merge_prompts_task
@@ -60,6 +63,7 @@ from tasks.update import UpdateStep
 @flow(name="grpo-train")
 def grpo_train(config: GRPOConfig) -> dict[str, Any]:
     """Run GRPO for `config.iterations` iterations; return the final metrics."""
+    take_over_sigterm()  # SIGTERM stops `grpo run` as Ctrl-C does (flows/stopping.py)
     run_dir = Path(config.run_dir or ".")
     run_dir.mkdir(parents=True, exist_ok=True)
     # Left in reverse order: the tracker closes its run, background checkpoint writes land,
@@ -185,7 +189,16 @@ def prepare_model_task(config: GRPOConfig) -> str:
     """The policy's starting checkpoint: the given model, or the built-in tiny one."""
     if config.model is not None:
         return config.model
-    return str(ensure_tiny_model(steps=config.tiny_model_sft_steps, seed=config.seed, say=get_run_logger().info))
+    # Said with the flow run's logger: a cold build takes minutes, and the task runs' logger is
+    # kept at WARNING on the console (flows/cli.py), so its line never reached a user.
+    return str(ensure_tiny_model(steps=config.tiny_model_sft_steps, seed=config.seed, say=flow_run_log().info))
+
+
+def flow_run_log() -> Logger:
+    """The logger of the flow run this task belongs to (its lines reach the console at INFO),
+    or the task's own outside a flow run."""
+    context = FlowRunContext.get()
+    return flow_run_logger(context.flow_run, context.flow) if context is not None else get_run_logger()
 
 
 @task(name="builtin-prompts", cache_policy=NO_CACHE)

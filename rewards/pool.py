@@ -87,7 +87,14 @@ class _Worker:
         # The worker finds `rewards` (and any custom reward module) where this process did.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rewards.pool"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+            [sys.executable, "-m", "rewards.pool"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            # Out of the terminal's Ctrl-C (sent to the caller's whole process group): a worker
+            # killed by it would cost its rows a NaN reward before the caller stops. It stops
+            # when the caller closes it, or dies with it (PR_SET_PDEATHSIG below).
+            process_group=0,
         )
         self.send_conn = Connection(os.dup(self.proc.stdin.fileno()), readable=False)
         self.fd = os.dup(self.proc.stdout.fileno())  # JSON lines from the worker (_read_message)

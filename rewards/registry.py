@@ -34,6 +34,8 @@ from typing import Any
 
 import pydantic
 
+from data.errors import UserError
+
 RewardFn = Callable[[str, Mapping[str, Any]], float]
 # Seconds one call may take in a scoring worker, fixed or computed from the bound options.
 TimeLimit = float | Callable[[Mapping[str, Any]], float]
@@ -76,7 +78,7 @@ class UnknownRewardError(KeyError):
         return str(self.args[0])
 
 
-class RewardOptionsError(ValueError):
+class RewardOptionsError(UserError):
     """Options that the named reward does not have, or values of the wrong type."""
 
 

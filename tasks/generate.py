@@ -46,6 +46,7 @@ import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from data.errors import UserError
 from data.schemas import GENERATIONS, PROMPTS
 from data.store import read_table, write_table
 from tasks.engines import SamplingSettings, engine_for
@@ -62,7 +63,7 @@ def render_prompt(row: dict, tokenizer, use_chat_template: bool) -> str:
     messages = row.get("messages")
     if messages:
         if not has_template:
-            raise ValueError(f"prompt {row['prompt_id']} is a chat but the tokenizer has no chat template")
+            raise UserError(f"prompt {row['prompt_id']} is a chat but the tokenizer has no chat template")
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if use_chat_template and has_template:
         return tokenizer.apply_chat_template(
@@ -196,7 +197,7 @@ def generate_completions(
     lengths = [len(ids) for ids in prompt_ids]
     kept, prompt_ids, too_long = fit_prompts(prompt_ids, max_prompt_length, prompt_overflow)
     if not kept:
-        raise ValueError(
+        raise UserError(
             f"{prompts_path}: all {len(rows)} prompts are longer than max_prompt_length={max_prompt_length} tokens "
             "(prompt_overflow skip); raise max_prompt_length or use prompt_overflow truncate_left"
         )

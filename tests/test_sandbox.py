@@ -113,18 +113,28 @@ def test_session_calls_and_exceptions():
     source = (
         "class Oops(Exception):\n    pass\n"
         "def add(a, b=0):\n    return a + b\n"
-        "def fail(kind):\n    raise {'value': ValueError, 'custom': Oops}[kind]('bad')\n"
+        "class KeyError(Exception):\n    pass\n"
+        "def fail(kind):\n    raise {'value': ValueError, 'custom': Oops, 'stop': StopIteration, 'key': KeyError,"
+        " 'exit': SystemExit}[kind]('bad')\n"
+        "def missing(d):\n    return d['nope']\n"
         "def weird():\n    return object()\n"
     )
     with Session(source, Limits(wall_s=5)) as session:
         assert session.ready and {"add", "fail", "weird"} <= set(session.names)
         add = session.function("add")
         assert add(2, b=3) == 5 and add([1], [2]) == [1, 2]
-        # Never re-raised as the candidate's own type: it could be StopIteration.
-        with pytest.raises(CandidateError, match=r"fail\(\) raised ValueError: bad"):
+        # Python's ordinary errors come back as fresh instances of their class, made here.
+        with pytest.raises(ValueError, match="^bad$") as raised:
             session.call("fail", ("value",))
-        with pytest.raises(CandidateError, match="Oops: bad"):
-            session.call("fail", ("custom",))
+        assert type(raised.value) is ValueError and session.raised_by_program(raised.value)
+        assert session.raised_text == "fail() raised ValueError: bad"
+        with pytest.raises(KeyError) as raised:
+            session.call("missing", ({},))
+        assert type(raised.value) is KeyError and raised.value.args == ("nope",)
+        # Control-flow classes and the program's own classes (whatever their name) never.
+        for kind in ("custom", "stop", "key", "exit"):
+            with pytest.raises(CandidateError, match=r"fail\(\) raised \w+: bad"):
+                session.call("fail", (kind,))
         with pytest.raises(CandidateError, match="not plain data"):
             session.call("weird")
         with pytest.raises(ValueError, match="cannot send"):

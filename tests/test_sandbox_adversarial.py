@@ -37,8 +37,9 @@ def test_attacks_are_contained_as_this_user(namespaces):
 
 @root_only
 def test_attacks_are_contained_as_an_unprivileged_scorer():
-    """The same suite, plus HumanEval, with the scorer itself running as an ordinary user."""
-    argv = [sys.executable, "-m", "tests.adversarial", "--namespaces", "--no-namespaces", "--humaneval"]
+    """The same suite, plus HumanEval and the dataset layouts (tests/data/code_layouts),
+    with the scorer itself running as an ordinary user."""
+    argv = [sys.executable, "-m", "tests.adversarial", "--namespaces", "--no-namespaces", "--humaneval", "--layouts"]
     code, out, err = adversarial.run_as(adversarial.UNPRIVILEGED_UID, argv, timeout=400)
     assert code == 0, err[-3000:]
     report = json.loads(out.strip().splitlines()[-1])
@@ -47,7 +48,7 @@ def test_attacks_are_contained_as_an_unprivileged_scorer():
     canaries = adversarial.make_canaries()
     per_suite = len(adversarial.attacks(canaries))
     adversarial.remove_canaries(canaries)
-    assert len(report["scored"]) == 2 * per_suite + 1  # both suites ran every program, and HumanEval
+    assert len(report["scored"]) == 2 * per_suite + 2  # both suites ran every program, HumanEval and the layouts
 
 
 HOGS = {

@@ -356,10 +356,11 @@ class RayCluster:
             "reward_mean": pc.mean(pc.drop_null(_not_nan(table["reward"]))).as_py(),
         }
         for name in (c.removeprefix("reward/") for c in table.column_names if c.startswith("reward/")):
-            summary[f"reward/{name}_mean"] = pc.mean(
-                table.filter(pc.is_null(table[f"error/{name}"]))[f"reward/{name}"]
-            ).as_py()
-            summary[f"error/{name}_rows"] = int(pc.sum(pc.is_valid(table[f"error/{name}"])).as_py() or 0)
+            # As tasks/score.py counts them: a value with an error text is scored (the candidate's
+            # failure, explained); only NaN means the row could not be scored.
+            column = table[f"reward/{name}"]
+            summary[f"reward/{name}_mean"] = pc.mean(pc.drop_null(_not_nan(column))).as_py()
+            summary[f"error/{name}_rows"] = int(pc.sum(pc.is_nan(column)).as_py() or 0)
         summary |= {
             "timeouts": sum(s["timeouts"] for _, s in parts),
             "worker_deaths": sum(s["worker_deaths"] for _, s in parts),

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data.errors import UserError
 from data.run_folder import CHECKPOINT, iteration_numbers
 from data.schemas import ARTIFACTS, SchemaError
 from data.store import MANIFEST, TMP_PREFIX, Manifest, read_rows_where
@@ -483,7 +484,7 @@ def inspect_path(
         ids = choose_prompt_ids(target, prompt_id=prompt_id, sample=sample, seed=seed)
         groups = load_groups(paths, ids, sort=sort)
         if prompt_id is not None and not any(g.completions for g in groups):
-            raise ValueError(f"{target}: no rows with prompt_id {prompt_id}")
+            raise UserError(f"{target}: no rows with prompt_id {prompt_id}")
         if console is not None:
             console.print(
                 f"{target}: {pq.read_metadata(target).num_rows} rows; joined with {', '.join(p.name for k, p in paths.items() if p != target) or 'nothing'}"

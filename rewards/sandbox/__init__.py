@@ -9,9 +9,12 @@ go up, and the policy finds what pays. So:
 * the trusted side (``trusted.py``, in the scoring worker) runs the *test* code itself and
   calls the candidate's functions over a pipe; arguments go out and results come back as
   plain data (``wire.py``: JSON, checked for cost; never pickle, never ``eval``), so no
-  object made by the candidate reaches a comparison; a call that raised comes back as
-  ``CandidateError`` (never as the candidate's own exception type), so nothing the
-  candidate chooses changes the checker's control flow beyond failing it;
+  object made by the candidate reaches a comparison; a call that raised one of Python's
+  ordinary errors (``PLAIN_ERRORS``: ValueError, KeyError, ...) raises a fresh instance of
+  that class made by the trusted side (a test may require a program to raise), anything
+  else (StopIteration, SystemExit, a class the program defined) ``CandidateError``, so
+  nothing the candidate chooses changes the checker's control flow beyond what raising an
+  ordinary error in a correct program does;
 * stdin/stdout programs are judged from their captured output and exit status.
 
 Isolation, the same whether the scorer runs as root or not (``isolation.py``, ``policy.py``;
@@ -81,6 +84,7 @@ What it does NOT protect against (read before trusting it with more than RL rewa
 
 from rewards.sandbox.trusted import (
     MAX_REPLY_BYTES,
+    PLAIN_ERRORS,
     SANDBOX_GROUP,
     SANDBOX_USER,
     CandidateError,
@@ -95,6 +99,7 @@ from rewards.sandbox.trusted import (
 
 __all__ = [
     "MAX_REPLY_BYTES",
+    "PLAIN_ERRORS",
     "SANDBOX_GROUP",
     "SANDBOX_USER",
     "CandidateError",

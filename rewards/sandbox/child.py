@@ -516,8 +516,12 @@ def _exit_status(stop: SystemExit) -> int:
 def _run_serve(source: str, req_fd: int, resp_fd: int) -> int:
     """Run the program, then answer calls: ``[name, args, kwargs]`` in, a reply line out.
 
-    Replies: ``["ok", value]``, ``["raise", type name, message]`` (the last traceback line),
-    ``["unsendable", why]``. The scorer treats every one but "ok" as a failed call.
+    Replies: ``["ok", value]``, ``["raise", type name, message, built-in, args]``,
+    ``["unsendable", why]``. ``built-in`` says whether the class is Python's own (not one the
+    program defined); ``args`` are the exception's arguments when they are plain scalars
+    (else null). The scorer decides what a reply means (trusted.py); this side is the
+    candidate's process and may have been rewritten by it, so nothing here is believed
+    beyond what the candidate could have raised itself.
     """
     import builtins
     import traceback
@@ -544,11 +548,32 @@ def _run_serve(source: str, req_fd: int, resp_fd: int) -> int:
         try:
             reply = ["ok", namespace[name](*args, **kwargs)]
         except BaseException as err:  # SystemExit, KeyboardInterrupt too: a failed call, told
-            reply = ["raise", type(err).__name__, str(err)[:2000]]
+            reply = _raised(err)
         try:
             _send(resp_fd, reply)
         except (TypeError, ValueError, RecursionError) as err:
             _send(resp_fd, ["unsendable", str(err)[:2000]])
+
+
+def _raised(err: BaseException) -> list:
+    """The reply for a call that raised `err`: its class, message and plain arguments."""
+    import builtins
+
+    kind = type(err)
+    try:
+        message = str(err)[:2000]
+    except BaseException:  # a __str__ that raises: the class still says enough
+        message = ""
+    builtin = kind.__module__ == "builtins" and getattr(builtins, kind.__name__, None) is kind
+    args = getattr(err, "args", None)
+    plain = (
+        type(args) is tuple
+        and len(args) <= 8
+        and all(
+            a is None or type(a) in (bool, int, float) or (type(a) in (str, bytes) and len(a) <= 2000) for a in args
+        )
+    )
+    return ["raise", kind.__name__[:100], message, builtin, list(args) if plain else None]
 
 
 def _send(fd: int, message) -> None:

@@ -2,14 +2,22 @@
 
 Everything here runs in the trusted scoring process. What comes back from a candidate is
 data in the format of ``wire.py`` (JSON, checked for cost before use), never an object and
-never an exception: a call whose function raised raises ``CandidateError``, a
-``BaseException`` that no ``except Exception`` in test code catches and that ends any
-``map``/``zip``/``all`` it is consumed in (a candidate's ``StopIteration`` re-raised as
-itself would silently end the checker's loop and pass it).
+never an exception of its making. A call whose function raised raises, in the test code:
+
+* a fresh instance, made here, of the same class when the program raised one of Python's
+  ordinary errors (``PLAIN_ERRORS``: ValueError, KeyError, ...), so that a test checking
+  that a correct program raises as specified (``with pytest.raises(ValueError)``,
+  ``except ValueError``) sees it; its arguments are the program's when they are plain
+  scalars, else its message;
+* ``CandidateError`` for anything else: a ``BaseException`` that no ``except Exception`` in
+  test code catches and that ends any ``map``/``zip``/``all`` it is consumed in (the
+  candidate's ``StopIteration`` re-raised as itself would silently end the checker's loop
+  and pass it), also for every class the program defined itself.
 """
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import select
@@ -23,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from rewards.sandbox import wire
@@ -56,12 +65,43 @@ class SessionBroken(BaseException):
 
 
 class CandidateError(BaseException):
-    """A call to the candidate failed: its function raised, or returned something not plain data.
+    """A call to the candidate failed: its function raised something other than one of
+    ``PLAIN_ERRORS``, or returned something not plain data.
 
-    Never the candidate's own exception type (which it chooses: ``StopIteration`` ends the
+    Never the candidate's own exception (whose class it chooses: ``StopIteration`` ends the
     trusted loop it surfaces in); a ``BaseException`` for the same reason as SessionBroken.
     The message names the function and what it raised: ``solve() raised NameError: ...``.
     """
+
+
+def _plain_errors() -> dict[str, type[BaseException]]:
+    """Python's own error classes that a call may raise into test code as themselves.
+
+    Each is an ``Exception`` (so ``except Exception`` and a failing test see it as any other
+    error) and none is read by Python or by this harness as anything but an error. Left out,
+    and reported as ``CandidateError`` instead: ``StopIteration``/``StopAsyncIteration`` (they
+    end the iterator or generator they surface in: ``all(map(candidate, xs))`` would pass),
+    ``GeneratorExit``, ``SystemExit``, ``KeyboardInterrupt`` (not errors: they unwind the
+    caller), ``NameError``/``UnboundLocalError`` (the harness reads a NameError out of test
+    code as the row's own fault, NaN, which a candidate must not be able to cause),
+    ``ImportError`` (the same for a test file's imports), ``MemoryError``/``RecursionError``
+    (the program's resources, never a specified outcome), and warnings. Two kept with a
+    caveat: ``IndexError`` ends old-style iteration over a class whose ``__getitem__`` calls
+    the candidate, ``AttributeError`` makes ``getattr(x, name, default)`` fall back when a
+    property of the test's own calls it: a test must build such a class around the
+    candidate for either to matter, and none of the datasets' layouts does.
+    """
+    names = (
+        "Exception ArithmeticError AssertionError AttributeError BufferError EOFError FloatingPointError "
+        "IndexError KeyError LookupError NotImplementedError OverflowError RuntimeError TypeError ValueError "
+        "ZeroDivisionError UnicodeError UnicodeDecodeError UnicodeEncodeError UnicodeTranslateError "
+        "OSError FileNotFoundError FileExistsError IsADirectoryError NotADirectoryError PermissionError "
+        "TimeoutError ConnectionError BlockingIOError InterruptedError ProcessLookupError ChildProcessError"
+    )
+    return {name: getattr(builtins, name) for name in names.split()}
+
+
+PLAIN_ERRORS = MappingProxyType(_plain_errors())
 
 
 @dataclass(frozen=True)
@@ -146,6 +186,10 @@ class Session:
         self.failure: str | None = None
         self.names: list[str] = []
         self.calls = 0
+        # The last error this session raised into the test code for the program, and what
+        # the program raised: a test that fails on it is told as the program's failure.
+        self.raised: BaseException | None = None
+        self.raised_text = ""
         self.result: RunResult | None = None
         self._close_error: SandboxError | None = None
         reply = self._receive()
@@ -187,12 +231,18 @@ class Session:
         kind = reply[0] if type(reply) is list and reply and type(reply[0]) is str else None
         if kind == "ok" and len(reply) == 2:
             return reply[1]
-        if kind == "raise" and len(reply) == 3 and all(type(part) is str for part in reply[1:]):
-            raise CandidateError(f"{name}() raised {reply[1][:100]}: {reply[2][:500]}")
+        if kind == "raise" and len(reply) == 5 and type(reply[1]) is str and type(reply[2]) is str:
+            self.raised_text = f"{name}() raised {reply[1][:100]}: {reply[2][:500]}"
+            self.raised = _error_for_test(reply[1], reply[2], reply[3], reply[4]) or CandidateError(self.raised_text)
+            raise self.raised
         if kind == "unsendable" and len(reply) == 2 and type(reply[1]) is str:
             raise CandidateError(f"{name}() returned a value that is not plain data: {reply[1][:500]}")
         self._fail(f"malformed reply {reply!r:.200}")
         raise SessionBroken(self.failure)
+
+    def raised_by_program(self, err: BaseException) -> bool:
+        """Whether `err` is the error a call raised for the program (not the test's own)."""
+        return err is self.raised and err is not None
 
     def close(self) -> RunResult:
         """End the session (the program sees EOF and exits); return the run's outcome.
@@ -249,6 +299,26 @@ class Session:
         except wire.WireError as err:
             self._fail(f"a reply was refused: {err}")
             return None
+
+
+def _error_for_test(class_name: str, message: str, builtin: object, args: object) -> BaseException | None:
+    """A fresh error of Python's own class `class_name` for the test code, or None when
+    the class is not one of PLAIN_ERRORS (or is the program's own, or cannot be rebuilt).
+
+    Only strings, numbers and booleans from the reply reach the constructor: the class
+    comes from this process's table, never from the candidate."""
+    cls = PLAIN_ERRORS.get(class_name) if builtin is True else None
+    if cls is None:
+        return None
+    plain = type(args) is list and all(a is None or type(a) in (bool, int, float, str, bytes) for a in args)
+    for arguments in ([*args] if plain else None, [message]):
+        if arguments is None:
+            continue
+        try:
+            return cls(*arguments)
+        except (TypeError, ValueError):  # UnicodeDecodeError needs its five arguments
+            continue
+    return None
 
 
 @dataclass
