@@ -24,6 +24,7 @@ def _answered(row, text):
     return Trajectory(messages=messages, prompt_messages=1, end_reason="done")
 
 
+@pytest.mark.optional  # the reasoning-gym extra
 def test_rows_are_scored_by_the_tasks_own_score_answer():
     reasoning_gym = require("reasoning_gym", "reasoning-gym")
     env = make_environment("reasoning_gym:gcd", {"size": 6, "seed": 3})
@@ -44,6 +45,7 @@ def test_rows_are_scored_by_the_tasks_own_score_answer():
     assert env.rubric.score(_answered(held_out, f"<answer>{held_out['answer']}</answer>"), held_out).total == 1.0
 
 
+@pytest.mark.optional  # the reasoning-gym extra
 def test_a_row_that_does_not_regenerate_is_an_error_not_a_score():
     require("reasoning_gym", "reasoning-gym")
     env = make_environment("reasoning_gym:gcd", {"size": 4})
@@ -54,6 +56,7 @@ def test_a_row_that_does_not_regenerate_is_an_error_not_a_score():
     assert "scored as 'gcd'" in env.rubric.score(_answered(foreign, "1"), foreign).errors["score_answer"]
 
 
+@pytest.mark.optional  # the reasoning-gym extra
 def test_unknown_tasks_and_config_fail_in_one_line():
     require("reasoning_gym", "reasoning-gym")
     with pytest.raises(EnvironmentOptionsError, match=r"unknown reasoning-gym task 'gdc'; known: .*\bgcd\b"):
@@ -73,6 +76,7 @@ def test_a_missing_package_names_the_install_command(monkeypatch):
     )
 
 
+@pytest.mark.optional  # the reasoning-gym extra
 def test_end_to_end_on_a_tiny_model():
     require("reasoning_gym", "reasoning-gym")
     threads = torch.get_num_threads()

@@ -442,6 +442,7 @@ def test_update_memory_estimate_matches_the_smollm2_measurements():
     )
 
 
+@pytest.mark.slow  # `grpo run`s on a Prefect API
 def test_the_console_says_one_line_per_iteration_and_every_stage_with_verbose(
     tmp_path, tiny_model_dir, dataset, prefect_harness
 ):
