@@ -434,7 +434,10 @@ def version_text() -> str:
         except importlib.metadata.PackageNotFoundError:
             return "not installed"
 
-    return f"grpo {version('grpoflow')} (torch {version('torch')}, transformers {version('transformers')}, prefect {version('prefect')})"
+    return (
+        f"grpo {version('grpoflow')} (torch {version('torch')}, transformers {version('transformers')}, prefect "
+        f"{version('prefect')})"
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -464,7 +467,9 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     """`show_all`: `grpo run --help` lists every setting, not only the essential ones."""
     parser = _Parser(
         prog="grpo",
-        description="GRPO training as a Prefect pipeline: every stage writes a Parquet artifact you can inspect or re-run.",
+        description=(
+            "GRPO training as a Prefect pipeline: every stage writes a Parquet artifact you can inspect or re-run."
+        ),
     )
     parser.add_argument("--version", action="version", version=version_text())
     parser.add_argument(
@@ -493,8 +498,10 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     rescore = commands.add_parser(
         "rescore",
         help="re-score cached generations with other rewards (no model loaded)",
-        description="Run the score and advantages stages again over the generations of a run folder (every iteration) or "
-        "of one generations.parquet, writing rewards@TAG.parquet and advantages@TAG.parquet beside the originals (never "
+        description="Run the score and advantages stages again over the generations of a run "
+        "folder (every iteration) or "
+        "of one generations.parquet, writing rewards@TAG.parquet and advantages@TAG.parquet beside the originals "
+        "(never "
         "over them), and print how the rewards changed.",
     )
     rescore.add_argument("target", type=Path, help="a run folder, or one iteration's generations.parquet")
@@ -529,8 +536,11 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     inspect = commands.add_parser(
         "inspect",
         help="show a run folder (iterations x stages) or the completions of an artifact",
-        description="With a run folder: one table of iterations x stages (rows, status, time, reward, held-out accuracy, kl, "
-        "frac_reward_zero_std). With an artifact (.parquet): its groups of completions side by side with their rewards, "
+        description="With a run folder: one table of iterations x stages (rows, status, time, "
+        "reward, held-out accuracy, "
+        "kl, "
+        "frac_reward_zero_std). With an artifact (.parquet): its groups of completions side by side with "
+        "their rewards, "
         "advantage and kept flag, the prompt and gold answer above them.",
     )
     inspect.add_argument("target", type=Path, help="a run folder or an artifact file")
@@ -555,8 +565,10 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="serve a Prefect deployment that retrains a run folder on a schedule",
-        description="Serve the Prefect deployment grpo-scheduled/NAME. Each of its runs continues --run-dir from its latest "
-        "checkpoint with up to --iterations new iterations, on dataset prompts that no earlier iteration used. Other flags "
+        description="Serve the Prefect deployment grpo-scheduled/NAME. Each of its runs continues "
+        "--run-dir from its latest "
+        "checkpoint with up to --iterations new iterations, on dataset prompts that no earlier iteration "
+        "used. Other flags "
         "override the run folder's config (on an empty folder they are the config). Trigger a run with "
         "`prefect deployment run grpo-scheduled/NAME`.",
     )
@@ -604,8 +616,10 @@ def prefect_api_error_line(message: str) -> str | None:
         code = re.search(r"exited with code (-?\d+)", message)
         how = f"its process exited with code {code.group(1)}" if code else "it did not answer in time"
         return (
-            f"the temporary Prefect API server did not start ({how}; PREFECT_HOME={os.environ.get('PREFECT_HOME', '~/.prefect')}): "
-            "run `grpo --debug ...` for its output, raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a slow machine, "
+            f"the temporary Prefect API server did not start ({how}; "
+            f"PREFECT_HOME={os.environ.get('PREFECT_HOME', '~/.prefect')}): "
+            "run `grpo --debug ...` for its output, raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on "
+            "a slow machine, "
             "or set PREFECT_API_URL to a running server (prefect server start)"
         )
     return None
@@ -622,7 +636,10 @@ def user_error_line(err: BaseException) -> str | None:
         return line
     if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and err.filename:
         what = "read-only file system" if err.errno == errno.EROFS else "permission denied"
-        return f"cannot write {err.filename}: {what}; give a --run-dir on a writable disk (or fix the folder's permissions)"
+        return (
+            f"cannot write {err.filename}: {what}; give a --run-dir on a writable disk "
+            "(or fix the folder's permissions)"
+        )
     if isinstance(err, ConnectionError):
         return f"network: {err}"
     return None

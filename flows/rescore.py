@@ -274,7 +274,11 @@ def format_comparison(folder: Path, c: dict[str, Any]) -> str:
     """Lines a person reads: where, before -> after, how many changed, a few of them."""
     where = f"{folder.parent.name}/{folder.name}" if folder.name.startswith("iter-") else str(folder)
     if c["before"] is None:
-        return f"{where}: {c['after']}: mean reward {c['mean_after']:.4f} over {c['rows']} rows (no earlier rewards.parquet to compare with)"
+        return (
+            f"{where}: {c['after']}: mean reward {c['mean_after']:.4f} over {c['rows']} "
+            "rows (no earlier rewards.parquet "
+            "to compare with)"
+        )
     lines = [
         f"{where}: mean reward {c['mean_before']:.4f} -> {c['mean_after']:.4f} ({c['after']}); "
         f"{c['changed']} of {c['rows']} rows changed"
@@ -355,7 +359,7 @@ def rescore_targets(runner: StageRunner, targets: list[Target], tag: str, config
             manifest_extra=recorded,
         )
         parts = []
-        for r, out in zip(t.rounds, rewards_out):
+        for r, out in zip(t.rounds, rewards_out, strict=True):
             before = t.folder / r.rewards_name()
             parts.append(compare_task(str(before) if before.is_file() else None, out, str(r.generations)))
         comparison = merge_comparisons(parts)

@@ -70,7 +70,8 @@ def setting_changes(run_dir: str | Path, config: GRPOConfig) -> dict[str, tuple[
     refused = {k: v for k, v in changes.items() if not may_change_mid_run(k)}
     if refused:
         lines = [
-            f"run folder {run_dir} holds a run made with other settings ({len(refused)} differ); a resume may not change what "
+            f"run folder {run_dir} holds a run made with other settings ({len(refused)} differ); a resume may "
+            "not change what "
             "its artifacts mean: drop these flags to resume, or give a new --run-dir"
         ]
         lines += [f"  {k}: stored {_shown(old)}, given {_shown(new)}" for k, (old, new) in sorted(refused.items())]

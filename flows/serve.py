@@ -117,7 +117,8 @@ def continue_run(run_dir: str | Path, settings: dict[str, Any] | None, iteration
         data_manifest.forget(pool)
         (data_dir / pool).unlink(missing_ok=True)
         log.info(
-            f"{unseen} unseen prompts, fewer than prompts_per_iteration ({config.prompts_per_iteration}): no new iteration; waiting for new prompts"
+            f"{unseen} unseen prompts, fewer than prompts_per_iteration ({config.prompts_per_iteration}): no new "
+            "iteration; waiting for new prompts"
         )
         return {"iterations_added": 0, "last_iteration": last, "unseen_prompts": unseen}
     resumed = resume_point(folder, last)
@@ -142,7 +143,10 @@ def serve(run_dir: str | Path, *, cron: str | None, settings: dict[str, Any], it
         name=name,
         cron=cron,
         parameters={"run_dir": str(run_dir), "settings": settings, "iterations": iterations},
-        description=f"Continue {run_dir} with up to {iterations} iteration(s) on prompts it has not seen, from its latest checkpoint.",
+        description=(
+            f"Continue {run_dir} with up to {iterations} iteration(s) on prompts it has not seen, from its latest "
+            "checkpoint."
+        ),
         limit=1,  # runs of this deployment one after the other: they share the run folder
         # A module path works wherever grpoflow is installed, whatever the working directory.
         entrypoint_type=EntrypointType.MODULE_PATH,

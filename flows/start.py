@@ -53,7 +53,8 @@ def tokenization_warning(check: dict, model: str) -> str | None:
     k, text, back = check["example"]
     return (
         f"the tokenizer of {model} loses characters of {check['lossy']} of {check['prompts']} prompts checked "
-        f"({check['unknown_tokens']} unknown tokens), e.g. {text[:40]!r} -> {back[:40]!r}: the model never sees that text"
+        f"({check['unknown_tokens']} unknown tokens), e.g. {text[:40]!r} -> {back[:40]!r}: the model never "
+        "sees that text"
     )
 
 
@@ -132,19 +133,27 @@ def print_start_block(config: GRPOConfig, base_model: str, data_manifest: Manife
     )
     keep = "all kept" if config.save_total_limit is None else f"newest {config.save_total_limit} kept"
     lines = [
-        f"model     {config.model or 'built-in tiny model'} ({shape.parameters / 1e6:,.1f}M parameters{', LoRA rank ' + str(config.lora_rank) if config.lora_rank else ''}, "
+        f"model     {config.model or 'built-in tiny model'} ({shape.parameters / 1e6:,.1f}M "
+        f"parameters{', LoRA rank ' + str(config.lora_rank) if config.lora_rank else ''}, "
         f"{str(dtype).removeprefix('torch.')} on {device})",
-        f"data      {entries.get('prompts.parquet', {}).get('rows', 0):,} training prompts{held_out}; longest prompt {prompt_tokens} tokens",
+        (
+            f"data      {entries.get('prompts.parquet', {}).get('rows', 0):,} training prompts{held_out}; longest "
+            f"prompt {prompt_tokens} tokens"
+        ),
         f"rewards   {', '.join(f'{name} x{weight:g}' for name, weight in config.rewards.items())}",
-        f"settings  {config.iterations} iterations x {config.prompts_per_iteration} prompts x {config.group_size} completions, "
+        f"settings  {config.iterations} iterations x {config.prompts_per_iteration} prompts x {config.group_size} "
+        "completions, "
         f"{config.max_new_tokens} new tokens, lr {config.learning_rate:g}, micro-batch {config.micro_batch_size}, "
-        f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, checkpoint every {config.save_every} ({keep})",
+        f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
+        f"checkpoint every {config.save_every} "
+        f"({keep})",
         f"memory    update peak ~{gib(peak)} (estimated) of {gib(have)} {what}",
     ]
     print("\n".join(f"grpo: {line}" for line in lines), file=sys.stderr)
     if peak > have:
         print(
-            f"grpo: warning: the update's estimated peak ({gib(peak)}) exceeds this machine's {what} ({gib(have)}): lower "
+            f"grpo: warning: the update's estimated peak ({gib(peak)}) exceeds this machine's {what} ({gib(have)}): "
+            "lower "
             "--micro-batch-size, turn on --gradient-checkpointing or shorten --max-new-tokens",
             file=sys.stderr,
         )

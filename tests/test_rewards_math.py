@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 
 import pytest
 
@@ -118,11 +117,11 @@ def test_table_is_big_enough():
 def test_math_table_in_killable_workers():
     reward = make_reward("math", {"time_limit_s": LIMIT_S})
     rows = [(completion, {"answer": gold}) for completion, gold, _ in CASES]
-    started = time.monotonic()
     with RewardPool([reward], workers=2) as pool:
         outcomes = [o[0] for o in pool.score(rows)]
+        # Only the cases meant to overrun were killed: every other one ran below its limit. (Counted,
+        # not timed: a wall-clock bound fails on a loaded machine without anything being wrong.)
         assert pool.timeouts == sum(expected == TIMEOUT for *_, expected in CASES)
-    elapsed = time.monotonic() - started
     wrong = []
     for (completion, gold, expected), outcome in zip(CASES, outcomes, strict=True):
         if expected == TIMEOUT:
@@ -132,8 +131,6 @@ def test_math_table_in_killable_workers():
         if not ok:
             wrong.append(f"{completion[:60]!r} vs {gold!r}: expected {expected}, got {outcome}")
     assert not wrong, "\n".join(wrong)
-    # Everything but the killed case ran far below its limit; the killed one cost one limit.
-    assert elapsed < 20
 
 
 def test_boxed_contents_with_nested_braces():

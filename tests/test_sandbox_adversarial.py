@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -67,9 +66,7 @@ def test_correct_programs_beside_cpu_and_pid_hogs_score_correctly():
         (HOGS["pid_hog"] + adversarial.CORRECT_ADD, adversarial.ADD_TEST),
     ] * 2
     rows += [(WORK, WORK_TEST)] * 8
-    started = time.monotonic()
     with ThreadPoolExecutor(max_workers=len(rows)) as threads:  # all at once: hogs beside the correct ones
         scores = list(threads.map(lambda row: code(row[0], {"test": row[1], "entry_point": "solve"}), rows))
     assert scores[:4] == [0.0] * 4
     assert scores[4:] == [1.0] * 8, [getattr(s, "why", s) for s in scores[4:]]
-    assert time.monotonic() - started < 60

@@ -112,7 +112,7 @@ def check_shared_storage(run_dir: Path) -> None:
         )
     finally:
         probe.unlink(missing_ok=True)
-    for node, (host, text) in zip(nodes, answers):
+    for node, (host, text) in zip(nodes, answers, strict=True):
         if text != token:
             raise ClusterError(
                 f"run folder {run_dir} is not visible from Ray node {node.get('NodeManagerAddress', host)} ({host}): "
@@ -285,7 +285,7 @@ class RayCluster:
         scratch = Path(out_path).parent / f"{TMP_PREFIX}{Path(out_path).stem}"
         paths = [(Path(f"{scratch}-{k:05d}-prompts.parquet"), Path(f"{scratch}-{k:05d}.parquet")) for k, _ in shards]
         try:
-            for (prompt_file, _), (_, table) in zip(paths, shards):
+            for (prompt_file, _), (_, table) in zip(paths, shards, strict=True):
                 write_table(table, prompt_file, PROMPTS)
             calls = [
                 workers[k % len(workers)].generate.remote(

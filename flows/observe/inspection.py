@@ -486,9 +486,8 @@ def inspect_path(
         if prompt_id is not None and not any(g.completions for g in groups):
             raise UserError(f"{target}: no rows with prompt_id {prompt_id}")
         if console is not None:
-            console.print(
-                f"{target}: {pq.read_metadata(target).num_rows} rows; joined with {', '.join(p.name for k, p in paths.items() if p != target) or 'nothing'}"
-            )
+            joined = ", ".join(p.name for p in paths.values() if p != target) or "nothing"
+            console.print(f"{target}: {pq.read_metadata(target).num_rows} rows; joined with {joined}")
             render_groups(groups, console)
         return {"artifact": str(target), "kind": kind, "tag": file_tag or tag, "groups": [g.as_json() for g in groups]}
     rows = render_rows(

@@ -95,11 +95,17 @@ def gate(metric: str, value: float | None, fingerprint: str | None, champion: di
     if value >= best:
         return Decision(
             True,
-            f"champion now: {metric} {value:.4g} >= v{champion['version']}'s {best:.4g} on the same held-out set ({fingerprint[:12]})",
+            (
+                f"champion now: {metric} {value:.4g} >= v{champion['version']}'s {best:.4g} on the same held-out set "
+                f"({fingerprint[:12]})"
+            ),
         )
     return Decision(
         False,
-        f"not promoted: {metric} {value:.4g} < champion v{champion['version']}'s {best:.4g} on the same held-out set ({fingerprint[:12]})",
+        (
+            f"not promoted: {metric} {value:.4g} < champion v{champion['version']}'s {best:.4g} on the same held-out "
+            f"set ({fingerprint[:12]})"
+        ),
     )
 
 
@@ -140,7 +146,8 @@ def register_final_model(sink: MlflowSink, config: GRPOConfig, metrics: dict[str
     ]
     if done:
         log.info(
-            f"{name} v{done[-1]['version']}: iteration {iteration} of this run is registered already ({done[-1]['reason']})"
+            f"{name} v{done[-1]['version']}: iteration {iteration} of this run is registered "
+            f"already ({done[-1]['reason']})"
         )
         return done[-1]
 

@@ -73,7 +73,7 @@ def metric_rows(run_dir: Path, after: int) -> list[tuple[int, str, float]]:
         return []
     check_schema(pq.read_schema(path), METRICS, path)
     table = pq.read_table(path, filters=[("iteration", ">", after)])
-    return list(zip(*(table.column(c).to_pylist() for c in ("iteration", "name", "value"))))
+    return list(zip(*(table.column(c).to_pylist() for c in ("iteration", "name", "value")), strict=True))
 
 
 def param_values(config: GRPOConfig) -> dict[str, str]:

@@ -3,16 +3,17 @@ shows the numbers `grpo inspect` prints, and a learning-curve PNG in the run fol
 
 Both are read-only views built from the files the stages wrote; a failure to build or
 publish one is logged and never fails the stage it describes. The flows build them on one
-background thread (`BackgroundViews`, one per flow run: flows/runner.py): on the tiny model the Prefect API round trips and matplotlib
-took 0.4 s of a 1.3 s iteration when the flow waited for them (benchmarks/RESULTS.md). The
-plot is CPU work under the GIL, which a thread does not hide, so it is also rate-limited to
-at most PLOT_BUDGET of the wall time: every iteration on real models, every few on tiny ones,
-and always when asked to (held-out accuracy points, the last iteration). The stage reports
-are too (REPORT_BUDGET): they read the stage's files and make an API round trip, about 0.09 s
-of CPU per iteration, 15% of a tiny-model iteration on a second thread that holds the GIL
-against the stages. A report over budget waits, and only the latest one of each stage is
-kept: the next report under budget, or the end of the flow (`drain`), publishes it, so the
-Prefect UI always ends on the last iteration of every stage.
+background thread (`BackgroundViews`, one per flow run: flows/runner.py): on the tiny model
+the Prefect API round trips and matplotlib took 0.4 s of a 1.3 s iteration when the flow
+waited for them (benchmarks/RESULTS.md). The plot is CPU work under the GIL, which a thread
+does not hide, so it is also rate-limited to at most PLOT_BUDGET of the wall time: every
+iteration on real models, every few on tiny ones, and always when asked to (held-out
+accuracy points, the last iteration). The stage reports are too (REPORT_BUDGET): they read
+the stage's files and make an API round trip, about 0.09 s of CPU per iteration, 15% of a
+tiny-model iteration on a second thread that holds the GIL against the stages. A report over
+budget waits, and only the latest one of each stage is kept: the next report under budget,
+or the end of the flow (`drain`), publishes it, so the Prefect UI always ends on the last
+iteration of every stage.
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def _best_and_worst(path: Path) -> list[str]:
         best = max(scored, key=lambda row: row["reward"])
         worst = min(scored, key=lambda row: row["reward"])
         lines.append(
-            f"| {_md(g.prompt)} | {_md(g.gold)} | {_md(best.get('completion'))} | {best['reward']:.3g} | {_md(worst.get('completion'))} | {worst['reward']:.3g} |"
+            f"| {_md(g.prompt)} | {_md(g.gold)} | {_md(best.get('completion'))} | {best['reward']:.3g} "
+            f"| {_md(worst.get('completion'))} "
+            f"| {worst['reward']:.3g} |"
         )
     return lines
 
@@ -188,14 +191,14 @@ def plot_learning_curve(run_dir: str | Path) -> Path | None:
     ax = fig.add_subplot()
     lines = []
     if rewards:
-        lines += ax.plot(*zip(*rewards), color="tab:blue", label="mean reward (training prompts)")
+        lines += ax.plot(*zip(*rewards, strict=True), color="tab:blue", label="mean reward (training prompts)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration")
     ax.set_ylabel("mean reward", color="tab:blue")
     ax.grid(alpha=0.3)
     right = ax.twinx()
     if accuracy:
-        lines += right.plot(*zip(*accuracy), "o-", color="tab:orange", label="held-out accuracy")
+        lines += right.plot(*zip(*accuracy, strict=True), "o-", color="tab:orange", label="held-out accuracy")
     right.set_ylim(0, 1)
     right.set_ylabel("held-out accuracy", color="tab:orange")
     ax.legend(lines, [line.get_label() for line in lines], loc="lower right")

@@ -35,6 +35,7 @@ two pipes: one request line in, one reply line out, both in the plain-data forma
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import select
@@ -45,9 +46,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # started as a script, with -I
-import isolation  # noqa: E402
-import policy  # noqa: E402
-import wire  # noqa: E402
+import isolation
+import policy
+import wire
 
 SANDBOX_WORKDIR = "/tmp/work"  # inside the private /tmp tmpfs with namespaces
 SETUP_FAILED = 125  # exit status of a candidate process whose set-up (trusted code) failed
@@ -110,7 +111,7 @@ def zygote(sock_fd: int, site_folders: list[str]) -> None:
                 sock.close()
                 os.close(ask_r)
                 os.close(done_w)
-                code = _supervise(fds, lambda ids: _ask_for_maps(ask_w, done_r, ids))
+                code = _supervise(fds, functools.partial(_ask_for_maps, ask_w, done_r))
             except BaseException:  # the scorer sees a missing result and reports it
                 import traceback
 
@@ -166,7 +167,7 @@ def _supervise(fds: list[int], ask_for_maps) -> int:
     parked = [_dup_high(fd) for fd in parked]
     for fd in (stdin_fd, result_fd, diag_fd, *call_fds):
         os.close(fd)
-    for target, fd in zip((0, 1, 2, REQ_FD, RESP_FD), parked):
+    for target, fd in zip((0, 1, 2, REQ_FD, RESP_FD), parked, strict=True):
         os.dup2(fd, target)
         os.close(fd)
     if call_fds:
