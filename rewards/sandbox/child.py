@@ -167,7 +167,9 @@ def _supervise(fds: list[int], ask_for_maps) -> int:
     parked = [_dup_high(fd) for fd in parked]
     for fd in (stdin_fd, result_fd, diag_fd, *call_fds):
         os.close(fd)
-    for target, fd in zip((0, 1, 2, REQ_FD, RESP_FD), parked, strict=True):
+    # A program with no call channels (a script, not a function call) has three descriptors:
+    # the call slots stay unused, so the shorter list is meant (strict=False on purpose).
+    for target, fd in zip((0, 1, 2, REQ_FD, RESP_FD), parked, strict=False):
         os.dup2(fd, target)
         os.close(fd)
     if call_fds:
