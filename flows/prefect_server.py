@@ -40,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -120,13 +121,19 @@ class ServerChild:
             "on",
         ]
         parent = os.getpid()
-        return subprocess.Popen(
-            command,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            process_group=0,  # out of the terminal's Ctrl-C: the CLI decides when it stops
-            preexec_fn=lambda: _die_with_parent(parent),
-        )
+        # The server's own output goes to a file, not the user's console: stopped at the end of
+        # a command (or on Ctrl-C) it may log its database pool's tracebacks, which are not grpo's.
+        self.log_path = Path(tempfile.gettempdir()) / f"grpo-prefect-api-{parent}.log"
+        with open(self.log_path, "ab") as log:
+            return subprocess.Popen(
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                process_group=0,  # out of the terminal's Ctrl-C: the CLI decides when it stops
+                preexec_fn=lambda: _die_with_parent(parent),
+            )
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> float:
         """Block until the API answers /health; return the seconds since the server was started."""
@@ -140,8 +147,8 @@ class ServerChild:
                 self.proc = self._spawn()
             elif code is not None:
                 raise PrefectServerError(
-                    f"the Prefect API server exited with status {code} while starting (try PREFECT_API_URL "
-                    "pointing at a running `prefect server start`)"
+                    f"the Prefect API server exited with status {code} while starting (its output: "
+                    f"{self.log_path}; try PREFECT_API_URL pointing at a running `prefect server start`)"
                 )
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=1) as reply:

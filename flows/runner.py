@@ -108,10 +108,8 @@ class PendingUpdates:
             with stage_label(deferred.label):
                 deferred.call()
             seconds = time.perf_counter() - started
-            log.info(
-                f"{deferred.label}: update replayed from the stored generations and advantages ({seconds:.1f}s)",
-                extra=DETAIL,
-            )
+            # Not a detail: a user resuming a run should see that work is being redone, and why.
+            log.info(f"{deferred.label}: update replayed from the stored generations and advantages ({seconds:.1f}s)")
         del self.deferred[: last + 1]
 
 
